@@ -1,0 +1,464 @@
+//! The CortexFlow CRDs on a real kube-apiserver: installation, examples, schema and CEL
+//! validation, `kubectl explain`, printer columns.
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail, ensure};
+use cortexflow_crds::{MeshPolicy, ServiceIdentity};
+use cortexflow_e2e::{
+    harness::{Ctx, run_suite, test},
+    tools,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, PostParams},
+};
+use serde_json::{Value, json};
+
+fn main() -> ExitCode {
+    run_suite(vec![
+        test("crds_are_established", crds_are_established),
+        test(
+            "server_is_the_real_kubernetes_version",
+            server_is_the_real_kubernetes_version,
+        ),
+        test("examples_are_accepted", examples_are_accepted),
+        test(
+            "invalid_resources_are_rejected_naming_the_field",
+            invalid_resources_are_rejected,
+        ),
+        test("kubectl_explain_prints_field_descriptions", kubectl_explain),
+        test(
+            "kubectl_get_shows_printer_columns_and_defaults",
+            kubectl_get_columns,
+        ),
+        test("helm_chart_lints_and_carries_the_crds", helm_chart),
+    ])
+}
+
+async fn crds_are_established(ctx: Ctx) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    for (name, short) in [
+        ("meshpolicies.mesh.cortexflow.io", "mp"),
+        ("serviceidentities.mesh.cortexflow.io", "sid"),
+    ] {
+        let crd = api
+            .get(name)
+            .await
+            .with_context(|| format!("get crd {name}"))?;
+        let conds = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+        for want in ["Established", "NamesAccepted"] {
+            let c = conds.iter().find(|c| c.type_ == want);
+            ensure!(
+                c.is_some_and(|c| c.status == "True"),
+                "{name}: condition {want} is not True: {conds:?}"
+            );
+        }
+        ensure!(
+            crd.spec
+                .names
+                .short_names
+                .unwrap_or_default()
+                .contains(&short.to_string()),
+            "{name} lacks short name {short}"
+        );
+        // Served under its short name through discovery, as a user types it.
+        ctx.kubectl(&["get", short, "-n", &ctx.ns])?;
+    }
+    // Both kinds are in the `cortexflow` category.
+    ctx.kubectl(&["get", "cortexflow", "-n", &ctx.ns])?;
+    Ok(())
+}
+
+async fn server_is_the_real_kubernetes_version(ctx: Ctx) -> anyhow::Result<()> {
+    let out = ctx.kubectl(&["version", "-o", "json"])?;
+    let v: Value = serde_json::from_str(&out)?;
+    let server = v["serverVersion"]["gitVersion"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(
+        server == tools::KUBERNETES_VERSION,
+        "server reports {server:?}, want {}",
+        tools::KUBERNETES_VERSION
+    );
+    let client = v["clientVersion"]["gitVersion"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(
+        client == tools::KUBERNETES_VERSION,
+        "kubectl reports {client:?}"
+    );
+    Ok(())
+}
+
+async fn examples_are_accepted(ctx: Ctx) -> anyhow::Result<()> {
+    let dir = ctx.workspace.join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    ensure!(
+        files.len() >= 5,
+        "expected the example CRs in {}, found {files:?}",
+        dir.display()
+    );
+    let mut kinds = std::collections::BTreeSet::new();
+    for f in &files {
+        let path = f.display().to_string();
+        let out = ctx
+            .kubectl(&["apply", "-n", &ctx.ns, "-f", &path])
+            .with_context(|| format!("apply {path}"))?;
+        ensure!(out.contains("created"), "{path}: {out}");
+        // What was stored reads back.
+        let got = ctx.kubectl(&["get", "-n", &ctx.ns, "-f", &path, "-o", "json"])?;
+        let got: Value = serde_json::from_str(&got)?;
+        let items = got["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| vec![got.clone()]);
+        for item in items {
+            kinds.insert(item["kind"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    ensure!(
+        kinds.contains("MeshPolicy") && kinds.contains("ServiceIdentity"),
+        "examples cover {kinds:?}"
+    );
+    Ok(())
+}
+
+/// One invalid object per validation rule: what to send, and what the rejection must say.
+struct Invalid {
+    what: &'static str,
+    kind: &'static str,
+    spec: Value,
+    /// The field path the message must name.
+    field: &'static str,
+    /// Another fragment the message must contain.
+    says: &'static str,
+}
+
+fn invalid_cases() -> Vec<Invalid> {
+    let mp = "MeshPolicy";
+    let sid = "ServiceIdentity";
+    let ingress_peer = |peer: Value| json!({"ingress": [{"from": [peer]}]});
+    let ingress_port = |port: Value| json!({"ingress": [{"ports": [port]}]});
+    vec![
+        Invalid {
+            what: "port 0",
+            kind: mp,
+            spec: ingress_port(json!({"port": 0})),
+            field: "spec.ingress[0].ports[0].port",
+            says: "greater than or equal to 1",
+        },
+        Invalid {
+            what: "port above 65535",
+            kind: mp,
+            spec: json!({"egress": [{"ports": [{"port": 70000}]}]}),
+            field: "spec.egress[0].ports[0].port",
+            says: "less than or equal to 65535",
+        },
+        Invalid {
+            what: "endPort below port",
+            kind: mp,
+            spec: ingress_port(json!({"port": 9000, "endPort": 8000})),
+            field: "spec.ingress[0].ports[0].endPort",
+            says: "endPort must be greater than or equal to port",
+        },
+        Invalid {
+            what: "endPort above 65535",
+            kind: mp,
+            spec: ingress_port(json!({"port": 1, "endPort": 65536})),
+            field: "spec.ingress[0].ports[0].endPort",
+            says: "less than or equal to 65535",
+        },
+        Invalid {
+            what: "protocol not TCP or UDP",
+            kind: mp,
+            spec: ingress_port(json!({"port": 80, "protocol": "SCTP"})),
+            field: "spec.ingress[0].ports[0].protocol",
+            says: "Unsupported value",
+        },
+        Invalid {
+            what: "two peer kinds in one entry",
+            kind: mp,
+            spec: ingress_peer(json!({"identity": "frontend", "ipBlock": {"cidr": "10.0.0.0/8"}})),
+            field: "spec.ingress[0].from[0]",
+            says: "exactly one of identity, serviceAccount, namespaceSelector or ipBlock",
+        },
+        Invalid {
+            what: "peer entry of no kind",
+            kind: mp,
+            spec: json!({"egress": [{"to": [{}]}]}),
+            field: "spec.egress[0].to[0]",
+            says: "exactly one of identity, serviceAccount, namespaceSelector or ipBlock",
+        },
+        Invalid {
+            what: "malformed CIDR",
+            kind: mp,
+            spec: ingress_peer(json!({"ipBlock": {"cidr": "10.0.0.0/33"}})),
+            field: "spec.ingress[0].from[0].ipBlock.cidr",
+            says: "IPv4 CIDR",
+        },
+        Invalid {
+            what: "IPv6 CIDR",
+            kind: mp,
+            spec: ingress_peer(json!({"ipBlock": {"cidr": "2001:db8::/32"}})),
+            field: "spec.ingress[0].from[0].ipBlock.cidr",
+            says: "IPv4 CIDR",
+        },
+        Invalid {
+            what: "CIDR with host bits",
+            kind: mp,
+            spec: ingress_peer(json!({"ipBlock": {"cidr": "10.0.0.1/8"}})),
+            field: "spec.ingress[0].from[0].ipBlock.cidr",
+            says: "host bits",
+        },
+        Invalid {
+            what: "except outside cidr",
+            kind: mp,
+            spec: ingress_peer(
+                json!({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}}),
+            ),
+            field: "spec.ingress[0].from[0].ipBlock.except",
+            says: "strictly inside cidr",
+        },
+        Invalid {
+            what: "identity reference that is no name",
+            kind: mp,
+            spec: ingress_peer(json!({"identity": "Front_End"})),
+            field: "spec.ingress[0].from[0].identity",
+            says: "should match",
+        },
+        Invalid {
+            what: "serviceAccount reference with two slashes",
+            kind: mp,
+            spec: ingress_peer(json!({"serviceAccount": "a/b/c"})),
+            field: "spec.ingress[0].from[0].serviceAccount",
+            says: "should match",
+        },
+        Invalid {
+            what: "unknown action",
+            kind: mp,
+            spec: json!({"action": "Maybe"}),
+            field: "spec.action",
+            says: "Unsupported value",
+        },
+        Invalid {
+            what: "unknown mode",
+            kind: mp,
+            spec: json!({"mode": "Log"}),
+            field: "spec.mode",
+            says: "Unsupported value",
+        },
+        Invalid {
+            what: "ServiceIdentity without selector",
+            kind: sid,
+            spec: json!({"mtls": "Strict"}),
+            field: "spec.selector",
+            says: "Required value",
+        },
+        Invalid {
+            what: "unknown mtls mode",
+            kind: sid,
+            spec: json!({"selector": {}, "mtls": "On"}),
+            field: "spec.mtls",
+            says: "Unsupported value",
+        },
+        Invalid {
+            what: "service account name that is no name",
+            kind: sid,
+            spec: json!({"selector": {}, "serviceAccounts": ["Bad Name"]}),
+            field: "spec.serviceAccounts[0]",
+            says: "should match",
+        },
+        Invalid {
+            what: "duplicate service accounts",
+            kind: sid,
+            spec: json!({"selector": {}, "serviceAccounts": ["a", "a"]}),
+            field: "spec.serviceAccounts[1]",
+            says: "Duplicate value",
+        },
+    ]
+}
+
+async fn invalid_resources_are_rejected(ctx: Ctx) -> anyhow::Result<()> {
+    let cases = invalid_cases();
+    ensure!(cases.len() >= 12);
+    let mut problems = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let ar = match case.kind {
+            "MeshPolicy" => ApiResource::erase::<MeshPolicy>(&()),
+            _ => ApiResource::erase::<ServiceIdentity>(&()),
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ctx.ns, &ar);
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": ar.api_version,
+            "kind": ar.kind,
+            "metadata": {"name": format!("invalid-{i}")},
+            "spec": case.spec,
+        }))?;
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => problems.push(format!("{}: accepted, want rejected", case.what)),
+            Err(kube::Error::Api(status)) => {
+                let msg = &status.message;
+                if status.code != 422 {
+                    problems.push(format!(
+                        "{}: HTTP {} ({msg}), want 422",
+                        case.what, status.code
+                    ));
+                }
+                if !msg.contains(case.field) {
+                    problems.push(format!(
+                        "{}: message does not name {}: {msg}",
+                        case.what, case.field
+                    ));
+                }
+                if !msg.contains(case.says) {
+                    problems.push(format!(
+                        "{}: message does not say {:?}: {msg}",
+                        case.what, case.says
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("{}: unexpected error {e}", case.what)),
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} of {} cases wrong:\n{}",
+            problems.len(),
+            cases.len(),
+            problems.join("\n")
+        );
+    }
+    Ok(())
+}
+
+async fn kubectl_explain(ctx: Ctx) -> anyhow::Result<()> {
+    let out = ctx.kubectl(&["explain", "meshpolicy.spec.ingress"])?;
+    for want in [
+        "Rules for connections arriving at the selected pods",
+        "from\t<[]Object>",
+        "Peers the connection may come from",
+        "ports\t<[]Object>",
+        "Destination ports (on the selected pods) the rule covers",
+    ] {
+        ensure!(
+            out.contains(want),
+            "`kubectl explain meshpolicy.spec.ingress` lacks {want:?}:\n{out}"
+        );
+    }
+    let out = ctx.kubectl(&["explain", "mp.spec.ingress.from.ipBlock"])?;
+    ensure!(
+        out.contains("Addresses outside the cluster's pods"),
+        "{out}"
+    );
+    let out = ctx.kubectl(&["explain", "sid.spec"])?;
+    for want in ["selector", "serviceAccounts", "mtls", "Mutual TLS"] {
+        ensure!(
+            out.contains(want),
+            "`kubectl explain sid.spec` lacks {want:?}:\n{out}"
+        );
+    }
+    Ok(())
+}
+
+async fn kubectl_get_columns(ctx: Ctx) -> anyhow::Result<()> {
+    let ns = ctx.ns.as_str();
+    let policy = ctx
+        .workspace
+        .join("examples/policy-allow-frontend-to-backend.yaml");
+    let ids = ctx.workspace.join("examples/identities.yaml");
+    ctx.kubectl(&[
+        "apply",
+        "-n",
+        ns,
+        "-f",
+        &policy.display().to_string(),
+        "-f",
+        &ids.display().to_string(),
+    ])?;
+
+    let out = ctx.kubectl(&["get", "mp", "-n", ns])?;
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header == ["NAME", "ACTION", "MODE", "ACCEPTED", "PROGRAMMED", "AGE"],
+        "mp header {header:?}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("allow-frontend-to-backend"))
+        .context("policy row")?;
+    // Defaults applied by the apiserver from the schema.
+    ensure!(
+        row.contains("Allow") && row.contains("Enforce"),
+        "mp row {row:?}"
+    );
+
+    let wide = ctx.kubectl(&["get", "mp", "-n", ns, "-o", "wide"])?;
+    ensure!(
+        wide.lines().next().unwrap_or_default().contains("NODES"),
+        "mp -o wide: {wide}"
+    );
+
+    let out = ctx.kubectl(&["get", "sid", "-n", ns])?;
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header == ["NAME", "ID", "ENDPOINTS", "MTLS", "AGE"],
+        "sid header {header:?}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("frontend"))
+        .context("frontend row")?;
+    ensure!(row.contains("Disabled"), "sid row {row:?}");
+
+    // The stored object carries the defaults too.
+    let api: Api<MeshPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    let mp = api.get("allow-frontend-to-backend").await?;
+    ensure!(mp.spec.action == cortexflow_crds::PolicyAction::Allow);
+    ensure!(mp.spec.ingress[0].ports[0].protocol == cortexflow_crds::Protocol::Tcp);
+    Ok(())
+}
+
+async fn helm_chart(ctx: Ctx) -> anyhow::Result<()> {
+    let chart = ctx.workspace.join("charts/cortexflow");
+    let helm = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(tools::helm_bin())
+            .args(args)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "helm {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let chart = chart.display().to_string();
+    helm(&["lint", "--strict", &chart])?;
+    let rendered = helm(&["template", "cortexflow", &chart, "--include-crds"])?;
+    for crd in [
+        "meshpolicies.mesh.cortexflow.io",
+        "serviceidentities.mesh.cortexflow.io",
+    ] {
+        ensure!(
+            rendered.contains(&format!("name: {crd}")),
+            "chart lacks CRD {crd}"
+        );
+    }
+    Ok(())
+}

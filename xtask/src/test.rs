@@ -1,0 +1,272 @@
+//! `cargo xtask test`: the one test command (the README's, the one `.ci/run` calls).
+//!
+//! Stages, in order: setup (idempotent), rustfmt, clippy `-D warnings` on every crate (the eBPF
+//! crate also on its BPF target), unit tests, root-only kernel tests, and the end-to-end suite
+//! against a real control plane. Every stage runs even when an earlier one failed, so one run
+//! shows everything that is wrong; the last line is `N passed, N failed`.
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::run;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Run only these stages (setup, fmt, clippy, unit, kernel, e2e); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// Totals of one stage.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    /// Adds a libtest summary line: `test result: ok. 5 passed; 0 failed; 1 ignored; …`.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            let (n, what) = match words.as_slice() {
+                [.., n, what] => (n.parse::<u64>().ok(), *what),
+                _ => continue,
+            };
+            let Some(n) = n else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+struct StageResult {
+    name: &'static str,
+    ok: bool,
+    tally: Tally,
+    took: Duration,
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// A stage that is a check, not a test binary: counts as one test.
+fn check(ok: bool) -> Tally {
+    Tally {
+        passed: u64::from(ok),
+        failed: u64::from(!ok),
+        ignored: 0,
+    }
+}
+
+/// Runs test commands, summing their libtest summaries; a command that fails without a failed
+/// test (it did not compile, or crashed) counts as one failure.
+fn tests(cmds: Vec<Command>) -> anyhow::Result<(bool, Tally)> {
+    let mut tally = Tally::default();
+    let mut all_ok = true;
+    for mut c in cmds {
+        let mut local = Tally::default();
+        let ok = run::stream(&mut c, |l| local.add_line(l))?;
+        if !ok && local.failed == 0 {
+            local.failed += 1;
+        }
+        all_ok &= ok;
+        tally.passed += local.passed;
+        tally.failed += local.failed;
+        tally.ignored += local.ignored;
+    }
+    Ok((all_ok, tally))
+}
+
+fn is_root() -> bool {
+    run::probe(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
+}
+
+pub fn run(args: Args) -> anyhow::Result<bool> {
+    let start = Instant::now();
+    let root = crate::workspace_root();
+    std::env::set_current_dir(&root)?;
+    let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let mut results: Vec<StageResult> = Vec::new();
+    let mut stage = |name: &'static str, f: &mut dyn FnMut() -> anyhow::Result<(bool, Tally)>| {
+        if !wanted(name) {
+            return;
+        }
+        println!("\n======== stage {name} ========");
+        let t = Instant::now();
+        let (ok, tally) = match f() {
+            Ok(r) => r,
+            Err(e) => {
+                println!("stage {name} failed: {e:#}");
+                (false, check(false))
+            }
+        };
+        println!(
+            "======== stage {name}: {} in {:.0?}",
+            if ok { "ok" } else { "FAILED" },
+            t.elapsed()
+        );
+        results.push(StageResult {
+            name,
+            ok,
+            tally,
+            took: t.elapsed(),
+        });
+    };
+
+    stage("setup", &mut || {
+        crate::setup::run().map(|_| (true, check(true)))
+    });
+    stage("fmt", &mut || {
+        let ok = run::cmd(cargo().args(["fmt", "--all", "--", "--check"])).is_ok();
+        Ok((ok, check(ok)))
+    });
+    stage("clippy", &mut || {
+        // The kernel crate is no_std for a BPF target: checked below on that target.
+        let host = run::cmd(cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "cortexflow-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+        .is_ok();
+        // The kernel crate for real: its BPF target, with the nightly toolchain aya-build uses.
+        let bpf = run::cmd(
+            Command::new("rustup")
+                .args([
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "clippy",
+                    "--package",
+                    "cortexflow-ebpf",
+                ])
+                .args([
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--release",
+                ])
+                .args(["--", "-D", "warnings"]),
+        )
+        .is_ok();
+        let ok = host && bpf;
+        Ok((
+            ok,
+            Tally {
+                passed: u64::from(host) + u64::from(bpf),
+                failed: u64::from(!host) + u64::from(!bpf),
+                ignored: 0,
+            },
+        ))
+    });
+    stage("unit", &mut || {
+        let mut workspace = cargo();
+        workspace.args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "cortexflow-ebpf",
+            "--exclude",
+            "cortexflow-e2e",
+        ]);
+        let mut e2e_lib = cargo();
+        e2e_lib.args(["test", "--package", "cortexflow-e2e", "--lib"]);
+        tests(vec![workspace, e2e_lib])
+    });
+    stage("kernel", &mut || {
+        if !is_root() {
+            anyhow::bail!(
+                "the kernel tests load eBPF programs and create network namespaces: run as root"
+            );
+        }
+        // Root-only tests arrive with the datapath; every crate marks them with the
+        // CORTEXFLOW_KERNEL_TESTS switch and `kernel` in the test target's name.
+        let kernel_targets = kernel_test_targets()?;
+        if kernel_targets.is_empty() {
+            println!("no kernel test targets yet");
+            return Ok((true, Tally::default()));
+        }
+        let cmds = kernel_targets
+            .into_iter()
+            .map(|(pkg, target)| {
+                let mut c = cargo();
+                c.env("CORTEXFLOW_KERNEL_TESTS", "1").args([
+                    "test",
+                    "--package",
+                    &pkg,
+                    "--test",
+                    &target,
+                ]);
+                c
+            })
+            .collect();
+        tests(cmds)
+    });
+    stage("e2e", &mut || {
+        let mut c = cargo();
+        c.args(["test", "--package", "cortexflow-e2e", "--test", "*"]);
+        tests(vec![c])
+    });
+
+    println!("\n======== summary ========");
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    for r in &results {
+        println!(
+            "{:<8} {:<6} {:>4} passed {:>3} failed {:>3} ignored  {:>6.0?}",
+            r.name,
+            if r.ok { "ok" } else { "FAILED" },
+            r.tally.passed,
+            r.tally.failed,
+            r.tally.ignored,
+            r.took
+        );
+        passed += r.tally.passed;
+        failed += r.tally.failed;
+        ignored += r.tally.ignored;
+    }
+    let all_ok = results.iter().all(|r| r.ok) && failed == 0;
+    if ignored > 0 {
+        println!("({ignored} ignored)");
+    }
+    println!("total time {:.0?}", start.elapsed());
+    println!("{passed} passed, {failed} failed");
+    Ok(all_ok)
+}
+
+/// `(package, test target)` of every integration-test target whose name starts with `kernel`.
+fn kernel_test_targets() -> anyhow::Result<Vec<(String, String)>> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()?;
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut found = Vec::new();
+    for pkg in meta["packages"].as_array().into_iter().flatten() {
+        let name = pkg["name"].as_str().unwrap_or_default();
+        for t in pkg["targets"].as_array().into_iter().flatten() {
+            let is_test = t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|x| x == "test"));
+            let tname = t["name"].as_str().unwrap_or_default();
+            if is_test && tname.starts_with("kernel") {
+                found.push((name.to_string(), tname.to_string()));
+            }
+        }
+    }
+    Ok(found)
+}
