@@ -1,9 +1,571 @@
 //! Types shared by the kernel programs (`cortexflow-ebpf`) and user space (`cortexflow-agent`).
 //!
 //! Every type here is `#[repr(C)]` with explicit integer widths, no `bool`, no `Option` and no
-//! implicit padding, so that the kernel and user space agree on the byte layout of every map
-//! key and value. With the `user` feature the types implement `aya::Pod`.
-#![no_std]
+//! implicit padding (padding is spelled out as `_pad` fields and always zero), so that the kernel
+//! and user space agree on the byte layout of every map key and value. With the `user` feature
+//! the types implement `aya::Pod`. Addresses are IPv4 in network byte order (as they sit in the
+//! packet); ports are in network byte order too, except inside [`PolicyKey`], where the port is
+//! big-endian bytes so that the LPM trie can match port prefixes.
+//!
+//! docs/architecture.md describes every map: key, value, size and who writes it.
+#![cfg_attr(not(test), no_std)]
 
 /// Default bpffs directory under which the agent pins maps and links.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/cortexflow";
+
+/// Names of the maps (≤ 15 characters, the kernel's limit).
+pub mod maps {
+    /// Host-side veth ifindex → [`EndpointInfo`](super::EndpointInfo) (hash).
+    pub const ENDPOINTS: &str = "CF_ENDPOINTS";
+    /// Pod or node IPv4 → [`IpcacheValue`](super::IpcacheValue) (hash).
+    pub const IPCACHE: &str = "CF_IPCACHE";
+    /// IPv4 prefix → CIDR identity of addresses that are not cluster pods (LPM trie).
+    pub const CIDRS: &str = "CF_CIDRS";
+    /// [`PolicyKey`](super::PolicyKey) prefix → [`PolicyValue`](super::PolicyValue) (LPM trie).
+    pub const POLICY: &str = "CF_POLICY";
+    /// [`CtKey`](super::CtKey) → [`CtValue`](super::CtValue) (LRU hash).
+    pub const CONNTRACK: &str = "CF_CT";
+    /// [`ServiceKey`](super::ServiceKey) → [`ServiceValue`](super::ServiceValue) (hash).
+    pub const SERVICES: &str = "CF_SERVICES";
+    /// [`BackendKey`](super::BackendKey) → [`BackendValue`](super::BackendValue) (hash).
+    pub const BACKENDS: &str = "CF_BACKENDS";
+    /// [`RevNatKey`](super::RevNatKey) → [`RevNatValue`](super::RevNatValue) (LRU hash).
+    pub const REVNAT: &str = "CF_REVNAT";
+    /// Counter index → [`Counter`](super::Counter) (per-CPU array).
+    pub const COUNTERS: &str = "CF_COUNTERS";
+    /// [`FlowEvent`](super::FlowEvent) ring buffer.
+    pub const EVENTS: &str = "CF_EVENTS";
+    /// Index 0 → [`DatapathConfig`](super::DatapathConfig) (array of one).
+    pub const CONFIG: &str = "CF_CONFIG";
+
+    /// Every map the agent pins, in a stable order.
+    pub const ALL: [&str; 11] = [
+        ENDPOINTS, IPCACHE, CIDRS, POLICY, CONNTRACK, SERVICES, BACKENDS, REVNAT, COUNTERS, EVENTS,
+        CONFIG,
+    ];
+}
+
+/// Names of the kernel programs.
+pub mod programs {
+    /// TC program on the ingress hook of a pod's host-side veth: packets the pod sends
+    /// (the pod's egress direction).
+    pub const FROM_POD: &str = "cf_from_pod";
+    /// TC program on the egress hook of a pod's host-side veth: packets delivered to the pod
+    /// (the pod's ingress direction).
+    pub const TO_POD: &str = "cf_to_pod";
+    /// cgroup `connect4`: Service load balancing for TCP and connected UDP.
+    pub const CONNECT4: &str = "cf_connect4";
+    /// cgroup `sendmsg4`: Service load balancing for unconnected UDP.
+    pub const SENDMSG4: &str = "cf_sendmsg4";
+    /// cgroup `recvmsg4`: reverse translation so that UDP replies come from the Service address.
+    pub const RECVMSG4: &str = "cf_recvmsg4";
+}
+
+// ---- identities ------------------------------------------------------------------------------
+
+/// In a [`PolicyKey`]: any identity. Never the identity of a packet.
+pub const IDENTITY_ANY: u32 = 0;
+/// The node itself (kubelet probes). Always reaches local pods.
+pub const IDENTITY_HOST: u32 = 1;
+/// An address that is neither a cluster pod nor inside any CIDR used by a policy.
+pub const IDENTITY_WORLD: u32 = 2;
+/// Identities up to this value are reserved.
+pub const IDENTITY_RESERVED_MAX: u32 = 255;
+/// CIDR identities (addresses that are not pods, by the most specific policy CIDR containing
+/// them) are local to a node and allocated from this value up; cluster identities stay below.
+pub const IDENTITY_CIDR_BASE: u32 = 0xFF00_0000;
+
+// ---- directions and protocols ----------------------------------------------------------------
+
+/// Traffic arriving at the endpoint.
+pub const DIR_INGRESS: u8 = 0;
+/// Traffic the endpoint sends.
+pub const DIR_EGRESS: u8 = 1;
+
+/// Protocol key for anything that is neither TCP nor UDP (ICMP, SCTP, …): matched only by
+/// rules that cover every port and protocol.
+pub const PROTO_OTHER: u8 = 0;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+// ---- endpoints -------------------------------------------------------------------------------
+
+/// A local pod, keyed by the ifindex of its host-side veth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointInfo {
+    /// The pod's IPv4 address (network order). Packets from the pod must carry it.
+    pub ip: u32,
+    /// The pod's numeric identity.
+    pub identity: u32,
+    /// The policy set that applies to the pod ([`PolicyKey::policy_set`]).
+    pub policy_set: u32,
+    /// `EP_*` flags.
+    pub flags: u32,
+}
+
+/// Enforce-mode Allow policies with ingress rules select the pod: ingress is default-deny.
+pub const EP_INGRESS_DEFAULT_DENY: u32 = 1 << 0;
+/// Enforce-mode Allow policies with egress rules select the pod: egress is default-deny.
+pub const EP_EGRESS_DEFAULT_DENY: u32 = 1 << 1;
+/// Audit-mode Allow policies with ingress rules select the pod.
+pub const EP_INGRESS_AUDIT_DEFAULT_DENY: u32 = 1 << 2;
+/// Audit-mode Allow policies with egress rules select the pod.
+pub const EP_EGRESS_AUDIT_DEFAULT_DENY: u32 = 1 << 3;
+/// Some Enforce-mode policy (Allow or Deny) with ingress rules selects the pod: the pod is
+/// under ingress enforcement (IPv6, fragments and other non-trackable traffic are dropped).
+pub const EP_INGRESS_ENFORCED: u32 = 1 << 4;
+/// As [`EP_INGRESS_ENFORCED`], for egress.
+pub const EP_EGRESS_ENFORCED: u32 = 1 << 5;
+/// Some policy (either mode) with ingress rules selects the pod.
+pub const EP_INGRESS_POLICED: u32 = 1 << 6;
+/// Some policy (either mode) with egress rules selects the pod.
+pub const EP_EGRESS_POLICED: u32 = 1 << 7;
+
+/// The `EP_*` flags of one direction, so that code can be written once for both.
+#[derive(Clone, Copy, Debug)]
+pub struct DirFlags {
+    pub default_deny: u32,
+    pub audit_default_deny: u32,
+    pub enforced: u32,
+    pub policed: u32,
+}
+
+impl DirFlags {
+    /// The flags of direction `dir` ([`DIR_INGRESS`] or [`DIR_EGRESS`]).
+    pub const fn of(dir: u8) -> Self {
+        if dir == DIR_INGRESS {
+            Self {
+                default_deny: EP_INGRESS_DEFAULT_DENY,
+                audit_default_deny: EP_INGRESS_AUDIT_DEFAULT_DENY,
+                enforced: EP_INGRESS_ENFORCED,
+                policed: EP_INGRESS_POLICED,
+            }
+        } else {
+            Self {
+                default_deny: EP_EGRESS_DEFAULT_DENY,
+                audit_default_deny: EP_EGRESS_AUDIT_DEFAULT_DENY,
+                enforced: EP_EGRESS_ENFORCED,
+                policed: EP_EGRESS_POLICED,
+            }
+        }
+    }
+}
+
+// ---- identities of addresses -----------------------------------------------------------------
+
+/// Identity of a cluster address (pod IPs; the node's own IPs with [`IDENTITY_HOST`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheValue {
+    pub identity: u32,
+}
+
+/// Data of an LPM key of [`maps::CIDRS`]: an IPv4 address (network order bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CidrKey {
+    pub addr: [u8; 4],
+}
+
+/// The CIDR identity of a prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CidrValue {
+    pub identity: u32,
+}
+
+// ---- policy ----------------------------------------------------------------------------------
+
+/// Data of an LPM key of [`maps::POLICY`]. The first 80 bits (policy set, identity, direction,
+/// protocol) are always matched in full; the port is matched on a prefix of
+/// [`POLICY_KEY_FIXED_BITS`]` + 0..=16` bits, so that one entry covers an aligned port range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    /// Big-endian bytes of the policy set id.
+    pub policy_set: [u8; 4],
+    /// Big-endian bytes of the peer identity ([`IDENTITY_ANY`] for rules without peers).
+    pub identity: [u8; 4],
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u8,
+    /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_OTHER`].
+    pub protocol: u8,
+    /// Destination port, big-endian (0 for [`PROTO_OTHER`]).
+    pub port: [u8; 2],
+}
+
+/// Bits of a [`PolicyKey`] before the port.
+pub const POLICY_KEY_FIXED_BITS: u32 = 80;
+/// Bits of a whole [`PolicyKey`].
+pub const POLICY_KEY_BITS: u32 = 96;
+
+impl PolicyKey {
+    pub const fn new(
+        policy_set: u32,
+        identity: u32,
+        direction: u8,
+        protocol: u8,
+        port: u16,
+    ) -> Self {
+        Self {
+            policy_set: policy_set.to_be_bytes(),
+            identity: identity.to_be_bytes(),
+            direction,
+            protocol,
+            port: port.to_be_bytes(),
+        }
+    }
+}
+
+/// What the rules covering one (policy set, identity, direction, protocol, port range) say.
+/// Entries for narrower port ranges already include the flags of the wider ranges that contain
+/// them (the LPM trie returns only the longest match).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// `POLICY_*` flags.
+    pub flags: u32,
+    /// The rule id behind each flag, indexed by [`RULE_ALLOW`] … [`RULE_AUDIT_DENY`]
+    /// (the lowest matching id; 0 when the flag is clear).
+    pub rules: [u32; 4],
+}
+
+/// An Enforce-mode Allow rule matches.
+pub const POLICY_ALLOW: u32 = 1 << 0;
+/// An Enforce-mode Deny rule matches.
+pub const POLICY_DENY: u32 = 1 << 1;
+/// An Audit-mode Allow rule matches.
+pub const POLICY_AUDIT_ALLOW: u32 = 1 << 2;
+/// An Audit-mode Deny rule matches.
+pub const POLICY_AUDIT_DENY: u32 = 1 << 3;
+
+pub const RULE_ALLOW: usize = 0;
+pub const RULE_DENY: usize = 1;
+pub const RULE_AUDIT_ALLOW: usize = 2;
+pub const RULE_AUDIT_DENY: usize = 3;
+
+// ---- connection tracking ---------------------------------------------------------------------
+
+/// A flow as first seen at one endpoint in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`]: which side of the endpoint decided.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// State of an accepted flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` at creation.
+    pub created_ns: u64,
+    /// Last time a packet refreshed the entry (updated at most once per second).
+    pub seen_ns: u64,
+    /// [`DatapathConfig::generation`] when the verdict was taken; a packet that finds an older
+    /// generation re-evaluates the flow against the current policy.
+    pub generation: u32,
+    /// Rule that allowed the flow (0: no rule, the endpoint is not default-deny).
+    pub rule: u32,
+    /// Identity of the peer when the verdict was taken.
+    pub peer_identity: u32,
+    /// Verdict reason ([`Reason`] as `u32`).
+    pub reason: u32,
+}
+
+/// How often, at most, a packet rewrites [`CtValue::seen_ns`].
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+// ---- services --------------------------------------------------------------------------------
+
+/// A Service frontend: ClusterIP, port (network order) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// A Service's current backend table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Id of the backend table ([`BackendKey::table`]); a new table gets a new id.
+    pub table: u32,
+    /// Slots in the table; 0 = no backend (connects fail with ECONNREFUSED).
+    pub slots: u32,
+}
+
+/// One slot of a backend table. Backends fill slots in proportion to their weights.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub table: u32,
+    pub slot: u32,
+}
+
+/// A backend address and port (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendValue {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A UDP socket's translated peer: socket cookie, backend address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    pub cookie: u64,
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The Service address the application addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatValue {
+    pub vip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+// ---- verdicts, reasons, counters, events -----------------------------------------------------
+
+/// The packet (or connection) was forwarded.
+pub const VERDICT_ALLOWED: u8 = 0;
+/// The packet was dropped (or the connect refused).
+pub const VERDICT_DROPPED: u8 = 1;
+/// Forwarded, but Audit-mode policies would have dropped it.
+pub const VERDICT_AUDIT: u8 = 2;
+/// Number of verdicts.
+pub const VERDICTS: u32 = 3;
+
+/// Why a verdict was taken.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// The endpoint is not default-deny in this direction and no Deny rule matched.
+    NoPolicy = 1,
+    /// An Allow rule matched.
+    PolicyAllow = 2,
+    /// The peer is the node itself (always allowed in).
+    Host = 3,
+    /// A packet of an accepted flow, in its original direction.
+    Established = 4,
+    /// A reply of an accepted flow.
+    Reply = 5,
+    /// Not IP (ARP, …), or IP not addressed to the endpoint: passed.
+    NotIp = 6,
+    /// The interface is not a CortexFlow endpoint.
+    Unmanaged = 7,
+    /// A Deny rule matched.
+    PolicyDeny = 8,
+    /// Default-deny: no Allow rule matched.
+    DefaultDeny = 9,
+    /// IPv6 (or another non-IPv4 network protocol) to or from an enforced endpoint.
+    Ipv6 = 10,
+    /// An IPv4 fragment to or from an enforced endpoint.
+    Fragment = 11,
+    /// The pod sent a packet whose source is not its own address.
+    Spoofed = 12,
+    /// Headers too short to read.
+    Malformed = 13,
+    /// A Service connect with no backend (refused with ECONNREFUSED).
+    NoBackend = 14,
+    /// A Service connect translated to a backend.
+    ServiceTranslated = 15,
+}
+
+/// Number of reason slots (reasons are `1..REASONS`).
+pub const REASONS: u32 = 16;
+
+impl Reason {
+    /// Every reason, in order.
+    pub const ALL: [Reason; 15] = [
+        Reason::NoPolicy,
+        Reason::PolicyAllow,
+        Reason::Host,
+        Reason::Established,
+        Reason::Reply,
+        Reason::NotIp,
+        Reason::Unmanaged,
+        Reason::PolicyDeny,
+        Reason::DefaultDeny,
+        Reason::Ipv6,
+        Reason::Fragment,
+        Reason::Spoofed,
+        Reason::Malformed,
+        Reason::NoBackend,
+        Reason::ServiceTranslated,
+    ];
+
+    /// The reason with this number.
+    pub const fn from_u8(v: u8) -> Option<Reason> {
+        let mut i = 0;
+        while i < Self::ALL.len() {
+            if Self::ALL[i] as u8 == v {
+                return Some(Self::ALL[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// A short, stable, lowercase name (a metric label value).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::NoPolicy => "no_policy",
+            Reason::PolicyAllow => "policy_allow",
+            Reason::Host => "host",
+            Reason::Established => "established",
+            Reason::Reply => "reply",
+            Reason::NotIp => "not_ip",
+            Reason::Unmanaged => "unmanaged",
+            Reason::PolicyDeny => "policy_deny",
+            Reason::DefaultDeny => "default_deny",
+            Reason::Ipv6 => "ipv6",
+            Reason::Fragment => "fragment",
+            Reason::Spoofed => "spoofed",
+            Reason::Malformed => "malformed",
+            Reason::NoBackend => "no_backend",
+            Reason::ServiceTranslated => "service_translated",
+        }
+    }
+}
+
+/// Name of a verdict (a metric label value).
+pub const fn verdict_name(verdict: u8) -> &'static str {
+    match verdict {
+        VERDICT_ALLOWED => "allowed",
+        VERDICT_DROPPED => "dropped",
+        _ => "audit",
+    }
+}
+
+/// Index of the counter of (verdict, reason) in [`maps::COUNTERS`].
+pub const fn counter_index(verdict: u8, reason: Reason) -> u32 {
+    verdict as u32 * REASONS + reason as u32
+}
+
+/// Size of [`maps::COUNTERS`].
+pub const COUNTER_SLOTS: u32 = VERDICTS * REASONS;
+
+/// Packets and bytes of one (verdict, reason), per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One flow event: a verdict on a new flow, or a drop. Never one per packet of an accepted
+/// flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowEvent {
+    pub timestamp_ns: u64,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol number (6, 17, 1, …).
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    /// [`Reason`] as `u8`.
+    pub reason: u8,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// The rule behind the verdict (0: none).
+    pub rule: u32,
+    /// Host-side ifindex of the endpoint.
+    pub ifindex: u32,
+}
+
+// ---- global configuration --------------------------------------------------------------------
+
+/// Global datapath settings (index 0 of [`maps::CONFIG`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    /// Bumped by the agent whenever policy or identities change; flows accepted under an older
+    /// generation are re-evaluated on their next packet.
+    pub generation: u32,
+    /// `CFG_*` flags.
+    pub flags: u32,
+}
+
+/// Emit flow events for allowed new flows (drops and audit verdicts are always reported).
+pub const CFG_EVENTS_ALLOWED: u32 = 1 << 0;
+
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+mod pod {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], made only of integers and integer arrays, with all
+    // padding spelled out as fields, so any bit pattern is valid and no byte is uninitialised.
+    macro_rules! pod {
+        ($($t:ty),*) => { $( unsafe impl aya::Pod for $t {} )* };
+    }
+    pod!(
+        EndpointInfo,
+        IpcacheValue,
+        CidrKey,
+        CidrValue,
+        PolicyKey,
+        PolicyValue,
+        CtKey,
+        CtValue,
+        ServiceKey,
+        ServiceValue,
+        BackendKey,
+        BackendValue,
+        RevNatKey,
+        RevNatValue,
+        Counter,
+        FlowEvent,
+        DatapathConfig
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<EndpointInfo>(), 16);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyValue>(), 20);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<BackendValue>(), 8);
+        assert_eq!(size_of::<RevNatKey>(), 16);
+        assert_eq!(size_of::<FlowEvent>(), 40);
+        assert_eq!(POLICY_KEY_BITS as usize, size_of::<PolicyKey>() * 8);
+    }
+
+    #[test]
+    fn reasons_round_trip_and_fit_the_counters() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_u8(r as u8), Some(r));
+            assert!((r as u32) < REASONS);
+        }
+        assert_eq!(Reason::from_u8(0), None);
+        assert!(counter_index(VERDICT_AUDIT, Reason::ServiceTranslated) < COUNTER_SLOTS);
+    }
+}

@@ -1,17 +1,600 @@
 //! CortexFlow kernel programs.
 //!
+//! * `cf_from_pod` / `cf_to_pod` — TC (tcx or clsact) on the host side of every local pod's
+//!   veth: identity-based policy for the pod's egress and ingress, with connection tracking.
+//! * `cf_connect4` / `cf_sendmsg4` / `cf_recvmsg4` — cgroup sock_addr: Service load balancing at
+//!   the socket.
+//!
 //! Built for `bpfel-unknown-none` by `agent/build.rs` (aya-build) and embedded in the agent.
-//! Every program is a thin entry point around a `try_` function; every packet read is bounds
-//! checked and nothing here may panic (the verifier rejects reachable panics).
+//! Every program is a thin entry point around logic that cannot panic: every packet read goes
+//! through `bpf_skb_load_bytes` with its error handled, every map lookup handles absence, and no
+//! arithmetic can overflow or divide by zero. The exact semantics are in docs/policy.md; the maps
+//! are described in docs/architecture.md.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_set_retval,
+    },
+    macros::{cgroup_sock_addr, classifier, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SockAddrContext, TcContext},
+};
+use cortexflow_common::{
+    BackendKey, BackendValue, CFG_EVENTS_ALLOWED, COUNTER_SLOTS, CT_REFRESH_NS, CidrKey, CidrValue,
+    Counter, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DatapathConfig, DirFlags, EndpointInfo,
+    FlowEvent, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IpcacheValue, POLICY_ALLOW,
+    POLICY_AUDIT_ALLOW, POLICY_AUDIT_DENY, POLICY_DENY, POLICY_KEY_BITS, PROTO_OTHER, PROTO_TCP,
+    PROTO_UDP, PolicyKey, PolicyValue, RULE_ALLOW, RULE_AUDIT_DENY, RULE_DENY, Reason, RevNatKey,
+    RevNatValue, ServiceKey, ServiceValue, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED,
+    counter_index,
+};
 
-/// Placeholder TC program: lets every packet through. Replaced by the policy datapath.
+// Default sizes; the agent sets every size at load time from its configuration.
+#[map(name = "CF_ENDPOINTS")]
+static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(1024, 0);
+#[map(name = "CF_IPCACHE")]
+static IPCACHE: HashMap<u32, IpcacheValue> = HashMap::pinned(65536, 0);
+#[map(name = "CF_CIDRS")]
+static CIDRS: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(4096, 0);
+#[map(name = "CF_POLICY")]
+static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(65536, 0);
+#[map(name = "CF_CT")]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(262144, 0);
+#[map(name = "CF_SERVICES")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(4096, 0);
+#[map(name = "CF_BACKENDS")]
+static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(65536, 0);
+#[map(name = "CF_REVNAT")]
+static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(65536, 0);
+#[map(name = "CF_COUNTERS")]
+static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+#[map(name = "CF_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+#[map(name = "CF_CONFIG")]
+static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const IP_MF_OR_OFFSET: u16 = 0x3fff;
+const ECONNREFUSED: i32 = 111;
+
+/// tcx: let the next program (or the stack) decide; clsact direct-action: continue.
+const PASS: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT;
+
+/// The fixed part of an IPv4 header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+/// What the policy says about one connection (or untracked packet).
+#[derive(Clone, Copy)]
+struct Decision {
+    verdict: u8,
+    reason: Reason,
+    rule: u32,
+    /// Set when the packet passes but Audit-mode policies would drop it.
+    audit: Option<(Reason, u32)>,
+}
+
+impl Decision {
+    const fn allow(reason: Reason, rule: u32) -> Self {
+        Self {
+            verdict: VERDICT_ALLOWED,
+            reason,
+            rule,
+            audit: None,
+        }
+    }
+    const fn drop(reason: Reason, rule: u32) -> Self {
+        Self {
+            verdict: VERDICT_DROPPED,
+            reason,
+            rule,
+            audit: None,
+        }
+    }
+}
+
+/// The 5-tuple of a packet plus the endpoint it was seen at.
+#[derive(Clone, Copy)]
+struct Packet {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    /// IP protocol number.
+    protocol: u8,
+    /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_OTHER`].
+    proto_key: u8,
+    direction: u8,
+    ifindex: u32,
+    len: u32,
+}
+
 #[classifier]
-pub fn cf_tc_pass(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+pub fn cf_from_pod(ctx: TcContext) -> i32 {
+    handle(&ctx, DIR_EGRESS)
+}
+
+#[classifier]
+pub fn cf_to_pod(ctx: TcContext) -> i32 {
+    handle(&ctx, DIR_INGRESS)
+}
+
+#[inline(always)]
+fn count(verdict: u8, reason: Reason, len: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter_index(verdict, reason)) {
+        // SAFETY: a per-CPU array slot of this CPU; the program is not preempted while it runs.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(len);
+        }
+    }
+}
+
+#[inline(always)]
+fn config() -> DatapathConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Reports a flow event; when the ring buffer is full the event is lost and counted in
+/// counter slot 0.
+#[inline(always)]
+fn event(p: &Packet, ep: &EndpointInfo, peer: u32, verdict: u8, reason: Reason, rule: u32) {
+    let (src_identity, dst_identity) = if p.direction == DIR_EGRESS {
+        (ep.identity, peer)
+    } else {
+        (peer, ep.identity)
+    };
+    let ev = FlowEvent {
+        timestamp_ns: now(),
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+        protocol: p.protocol,
+        direction: p.direction,
+        verdict,
+        reason: reason as u8,
+        src_identity,
+        dst_identity,
+        rule,
+        ifindex: p.ifindex,
+    };
+    if EVENTS.output::<FlowEvent>(&ev, 0).is_err()
+        && let Some(c) = COUNTERS.get_ptr_mut(0)
+    {
+        // SAFETY: as in `count`.
+        unsafe { (*c).packets += 1 };
+    }
+}
+
+/// Identity of a peer address: a cluster address (pod or node), else the most specific policy
+/// CIDR containing it, else world.
+#[inline(always)]
+fn identity_of(addr: u32) -> u32 {
+    // SAFETY: the value is copied out at once.
+    if let Some(v) = unsafe { IPCACHE.get(addr) } {
+        return v.identity;
+    }
+    let key = Key::new(
+        32,
+        CidrKey {
+            addr: addr.to_ne_bytes(),
+        },
+    );
+    match CIDRS.get(&key) {
+        Some(v) => v.identity,
+        None => IDENTITY_WORLD,
+    }
+}
+
+/// The policy entries for (identity, direction, protocol, port), merged with those for any
+/// identity.
+#[inline(always)]
+fn lookup_policy(ep: &EndpointInfo, peer: u32, dir: u8, proto_key: u8, port: u16) -> PolicyValue {
+    let mut out = PolicyValue::default();
+    for identity in [peer, IDENTITY_ANY] {
+        let key = Key::new(
+            POLICY_KEY_BITS,
+            PolicyKey::new(ep.policy_set, identity, dir, proto_key, port),
+        );
+        if let Some(v) = POLICY.get(&key) {
+            out.flags |= v.flags;
+            let mut i = 0;
+            while i < 4 {
+                let r = v.rules[i];
+                if r != 0 && (out.rules[i] == 0 || r < out.rules[i]) {
+                    out.rules[i] = r;
+                }
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The verdict for a new connection (or an untracked packet). See docs/policy.md.
+#[inline(always)]
+fn decide(ep: &EndpointInfo, dir: u8, peer: u32, proto_key: u8, port: u16) -> Decision {
+    let f = DirFlags::of(dir);
+    if dir == DIR_INGRESS && peer == IDENTITY_HOST {
+        return Decision::allow(Reason::Host, 0);
+    }
+    if ep.flags & f.policed == 0 {
+        return Decision::allow(Reason::NoPolicy, 0);
+    }
+    let m = lookup_policy(ep, peer, dir, proto_key, port);
+    let mut d = if m.flags & POLICY_DENY != 0 {
+        Decision::drop(Reason::PolicyDeny, m.rules[RULE_DENY])
+    } else if m.flags & POLICY_ALLOW != 0 {
+        Decision::allow(Reason::PolicyAllow, m.rules[RULE_ALLOW])
+    } else if ep.flags & f.default_deny != 0 {
+        Decision::drop(Reason::DefaultDeny, 0)
+    } else {
+        Decision::allow(Reason::NoPolicy, 0)
+    };
+    if d.verdict == VERDICT_ALLOWED {
+        // What Enforce and Audit policies together would do.
+        if m.flags & POLICY_AUDIT_DENY != 0 {
+            d.audit = Some((Reason::PolicyDeny, m.rules[RULE_AUDIT_DENY]));
+        } else if ep.flags & (f.default_deny | f.audit_default_deny) != 0
+            && m.flags & (POLICY_ALLOW | POLICY_AUDIT_ALLOW) == 0
+        {
+            d.audit = Some((Reason::DefaultDeny, 0));
+        }
+    }
+    d
+}
+
+/// Traffic the datapath cannot track per connection (IPv6, other network protocols, IPv4
+/// fragments): dropped when the endpoint is under enforcement in this direction, reported when
+/// only Audit policies police it, passed otherwise.
+#[inline(always)]
+fn untrackable(p: &Packet, ep: &EndpointInfo, reason: Reason) -> i32 {
+    let f = DirFlags::of(p.direction);
+    if ep.flags & f.enforced != 0 {
+        event(p, ep, IDENTITY_ANY, VERDICT_DROPPED, reason, 0);
+        count(VERDICT_DROPPED, reason, p.len);
+        DROP
+    } else if ep.flags & f.policed != 0 {
+        event(p, ep, IDENTITY_ANY, VERDICT_AUDIT, reason, 0);
+        count(VERDICT_AUDIT, reason, p.len);
+        PASS
+    } else {
+        count(VERDICT_ALLOWED, Reason::NotIp, p.len);
+        PASS
+    }
+}
+
+fn handle(ctx: &TcContext, dir: u8) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let len = ctx.len();
+    // SAFETY: the value is copied out at once.
+    let ep = match unsafe { ENDPOINTS.get(ifindex) } {
+        Some(ep) => *ep,
+        None => {
+            count(VERDICT_ALLOWED, Reason::Unmanaged, len);
+            return PASS;
+        }
+    };
+    let mut p = Packet {
+        saddr: 0,
+        daddr: 0,
+        sport: 0,
+        dport: 0,
+        protocol: 0,
+        proto_key: PROTO_OTHER,
+        direction: dir,
+        ifindex,
+        len,
+    };
+    let ethertype = match ctx.load::<u16>(12) {
+        Ok(v) => u16::from_be(v),
+        Err(_) => return malformed(&p),
+    };
+    if ethertype == ETH_P_ARP {
+        count(VERDICT_ALLOWED, Reason::NotIp, len);
+        return PASS;
+    }
+    if ethertype != ETH_P_IP {
+        return untrackable(&p, &ep, Reason::Ipv6);
+    }
+    let ip = match ctx.load::<Ipv4Hdr>(ETH_HLEN) {
+        Ok(ip) => ip,
+        Err(_) => return malformed(&p),
+    };
+    let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
+    if ip.ver_ihl >> 4 != 4 || ihl < 20 {
+        return malformed(&p);
+    }
+    p.saddr = ip.saddr;
+    p.daddr = ip.daddr;
+    p.protocol = ip.protocol;
+    if dir == DIR_EGRESS && ip.saddr != ep.ip {
+        event(&p, &ep, IDENTITY_ANY, VERDICT_DROPPED, Reason::Spoofed, 0);
+        count(VERDICT_DROPPED, Reason::Spoofed, len);
+        return DROP;
+    }
+    if dir == DIR_INGRESS && ip.daddr != ep.ip {
+        // Broadcast and the like: not addressed to the pod.
+        count(VERDICT_ALLOWED, Reason::NotIp, len);
+        return PASS;
+    }
+    if u16::from_be(ip.frag_off) & IP_MF_OR_OFFSET != 0 {
+        return untrackable(&p, &ep, Reason::Fragment);
+    }
+    if ip.protocol == PROTO_TCP || ip.protocol == PROTO_UDP {
+        let ports = match ctx.load::<[u16; 2]>(ETH_HLEN + ihl) {
+            Ok(ports) => ports,
+            Err(_) => return malformed(&p),
+        };
+        p.sport = ports[0];
+        p.dport = ports[1];
+        p.proto_key = ip.protocol;
+    }
+    let peer_addr = if dir == DIR_EGRESS { p.daddr } else { p.saddr };
+    let cfg = config();
+
+    if p.proto_key != PROTO_OTHER {
+        let fwd = CtKey {
+            saddr: p.saddr,
+            daddr: p.daddr,
+            sport: p.sport,
+            dport: p.dport,
+            protocol: p.protocol,
+            direction: dir,
+            _pad: [0; 2],
+        };
+        if let Some(ct) = CONNTRACK.get_ptr_mut(fwd) {
+            return tracked(&p, &ep, ct, &fwd, cfg.generation, false);
+        }
+        let rev = CtKey {
+            saddr: p.daddr,
+            daddr: p.saddr,
+            sport: p.dport,
+            dport: p.sport,
+            protocol: p.protocol,
+            direction: if dir == DIR_EGRESS {
+                DIR_INGRESS
+            } else {
+                DIR_EGRESS
+            },
+            _pad: [0; 2],
+        };
+        if let Some(ct) = CONNTRACK.get_ptr_mut(rev) {
+            return tracked(&p, &ep, ct, &rev, cfg.generation, true);
+        }
+    }
+
+    // A new flow (or a packet of an untracked protocol).
+    let peer = identity_of(peer_addr);
+    let d = decide(&ep, dir, peer, p.proto_key, u16::from_be(p.dport));
+    if d.verdict != VERDICT_ALLOWED {
+        event(&p, &ep, peer, d.verdict, d.reason, d.rule);
+        count(d.verdict, d.reason, len);
+        return DROP;
+    }
+    if p.proto_key != PROTO_OTHER {
+        let t = now();
+        let key = CtKey {
+            saddr: p.saddr,
+            daddr: p.daddr,
+            sport: p.sport,
+            dport: p.dport,
+            protocol: p.protocol,
+            direction: dir,
+            _pad: [0; 2],
+        };
+        let value = CtValue {
+            created_ns: t,
+            seen_ns: t,
+            generation: cfg.generation,
+            rule: d.rule,
+            peer_identity: peer,
+            reason: d.reason as u32,
+        };
+        // A full LRU evicts the least recently used flow; it cannot fail for lack of room.
+        let _ = CONNTRACK.insert(key, value, 0);
+    }
+    match d.audit {
+        Some((reason, rule)) => {
+            event(&p, &ep, peer, VERDICT_AUDIT, reason, rule);
+            count(VERDICT_AUDIT, reason, len);
+        }
+        None => {
+            if p.proto_key != PROTO_OTHER && cfg.flags & CFG_EVENTS_ALLOWED != 0 {
+                event(&p, &ep, peer, VERDICT_ALLOWED, d.reason, d.rule);
+            }
+            count(VERDICT_ALLOWED, d.reason, len);
+        }
+    }
+    PASS
+}
+
+/// A packet of a tracked flow (`reply`: in the direction opposite to the one that created the
+/// entry). A flow accepted under an older generation is re-evaluated against the current policy
+/// in its original direction; if that now drops it, the entry is removed and the packet dropped.
+#[inline(always)]
+fn tracked(
+    p: &Packet,
+    ep: &EndpointInfo,
+    ct: *mut CtValue,
+    key: &CtKey,
+    generation: u32,
+    reply: bool,
+) -> i32 {
+    let reason = if reply {
+        Reason::Reply
+    } else {
+        Reason::Established
+    };
+    // SAFETY: `ct` points into the map value, valid during the program run.
+    let ct_generation = unsafe { (*ct).generation };
+    if ct_generation != generation {
+        // The flow as first seen: `key` holds its original tuple and direction.
+        let peer_addr = if key.direction == DIR_EGRESS {
+            key.daddr
+        } else {
+            key.saddr
+        };
+        let peer = identity_of(peer_addr);
+        let d = decide(
+            ep,
+            key.direction,
+            peer,
+            key.protocol,
+            u16::from_be(key.dport),
+        );
+        if d.verdict != VERDICT_ALLOWED {
+            let _ = CONNTRACK.remove(key);
+            event(p, ep, peer, d.verdict, d.reason, d.rule);
+            count(d.verdict, d.reason, p.len);
+            return DROP;
+        }
+        // SAFETY: as above.
+        unsafe {
+            (*ct).generation = generation;
+            (*ct).rule = d.rule;
+            (*ct).peer_identity = peer;
+        }
+    }
+    let t = now();
+    // SAFETY: as above. Refreshing at most once per second keeps the hot path read-only.
+    unsafe {
+        if t.wrapping_sub((*ct).seen_ns) > CT_REFRESH_NS {
+            (*ct).seen_ns = t;
+        }
+    }
+    count(VERDICT_ALLOWED, reason, p.len);
+    PASS
+}
+
+#[inline(always)]
+fn malformed(p: &Packet) -> i32 {
+    count(VERDICT_DROPPED, Reason::Malformed, p.len);
+    DROP
+}
+
+// ---- Service load balancing at the socket -------------------------------------------------------
+
+/// Connects (TCP, connected UDP) to a Service address go to a backend chosen by weight.
+#[cgroup_sock_addr(connect4)]
+pub fn cf_connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+/// Unconnected UDP sends to a Service address go to a backend chosen by weight.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn cf_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+/// UDP replies from a backend appear to come from the Service address the app used.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn cf_recvmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = RevNatKey {
+        cookie,
+        ip: sa.user_ip4,
+        port: sa.user_port as u16,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(v) = unsafe { REVNAT.get(key) } {
+        sa.user_ip4 = v.vip;
+        sa.user_port = u32::from(v.port);
+    }
+    1
+}
+
+/// Rewrites a Service destination to a backend; refuses (ECONNREFUSED) when the Service has
+/// none. Returns 1 to let the call proceed, 0 to fail it.
+#[inline(always)]
+fn translate(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let protocol = sa.protocol as u8;
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return 1;
+    }
+    let key = ServiceKey {
+        vip: sa.user_ip4,
+        port: sa.user_port as u16,
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let svc = match unsafe { SERVICES.get(key) } {
+        Some(s) => *s,
+        None => return 1,
+    };
+    let backend = if svc.slots == 0 {
+        None
+    } else {
+        // SAFETY: helper without arguments.
+        let slot = unsafe { bpf_get_prandom_u32() } % svc.slots;
+        // SAFETY: the value is copied out at once.
+        unsafe {
+            BACKENDS.get(BackendKey {
+                table: svc.table,
+                slot,
+            })
+        }
+        .copied()
+    };
+    let Some(be) = backend else {
+        count(VERDICT_DROPPED, Reason::NoBackend, 0);
+        // SAFETY: sets the errno the syscall returns when the program rejects it.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return 0;
+    };
+    if protocol == PROTO_UDP {
+        // SAFETY: helper on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+        let rk = RevNatKey {
+            cookie,
+            ip: be.ip,
+            port: be.port,
+            _pad: 0,
+        };
+        let rv = RevNatValue {
+            vip: key.vip,
+            port: key.port,
+            _pad: 0,
+        };
+        let _ = REVNAT.insert(rk, rv, 0);
+    }
+    sa.user_ip4 = be.ip;
+    sa.user_port = u32::from(be.port);
+    count(VERDICT_ALLOWED, Reason::ServiceTranslated, 0);
+    1
 }
 
 #[cfg(not(test))]
