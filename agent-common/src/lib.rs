@@ -247,25 +247,25 @@ pub const RULE_AUDIT_DENY: usize = 3;
 
 // ---- connection tracking ---------------------------------------------------------------------
 
-/// A flow as first seen at one endpoint in one direction.
+/// A flow at one endpoint, the same for both of its directions: the endpoint's address and
+/// port, the peer's address and port, the protocol. One lookup finds the entry for a packet
+/// going either way.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u16,
-    pub dport: u16,
+    pub ep_addr: u32,
+    pub peer_addr: u32,
+    pub ep_port: u16,
+    pub peer_port: u16,
     pub protocol: u8,
-    /// [`DIR_INGRESS`] or [`DIR_EGRESS`]: which side of the endpoint decided.
-    pub direction: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 
 /// State of an accepted flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns` at creation.
+    /// `bpf_ktime_get_coarse_ns` at creation.
     pub created_ns: u64,
     /// Last time a packet refreshed the entry (updated at most once per second).
     pub seen_ns: u64,
@@ -276,8 +276,11 @@ pub struct CtValue {
     pub rule: u32,
     /// Identity of the peer when the verdict was taken.
     pub peer_identity: u32,
-    /// Verdict reason ([`Reason`] as `u32`).
-    pub reason: u32,
+    /// Verdict reason ([`Reason`] as `u16`).
+    pub reason: u16,
+    /// Direction of the packet that opened the flow ([`DIR_INGRESS`]: the peer opened it).
+    pub origin: u8,
+    pub _pad: u8,
 }
 
 /// How often, at most, a packet rewrites [`CtValue::seen_ns`].

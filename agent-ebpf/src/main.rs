@@ -42,7 +42,7 @@ static CIDRS: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(4096, 0);
 #[map(name = "CF_POLICY")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(65536, 0);
 #[map(name = "CF_CT")]
-static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(262144, 0);
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(262144, BPF_F_NO_COMMON_LRU);
 #[map(name = "CF_SERVICES")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(4096, 0);
 #[map(name = "CF_BACKENDS")]
@@ -56,6 +56,8 @@ static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 #[map(name = "CF_CONFIG")]
 static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
+/// Per-CPU LRU lists: inserting a flow takes no lock shared between CPUs.
+const BPF_F_NO_COMMON_LRU: u32 = 2;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
@@ -289,6 +291,36 @@ fn untrackable(p: &Packet, ep: &EndpointInfo, reason: Reason) -> i32 {
     }
 }
 
+/// Longest header prefix the programs read: Ethernet, IPv4 with options, L4 ports.
+const MAX_HEADERS: u32 = 14 + 60 + 4;
+
+/// Makes the headers directly readable: when the linear part of the packet is shorter than
+/// what the programs read (and the packet is longer), pulls them in.
+#[inline(always)]
+fn linearize(ctx: &TcContext) {
+    let linear = ctx.data_end().saturating_sub(ctx.data()) as u32;
+    let want = if ctx.len() < MAX_HEADERS {
+        ctx.len()
+    } else {
+        MAX_HEADERS
+    };
+    if linear < want {
+        let _ = ctx.pull_data(want);
+    }
+}
+
+/// A pointer to a `T` at `offset` in the packet, if the linear data holds it. The bounds check
+/// is made on the very pointer returned, as the verifier requires.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let end = ctx.data_end();
+    let ptr = ctx.data() + offset;
+    if ptr + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some(ptr as *const T)
+}
+
 fn handle(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -312,10 +344,12 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
         ifindex,
         len,
     };
-    let ethertype = match ctx.load::<u16>(12) {
-        Ok(v) => u16::from_be(v),
-        Err(_) => return malformed(&p),
+    linearize(ctx);
+    let Some(ethertype) = ptr_at::<u16>(ctx, 12) else {
+        return malformed(&p);
     };
+    // SAFETY: `ptr_at` checked the bounds; packet data has no alignment guarantee.
+    let ethertype = u16::from_be(unsafe { ethertype.read_unaligned() });
     if ethertype == ETH_P_ARP {
         count(VERDICT_ALLOWED, Reason::NotIp, len);
         return PASS;
@@ -323,10 +357,11 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     if ethertype != ETH_P_IP {
         return untrackable(&p, &ep, Reason::Ipv6);
     }
-    let ip = match ctx.load::<Ipv4Hdr>(ETH_HLEN) {
-        Ok(ip) => ip,
-        Err(_) => return malformed(&p),
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return malformed(&p);
     };
+    // SAFETY: as above.
+    let ip = unsafe { ip.read_unaligned() };
     let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
     if ip.ver_ihl >> 4 != 4 || ihl < 20 {
         return malformed(&p);
@@ -348,46 +383,33 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
         return untrackable(&p, &ep, Reason::Fragment);
     }
     if ip.protocol == PROTO_TCP || ip.protocol == PROTO_UDP {
-        let ports = match ctx.load::<[u16; 2]>(ETH_HLEN + ihl) {
-            Ok(ports) => ports,
-            Err(_) => return malformed(&p),
+        let Some(ports) = ptr_at::<[u16; 2]>(ctx, ETH_HLEN + ihl) else {
+            return malformed(&p);
         };
+        // SAFETY: as above.
+        let ports = unsafe { ports.read_unaligned() };
         p.sport = ports[0];
         p.dport = ports[1];
         p.proto_key = ip.protocol;
     }
-    let peer_addr = if dir == DIR_EGRESS { p.daddr } else { p.saddr };
+    let (peer_addr, ep_port, peer_port) = if dir == DIR_EGRESS {
+        (p.daddr, p.sport, p.dport)
+    } else {
+        (p.saddr, p.dport, p.sport)
+    };
     let cfg = config();
-
-    if p.proto_key != PROTO_OTHER {
-        let fwd = CtKey {
-            saddr: p.saddr,
-            daddr: p.daddr,
-            sport: p.sport,
-            dport: p.dport,
-            protocol: p.protocol,
-            direction: dir,
-            _pad: [0; 2],
-        };
-        if let Some(ct) = CONNTRACK.get_ptr_mut(fwd) {
-            return tracked(&p, &ep, ct, &fwd, cfg.generation, false);
-        }
-        let rev = CtKey {
-            saddr: p.daddr,
-            daddr: p.saddr,
-            sport: p.dport,
-            dport: p.sport,
-            protocol: p.protocol,
-            direction: if dir == DIR_EGRESS {
-                DIR_INGRESS
-            } else {
-                DIR_EGRESS
-            },
-            _pad: [0; 2],
-        };
-        if let Some(ct) = CONNTRACK.get_ptr_mut(rev) {
-            return tracked(&p, &ep, ct, &rev, cfg.generation, true);
-        }
+    let key = CtKey {
+        ep_addr: ep.ip,
+        peer_addr,
+        ep_port,
+        peer_port,
+        protocol: p.protocol,
+        _pad: [0; 3],
+    };
+    if p.proto_key != PROTO_OTHER
+        && let Some(ct) = CONNTRACK.get_ptr_mut(key)
+    {
+        return tracked(&p, &ep, ct, &key, cfg.generation);
     }
 
     // A new flow (or a packet of an untracked protocol).
@@ -400,22 +422,15 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     }
     if p.proto_key != PROTO_OTHER {
         let t = now();
-        let key = CtKey {
-            saddr: p.saddr,
-            daddr: p.daddr,
-            sport: p.sport,
-            dport: p.dport,
-            protocol: p.protocol,
-            direction: dir,
-            _pad: [0; 2],
-        };
         let value = CtValue {
             created_ns: t,
             seen_ns: t,
             generation: cfg.generation,
             rule: d.rule,
             peer_identity: peer,
-            reason: d.reason as u32,
+            reason: d.reason as u16,
+            origin: dir,
+            _pad: 0,
         };
         // A full LRU evicts the least recently used flow; it cannot fail for lack of room.
         let _ = CONNTRACK.insert(key, value, 0);
@@ -435,40 +450,27 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     PASS
 }
 
-/// A packet of a tracked flow (`reply`: in the direction opposite to the one that created the
-/// entry). A flow accepted under an older generation is re-evaluated against the current policy
-/// in its original direction; if that now drops it, the entry is removed and the packet dropped.
+/// A packet of a tracked flow, in either direction. A flow accepted under an older generation
+/// is re-evaluated against the current policy in its original direction; if that now drops it,
+/// the entry is removed and the packet dropped.
 #[inline(always)]
-fn tracked(
-    p: &Packet,
-    ep: &EndpointInfo,
-    ct: *mut CtValue,
-    key: &CtKey,
-    generation: u32,
-    reply: bool,
-) -> i32 {
-    let reason = if reply {
-        Reason::Reply
-    } else {
-        Reason::Established
-    };
+fn tracked(p: &Packet, ep: &EndpointInfo, ct: *mut CtValue, key: &CtKey, generation: u32) -> i32 {
     // SAFETY: `ct` points into the map value, valid during the program run.
-    let ct_generation = unsafe { (*ct).generation };
+    let (ct_generation, origin) = unsafe { ((*ct).generation, (*ct).origin) };
+    let reason = if origin == p.direction {
+        Reason::Established
+    } else {
+        Reason::Reply
+    };
     if ct_generation != generation {
-        // The flow as first seen: `key` holds its original tuple and direction.
-        let peer_addr = if key.direction == DIR_EGRESS {
-            key.daddr
+        // The destination port of the packet that opened the flow.
+        let dport = if origin == DIR_EGRESS {
+            key.peer_port
         } else {
-            key.saddr
+            key.ep_port
         };
-        let peer = identity_of(peer_addr);
-        let d = decide(
-            ep,
-            key.direction,
-            peer,
-            key.protocol,
-            u16::from_be(key.dport),
-        );
+        let peer = identity_of(key.peer_addr);
+        let d = decide(ep, origin, peer, key.protocol, u16::from_be(dport));
         if d.verdict != VERDICT_ALLOWED {
             let _ = CONNTRACK.remove(key);
             event(p, ep, peer, d.verdict, d.reason, d.rule);

@@ -770,6 +770,23 @@ impl Datapath {
         take(&mut self.ebpf, maps::EVENTS)
     }
 
+    /// Kernel run-time statistics of the TC programs: `(program, total run time in ns, runs)`.
+    /// They only count while `kernel.bpf_stats_enabled` is on (`aya::sys::enable_stats`).
+    pub fn program_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
+        let mut out = Vec::new();
+        for name in [programs::FROM_POD, programs::TO_POD] {
+            let p: &SchedClassifier = self
+                .ebpf
+                .program(name)
+                .ok_or_else(|| DatapathError::Other(format!("program {name} missing")))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            let info = p.info().map_err(prog_err(name))?;
+            out.push((name, info.run_time().as_nanos() as u64, info.run_count()));
+        }
+        Ok(out)
+    }
+
     /// A loaded program, for `BPF_PROG_TEST_RUN` in tests.
     pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, name)

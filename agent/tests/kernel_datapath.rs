@@ -111,7 +111,9 @@ fn main() -> ExitCode {
             .with_ignored_flag(!enabled)
         })
         .collect();
-    if !enabled {
+    if enabled {
+        common::sweep_stale();
+    } else {
         eprintln!(
             "kernel tests need root: run them with CORTEXFLOW_KERNEL_TESTS=1 (cargo xtask test does)"
         );
@@ -732,8 +734,7 @@ fn random_policy(rng: &mut SmallRng, cidrs: &[Cidr]) -> EndpointPolicy {
                                 3 => (53, 53),
                                 _ => {
                                     let a = rng.random_range(1..=65535u16);
-                                    let b =
-                                        rng.random_range(a..=a.saturating_add(3000));
+                                    let b = rng.random_range(a..=a.saturating_add(3000));
                                     (a, b)
                                 }
                             };

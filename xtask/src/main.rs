@@ -6,8 +6,10 @@
 //! * `cluster` — a real local control plane: `up`, `down`, `status`.
 //! * `crdgen`  — write the CRD YAML of the chart from the Rust types.
 //! * `lab`     — a local mesh on a real control plane (arrives with the lab issue).
+//! * `bench`   — benchmarks (`bench datapath`).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod cluster;
 mod run;
 mod setup;
@@ -46,6 +48,11 @@ enum Cmd {
     },
     /// Run a local mesh on a real control plane (arrives with the lab issue).
     Lab,
+    /// Benchmarks: baseline and subject in one run, reported as ratios.
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
 }
 
 /// Root of the workspace (the directory holding the workspace Cargo.toml).
@@ -69,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Cluster { action } => cluster::run(action),
         Cmd::Crdgen { check } => crdgen(check),
+        Cmd::Bench { what } => bench::run(what),
         Cmd::Lab => {
             eprintln!(
                 "cargo xtask lab: the lab (simulated nodes, agents, operator, demo workloads) arrives \

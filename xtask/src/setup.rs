@@ -16,8 +16,9 @@ use cortexflow_e2e::tools;
 use crate::run;
 
 /// Debian packages: LLVM 22 to build bpf-linker; iproute2 and util-linux (setpriv) for network
-/// namespaces and process supervision; Prometheus for the lab; haproxy, sockperf and iperf3
-/// for the datapath benchmark; bpftool to inspect the datapath.
+/// namespaces and process supervision; Prometheus for the lab; haproxy, sockperf, iperf3 and
+/// iptables for the datapath benchmark (the sidecar reference); bpftool to inspect the datapath.
+
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libclang-22-dev",
@@ -28,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "sockperf",
     "iperf3",
+    "iptables",
     "bpftool",
 ];
 /// The Rust toolchain that builds the eBPF programs (aya-build runs `rustup run nightly`).

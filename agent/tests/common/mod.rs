@@ -14,13 +14,55 @@ use cortexflow_agent::datapath::{Capacity, Datapath, DatapathOptions, TcMode};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// A short name unique to this process and call: `<prefix><pid % 10000>x<seq>`.
+/// A name unique to this process and call: `<prefix><pid>x<seq>` (no longer than an interface
+/// name may be, for the prefixes used here).
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}{}x{}",
-        std::process::id() % 10000,
+        std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Removes what earlier runs killed before their cleanup ran (`SIGKILL`, a timeout) left
+/// behind: network namespaces, pin directories and cgroups named `<prefix><pid>x…` whose process
+/// is gone.
+pub fn sweep_stale() {
+    fn owner_gone(name: &str) -> bool {
+        let Some(rest) = ["cfn", "cfp", "cftest-"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+        else {
+            return false;
+        };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+            return false;
+        };
+        pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+    }
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    for ns in names("/var/run/netns") {
+        if owner_gone(&ns) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+    for pin in names("/sys/fs/bpf") {
+        if owner_gone(&pin) {
+            let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf").join(pin));
+        }
+    }
+    for cg in names(CGROUP2_ROOT) {
+        if owner_gone(&cg) {
+            let _ = std::fs::remove_dir(Path::new(CGROUP2_ROOT).join(cg));
+        }
+    }
 }
 
 /// Whether the kernel tests are switched on (they need root and change the machine).
