@@ -571,7 +571,7 @@ fn run(args: &Args) -> Result<(), String> {
         "net.ipv4.ip_local_port_range=1024 65000",
         "net.ipv4.tcp_tw_reuse=1",
     ]);
-    let _servers = vec![
+    let _servers = [
         spawn_in(
             &b.ns,
             &[
