@@ -18,7 +18,6 @@ use crate::run;
 /// Debian packages: LLVM 22 to build bpf-linker; iproute2 and util-linux (setpriv) for network
 /// namespaces and process supervision; Prometheus for the lab; haproxy, sockperf, iperf3 and
 /// iptables for the datapath benchmark (the sidecar reference); bpftool to inspect the datapath.
-
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libclang-22-dev",
