@@ -21,8 +21,12 @@ pub mod maps {
     pub const IPCACHE: &str = "CF_IPCACHE";
     /// IPv4 prefix → CIDR identity of addresses that are not cluster pods (LPM trie).
     pub const CIDRS: &str = "CF_CIDRS";
-    /// [`PolicyKey`](super::PolicyKey) prefix → [`PolicyValue`](super::PolicyValue) (LPM trie).
+    /// [`PolicyKey`](super::PolicyKey) prefix → [`PolicyValue`](super::PolicyValue) (LPM trie):
+    /// port ranges and rules without ports.
     pub const POLICY: &str = "CF_POLICY";
+    /// [`PolicyKey`](super::PolicyKey) → [`PolicyValue`](super::PolicyValue) (hash): single
+    /// ports, looked up first so that their cost does not grow with the number of rules.
+    pub const POLICY_EXACT: &str = "CF_POLICY_EXACT";
     /// [`CtKey`](super::CtKey) → [`CtValue`](super::CtValue) (LRU hash).
     pub const CONNTRACK: &str = "CF_CT";
     /// [`ServiceKey`](super::ServiceKey) → [`ServiceValue`](super::ServiceValue) (hash).
@@ -39,8 +43,18 @@ pub mod maps {
     pub const CONFIG: &str = "CF_CONFIG";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 11] = [
-        ENDPOINTS, IPCACHE, CIDRS, POLICY, CONNTRACK, SERVICES, BACKENDS, REVNAT, COUNTERS, EVENTS,
+    pub const ALL: [&str; 12] = [
+        ENDPOINTS,
+        IPCACHE,
+        CIDRS,
+        POLICY,
+        POLICY_EXACT,
+        CONNTRACK,
+        SERVICES,
+        BACKENDS,
+        REVNAT,
+        COUNTERS,
+        EVENTS,
         CONFIG,
     ];
 }

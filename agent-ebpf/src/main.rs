@@ -41,6 +41,8 @@ static IPCACHE: HashMap<u32, IpcacheValue> = HashMap::pinned(65536, 0);
 static CIDRS: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(4096, 0);
 #[map(name = "CF_POLICY")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(65536, 0);
+#[map(name = "CF_POLICY_EXACT")]
+static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(65536, 0);
 #[map(name = "CF_CT")]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(262144, BPF_F_NO_COMMON_LRU);
 #[map(name = "CF_SERVICES")]
@@ -219,11 +221,13 @@ fn identity_of(addr: u32) -> u32 {
 fn lookup_policy(ep: &EndpointInfo, peer: u32, dir: u8, proto_key: u8, port: u16) -> PolicyValue {
     let mut out = PolicyValue::default();
     for identity in [peer, IDENTITY_ANY] {
-        let key = Key::new(
-            POLICY_KEY_BITS,
-            PolicyKey::new(ep.policy_set, identity, dir, proto_key, port),
-        );
-        if let Some(v) = POLICY.get(&key) {
+        let exact = PolicyKey::new(ep.policy_set, identity, dir, proto_key, port);
+        // SAFETY: the value is only read during this run.
+        let v = match unsafe { POLICY_EXACT.get(exact) } {
+            Some(v) => Some(v),
+            None => POLICY.get(Key::new(POLICY_KEY_BITS, exact)),
+        };
+        if let Some(v) = v {
             out.flags |= v.flags;
             let mut i = 0;
             while i < 4 {

@@ -645,7 +645,6 @@ fn run(args: &Args) -> Result<(), String> {
             gbit_per_s: median(v.iter().map(|s| s.gbit_per_s).collect()),
         }
     };
-    let base = agg("no-mesh");
 
     // Per-packet program cost, 10 vs 10 000 rules, under the connection-rate workload. Run-time
     // statistics cost a clock read per program run, so they are on only here.
@@ -656,10 +655,10 @@ fn run(args: &Args) -> Result<(), String> {
         .display()
         .to_string();
 
-    let mut cost = BTreeMap::new();
-    for rules in [10u32, 10_000] {
-        let mut per_round = Vec::new();
-        for _ in 0..args.rounds {
+    // Interleaved (10, 10 000, 10, …) so that drifts of the machine hit both alike.
+    let mut per_rules: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+    for _ in 0..args.rounds.max(3) {
+        for rules in [10u32, 10_000] {
             let mesh = Mesh::up(&topo, rules)?;
             let t = Target {
                 ns: &a.ns,
@@ -675,23 +674,32 @@ fn run(args: &Args) -> Result<(), String> {
             ])?;
             let (t1, n1) = mesh.stats()?;
             if n1 > n0 {
-                per_round.push((t1 - t0) as f64 / (n1 - n0) as f64);
+                per_rules
+                    .entry(rules)
+                    .or_default()
+                    .push((t1 - t0) as f64 / (n1 - n0) as f64);
             }
         }
-        cost.insert(rules, median(per_round));
     }
+    let cost: BTreeMap<u32, f64> = per_rules.into_iter().map(|(k, v)| (k, median(v))).collect();
 
-    let ratio = |s: &Sample| {
+    // Ratios are paired: each round's scenario against the same round's no-mesh run (they ran
+    // seconds apart), then the median over rounds.
+    let ratio_of = |name: &str| {
+        let pairs: Vec<(&Sample, &Sample)> =
+            samples[name].iter().zip(&samples["no-mesh"]).collect();
+        let med =
+            |f: &dyn Fn(&Sample) -> f64| median(pairs.iter().map(|(s, b)| f(s) / f(b)).collect());
         (
-            s.p50_us / base.p50_us,
-            s.p99_us / base.p99_us,
-            s.conns_per_s / base.conns_per_s,
-            s.gbit_per_s / base.gbit_per_s,
+            med(&|s| s.p50_us),
+            med(&|s| s.p99_us),
+            med(&|s| s.conns_per_s),
+            med(&|s| s.gbit_per_s),
         )
     };
     println!();
     println!(
-        "datapath benchmark: {} rounds × {} s per measurement, median of rounds",
+        "datapath benchmark: {} rounds × {} s per measurement; values: median of rounds; ratios: median of per-round ratios to no mesh",
         args.rounds, args.seconds
     );
     println!(
@@ -701,7 +709,7 @@ fn run(args: &Args) -> Result<(), String> {
     let mut json_scen = serde_json::Map::new();
     for name in ["no-mesh", "mesh", "sidecar"] {
         let s = agg(name);
-        let r = ratio(&s);
+        let r = ratio_of(name);
         println!(
             "{name:<10} {:>10.2} {:>10.2} {:>12.0} {:>10.2} | {:>8.3} {:>8.3} {:>9.3} {:>9.3}",
             s.p50_us, s.p99_us, s.conns_per_s, s.gbit_per_s, r.0, r.1, r.2, r.3
@@ -721,7 +729,7 @@ fn run(args: &Args) -> Result<(), String> {
     println!(
         "per-packet TC program cost: {c10:.1} ns with 10 rules, {c10k:.1} ns with 10 000 rules (× {cost_ratio:.3})"
     );
-    let m = ratio(&agg("mesh"));
+    let m = ratio_of("mesh");
     let targets = serde_json::json!({
         "p50_le_1_03": m.0 <= 1.03,
         "p99_le_1_10": m.1 <= 1.10,

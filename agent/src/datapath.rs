@@ -30,8 +30,8 @@ use aya::{
 };
 use cortexflow_common::{
     BackendKey, BackendValue, CFG_EVENTS_ALLOWED, CidrKey, CidrValue, Counter, DatapathConfig,
-    EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, Reason, ServiceKey, ServiceValue, maps,
-    programs,
+    EndpointInfo, IpcacheValue, POLICY_KEY_BITS, PolicyKey, PolicyValue, Reason, ServiceKey,
+    ServiceValue, maps, programs,
 };
 
 use crate::{
@@ -46,7 +46,10 @@ pub struct Capacity {
     pub endpoints: u32,
     pub ipcache: u32,
     pub cidrs: u32,
+    /// Policy entries of port ranges and rules without ports.
     pub policy: u32,
+    /// Policy entries of single ports.
+    pub policy_exact: u32,
     pub conntrack: u32,
     pub services: u32,
     pub backends: u32,
@@ -61,7 +64,8 @@ impl Default for Capacity {
             endpoints: 1024,
             ipcache: 65536,
             cidrs: 4096,
-            policy: 131072,
+            policy: 65536,
+            policy_exact: 131072,
             conntrack: 262144,
             services: 4096,
             backends: 65536,
@@ -73,12 +77,13 @@ impl Default for Capacity {
 
 impl Capacity {
     /// `(map name, max entries)` of every map whose size is configurable.
-    pub fn sizes(&self) -> [(&'static str, u32); 9] {
+    pub fn sizes(&self) -> [(&'static str, u32); 10] {
         [
             (maps::ENDPOINTS, self.endpoints),
             (maps::IPCACHE, self.ipcache),
             (maps::CIDRS, self.cidrs),
             (maps::POLICY, self.policy),
+            (maps::POLICY_EXACT, self.policy_exact),
             (maps::CONNTRACK, self.conntrack),
             (maps::SERVICES, self.services),
             (maps::BACKENDS, self.backends),
@@ -218,6 +223,7 @@ struct Maps {
     ipcache: HashMap<MapData, u32, IpcacheValue>,
     cidrs: LpmTrie<MapData, CidrKey, CidrValue>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy_exact: HashMap<MapData, PolicyKey, PolicyValue>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, BackendValue>,
     counters: PerCpuArray<MapData, Counter>,
@@ -266,6 +272,7 @@ impl Datapath {
             ipcache: take(&mut ebpf, maps::IPCACHE)?,
             cidrs: take(&mut ebpf, maps::CIDRS)?,
             policy: take(&mut ebpf, maps::POLICY)?,
+            policy_exact: take(&mut ebpf, maps::POLICY_EXACT)?,
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
             counters: take(&mut ebpf, maps::COUNTERS)?,
@@ -514,6 +521,13 @@ impl Datapath {
             m.policy
                 .insert((k.prefix_len(), compile::policy_key_bytes(&k.data())), v);
         }
+        // Single-port entries live in their own hash map; in `MapContents` they are the
+        // full-length prefixes.
+        for kv in self.maps.policy_exact.iter() {
+            let (k, v) = kv.map_err(map_err("read exact policy"))?;
+            m.policy
+                .insert((POLICY_KEY_BITS, compile::policy_key_bytes(&k)), v);
+        }
         for kv in self.maps.services.iter() {
             let (k, v) = kv.map_err(map_err("read services"))?;
             m.services.insert((k.vip, k.port, k.protocol), v);
@@ -529,13 +543,18 @@ impl Datapath {
     fn check_capacity(&self, want: &MapContents) -> Result<(), DatapathError> {
         let c = &self.opts.capacity;
         // During an update old and new policy sets and backend tables coexist.
-        let policy_peak = want.policy.len()
-            + self
-                .installed
-                .policy
-                .keys()
-                .filter(|k| !want.policy.contains_key(k))
-                .count();
+        let peak = |exact: bool| {
+            let is = |k: &&(u32, compile::PolicyKeyBytes)| (k.0 == POLICY_KEY_BITS) == exact;
+            want.policy.keys().filter(is).count()
+                + self
+                    .installed
+                    .policy
+                    .keys()
+                    .filter(is)
+                    .filter(|k| !want.policy.contains_key(k))
+                    .count()
+        };
+        let (policy_peak, exact_peak) = (peak(false), peak(true));
         let backends_peak = want.backends.len()
             + self
                 .installed
@@ -555,6 +574,7 @@ impl Datapath {
             (maps::IPCACHE, want.ipcache.len(), c.ipcache),
             (maps::CIDRS, cidr_peak, c.cidrs),
             (maps::POLICY, policy_peak, c.policy),
+            (maps::POLICY_EXACT, exact_peak, c.policy_exact),
             (maps::SERVICES, want.services.len(), c.services),
             (maps::BACKENDS, backends_peak, c.backends),
         ] {
@@ -597,8 +617,16 @@ impl Datapath {
         //    additions to sets in use).
         for (k, v) in &want.policy {
             if have.policy.get(k) != Some(v) {
-                let key = Key::new(k.0, compile::policy_key(&k.1));
-                m.policy.insert(&key, v, 0).map_err(map_err(maps::POLICY))?;
+                let key = compile::policy_key(&k.1);
+                if k.0 == POLICY_KEY_BITS {
+                    m.policy_exact
+                        .insert(key, v, 0)
+                        .map_err(map_err(maps::POLICY_EXACT))?;
+                } else {
+                    m.policy
+                        .insert(&Key::new(k.0, key), v, 0)
+                        .map_err(map_err(maps::POLICY))?;
+                }
                 stats.written += 1;
                 verdicts_changed = true;
             }
@@ -697,9 +725,16 @@ impl Datapath {
             stats.deleted += 1;
         }
         for k in have.policy.keys().filter(|k| !want.policy.contains_key(*k)) {
-            m.policy
-                .remove(&Key::new(k.0, compile::policy_key(&k.1)))
-                .map_err(map_err(maps::POLICY))?;
+            let key = compile::policy_key(&k.1);
+            if k.0 == POLICY_KEY_BITS {
+                m.policy_exact
+                    .remove(&key)
+                    .map_err(map_err(maps::POLICY_EXACT))?;
+            } else {
+                m.policy
+                    .remove(&Key::new(k.0, key))
+                    .map_err(map_err(maps::POLICY))?;
+            }
             stats.deleted += 1;
         }
         for k in have
