@@ -295,24 +295,6 @@ fn untrackable(p: &Packet, ep: &EndpointInfo, reason: Reason) -> i32 {
     }
 }
 
-/// Longest header prefix the programs read: Ethernet, IPv4 with options, L4 ports.
-const MAX_HEADERS: u32 = 14 + 60 + 4;
-
-/// Makes the headers directly readable: when the linear part of the packet is shorter than
-/// what the programs read (and the packet is longer), pulls them in.
-#[inline(always)]
-fn linearize(ctx: &TcContext) {
-    let linear = ctx.data_end().saturating_sub(ctx.data()) as u32;
-    let want = if ctx.len() < MAX_HEADERS {
-        ctx.len()
-    } else {
-        MAX_HEADERS
-    };
-    if linear < want {
-        let _ = ctx.pull_data(want);
-    }
-}
-
 /// A pointer to a `T` at `offset` in the packet, if the linear data holds it. The bounds check
 /// is made on the very pointer returned, as the verifier requires.
 #[inline(always)]
@@ -323,6 +305,21 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
         return None;
     }
     Some(ptr as *const T)
+}
+
+/// As [`ptr_at`]; when the headers are not all in the linear data (rare: headers are almost
+/// always linear), pulls exactly what is needed in and tries again. Pulling can copy the
+/// packet (a cloned TCP segment is un-cloned), so it is never done when not needed.
+#[inline(always)]
+fn header<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    if let Some(p) = ptr_at::<T>(ctx, offset) {
+        return Some(p);
+    }
+    let need = (offset + core::mem::size_of::<T>()) as u32;
+    if ctx.len() < need || ctx.pull_data(need).is_err() {
+        return None;
+    }
+    ptr_at::<T>(ctx, offset)
 }
 
 fn handle(ctx: &TcContext, dir: u8) -> i32 {
@@ -348,8 +345,7 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
         ifindex,
         len,
     };
-    linearize(ctx);
-    let Some(ethertype) = ptr_at::<u16>(ctx, 12) else {
+    let Some(ethertype) = header::<u16>(ctx, 12) else {
         return malformed(&p);
     };
     // SAFETY: `ptr_at` checked the bounds; packet data has no alignment guarantee.
@@ -361,7 +357,7 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     if ethertype != ETH_P_IP {
         return untrackable(&p, &ep, Reason::Ipv6);
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+    let Some(ip) = header::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return malformed(&p);
     };
     // SAFETY: as above.
@@ -387,7 +383,7 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
         return untrackable(&p, &ep, Reason::Fragment);
     }
     if ip.protocol == PROTO_TCP || ip.protocol == PROTO_UDP {
-        let Some(ports) = ptr_at::<[u16; 2]>(ctx, ETH_HLEN + ihl) else {
+        let Some(ports) = header::<[u16; 2]>(ctx, ETH_HLEN + ihl) else {
             return malformed(&p);
         };
         // SAFETY: as above.

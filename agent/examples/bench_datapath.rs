@@ -52,8 +52,8 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         json: None,
-        seconds: 4,
-        rounds: 3,
+        seconds: 3,
+        rounds: 5,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -118,9 +118,14 @@ impl Drop for Proc {
     }
 }
 
+/// Servers run on CPU 1 and clients on CPU 0, so that scheduling noise between the two does not
+/// drown differences of a few per cent.
+const SERVER_CPU: &str = "1";
+const CLIENT_CPU: &str = "0";
+
 fn spawn_in(ns: &common::Netns, args: &[&str]) -> Result<Proc, String> {
     Command::new("ip")
-        .args(["netns", "exec", &ns.name])
+        .args(["netns", "exec", &ns.name, "taskset", "-c", SERVER_CPU])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -155,7 +160,7 @@ impl Target<'_> {
             }
             None => Command::new("ip"),
         };
-        c.args(["netns", "exec", &self.ns.name]);
+        c.args(["netns", "exec", &self.ns.name, "taskset", "-c", CLIENT_CPU]);
         c.args(args);
         c
     }
@@ -284,6 +289,9 @@ fn connrate_server(ns: &common::Netns) {
     let path = ns.path();
     std::thread::spawn(move || {
         cortexflow_agent::netns::enter(&path).expect("enter");
+        let mut cpus = nix::sched::CpuSet::new();
+        let _ = cpus.set(1);
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus);
         let l = TcpListener::bind(("0.0.0.0", CONN_PORT)).expect("bind");
         let mut buf = [0u8; 8];
         for mut c in l.incoming().flatten() {

@@ -15,10 +15,10 @@ pub enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
         /// Seconds per measurement.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 3)]
         seconds: u64,
         /// Rounds (scenarios interleaved; the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
 }
