@@ -6,189 +6,16 @@
 //! (policy, packet) cases through both and requires the same verdict, reason and rule.
 use std::net::Ipv4Addr;
 
-use cortexflow_common::{IDENTITY_HOST, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP, Reason};
+use cortexflow_common::{IDENTITY_HOST, IDENTITY_WORLD, Reason};
+pub use cortexflow_proto::domain::{
+    Action, Cidr, Direction, EndpointPolicy, Mode, Peer, Peers, PortRange, Protocol, Rule,
+};
 
-/// Allow or Deny.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-/// Enforce or Audit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Mode {
-    Enforce,
-    Audit,
-}
-
-/// Traffic direction, seen from the endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
-
-impl Direction {
-    /// The `DIR_*` constant of the shared types.
-    pub const fn as_u8(self) -> u8 {
-        match self {
-            Direction::Ingress => cortexflow_common::DIR_INGRESS,
-            Direction::Egress => cortexflow_common::DIR_EGRESS,
-        }
-    }
-}
-
-/// An IPv4 prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub len: u8,
-}
-
-impl Cidr {
-    /// A prefix; the address is masked to `len` bits. `len` above 32 is an error.
-    pub fn new(addr: Ipv4Addr, len: u8) -> Result<Self, String> {
-        if len > 32 {
-            return Err(format!("prefix length {len} > 32"));
-        }
-        Ok(Self {
-            addr: Ipv4Addr::from(u32::from(addr) & Self::mask(len)),
-            len,
-        })
-    }
-
-    fn mask(len: u8) -> u32 {
-        if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
-        }
-    }
-
-    /// Whether `ip` is inside the prefix.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & Self::mask(self.len) == u32::from(self.addr)
-    }
-
-    /// Whether `other` lies entirely inside `self`.
-    pub fn covers(&self, other: &Cidr) -> bool {
-        other.len >= self.len && self.contains(other.addr)
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR"))?;
-        let addr: Ipv4Addr = a.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        let len: u8 = l.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        Cidr::new(addr, len)
-    }
-}
-
-/// One peer of a rule.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Peer {
-    /// Pods (or the host) carrying this numeric identity.
-    Identity(u32),
-    /// Addresses that are not cluster addresses, inside `cidr` and outside every `except`.
-    IpBlock { cidr: Cidr, except: Vec<Cidr> },
-}
-
-/// The peers of a rule.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Peers {
-    /// Any peer (the rule lists none).
-    Any,
-    /// Exactly these (possibly none, e.g. when every reference is unresolved).
-    Only(Vec<Peer>),
-}
-
-/// L4 protocol of a port range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    /// The IP protocol number.
-    pub const fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => PROTO_TCP,
-            Protocol::Udp => PROTO_UDP,
-        }
-    }
-}
-
-/// An inclusive destination port range of one protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortRange {
-    pub protocol: Protocol,
-    pub first: u16,
-    pub last: u16,
-}
-
-/// One rule of one policy, in one direction.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Rule {
-    /// Non-zero id reported with verdicts (the operator maps it back to policy and rule).
-    pub id: u32,
-    pub action: Action,
-    pub mode: Mode,
-    pub peers: Peers,
-    /// Empty: every port and protocol (including protocols other than TCP and UDP).
-    pub ports: Vec<PortRange>,
-}
-
-/// Every rule of every policy that selects an endpoint. Endpoints with equal policies share one
-/// policy set in the kernel.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EndpointPolicy {
-    pub ingress: Vec<Rule>,
-    pub egress: Vec<Rule>,
-}
-
-impl EndpointPolicy {
-    /// The rules of one direction.
-    pub fn rules(&self, dir: Direction) -> &[Rule] {
-        match dir {
-            Direction::Ingress => &self.ingress,
-            Direction::Egress => &self.egress,
-        }
-    }
-
-    /// An Enforce-mode Allow policy has rules in `dir`: default-deny.
-    pub fn default_deny(&self, dir: Direction) -> bool {
-        self.rules(dir)
-            .iter()
-            .any(|r| r.action == Action::Allow && r.mode == Mode::Enforce)
-    }
-
-    /// An Audit-mode Allow policy has rules in `dir`.
-    pub fn audit_default_deny(&self, dir: Direction) -> bool {
-        self.rules(dir)
-            .iter()
-            .any(|r| r.action == Action::Allow && r.mode == Mode::Audit)
-    }
-
-    /// Some Enforce-mode policy has rules in `dir`: the endpoint is under enforcement.
-    pub fn enforced(&self, dir: Direction) -> bool {
-        self.rules(dir).iter().any(|r| r.mode == Mode::Enforce)
-    }
-
-    /// Some policy has rules in `dir`.
-    pub fn policed(&self, dir: Direction) -> bool {
-        !self.rules(dir).is_empty()
+/// The `DIR_*` constant of the shared kernel types for a direction.
+pub const fn dir_u8(dir: Direction) -> u8 {
+    match dir {
+        Direction::Ingress => cortexflow_common::DIR_INGRESS,
+        Direction::Egress => cortexflow_common::DIR_EGRESS,
     }
 }
 
@@ -220,34 +47,30 @@ pub struct Verdict {
     pub audit: Option<(Reason, u32)>,
 }
 
-impl Peer {
-    fn matches(&self, peer: &PeerAddr) -> bool {
-        match self {
-            Peer::Identity(id) => peer.cluster_identity == Some(*id),
-            Peer::IpBlock { cidr, except } => {
-                peer.cluster_identity.is_none()
-                    && cidr.contains(peer.addr)
-                    && !except.iter().any(|e| e.contains(peer.addr))
-            }
+fn peer_matches(p: &Peer, peer: &PeerAddr) -> bool {
+    match p {
+        Peer::Identity(id) => peer.cluster_identity == Some(*id),
+        Peer::IpBlock { cidr, except } => {
+            peer.cluster_identity.is_none()
+                && cidr.contains(peer.addr)
+                && !except.iter().any(|e| e.contains(peer.addr))
         }
     }
 }
 
-impl Rule {
-    /// Whether the rule matches a connection to/from `peer` with IP protocol `protocol`
-    /// and destination port `port`.
-    pub fn matches(&self, peer: &PeerAddr, protocol: u8, port: u16) -> bool {
-        let peer_ok = match &self.peers {
-            Peers::Any => true,
-            Peers::Only(list) => list.iter().any(|p| p.matches(peer)),
-        };
-        let port_ok = self.ports.is_empty()
-            || self
-                .ports
-                .iter()
-                .any(|r| r.protocol.number() == protocol && (r.first..=r.last).contains(&port));
-        peer_ok && port_ok
-    }
+/// Whether `rule` matches a connection to/from `peer` with IP protocol `protocol` and
+/// destination port `port`.
+pub fn rule_matches(rule: &Rule, peer: &PeerAddr, protocol: u8, port: u16) -> bool {
+    let peer_ok = match &rule.peers {
+        Peers::Any => true,
+        Peers::Only(list) => list.iter().any(|p| peer_matches(p, peer)),
+    };
+    let port_ok = rule.ports.is_empty()
+        || rule
+            .ports
+            .iter()
+            .any(|r| r.protocol.number() == protocol && (r.first..=r.last).contains(&port));
+    peer_ok && port_ok
 }
 
 /// The decision for a new connection (TCP/UDP) or an untracked packet (other protocols,
@@ -281,7 +104,9 @@ pub fn decide(
         policy
             .rules(dir)
             .iter()
-            .filter(|r| r.action == action && r.mode == mode && r.matches(peer, protocol, port))
+            .filter(|r| {
+                r.action == action && r.mode == mode && rule_matches(r, peer, protocol, port)
+            })
             .map(|r| r.id)
             .min()
     };
@@ -327,6 +152,7 @@ pub fn untrackable(policy: &EndpointPolicy, dir: Direction) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cortexflow_common::{PROTO_TCP, PROTO_UDP};
 
     fn rule(id: u32, action: Action, mode: Mode, peers: Peers, ports: Vec<PortRange>) -> Rule {
         Rule {
@@ -447,10 +273,10 @@ mod tests {
             addr: Ipv4Addr::from(a),
             cluster_identity: None,
         };
-        assert!(r.matches(&ext([10, 2, 3, 4]), PROTO_TCP, 1));
-        assert!(!r.matches(&ext([10, 1, 3, 4]), PROTO_TCP, 1));
-        assert!(!r.matches(&ext([11, 0, 0, 1]), PROTO_TCP, 1));
-        assert!(!r.matches(&pod(300), PROTO_TCP, 1));
+        assert!(rule_matches(&r, &ext([10, 2, 3, 4]), PROTO_TCP, 1));
+        assert!(!rule_matches(&r, &ext([10, 1, 3, 4]), PROTO_TCP, 1));
+        assert!(!rule_matches(&r, &ext([11, 0, 0, 1]), PROTO_TCP, 1));
+        assert!(!rule_matches(&r, &pod(300), PROTO_TCP, 1));
     }
 
     #[test]
@@ -463,9 +289,9 @@ mod tests {
             Peers::Any,
             vec![tcp(1, 65535)],
         );
-        assert!(any_port.matches(&pod(300), 1, 0));
-        assert!(!tcp_only.matches(&pod(300), 1, 0));
-        assert!(!tcp_only.matches(&pod(300), PROTO_UDP, 53));
+        assert!(rule_matches(&any_port, &pod(300), 1, 0));
+        assert!(!rule_matches(&tcp_only, &pod(300), 1, 0));
+        assert!(!rule_matches(&tcp_only, &pod(300), PROTO_UDP, 53));
     }
 
     #[test]

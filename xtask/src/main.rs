@@ -5,12 +5,15 @@
 //! * `test`    — the one test command: setup, fmt, clippy, unit, kernel and e2e tests.
 //! * `cluster` — a real local control plane: `up`, `down`, `status`.
 //! * `crdgen`  — write the CRD YAML of the chart from the Rust types.
+//! * `protogen` — regenerate the checked-in gRPC code from the `.proto` files.
 //! * `lab`     — a local mesh on a real control plane (arrives with the lab issue).
 //! * `bench`   — benchmarks (`bench datapath`).
 #![forbid(unsafe_code)]
 
 mod bench;
 mod cluster;
+#[path = "../../proto/codegen.rs"]
+mod codegen;
 mod run;
 mod setup;
 mod test;
@@ -48,6 +51,8 @@ enum Cmd {
     },
     /// Run a local mesh on a real control plane (arrives with the lab issue).
     Lab,
+    /// Regenerate proto/src/gen from the .proto files (no protoc needed).
+    Protogen,
     /// Benchmarks: baseline and subject in one run, reported as ratios.
     Bench {
         #[command(subcommand)]
@@ -77,6 +82,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cluster { action } => cluster::run(action),
         Cmd::Crdgen { check } => crdgen(check),
         Cmd::Bench { what } => bench::run(what),
+        Cmd::Protogen => {
+            let proto = workspace_root().join("proto");
+            codegen::generate(&proto, &proto.join("src/gen"))?;
+            println!("generated {}", proto.join("src/gen").display());
+            Ok(())
+        }
         Cmd::Lab => {
             eprintln!(
                 "cargo xtask lab: the lab (simulated nodes, agents, operator, demo workloads) arrives \

@@ -1,0 +1,20 @@
+//! Generates the Rust code of the `.proto` files (pure Rust: protox parses, tonic-prost-build
+//! generates; no `protoc`). Used by `cargo xtask protogen` and by the drift test, so that both
+//! generate exactly the same way.
+
+use std::path::Path;
+
+/// The `.proto` files, relative to the `proto/` directory.
+pub const PROTOS: &[&str] = &["cortexflow/agent/v1/agent.proto"];
+
+/// Writes the generated code for [`PROTOS`] (under `proto_dir`) into `out_dir`.
+pub fn generate(proto_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    let fds = protox::compile(PROTOS, [proto_dir])?;
+    std::fs::create_dir_all(out_dir)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .out_dir(out_dir)
+        .compile_fds(fds)?;
+    Ok(())
+}

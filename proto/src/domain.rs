@@ -1,0 +1,776 @@
+//! The meaning of the `cortexflow.agent.v1` messages as validated Rust types.
+//!
+//! `TryFrom<v1::…>` validates everything a message could get wrong (unknown enum values, zero
+//! ids, bad CIDRs or port ranges, dangling references, duplicates) so that the agent either gets
+//! a whole, consistent config or an error naming what is wrong — never half of one. `From<…> for
+//! v1::…` is the operator's direction and cannot fail.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use crate::v1;
+
+/// Why a message was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, Invalid> {
+    Err(Invalid(msg.into()))
+}
+
+// ---- policy ----------------------------------------------------------------------------------
+
+/// Allow or Deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// Enforce or Audit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+/// Traffic direction, seen from the endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    /// `"ingress"` or `"egress"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// An IPv4 prefix (the address is always masked to the length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// A prefix; the address is masked to `len` bits. `len` above 32 is an error.
+    pub fn new(addr: Ipv4Addr, len: u8) -> Result<Self, Invalid> {
+        if len > 32 {
+            return invalid(format!("prefix length {len} > 32"));
+        }
+        Ok(Self {
+            addr: Ipv4Addr::from(u32::from(addr) & Self::mask(len)),
+            len,
+        })
+    }
+
+    fn mask(len: u8) -> u32 {
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        }
+    }
+
+    /// Whether `ip` is inside the prefix.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask(self.len) == u32::from(self.addr)
+    }
+
+    /// Whether `other` lies entirely inside `self`.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        other.len >= self.len && self.contains(other.addr)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| Invalid(format!("{s:?} is not a CIDR")))?;
+        let addr: Ipv4Addr = a.parse().map_err(|e| Invalid(format!("{s:?}: {e}")))?;
+        let len: u8 = l.parse().map_err(|e| Invalid(format!("{s:?}: {e}")))?;
+        Cidr::new(addr, len)
+    }
+}
+
+/// One peer of a rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    /// Pods (or the host) carrying this numeric identity.
+    Identity(u32),
+    /// Addresses that are not cluster addresses, inside `cidr` and outside every `except`.
+    IpBlock { cidr: Cidr, except: Vec<Cidr> },
+}
+
+/// The peers of a rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peers {
+    /// Any peer (the rule lists none).
+    Any,
+    /// Exactly these (possibly none, e.g. when every reference is unresolved).
+    Only(Vec<Peer>),
+}
+
+/// L4 protocol of a port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+/// An inclusive destination port range of one protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub protocol: Protocol,
+    pub first: u16,
+    pub last: u16,
+}
+
+/// One rule of one policy, in one direction.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rule {
+    /// Non-zero id reported with verdicts (see [`RuleRef`]).
+    pub id: u32,
+    pub action: Action,
+    pub mode: Mode,
+    pub peers: Peers,
+    /// Empty: every port and protocol (including protocols other than TCP and UDP).
+    pub ports: Vec<PortRange>,
+}
+
+/// Every rule of every policy that selects an endpoint. Endpoints with equal policies share one
+/// policy set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointPolicy {
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+impl EndpointPolicy {
+    /// The rules of one direction.
+    pub fn rules(&self, dir: Direction) -> &[Rule] {
+        match dir {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+
+    /// An Enforce-mode Allow policy has rules in `dir`: default-deny.
+    pub fn default_deny(&self, dir: Direction) -> bool {
+        self.rules(dir)
+            .iter()
+            .any(|r| r.action == Action::Allow && r.mode == Mode::Enforce)
+    }
+
+    /// An Audit-mode Allow policy has rules in `dir`.
+    pub fn audit_default_deny(&self, dir: Direction) -> bool {
+        self.rules(dir)
+            .iter()
+            .any(|r| r.action == Action::Allow && r.mode == Mode::Audit)
+    }
+
+    /// Some Enforce-mode policy has rules in `dir`: the endpoint is under enforcement.
+    pub fn enforced(&self, dir: Direction) -> bool {
+        self.rules(dir).iter().any(|r| r.mode == Mode::Enforce)
+    }
+
+    /// Some policy has rules in `dir`.
+    pub fn policed(&self, dir: Direction) -> bool {
+        !self.rules(dir).is_empty()
+    }
+}
+
+/// Where a rule id comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleRef {
+    pub namespace: String,
+    pub policy: String,
+    pub direction: Direction,
+    pub index: u32,
+}
+
+// ---- node config -----------------------------------------------------------------------------
+
+/// A pod of the node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub identity: u32,
+    pub policy_set: u32,
+}
+
+/// The node's endpoints and their policies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub policy_sets: BTreeMap<u32, Arc<EndpointPolicy>>,
+    pub endpoints: Vec<Endpoint>,
+    pub rules: BTreeMap<u32, RuleRef>,
+}
+
+/// The node itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub addresses: Vec<Ipv4Addr>,
+    pub pod_cidr: Option<Cidr>,
+}
+
+/// Identities of cluster addresses: a whole table or changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ipcache {
+    pub full: bool,
+    pub upserts: Vec<(Ipv4Addr, u32)>,
+    pub removals: Vec<Ipv4Addr>,
+}
+
+/// A Service frontend with its backends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub backends: Vec<Backend>,
+}
+
+/// A Service backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+/// What an identity is called.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityInfo {
+    pub id: u32,
+    pub namespace: String,
+    pub name: String,
+    /// `"sid"` (a ServiceIdentity) or `"sa"` (the implicit identity of a service account).
+    pub kind: String,
+}
+
+/// One message of the config stream. An absent section is unchanged (unless `full`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub version: u64,
+    pub full: bool,
+    pub node: Option<NodeInfo>,
+    pub endpoints: Option<Endpoints>,
+    pub ipcache: Option<Ipcache>,
+    pub services: Option<Vec<Service>>,
+    pub identities: Option<Vec<IdentityInfo>>,
+}
+
+/// What an agent reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub node: String,
+    pub applied_version: u64,
+    /// The refused version and why.
+    pub failed: Option<(u64, String)>,
+}
+
+// ---- wire → domain (validating) ----------------------------------------------------------------
+
+fn port(p: u32, what: &str) -> Result<u16, Invalid> {
+    match u16::try_from(p) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => invalid(format!("{what} {p} is not a port (1-65535)")),
+    }
+}
+
+fn protocol(p: i32) -> Result<Protocol, Invalid> {
+    match v1::Protocol::try_from(p) {
+        Ok(v1::Protocol::Tcp) => Ok(Protocol::Tcp),
+        Ok(v1::Protocol::Udp) => Ok(Protocol::Udp),
+        _ => invalid(format!("protocol {p} is neither TCP nor UDP")),
+    }
+}
+
+impl TryFrom<v1::Rule> for Rule {
+    type Error = Invalid;
+    fn try_from(r: v1::Rule) -> Result<Self, Invalid> {
+        let id = r.id;
+        if id == 0 {
+            return invalid("rule id 0");
+        }
+        let action = match v1::Action::try_from(r.action) {
+            Ok(v1::Action::Allow) => Action::Allow,
+            Ok(v1::Action::Deny) => Action::Deny,
+            _ => {
+                return invalid(format!(
+                    "rule {id}: action {} is neither Allow nor Deny",
+                    r.action
+                ));
+            }
+        };
+        let mode = match v1::Mode::try_from(r.mode) {
+            Ok(v1::Mode::Enforce) => Mode::Enforce,
+            Ok(v1::Mode::Audit) => Mode::Audit,
+            _ => {
+                return invalid(format!(
+                    "rule {id}: mode {} is neither Enforce nor Audit",
+                    r.mode
+                ));
+            }
+        };
+        let peers = if r.any_peer {
+            if !r.peers.is_empty() {
+                return invalid(format!("rule {id}: any_peer with {} peers", r.peers.len()));
+            }
+            Peers::Any
+        } else {
+            let mut peers = Vec::with_capacity(r.peers.len());
+            for p in r.peers {
+                peers.push(match p.kind {
+                    Some(v1::peer::Kind::Identity(0)) => {
+                        return invalid(format!("rule {id}: peer identity 0"));
+                    }
+                    Some(v1::peer::Kind::Identity(i)) => Peer::Identity(i),
+                    Some(v1::peer::Kind::IpBlock(b)) => {
+                        let cidr: Cidr = b
+                            .cidr
+                            .parse()
+                            .map_err(|e: Invalid| Invalid(format!("rule {id}: {}", e.0)))?;
+                        let mut except = Vec::with_capacity(b.except.len());
+                        for e in b.except {
+                            let e: Cidr = e
+                                .parse()
+                                .map_err(|e: Invalid| Invalid(format!("rule {id}: {}", e.0)))?;
+                            if !cidr.covers(&e) {
+                                return invalid(format!("rule {id}: except {e} is outside {cidr}"));
+                            }
+                            except.push(e);
+                        }
+                        Peer::IpBlock { cidr, except }
+                    }
+                    None => return invalid(format!("rule {id}: peer of no kind")),
+                });
+            }
+            Peers::Only(peers)
+        };
+        let mut ports = Vec::with_capacity(r.ports.len());
+        for p in r.ports {
+            let first = port(p.first, &format!("rule {id}: first port"))?;
+            let last = port(p.last, &format!("rule {id}: last port"))?;
+            if last < first {
+                return invalid(format!("rule {id}: port range {first}-{last} is backwards"));
+            }
+            ports.push(PortRange {
+                protocol: protocol(p.protocol)
+                    .map_err(|e| Invalid(format!("rule {id}: {}", e.0)))?,
+                first,
+                last,
+            });
+        }
+        Ok(Rule {
+            id,
+            action,
+            mode,
+            peers,
+            ports,
+        })
+    }
+}
+
+impl TryFrom<v1::Endpoints> for Endpoints {
+    type Error = Invalid;
+    fn try_from(e: v1::Endpoints) -> Result<Self, Invalid> {
+        let mut policy_sets = BTreeMap::new();
+        let mut rule_ids = BTreeSet::new();
+        for set in e.policy_sets {
+            let mut policy = EndpointPolicy::default();
+            for (dir, rules) in [
+                (Direction::Ingress, set.ingress),
+                (Direction::Egress, set.egress),
+            ] {
+                for r in rules {
+                    let r = Rule::try_from(r)
+                        .map_err(|e| Invalid(format!("policy set {}: {}", set.id, e.0)))?;
+                    rule_ids.insert(r.id);
+                    match dir {
+                        Direction::Ingress => policy.ingress.push(r),
+                        Direction::Egress => policy.egress.push(r),
+                    }
+                }
+            }
+            if set.id == 0 || policy_sets.insert(set.id, Arc::new(policy)).is_some() {
+                return invalid(format!("policy set id {} is 0 or repeated", set.id));
+            }
+        }
+        let mut endpoints = Vec::with_capacity(e.endpoints.len());
+        let mut ips = BTreeSet::new();
+        for ep in e.endpoints {
+            let ip = Ipv4Addr::from(ep.ip);
+            let who = format!("endpoint {}/{}", ep.namespace, ep.name);
+            if ip.is_unspecified() || !ips.insert(ip) {
+                return invalid(format!("{who}: address {ip} is unspecified or used twice"));
+            }
+            if ep.identity == 0 {
+                return invalid(format!("{who}: identity 0"));
+            }
+            if !policy_sets.contains_key(&ep.policy_set) {
+                return invalid(format!("{who}: unknown policy set {}", ep.policy_set));
+            }
+            endpoints.push(Endpoint {
+                namespace: ep.namespace,
+                name: ep.name,
+                ip,
+                identity: ep.identity,
+                policy_set: ep.policy_set,
+            });
+        }
+        let mut rules = BTreeMap::new();
+        for r in e.rules {
+            let direction = match r.direction.as_str() {
+                "ingress" => Direction::Ingress,
+                "egress" => Direction::Egress,
+                other => return invalid(format!("rule ref {}: direction {other:?}", r.id)),
+            };
+            rules.insert(
+                r.id,
+                RuleRef {
+                    namespace: r.namespace,
+                    policy: r.policy,
+                    direction,
+                    index: r.index,
+                },
+            );
+        }
+        Ok(Endpoints {
+            policy_sets,
+            endpoints,
+            rules,
+        })
+    }
+}
+
+impl TryFrom<v1::NodeConfig> for NodeConfig {
+    type Error = Invalid;
+    fn try_from(m: v1::NodeConfig) -> Result<Self, Invalid> {
+        let node = m
+            .node
+            .map(|n| -> Result<NodeInfo, Invalid> {
+                Ok(NodeInfo {
+                    name: n.name,
+                    addresses: n.addresses.into_iter().map(Ipv4Addr::from).collect(),
+                    pod_cidr: if n.pod_cidr.is_empty() {
+                        None
+                    } else {
+                        Some(n.pod_cidr.parse()?)
+                    },
+                })
+            })
+            .transpose()?;
+        let endpoints = m.endpoints.map(Endpoints::try_from).transpose()?;
+        let ipcache = m
+            .ipcache
+            .map(|c| -> Result<Ipcache, Invalid> {
+                if c.full && !c.removals.is_empty() {
+                    return invalid("a full ipcache with removals");
+                }
+                let mut upserts = Vec::with_capacity(c.upserts.len());
+                for e in c.upserts {
+                    if e.identity == 0 || e.ip == 0 {
+                        return invalid(format!(
+                            "ipcache entry {} → {}",
+                            Ipv4Addr::from(e.ip),
+                            e.identity
+                        ));
+                    }
+                    upserts.push((Ipv4Addr::from(e.ip), e.identity));
+                }
+                Ok(Ipcache {
+                    full: c.full,
+                    upserts,
+                    removals: c.removals.into_iter().map(Ipv4Addr::from).collect(),
+                })
+            })
+            .transpose()?;
+        let services = m
+            .services
+            .map(|s| -> Result<Vec<Service>, Invalid> {
+                let mut out = Vec::with_capacity(s.services.len());
+                for svc in s.services {
+                    let who = format!("service {}/{}", svc.namespace, svc.name);
+                    let mut backends = Vec::with_capacity(svc.backends.len());
+                    for b in svc.backends {
+                        backends.push(Backend {
+                            ip: Ipv4Addr::from(b.ip),
+                            port: port(b.port, &format!("{who}: backend port"))?,
+                            weight: b.weight,
+                        });
+                    }
+                    out.push(Service {
+                        vip: Ipv4Addr::from(svc.vip),
+                        port: port(svc.port, &format!("{who}: port"))?,
+                        protocol: protocol(svc.protocol)
+                            .map_err(|e| Invalid(format!("{who}: {}", e.0)))?,
+                        namespace: svc.namespace,
+                        name: svc.name,
+                        backends,
+                    });
+                }
+                Ok(out)
+            })
+            .transpose()?;
+        let identities = m.identities.map(|i| {
+            i.identities
+                .into_iter()
+                .map(|i| IdentityInfo {
+                    id: i.id,
+                    namespace: i.namespace,
+                    name: i.name,
+                    kind: i.kind,
+                })
+                .collect()
+        });
+        if m.full
+            && (endpoints.is_none()
+                || ipcache.as_ref().is_none_or(|c| !c.full)
+                || services.is_none())
+        {
+            return invalid(
+                "a full snapshot without all of endpoints, a full ipcache and services",
+            );
+        }
+        Ok(NodeConfig {
+            version: m.version,
+            full: m.full,
+            node,
+            endpoints,
+            ipcache,
+            services,
+            identities,
+        })
+    }
+}
+
+impl TryFrom<v1::AgentStatus> for AgentStatus {
+    type Error = Invalid;
+    fn try_from(s: v1::AgentStatus) -> Result<Self, Invalid> {
+        if s.node.is_empty() {
+            return invalid("status without a node");
+        }
+        Ok(AgentStatus {
+            node: s.node,
+            applied_version: s.applied_version,
+            failed: (s.failed_version != 0 || !s.error.is_empty())
+                .then_some((s.failed_version, s.error)),
+        })
+    }
+}
+
+// ---- domain → wire -----------------------------------------------------------------------------
+
+impl From<&Rule> for v1::Rule {
+    fn from(r: &Rule) -> Self {
+        let (any_peer, peers) = match &r.peers {
+            Peers::Any => (true, Vec::new()),
+            Peers::Only(list) => (
+                false,
+                list.iter()
+                    .map(|p| v1::Peer {
+                        kind: Some(match p {
+                            Peer::Identity(i) => v1::peer::Kind::Identity(*i),
+                            Peer::IpBlock { cidr, except } => {
+                                v1::peer::Kind::IpBlock(v1::IpBlock {
+                                    cidr: cidr.to_string(),
+                                    except: except.iter().map(ToString::to_string).collect(),
+                                })
+                            }
+                        }),
+                    })
+                    .collect(),
+            ),
+        };
+        v1::Rule {
+            id: r.id,
+            action: match r.action {
+                Action::Allow => v1::Action::Allow,
+                Action::Deny => v1::Action::Deny,
+            } as i32,
+            mode: match r.mode {
+                Mode::Enforce => v1::Mode::Enforce,
+                Mode::Audit => v1::Mode::Audit,
+            } as i32,
+            any_peer,
+            peers,
+            ports: r
+                .ports
+                .iter()
+                .map(|p| v1::PortRange {
+                    protocol: wire_protocol(p.protocol),
+                    first: u32::from(p.first),
+                    last: u32::from(p.last),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn wire_protocol(p: Protocol) -> i32 {
+    match p {
+        Protocol::Tcp => v1::Protocol::Tcp as i32,
+        Protocol::Udp => v1::Protocol::Udp as i32,
+    }
+}
+
+impl From<&Endpoints> for v1::Endpoints {
+    fn from(e: &Endpoints) -> Self {
+        v1::Endpoints {
+            policy_sets: e
+                .policy_sets
+                .iter()
+                .map(|(id, p)| v1::PolicySet {
+                    id: *id,
+                    ingress: p.ingress.iter().map(v1::Rule::from).collect(),
+                    egress: p.egress.iter().map(v1::Rule::from).collect(),
+                })
+                .collect(),
+            endpoints: e
+                .endpoints
+                .iter()
+                .map(|ep| v1::Endpoint {
+                    namespace: ep.namespace.clone(),
+                    name: ep.name.clone(),
+                    ip: u32::from(ep.ip),
+                    identity: ep.identity,
+                    policy_set: ep.policy_set,
+                })
+                .collect(),
+            rules: e
+                .rules
+                .iter()
+                .map(|(id, r)| v1::RuleRef {
+                    id: *id,
+                    namespace: r.namespace.clone(),
+                    policy: r.policy.clone(),
+                    direction: r.direction.as_str().to_string(),
+                    index: r.index,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&NodeInfo> for v1::NodeInfo {
+    fn from(n: &NodeInfo) -> Self {
+        v1::NodeInfo {
+            name: n.name.clone(),
+            addresses: n.addresses.iter().map(|a| u32::from(*a)).collect(),
+            pod_cidr: n.pod_cidr.map(|c| c.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&Ipcache> for v1::Ipcache {
+    fn from(c: &Ipcache) -> Self {
+        v1::Ipcache {
+            full: c.full,
+            upserts: c
+                .upserts
+                .iter()
+                .map(|(ip, id)| v1::IpIdentity {
+                    ip: u32::from(*ip),
+                    identity: *id,
+                })
+                .collect(),
+            removals: c.removals.iter().map(|ip| u32::from(*ip)).collect(),
+        }
+    }
+}
+
+impl From<&Service> for v1::Service {
+    fn from(s: &Service) -> Self {
+        v1::Service {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+            vip: u32::from(s.vip),
+            port: u32::from(s.port),
+            protocol: wire_protocol(s.protocol),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| v1::Backend {
+                    ip: u32::from(b.ip),
+                    port: u32::from(b.port),
+                    weight: b.weight,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&IdentityInfo> for v1::IdentityInfo {
+    fn from(i: &IdentityInfo) -> Self {
+        v1::IdentityInfo {
+            id: i.id,
+            namespace: i.namespace.clone(),
+            name: i.name.clone(),
+            kind: i.kind.clone(),
+        }
+    }
+}
+
+impl From<&NodeConfig> for v1::NodeConfig {
+    fn from(c: &NodeConfig) -> Self {
+        v1::NodeConfig {
+            version: c.version,
+            full: c.full,
+            node: c.node.as_ref().map(v1::NodeInfo::from),
+            endpoints: c.endpoints.as_ref().map(v1::Endpoints::from),
+            ipcache: c.ipcache.as_ref().map(v1::Ipcache::from),
+            services: c.services.as_ref().map(|s| v1::Services {
+                services: s.iter().map(v1::Service::from).collect(),
+            }),
+            identities: c.identities.as_ref().map(|i| v1::Identities {
+                identities: i.iter().map(v1::IdentityInfo::from).collect(),
+            }),
+        }
+    }
+}
+
+impl From<&AgentStatus> for v1::AgentStatus {
+    fn from(s: &AgentStatus) -> Self {
+        let (failed_version, error) = s.failed.clone().unwrap_or_default();
+        v1::AgentStatus {
+            node: s.node.clone(),
+            applied_version: s.applied_version,
+            failed_version,
+            error,
+        }
+    }
+}
