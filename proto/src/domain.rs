@@ -774,3 +774,192 @@ impl From<&AgentStatus> for v1::AgentStatus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> NodeConfig {
+        let rule = Rule {
+            id: 65,
+            action: Action::Allow,
+            mode: Mode::Enforce,
+            peers: Peers::Only(vec![
+                Peer::Identity(300),
+                Peer::IpBlock {
+                    cidr: "10.0.0.0/8".parse().unwrap(),
+                    except: vec!["10.1.0.0/16".parse().unwrap()],
+                },
+            ]),
+            ports: vec![PortRange {
+                protocol: Protocol::Udp,
+                first: 53,
+                last: 53,
+            }],
+        };
+        NodeConfig {
+            version: 7,
+            full: true,
+            node: Some(NodeInfo {
+                name: "n1".into(),
+                addresses: vec![Ipv4Addr::new(172, 16, 0, 1)],
+                pod_cidr: Some("10.244.1.0/24".parse().unwrap()),
+            }),
+            endpoints: Some(Endpoints {
+                policy_sets: BTreeMap::from([(
+                    1,
+                    Arc::new(EndpointPolicy {
+                        ingress: vec![rule],
+                        egress: vec![],
+                    }),
+                )]),
+                endpoints: vec![Endpoint {
+                    namespace: "shop".into(),
+                    name: "db-0".into(),
+                    ip: Ipv4Addr::new(10, 244, 1, 5),
+                    identity: 301,
+                    policy_set: 1,
+                }],
+                rules: BTreeMap::from([(
+                    65,
+                    RuleRef {
+                        namespace: "shop".into(),
+                        policy: "db".into(),
+                        direction: Direction::Ingress,
+                        index: 0,
+                    },
+                )]),
+            }),
+            ipcache: Some(Ipcache {
+                full: true,
+                upserts: vec![(Ipv4Addr::new(10, 244, 1, 5), 301)],
+                removals: vec![],
+            }),
+            services: Some(vec![Service {
+                namespace: "shop".into(),
+                name: "db".into(),
+                vip: Ipv4Addr::new(10, 96, 0, 9),
+                port: 5432,
+                protocol: Protocol::Tcp,
+                backends: vec![Backend {
+                    ip: Ipv4Addr::new(10, 244, 1, 5),
+                    port: 5432,
+                    weight: 1,
+                }],
+            }]),
+            identities: Some(vec![IdentityInfo {
+                id: 301,
+                namespace: "shop".into(),
+                name: "db".into(),
+                kind: "sid".into(),
+            }]),
+        }
+    }
+
+    #[test]
+    fn round_trip_through_the_wire() {
+        let c = sample();
+        let wire = v1::NodeConfig::from(&c);
+        let bytes = prost::Message::encode_to_vec(&wire);
+        let back: v1::NodeConfig = prost::Message::decode(bytes.as_slice()).unwrap();
+        assert_eq!(NodeConfig::try_from(back).unwrap(), c);
+    }
+
+    /// Every way a message can be wrong is refused with a message that says what.
+    #[test]
+    fn invalid_messages_are_refused() {
+        type Mutation = (&'static str, fn(&mut v1::NodeConfig));
+        let cases: Vec<Mutation> = vec![
+            ("rule id 0", |m| {
+                m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].id = 0
+            }),
+            ("action", |m| {
+                m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].action = 9
+            }),
+            ("mode", |m| {
+                m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].mode = 0
+            }),
+            ("any_peer", |m| {
+                m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].any_peer = true
+            }),
+            ("prefix length 33", |m| {
+                if let Some(v1::peer::Kind::IpBlock(b)) =
+                    &mut m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].peers[1].kind
+                {
+                    b.cidr = "10.0.0.0/33".into();
+                }
+            }),
+            ("outside", |m| {
+                if let Some(v1::peer::Kind::IpBlock(b)) =
+                    &mut m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].peers[1].kind
+                {
+                    b.except = vec!["192.168.0.0/16".into()];
+                }
+            }),
+            ("peer of no kind", |m| {
+                m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].peers[0].kind = None
+            }),
+            ("peer identity 0", |m| {
+                m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].peers[0].kind =
+                    Some(v1::peer::Kind::Identity(0))
+            }),
+            ("backwards", |m| {
+                m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].ports[0].first = 60
+            }),
+            ("not a port", |m| {
+                m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].ports[0].last = 70000
+            }),
+            ("neither TCP nor UDP", |m| {
+                m.endpoints.as_mut().unwrap().policy_sets[0].ingress[0].ports[0].protocol = 0
+            }),
+            ("unknown policy set", |m| {
+                m.endpoints.as_mut().unwrap().endpoints[0].policy_set = 9
+            }),
+            ("identity 0", |m| {
+                m.endpoints.as_mut().unwrap().endpoints[0].identity = 0
+            }),
+            ("used twice", |m| {
+                let e = m.endpoints.as_mut().unwrap();
+                let dup = e.endpoints[0].clone();
+                e.endpoints.push(dup);
+            }),
+            ("repeated", |m| {
+                let e = m.endpoints.as_mut().unwrap();
+                let dup = e.policy_sets[0].clone();
+                e.policy_sets.push(dup);
+            }),
+            ("full snapshot", |m| m.services = None),
+            ("full ipcache with removals", |m| {
+                m.ipcache.as_mut().unwrap().removals.push(1)
+            }),
+            ("ipcache entry", |m| {
+                m.ipcache.as_mut().unwrap().upserts[0].identity = 0
+            }),
+            ("backend port", |m| {
+                m.services.as_mut().unwrap().services[0].backends[0].port = 0
+            }),
+            ("direction", |m| {
+                m.endpoints.as_mut().unwrap().rules[0].direction = "sideways".into()
+            }),
+        ];
+        for (want, mutate) in cases {
+            let mut wire = v1::NodeConfig::from(&sample());
+            mutate(&mut wire);
+            match NodeConfig::try_from(wire) {
+                Ok(_) => panic!("{want}: accepted"),
+                Err(e) => assert!(e.0.contains(want), "{want}: error {e}"),
+            }
+        }
+    }
+
+    proptest! {
+        /// Decoding arbitrary bytes and converting never panics: it yields a config or an error.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(m) = <v1::NodeConfig as prost::Message>::decode(bytes.as_slice()) {
+                let _ = NodeConfig::try_from(m);
+            }
+        }
+    }
+}
