@@ -1,10 +1,255 @@
 //! The CortexFlow operator (control plane).
 //!
-//! A kube-runtime controller that watches MeshPolicy, ServiceIdentity, Pod, Namespace, Service,
-//! EndpointSlice and Node; allocates numeric identities; compiles policies into per-node configs;
-//! streams them to the node agents over gRPC (`cortexflow.agent.v1.AgentConfig`); and writes
-//! status conditions on the CRs. Only the holder of the leader Lease writes status; every replica
-//! serves gRPC. Built in the operator issue; today the crate only links the CRD types.
+//! * [`index`] — watches of MeshPolicy, ServiceIdentity, Pod, Namespace, Service, EndpointSlice,
+//!   Node (and the id table) turned into engine changes.
+//! * [`store`] — the shared state: the kube-free engine of `cortexflow-operator-core`, agent
+//!   reports, observed statuses.
+//! * [`grpc`] — the `cortexflow.agent.v1.AgentConfig` server.
+//! * [`lease`] — leader election; [`allocator`] and [`status`] run only on the leader.
+//! * [`metrics`] — the operator's Prometheus metrics.
+//!
+//! [`run`] wires them; `main.rs` only parses flags.
 #![forbid(unsafe_code)]
 
+pub mod allocator;
+pub mod grpc;
+pub mod index;
+pub mod lease;
+pub mod metrics;
+pub mod status;
+pub mod store;
+
 pub use cortexflow_crds as crds;
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use cortexflow_operator_core::EngineConfig;
+use cortexflow_telemetry::{LogFormat, Metrics, Readiness};
+use kube::runtime::events::Reporter;
+use tokio::sync::{mpsc, watch};
+
+/// Flags of the operator; every flag also reads an environment variable.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    version,
+    about = "CortexFlow operator: identities, policy compilation, per-node config streams, status"
+)]
+pub struct Args {
+    /// Address the gRPC server (agents) listens on.
+    #[arg(long, env = "CORTEXFLOW_GRPC_ADDR", default_value = "0.0.0.0:8090")]
+    pub grpc_addr: SocketAddr,
+    /// Address agents and other replicas reach this replica's gRPC server at (published in the
+    /// leader Lease); defaults to the listen address.
+    #[arg(long, env = "CORTEXFLOW_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Address of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "CORTEXFLOW_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
+    /// Namespace of the operator's own objects (the Lease, the id table).
+    #[arg(long, env = "CORTEXFLOW_NAMESPACE", default_value = "cortexflow")]
+    pub namespace: String,
+    /// This replica's identity in leader election (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "CORTEXFLOW_LEASE_NAME",
+        default_value = "cortexflow-operator"
+    )]
+    pub lease_name: String,
+    /// Lease duration: how long a dead leader keeps the lease.
+    #[arg(long, env = "CORTEXFLOW_LEASE_DURATION_SECS", default_value_t = 15)]
+    pub lease_duration_secs: u64,
+    /// Name of the ConfigMap holding the identity table.
+    #[arg(
+        long,
+        env = "CORTEXFLOW_IDENTITIES_CONFIGMAP",
+        default_value = "cortexflow-identities"
+    )]
+    pub identities_configmap: String,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "CORTEXFLOW_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Log filter (overridden by RUST_LOG).
+    #[arg(long, env = "CORTEXFLOW_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format: plain or json.
+    #[arg(long, env = "CORTEXFLOW_LOG_FORMAT", default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+/// Runs the operator until SIGTERM/Ctrl-C.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    cortexflow_telemetry::init_logging(&args.log, args.log_format);
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("cortexflow-operator-{}", std::process::id()));
+    let client = kube::Client::try_default()
+        .await
+        .context("connect to the Kubernetes API")?;
+    let telemetry = Metrics::new("operator")?;
+    let metrics = metrics::OperatorMetrics::new(&telemetry);
+    let readiness = Readiness::default();
+    let synced_guard = readiness.register("initial sync");
+    let (shutdown_tx, shutdown) = watch::channel(false);
+
+    let store = store::Store::new(
+        EngineConfig {
+            trust_domain: args.trust_domain.clone(),
+            ..EngineConfig::default()
+        },
+        metrics.clone(),
+    );
+
+    // Watches → engine.
+    let (changes_tx, changes_rx) = mpsc::channel(8192);
+    let (kinds_tx, mut kinds_rx) = mpsc::channel(16);
+    let (table_tx, mut table_rx) = mpsc::channel(1);
+    index::spawn_watches(
+        client.clone(),
+        changes_tx.clone(),
+        metrics.clone(),
+        kinds_tx,
+        store.clone(),
+    );
+    index::spawn_allocation_watch(
+        client.clone(),
+        &args.namespace,
+        &args.identities_configmap,
+        changes_tx,
+        table_tx,
+    );
+    tokio::spawn(store::run_engine(store.clone(), changes_rx));
+
+    // Ready after the first full sync of every kind and of the id table.
+    let (table_synced_tx, table_synced) = watch::channel(false);
+    {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut pending: std::collections::BTreeSet<_> = index::KINDS.into_iter().collect();
+            while !pending.is_empty() {
+                match kinds_rx.recv().await {
+                    Some(k) => {
+                        pending.remove(&k);
+                    }
+                    None => return,
+                }
+            }
+            if table_rx.recv().await.is_none() {
+                return;
+            }
+            let _ = table_synced_tx.send(true);
+            // The engine applies queued changes in order: wait until it caught up.
+            let mut v = store.versions();
+            let _ = tokio::time::timeout(Duration::from_secs(5), v.changed()).await;
+            tracing::info!("initial sync done");
+            synced_guard.done();
+        });
+    }
+
+    // Leadership.
+    let (lead_tx, leadership) = watch::channel(lease::Leadership::default());
+    let advertise = args
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| args.grpc_addr.to_string());
+    let mut lease_task = tokio::spawn(lease::run(
+        client.clone(),
+        lease::LeaseConfig {
+            namespace: args.namespace.clone(),
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+            address: advertise,
+            duration: Duration::from_secs(args.lease_duration_secs.max(3)),
+        },
+        lead_tx,
+        shutdown.clone(),
+    ));
+    tokio::spawn(allocator::run(
+        allocator::Table {
+            client: client.clone(),
+            namespace: args.namespace.clone(),
+            name: args.identities_configmap.clone(),
+        },
+        store.clone(),
+        metrics.clone(),
+        leadership.clone(),
+        table_synced,
+        shutdown.clone(),
+    ));
+    tokio::spawn(status::run(
+        client.clone(),
+        store.clone(),
+        metrics.clone(),
+        Reporter {
+            controller: "cortexflow-operator".into(),
+            instance: Some(identity.clone()),
+        },
+        leadership.clone(),
+        shutdown.clone(),
+    ));
+
+    // gRPC.
+    let (fwd_tx, fwd_rx) = mpsc::channel(1024);
+    grpc::Forwarder::spawn(fwd_rx, leadership.clone());
+    let service = grpc::AgentConfigService::new(
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        leadership,
+        fwd_tx,
+    );
+    let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("bind gRPC {}", args.grpc_addr))?;
+    tracing::info!(addr = %grpc_listener.local_addr()?, %identity, "serving gRPC");
+    let mut grpc_shutdown = shutdown.clone();
+    let grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                async move {
+                    let _ = grpc_shutdown.changed().await;
+                },
+            ),
+    );
+
+    // Admin.
+    let mut admin_shutdown = shutdown.clone();
+    let (admin_addr, admin_task) = cortexflow_telemetry::serve_admin(
+        args.admin_addr,
+        telemetry.clone(),
+        readiness,
+        async move {
+            let _ = admin_shutdown.changed().await;
+        },
+    )
+    .await
+    .with_context(|| format!("bind admin {}", args.admin_addr))?;
+    tracing::info!(addr = %admin_addr, "serving /metrics, /healthz, /readyz");
+
+    // A dead election task means nobody renews or steps down: exit and let the process restart.
+    tokio::select! {
+        _ = cortexflow_telemetry::shutdown_signal() => tracing::info!("shutting down"),
+                r = &mut lease_task => {
+            tracing::error!(?r, "the leader election task ended");
+            anyhow::bail!("leader election task ended");
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    // Streams end, the lease is released, servers drain.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = lease_task.await;
+        let _ = grpc_task.await;
+        let _ = admin_task.await;
+    })
+    .await;
+    telemetry.shutdown();
+    Ok(())
+}

@@ -3,18 +3,7 @@
 
 use clap::Parser;
 
-#[derive(Parser, Debug)]
-#[command(version, about = "CortexFlow operator")]
-struct Args {}
-
-fn main() {
-    let _args = Args::parse();
-    println!(
-        "cortexflow-operator: not implemented yet; CRDs served: {}",
-        cortexflow_operator::crds::crds()
-            .iter()
-            .map(|c| c.spec.names.kind.clone())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    cortexflow_operator::run(cortexflow_operator::Args::parse()).await
 }

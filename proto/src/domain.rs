@@ -228,12 +228,42 @@ pub struct Endpoint {
     pub policy_set: u32,
 }
 
+/// A MeshPolicy at one generation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyGeneration {
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+}
+
+impl From<v1::PolicyGeneration> for PolicyGeneration {
+    fn from(p: v1::PolicyGeneration) -> Self {
+        PolicyGeneration {
+            namespace: p.namespace,
+            name: p.name,
+            generation: p.generation,
+        }
+    }
+}
+
+impl From<&PolicyGeneration> for v1::PolicyGeneration {
+    fn from(p: &PolicyGeneration) -> Self {
+        v1::PolicyGeneration {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            generation: p.generation,
+        }
+    }
+}
+
 /// The node's endpoints and their policies.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Endpoints {
     pub policy_sets: BTreeMap<u32, Arc<EndpointPolicy>>,
     pub endpoints: Vec<Endpoint>,
     pub rules: BTreeMap<u32, RuleRef>,
+    /// The MeshPolicies applying to some endpoint of the node.
+    pub policies: BTreeSet<PolicyGeneration>,
 }
 
 /// The node itself.
@@ -300,6 +330,8 @@ pub struct AgentStatus {
     pub applied_version: u64,
     /// The refused version and why.
     pub failed: Option<(u64, String)>,
+    /// The policies of the applied config.
+    pub policies: BTreeSet<PolicyGeneration>,
 }
 
 // ---- wire → domain (validating) ----------------------------------------------------------------
@@ -473,6 +505,7 @@ impl TryFrom<v1::Endpoints> for Endpoints {
             policy_sets,
             endpoints,
             rules,
+            policies: e.policies.into_iter().map(PolicyGeneration::from).collect(),
         })
     }
 }
@@ -589,6 +622,7 @@ impl TryFrom<v1::AgentStatus> for AgentStatus {
             applied_version: s.applied_version,
             failed: (s.failed_version != 0 || !s.error.is_empty())
                 .then_some((s.failed_version, s.error)),
+            policies: s.policies.into_iter().map(PolicyGeneration::from).collect(),
         })
     }
 }
@@ -682,6 +716,7 @@ impl From<&Endpoints> for v1::Endpoints {
                     index: r.index,
                 })
                 .collect(),
+            policies: e.policies.iter().map(v1::PolicyGeneration::from).collect(),
         }
     }
 }
@@ -771,6 +806,7 @@ impl From<&AgentStatus> for v1::AgentStatus {
             applied_version: s.applied_version,
             failed_version,
             error,
+            policies: s.policies.iter().map(v1::PolicyGeneration::from).collect(),
         }
     }
 }
@@ -830,6 +866,11 @@ mod tests {
                         index: 0,
                     },
                 )]),
+                policies: BTreeSet::from([PolicyGeneration {
+                    namespace: "shop".into(),
+                    name: "db".into(),
+                    generation: 3,
+                }]),
             }),
             ipcache: Some(Ipcache {
                 full: true,

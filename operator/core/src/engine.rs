@@ -15,7 +15,7 @@ use std::{
 
 use cortexflow_proto::domain::{
     Backend, Direction, Endpoint, EndpointPolicy, Endpoints, IdentityInfo, Ipcache, NodeInfo, Peer,
-    Peers, Rule, RuleRef, Service as DService,
+    Peers, PolicyGeneration, Rule, RuleRef, Service as DService,
 };
 
 use crate::{
@@ -100,6 +100,8 @@ pub struct PolicyStatus {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Compiled {
     number: u32,
+    /// The generation compiled (nodes report it back once applied).
+    generation: i64,
     selected: BTreeSet<ObjKey>,
     ingress: Vec<Rule>,
     egress: Vec<Rule>,
@@ -896,6 +898,7 @@ impl Engine {
         let mut missing = BTreeSet::new();
         let mut compiled = Compiled {
             number,
+            generation: p.generation,
             selected,
             ..Default::default()
         };
@@ -1085,6 +1088,7 @@ impl Engine {
         };
         let mut sets: BTreeMap<Arc<EndpointPolicy>, u32> = BTreeMap::new();
         let mut eps = Vec::new();
+        let mut policies = BTreeSet::new();
         for pod in self.pods_by_node.get(node).into_iter().flatten() {
             let (Some(p), Some(policy), Some(identity)) = (
                 self.snap.pods.get(pod),
@@ -1094,6 +1098,15 @@ impl Engine {
                 continue;
             };
             let Some(ip) = p.ip else { continue };
+            for k in self.pod_policies.get(pod).into_iter().flatten() {
+                if let Some(c) = self.policies.get(k).and_then(|st| st.compiled.as_ref()) {
+                    policies.insert(PolicyGeneration {
+                        namespace: k.namespace.clone(),
+                        name: k.name.clone(),
+                        generation: c.generation,
+                    });
+                }
+            }
             sets.entry(policy.clone()).or_insert(0);
             eps.push((pod.clone(), ip, identity, policy.clone()));
         }
@@ -1121,6 +1134,7 @@ impl Engine {
                 .collect(),
             policy_sets: sets.into_iter().map(|(p, id)| (id, p)).collect(),
             rules,
+            policies,
         };
         let exists = self.snap.nodes.contains_key(node) || !endpoints.endpoints.is_empty();
         let version = self.version;

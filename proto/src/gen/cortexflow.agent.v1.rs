@@ -10,7 +10,10 @@ pub struct SubscribeRequest {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NodeConfig {
-    /// Increases with every message on a stream (and across reconnects to the same operator).
+    /// Increases with every message on a stream and across restarts of the operator (it starts
+    /// from the start time in milliseconds, shifted left by 20 bits). Replicas number
+    /// independently: the first, full message of a new stream replaces everything whatever its
+    /// version.
     #[prost(uint64, tag = "1")]
     pub version: u64,
     /// This message replaces all state (else: only the sections present changed).
@@ -51,6 +54,19 @@ pub struct Endpoints {
     /// Where each rule id comes from, for flow reports.
     #[prost(message, repeated, tag = "3")]
     pub rules: ::prost::alloc::vec::Vec<RuleRef>,
+    /// Every MeshPolicy that applies to some endpoint of the node, with the generation compiled
+    /// here. The agent reports back those it applied (the policies' `Programmed` condition).
+    #[prost(message, repeated, tag = "4")]
+    pub policies: ::prost::alloc::vec::Vec<PolicyGeneration>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyGeneration {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub generation: i64,
 }
 /// A pod of this node.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -207,7 +223,7 @@ pub struct IdentityInfo {
     #[prost(string, tag = "4")]
     pub kind: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentStatus {
     #[prost(string, tag = "1")]
     pub node: ::prost::alloc::string::String,
@@ -219,6 +235,9 @@ pub struct AgentStatus {
     pub failed_version: u64,
     #[prost(string, tag = "4")]
     pub error: ::prost::alloc::string::String,
+    /// The policies (and generations) of the applied config: `Endpoints.policies` echoed back.
+    #[prost(message, repeated, tag = "5")]
+    pub policies: ::prost::alloc::vec::Vec<PolicyGeneration>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportStatusResponse {}
@@ -427,7 +446,8 @@ pub mod agent_config_client {
             self.inner.server_streaming(req, path, codec).await
         }
         /// What each node applied. The operator turns these into `Programmed` conditions and the
-        /// propagation-latency histogram.
+        /// propagation-latency histogram. Agents report after every apply and every 30 s; a replica
+        /// that is not the leader forwards the reports to the leader.
         pub async fn report_status(
             &mut self,
             request: impl tonic::IntoStreamingRequest<Message = super::AgentStatus>,
@@ -482,7 +502,8 @@ pub mod agent_config_server {
             request: tonic::Request<super::SubscribeRequest>,
         ) -> std::result::Result<tonic::Response<Self::SubscribeStream>, tonic::Status>;
         /// What each node applied. The operator turns these into `Programmed` conditions and the
-        /// propagation-latency histogram.
+        /// propagation-latency histogram. Agents report after every apply and every 30 s; a replica
+        /// that is not the leader forwards the reports to the leader.
         async fn report_status(
             &self,
             request: tonic::Request<tonic::Streaming<super::AgentStatus>>,

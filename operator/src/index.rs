@@ -1,0 +1,506 @@
+//! Watches: Kubernetes objects in, engine [`Change`]s out.
+//!
+//! Each watched kind runs a kube-runtime `watcher` whose events become changes: `Apply` and
+//! `Delete` one by one, and a (re-)list as one `Reset` of the whole kind, so a restarted watch
+//! never leaves stale objects behind. Objects are read through `DeserializeGuard`: one that does
+//! not deserialize is skipped, logged and counted (`cortexflow_operator_watch_skipped_total`),
+//! never fatal.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use cortexflow_crds::{
+    MeshPolicy as MeshPolicyCr, PolicyAction, PolicyMode, ServiceIdentity as SidCr,
+};
+use cortexflow_operator_core::{
+    Allocations, Change, Kind, ObjKey, Object,
+    model::{
+        Created, EndpointSlice, MeshPolicy, Namespace, Node, Pod, PolicyPeer, PolicyRule, Ref,
+        Service, ServiceIdentity, ServicePort, SliceEndpoint, SlicePort,
+    },
+    selector::Selector,
+};
+use cortexflow_proto::domain::{Action, Mode, PortRange, Protocol};
+use futures::{Stream, StreamExt};
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            ConfigMap, Namespace as NamespaceK, Node as NodeK, Pod as PodK, Service as ServiceK,
+        },
+        discovery::v1::EndpointSlice as EndpointSliceK,
+    },
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
+};
+use kube::{
+    Api, Client, Resource,
+    core::DeserializeGuard,
+    runtime::watcher::{self, Event},
+};
+use opentelemetry::KeyValue;
+use tokio::sync::mpsc;
+
+use crate::metrics::OperatorMetrics;
+
+fn key(meta: &ObjectMeta) -> ObjKey {
+    ObjKey::new(
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn labels(meta: &ObjectMeta) -> BTreeMap<String, String> {
+    meta.labels.clone().unwrap_or_default()
+}
+
+fn created(meta: &ObjectMeta) -> Created {
+    Created(
+        meta.creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or(0),
+    )
+}
+
+/// A label selector as the core validates it.
+pub fn selector(s: &LabelSelector) -> Result<Selector, String> {
+    let exprs = s
+        .match_expressions
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.key, e.operator, e.values.unwrap_or_default()))
+        .collect();
+    Selector::parse(s.match_labels.clone().unwrap_or_default(), exprs)
+}
+
+fn protocol(p: Option<&str>) -> Option<Protocol> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+pub fn pod(p: &PodK) -> Pod {
+    let spec = p.spec.as_ref();
+    let status = p.status.as_ref();
+    Pod {
+        key: key(&p.metadata),
+        labels: labels(&p.metadata),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        node: spec
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
+        ip: status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse::<Ipv4Addr>().ok()),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        terminated: matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ),
+    }
+}
+
+pub fn namespace(n: &NamespaceK) -> Namespace {
+    Namespace {
+        name: n.metadata.name.clone().unwrap_or_default(),
+        labels: labels(&n.metadata),
+    }
+}
+
+pub fn node(n: &NodeK) -> Node {
+    let addresses = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    Node {
+        name: n.metadata.name.clone().unwrap_or_default(),
+        addresses,
+        pod_cidr: n
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidr.as_deref())
+            .and_then(|c| c.parse().ok()),
+    }
+}
+
+pub fn service(s: &ServiceK) -> Service {
+    let spec = s.spec.as_ref();
+    Service {
+        key: key(&s.metadata),
+        cluster_ip: spec
+            .and_then(|s| s.cluster_ip.as_deref())
+            .and_then(|ip| ip.parse().ok()),
+        ports: spec
+            .and_then(|s| s.ports.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| {
+                Some(ServicePort {
+                    name: p.name.unwrap_or_default(),
+                    port: u16::try_from(p.port).ok()?,
+                    protocol: protocol(p.protocol.as_deref())?,
+                })
+            })
+            .collect(),
+    }
+}
+
+pub fn endpoint_slice(s: &EndpointSliceK) -> Option<EndpointSlice> {
+    if s.address_type != "IPv4" {
+        return None;
+    }
+    let service = labels(&s.metadata)
+        .get("kubernetes.io/service-name")?
+        .clone();
+    Some(EndpointSlice {
+        key: key(&s.metadata),
+        service,
+        ports: s
+            .ports
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| {
+                Some(SlicePort {
+                    name: p.name.unwrap_or_default(),
+                    port: u16::try_from(p.port?).ok()?,
+                    protocol: protocol(p.protocol.as_deref())?,
+                })
+            })
+            .collect(),
+        endpoints: s
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|e| SliceEndpoint {
+                addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+            })
+            .collect(),
+    })
+}
+
+pub fn service_identity(s: &SidCr) -> ServiceIdentity {
+    ServiceIdentity {
+        key: key(&s.metadata),
+        created: created(&s.metadata),
+        generation: s.metadata.generation.unwrap_or(0),
+        selector: selector(&s.spec.selector),
+        service_accounts: s.spec.service_accounts.clone(),
+    }
+}
+
+pub fn mesh_policy(p: &MeshPolicyCr) -> MeshPolicy {
+    let mut invalid = None;
+    let mut rules = |rules: Vec<(Vec<cortexflow_crds::Peer>, Vec<cortexflow_crds::PortSpec>)>| -> Vec<PolicyRule> {
+        rules
+            .into_iter()
+            .map(|(peers, ports)| PolicyRule {
+                peers: peers
+                    .into_iter()
+                    .filter_map(|peer| {
+                                                let mut r = |s: &str| Ref::parse(s).map_err(|e| invalid = Some(e)).ok();
+                        match (peer.identity, peer.service_account, peer.namespace_selector, peer.ip_block) {
+                            (Some(i), None, None, None) => r(&i).map(PolicyPeer::Identity),
+                            (None, Some(sa), None, None) => r(&sa).map(PolicyPeer::ServiceAccount),
+                            (None, None, Some(ns), None) => Some(PolicyPeer::NamespaceSelector(selector(&ns))),
+                            (None, None, None, Some(b)) => Some(PolicyPeer::IpBlock {
+                                cidr: b.cidr,
+                                except: b.except,
+                            }),
+                            _ => {
+                                invalid = Some("a peer must set exactly one of identity, serviceAccount, namespaceSelector, ipBlock".into());
+                                None
+                            }
+                        }
+                    })
+                    .collect(),
+                ports: ports
+                    .into_iter()
+                    .filter_map(|p| {
+                        let first = u16::try_from(p.port).ok().filter(|p| *p > 0);
+                        let last = u16::try_from(p.end_port.unwrap_or(p.port)).ok();
+                        match (first, last) {
+                            (Some(first), Some(last)) => Some(PortRange {
+                                protocol: match p.protocol {
+                                    cortexflow_crds::Protocol::Tcp => Protocol::Tcp,
+                                    cortexflow_crds::Protocol::Udp => Protocol::Udp,
+                                },
+                                first,
+                                last,
+                            }),
+                            _ => {
+                                invalid = Some(format!("port {}-{:?} is not a port range", p.port, p.end_port));
+                                None
+                            }
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    let ingress = rules(
+        p.spec
+            .ingress
+            .iter()
+            .map(|r| (r.from.clone(), r.ports.clone()))
+            .collect(),
+    );
+    let egress = rules(
+        p.spec
+            .egress
+            .iter()
+            .map(|r| (r.to.clone(), r.ports.clone()))
+            .collect(),
+    );
+    MeshPolicy {
+        key: key(&p.metadata),
+        generation: p.metadata.generation.unwrap_or(0),
+        selector: selector(&p.spec.selector),
+        action: match p.spec.action {
+            PolicyAction::Allow => Action::Allow,
+            PolicyAction::Deny => Action::Deny,
+        },
+        mode: match p.spec.mode {
+            PolicyMode::Enforce => Mode::Enforce,
+            PolicyMode::Audit => Mode::Audit,
+        },
+        ingress,
+        egress,
+        invalid,
+    }
+}
+
+/// Turns one watch stream into engine changes on `tx`. `convert` maps an object (or `None` to
+/// ignore it); `identity` gives the key of a deleted object.
+async fn pump<K, S>(
+    kind: Kind,
+    name: &'static str,
+    stream: S,
+    convert: impl Fn(&K) -> Option<Object> + Send,
+    tx: mpsc::Sender<Change>,
+    metrics: OperatorMetrics,
+    synced: tokio::sync::mpsc::Sender<Kind>,
+) where
+    K: Resource + Clone + Send,
+    S: Stream<Item = Result<Event<DeserializeGuard<K>>, watcher::Error>> + Send,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut buffer: Option<Vec<Object>> = None;
+    let mut first_sync = true;
+    let skip = |e: &kube::core::error_boundary::InvalidObject| {
+        tracing::warn!(kind = name, error = %e, "skipping an object that does not deserialize");
+        metrics.watch_skipped.add(1, &[KeyValue::new("kind", name)]);
+    };
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(kind = name, error = %e, "watch error; the watcher retries with backoff");
+                metrics.watch_errors.add(1, &[KeyValue::new("kind", name)]);
+                continue;
+            }
+        };
+        let change = match ev {
+            Event::Init => {
+                buffer = Some(Vec::new());
+                None
+            }
+            Event::InitApply(DeserializeGuard(obj)) => {
+                match obj {
+                    Ok(o) => {
+                        if let (Some(b), Some(o)) = (buffer.as_mut(), convert(&o)) {
+                            b.push(o);
+                        }
+                    }
+                    Err(e) => skip(&e),
+                }
+                None
+            }
+            Event::InitDone => {
+                let objs = buffer.take().unwrap_or_default();
+                Some(Change::Reset(kind, objs))
+            }
+            Event::Apply(DeserializeGuard(obj)) => match obj {
+                Ok(o) => convert(&o).map(Change::Apply),
+                Err(e) => {
+                    skip(&e);
+                    None
+                }
+            },
+            Event::Delete(DeserializeGuard(obj)) => match obj {
+                Ok(o) => convert(&o).map(|o| Change::Delete(kind, o.key())),
+                Err(e) => {
+                    skip(&e);
+                    None
+                }
+            },
+        };
+        if let Some(c) = change {
+            let reset = matches!(c, Change::Reset(..));
+            if tx.send(c).await.is_err() {
+                return;
+            }
+            if reset && first_sync {
+                first_sync = false;
+                let _ = synced.send(kind).await;
+            }
+        }
+    }
+}
+
+/// Every kind the operator watches.
+pub const KINDS: [Kind; 7] = [
+    Kind::Namespace,
+    Kind::Node,
+    Kind::Pod,
+    Kind::ServiceIdentity,
+    Kind::MeshPolicy,
+    Kind::Service,
+    Kind::EndpointSlice,
+];
+
+fn cfg() -> watcher::Config {
+    watcher::Config::default()
+}
+
+/// Starts a watch per kind; each sends changes to `tx` and reports its first full sync on
+/// `synced`.
+pub fn spawn_watches(
+    client: Client,
+    tx: mpsc::Sender<Change>,
+    metrics: OperatorMetrics,
+    synced: mpsc::Sender<Kind>,
+    store: std::sync::Arc<crate::store::Store>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    macro_rules! watch {
+        ($k:ty, $kind:expr, $name:expr, $conv:expr) => {{
+            let api: Api<DeserializeGuard<$k>> = Api::all(client.clone());
+            let stream = watcher::watcher(api, cfg());
+            tasks.push(tokio::spawn(pump::<$k, _>(
+                $kind,
+                $name,
+                stream,
+                $conv,
+                tx.clone(),
+                metrics.clone(),
+                synced.clone(),
+            )));
+        }};
+    }
+    watch!(
+        NamespaceK,
+        Kind::Namespace,
+        "Namespace",
+        |o: &NamespaceK| Some(Object::Namespace(namespace(o)))
+    );
+    watch!(NodeK, Kind::Node, "Node", |o: &NodeK| Some(Object::Node(
+        node(o)
+    )));
+    watch!(PodK, Kind::Pod, "Pod", |o: &PodK| Some(Object::Pod(pod(o))));
+    // The status writer compares against the status the objects carry.
+    let st = store.clone();
+    watch!(
+        SidCr,
+        Kind::ServiceIdentity,
+        "ServiceIdentity",
+        move |o: &SidCr| {
+            st.observe_status(
+                Kind::ServiceIdentity,
+                key(&o.metadata),
+                o.status.as_ref().and_then(|s| serde_json::to_value(s).ok()),
+            );
+            Some(Object::ServiceIdentity(service_identity(o)))
+        }
+    );
+    let st = store.clone();
+    watch!(
+        MeshPolicyCr,
+        Kind::MeshPolicy,
+        "MeshPolicy",
+        move |o: &MeshPolicyCr| {
+            st.observe_status(
+                Kind::MeshPolicy,
+                key(&o.metadata),
+                o.status.as_ref().and_then(|s| serde_json::to_value(s).ok()),
+            );
+            Some(Object::MeshPolicy(mesh_policy(o)))
+        }
+    );
+    watch!(ServiceK, Kind::Service, "Service", |o: &ServiceK| Some(
+        Object::Service(service(o))
+    ));
+    watch!(
+        EndpointSliceK,
+        Kind::EndpointSlice,
+        "EndpointSlice",
+        |o: &EndpointSliceK| endpoint_slice(o).map(Object::EndpointSlice)
+    );
+    tasks
+}
+
+/// Watches the id table ConfigMap and sends its content as [`Change::Allocations`].
+pub fn spawn_allocation_watch(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    tx: mpsc::Sender<Change>,
+    synced: mpsc::Sender<()>,
+) -> tokio::task::JoinHandle<()> {
+    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let stream = watcher::watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    );
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let parse = |cm: ConfigMap| {
+            let (a, bad) = Allocations::from_map(&cm.data.unwrap_or_default());
+            if !bad.is_empty() {
+                tracing::warn!(?bad, "id table entries that do not parse were skipped");
+            }
+            a
+        };
+        let mut buffered: Option<Allocations> = None;
+        let mut first = true;
+        while let Some(ev) = stream.next().await {
+            let table = match ev {
+                Ok(Event::Init) => {
+                    buffered = None;
+                    continue;
+                }
+                Ok(Event::InitApply(cm)) => {
+                    buffered = Some(parse(cm));
+                    continue;
+                }
+                Ok(Event::InitDone) => buffered.take().unwrap_or_default(),
+                Ok(Event::Apply(cm)) => parse(cm),
+                Ok(Event::Delete(_)) => {
+                    // The engine keeps the ids it has; the leader writes the table again.
+                    tracing::warn!("the id table ConfigMap was deleted; the leader recreates it");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "id table watch error");
+                    continue;
+                }
+            };
+            if tx.send(Change::Allocations(table)).await.is_err() {
+                return;
+            }
+            if first {
+                first = false;
+                let _ = synced.send(()).await;
+            }
+        }
+    })
+}

@@ -1,0 +1,83 @@
+//! The operator's metrics (names are exported with the `cortexflow_` prefix; see
+//! docs/architecture.md for the list). Labels are bounded: kinds, reasons — never object names.
+use opentelemetry::metrics::{Counter, Gauge, Histogram};
+
+/// Every instrument of the operator.
+#[derive(Clone)]
+pub struct OperatorMetrics {
+    /// Engine batches applied, by the kinds of object they carried.
+    pub reconciles: Counter<u64>,
+    /// Failed writes (status, id table), by kind.
+    pub reconcile_errors: Counter<u64>,
+    /// Objects skipped because they did not deserialize.
+    pub watch_skipped: Counter<u64>,
+    /// Watch stream errors (the watcher retries).
+    pub watch_errors: Counter<u64>,
+    /// Allocated identities.
+    pub identities: Gauge<u64>,
+    /// Agents with an open config stream to this replica.
+    pub connected_agents: Gauge<u64>,
+    /// Current config version.
+    pub config_version: Gauge<u64>,
+    /// Policy change → every affected node reported it applied.
+    pub propagation: Histogram<f64>,
+    /// Status subresource writes, by kind.
+    pub status_writes: Counter<u64>,
+    /// Config messages sent to agents, by kind (full, update).
+    pub configs_sent: Counter<u64>,
+}
+
+impl OperatorMetrics {
+    pub fn new(m: &cortexflow_telemetry::Metrics) -> Self {
+        let meter = m.meter();
+        Self {
+            reconciles: meter
+                .u64_counter("operator_reconciles")
+                .with_description("Batches of object changes the operator applied, by kind")
+                .build(),
+            reconcile_errors: meter
+                .u64_counter("operator_reconcile_errors")
+                .with_description("Failed writes of status or of the id table, by kind")
+                .build(),
+            watch_skipped: meter
+                .u64_counter("operator_watch_skipped")
+                .with_description(
+                    "Watched objects skipped because they did not deserialize, by kind",
+                )
+                .build(),
+            watch_errors: meter
+                .u64_counter("operator_watch_errors")
+                .with_description("Watch stream errors, by kind")
+                .build(),
+            identities: meter
+                .u64_gauge("operator_identities")
+                .with_description("Allocated workload identities")
+                .build(),
+            connected_agents: meter
+                .u64_gauge("operator_connected_agents")
+                .with_description("Agents with an open config stream to this replica")
+                .build(),
+            config_version: meter
+                .u64_gauge("operator_config_version")
+                .with_description("Current config version")
+                .build(),
+            propagation: meter
+                .f64_histogram("operator_policy_propagation_duration_seconds")
+                .with_description(
+                    "From a policy change to every affected node reporting it applied",
+                )
+                .with_boundaries(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ])
+                .build(),
+            status_writes: meter
+                .u64_counter("operator_status_writes")
+                .with_description("Status subresource writes, by kind")
+                .build(),
+            configs_sent: meter
+                .u64_counter("operator_configs_sent")
+                .with_description("Config messages sent to agents, by kind (full or update)")
+                .build(),
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The leader's status writer: what the engine and the agents' reports say, written to the
+//! `status` of every ServiceIdentity and MeshPolicy — only when it differs from what the object
+//! already carries (conditions compared without their timestamps), by server-side apply with a
+//! fixed field manager. A condition keeps its `lastTransitionTime` while its status does not
+//! change. Notable transitions also become Kubernetes Events.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use cortexflow_crds::conditions;
+use cortexflow_operator_core::{Cond, Kind, ObjKey};
+use cortexflow_proto::domain::PolicyGeneration;
+use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+use opentelemetry::KeyValue;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::{allocator::FIELD_MANAGER, lease::Leadership, metrics::OperatorMetrics, store::Store};
+
+/// One condition as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Condition {
+    type_: &'static str,
+    status: bool,
+    reason: String,
+    message: String,
+    generation: i64,
+}
+
+impl Condition {
+    fn from(type_: &'static str, c: &Cond, generation: i64) -> Self {
+        Self {
+            type_,
+            status: c.status,
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            generation,
+        }
+    }
+
+    /// As JSON, keeping the observed transition time when the status did not change.
+    fn to_json(&self, observed: Option<&Value>) -> Value {
+        let status = if self.status { "True" } else { "False" };
+        let kept = observed
+            .filter(|o| o["status"] == status)
+            .and_then(|o| o["lastTransitionTime"].as_str().map(str::to_string));
+        json!({
+            "type": self.type_,
+            "status": status,
+            "reason": self.reason,
+            "message": self.message,
+            "observedGeneration": self.generation,
+            "lastTransitionTime": kept.unwrap_or_else(|| Timestamp::now().to_string()),
+        })
+    }
+
+    /// Whether the observed condition says the same (timestamps aside).
+    fn same_as(&self, observed: Option<&Value>) -> bool {
+        observed.is_some_and(|o| {
+            o["status"] == if self.status { "True" } else { "False" }
+                && o["reason"] == self.reason.as_str()
+                && o["message"] == self.message.as_str()
+                && o["observedGeneration"] == self.generation
+        })
+    }
+}
+
+fn observed_condition<'a>(status: Option<&'a Value>, type_: &str) -> Option<&'a Value> {
+    status?["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// Whether an agent report says the node applied generation `g` of the policy.
+fn applied(policies: &BTreeSet<PolicyGeneration>, key: &ObjKey, generation: i64) -> bool {
+    policies
+        .iter()
+        .any(|p| p.namespace == key.namespace && p.name == key.name && p.generation >= generation)
+}
+
+/// The desired status of every object, with the conditions that make it up.
+struct Desired {
+    kind: Kind,
+    key: ObjKey,
+    fields: serde_json::Map<String, Value>,
+    conditions: Vec<Condition>,
+}
+
+fn programmed(store: &Store, key: &ObjKey, generation: i64) -> (Cond, usize, usize) {
+    let (nodes, _) = store.read(|e| e.policy_nodes(key)).unwrap_or_default();
+    let reports = store.reports();
+    let mut done = 0;
+    let mut failed = Vec::new();
+    for n in &nodes {
+        match reports.get(n) {
+            Some(r) if applied(&r.policies, key, generation) => done += 1,
+            Some(r) => {
+                if let Some((_, e)) = &r.failed {
+                    failed.push(format!("{n}: {e}"));
+                }
+            }
+            None => {}
+        }
+    }
+    let total = nodes.len();
+    let msg = format!("programmed on {done}/{total} nodes");
+    let c = if done == total {
+        Cond {
+            status: true,
+            reason: "Programmed".into(),
+            message: msg,
+        }
+    } else if let Some(first) = failed.first() {
+        Cond {
+            status: false,
+            reason: "Failed".into(),
+            message: format!(
+                "{msg}; {} node(s) refused the config, first {first}",
+                failed.len()
+            ),
+        }
+    } else {
+        Cond {
+            status: false,
+            reason: "Pending".into(),
+            message: msg,
+        }
+    };
+    (c, done, total)
+}
+
+fn desired(store: &Store) -> Vec<Desired> {
+    let mut out = Vec::new();
+    let (sids, policies) = store.read(|e| {
+        (
+            e.sid_statuses_all()
+                .map(|(k, s)| (k.clone(), s.clone()))
+                .collect::<Vec<_>>(),
+            e.policy_statuses()
+                .map(|(k, s)| (k.clone(), s.clone()))
+                .collect::<Vec<_>>(),
+        )
+    });
+    for (key, s) in sids {
+        let Some(id) = s.id else { continue };
+        let mut fields = serde_json::Map::new();
+        fields.insert("id".into(), json!(id));
+        fields.insert("spiffeId".into(), json!(s.spiffe_id));
+        fields.insert("endpoints".into(), json!(s.endpoints));
+        fields.insert("observedGeneration".into(), json!(s.generation));
+        out.push(Desired {
+            kind: Kind::ServiceIdentity,
+            key,
+            fields,
+            conditions: vec![
+                Condition::from(conditions::ACCEPTED, &s.accepted, s.generation),
+                Condition::from(conditions::CONFLICT, &s.conflict, s.generation),
+            ],
+        });
+    }
+    for (key, s) in policies {
+        if s.pending {
+            continue;
+        }
+        let (prog, _, _) = programmed(store, &key, s.generation);
+        let mut fields = serde_json::Map::new();
+        fields.insert("observedGeneration".into(), json!(s.generation));
+        out.push(Desired {
+            kind: Kind::MeshPolicy,
+            key,
+            fields,
+            conditions: vec![
+                Condition::from(conditions::ACCEPTED, &s.accepted, s.generation),
+                Condition::from(conditions::RESOLVED_REFS, &s.resolved_refs, s.generation),
+                Condition::from(conditions::PROGRAMMED, &prog, s.generation),
+            ],
+        });
+    }
+    out
+}
+
+fn api_resource(kind: Kind) -> ApiResource {
+    match kind {
+        Kind::MeshPolicy => ApiResource::erase::<cortexflow_crds::MeshPolicy>(&()),
+        _ => ApiResource::erase::<cortexflow_crds::ServiceIdentity>(&()),
+    }
+}
+
+/// Runs the status writer until `shutdown`; it writes only while this replica leads.
+pub async fn run(
+    client: Client,
+    store: Arc<Store>,
+    metrics: OperatorMetrics,
+    reporter: Reporter,
+    mut leadership: watch::Receiver<Leadership>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let recorder = Recorder::new(client.clone(), reporter);
+    let mut versions = store.versions();
+    let mut reported = store.reported();
+    let mut propagating = Propagating::new();
+    let mut first_round = true;
+    loop {
+        tokio::select! {
+            _ = versions.changed() => {}
+            _ = reported.changed() => {}
+            _ = leadership.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = shutdown.changed() => return,
+        }
+        if !leadership.borrow().is_leader {
+            propagating.clear();
+            first_round = true;
+            continue;
+        }
+        // Let a burst settle into one round of writes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let round = desired(&store);
+        track_propagation(&store, &metrics, &mut propagating, first_round);
+        first_round = false;
+        for d in round {
+            if !leadership.borrow().is_leader {
+                break;
+            }
+            write(&client, &store, &metrics, &recorder, d).await;
+        }
+    }
+}
+
+/// Per policy: the generation being timed, when it appeared, and whether it is done.
+type Propagating = BTreeMap<ObjKey, (i64, Instant, bool)>;
+
+/// Observes, for each policy generation that appears while this replica leads, the time from the
+/// engine compiling it to every node that needs it reporting it applied.
+fn track_propagation(
+    store: &Store,
+    metrics: &OperatorMetrics,
+    propagating: &mut Propagating,
+    first_round: bool,
+) {
+    let statuses: Vec<(ObjKey, i64, u64)> = store.read(|e| {
+        e.policy_statuses()
+            .filter(|(_, s)| !s.pending && s.accepted.status)
+            .filter_map(|(k, s)| Some((k.clone(), s.generation, e.policy_nodes(k)?.1)))
+            .collect()
+    });
+    let live: BTreeSet<&ObjKey> = statuses.iter().map(|(k, _, _)| k).collect();
+    propagating.retain(|k, _| live.contains(k));
+    for (key, generation, changed_at) in &statuses {
+        let known = propagating
+            .get(key)
+            .is_some_and(|(g, _, _)| g == generation);
+        if !known {
+            // Generations already there when we became leader are not timed.
+            let start = store.version_time(*changed_at).unwrap_or_else(Instant::now);
+            propagating.insert(key.clone(), (*generation, start, first_round));
+        }
+        if let Some((_, start, done)) = propagating.get_mut(key)
+            && !*done
+        {
+            let (_, n, total) = programmed(store, key, *generation);
+            if total > 0 && n == total {
+                metrics
+                    .propagation
+                    .record(start.elapsed().as_secs_f64(), &[]);
+                *done = true;
+            }
+        }
+    }
+}
+
+async fn write(
+    client: &Client,
+    store: &Store,
+    metrics: &OperatorMetrics,
+    recorder: &Recorder,
+    d: Desired,
+) {
+    let observed = store.observed_status(d.kind, &d.key);
+    let unchanged = d
+        .fields
+        .iter()
+        .all(|(k, v)| observed.as_ref().and_then(|o| o.get(k)) == Some(v))
+        && d.conditions
+            .iter()
+            .all(|c| c.same_as(observed_condition(observed.as_ref(), c.type_)));
+    if unchanged {
+        return;
+    }
+    let mut status = d.fields.clone();
+    status.insert(
+        "conditions".into(),
+        Value::Array(
+            d.conditions
+                .iter()
+                .map(|c| c.to_json(observed_condition(observed.as_ref(), c.type_)))
+                .collect(),
+        ),
+    );
+    let ar = api_resource(d.kind);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &d.key.namespace, &ar);
+    let body = json!({"apiVersion": ar.api_version, "kind": ar.kind, "status": Value::Object(status.clone())});
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match api
+        .patch_status(&d.key.name, &params, &Patch::Apply(&body))
+        .await
+    {
+        Ok(_) => {
+            metrics
+                .status_writes
+                .add(1, &[KeyValue::new("kind", ar.kind.clone())]);
+            store.observe_status(d.kind, d.key.clone(), Some(Value::Object(status)));
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => {
+            tracing::warn!(kind = %ar.kind, object = %d.key, error = %e, "status write failed");
+            metrics
+                .reconcile_errors
+                .add(1, &[KeyValue::new("kind", ar.kind.clone())]);
+            return;
+        }
+    }
+    // Events for transitions of a condition's status.
+    let reference = ObjectReference {
+        api_version: Some(ar.api_version.clone()),
+        kind: Some(ar.kind.clone()),
+        name: Some(d.key.name.clone()),
+        namespace: Some(d.key.namespace.clone()),
+        ..Default::default()
+    };
+    for c in &d.conditions {
+        let before = observed_condition(observed.as_ref(), c.type_).map(|o| o["status"] == "True");
+        if before == Some(c.status)
+            || (before.is_none() && c.status && c.type_ != conditions::CONFLICT)
+        {
+            continue;
+        }
+        let warning = (c.type_ == conditions::CONFLICT) == c.status;
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: c.reason.clone(),
+            note: Some(c.message.clone()),
+            action: format!("Update{}", c.type_),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            tracing::debug!(error = %e, "publishing an event failed");
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The config stream in-process: a real tonic server over the store, real gRPC clients, no API
+//! server — objects change in the engine and the test watches what subscribers receive.
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+
+use cortexflow_operator::{
+    grpc::AgentConfigService, lease::Leadership, metrics::OperatorMetrics, store::Store,
+};
+use cortexflow_operator_core::{
+    Change, EngineConfig, ObjKey, Object,
+    model::{MeshPolicy, Node, Pod, PolicyPeer, PolicyRule, Ref},
+    selector::{Labels, Selector},
+};
+use cortexflow_proto::{
+    domain::{self, Action, Mode, NodeConfig},
+    v1::{self, agent_config_client::AgentConfigClient},
+};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+struct Server {
+    store: Arc<Store>,
+    addr: std::net::SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn server() -> Server {
+    let telemetry = cortexflow_telemetry::Metrics::new("test").unwrap();
+    let metrics = OperatorMetrics::new(&telemetry);
+    let store = Store::new(EngineConfig::default(), metrics.clone());
+    let (shutdown, rx) = watch::channel(false);
+    let leadership = watch::channel(Leadership {
+        is_leader: true,
+        ..Default::default()
+    })
+    .1;
+    let (fwd, _fwd_rx) = mpsc::channel(16);
+    let svc = AgentConfigService::new(store.clone(), metrics, rx.clone(), leadership, fwd);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut stop = rx;
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc.into_server())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )
+            .await;
+    });
+    Server {
+        store,
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+async fn client(addr: std::net::SocketAddr) -> AgentConfigClient<Channel> {
+    AgentConfigClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+fn pod(name: &str, app: &str, node: &str, ip: u8) -> Change {
+    Change::Apply(Object::Pod(Pod {
+        key: ObjKey::new("shop", name),
+        labels: [("app".to_string(), app.to_string())].into(),
+        service_account: app.into(),
+        node: Some(node.into()),
+        ip: Some(Ipv4Addr::new(10, 244, 0, ip)),
+        host_network: false,
+        terminated: false,
+    }))
+}
+
+fn policy(generation: i64, port: u16) -> Change {
+    Change::Apply(Object::MeshPolicy(MeshPolicy {
+        key: ObjKey::new("shop", "db"),
+        generation,
+        selector: Ok(Selector {
+            match_labels: [("app".to_string(), "db".to_string())].into(),
+            match_expressions: vec![],
+        }),
+        action: Action::Allow,
+        mode: Mode::Enforce,
+        ingress: vec![PolicyRule {
+            peers: vec![PolicyPeer::ServiceAccount(Ref::parse("web").unwrap())],
+            ports: vec![domain::PortRange {
+                protocol: domain::Protocol::Tcp,
+                first: port,
+                last: port,
+            }],
+        }],
+        egress: vec![],
+        invalid: None,
+    }))
+}
+
+/// The leader's allocation step, in-process.
+fn allocate(store: &Store) {
+    let next = store.read(|e| e.allocations().allocate(&e.needed_allocations()).unwrap());
+    if let Some(a) = next {
+        store.apply(vec![Change::Allocations(a)]);
+    }
+}
+
+async fn next(stream: &mut tonic::Streaming<v1::NodeConfig>) -> NodeConfig {
+    let m = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a config within 5 s")
+        .expect("stream ok")
+        .expect("stream open");
+    NodeConfig::try_from(m).expect("valid config")
+}
+
+#[tokio::test]
+async fn a_subscriber_gets_a_snapshot_then_exactly_the_changes() {
+    let s = server().await;
+    s.store.apply(vec![
+        Change::Apply(Object::Node(Node {
+            name: "n1".into(),
+            addresses: vec![Ipv4Addr::new(172, 16, 0, 1)],
+            pod_cidr: None,
+        })),
+        pod("web-1", "web", "n2", 2),
+    ]);
+    allocate(&s.store);
+    let mut c = client(s.addr).await;
+    let mut stream = c
+        .subscribe(v1::SubscribeRequest {
+            node: "n1".into(),
+            agent_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    assert!(first.full);
+    assert_eq!(
+        first.node.as_ref().unwrap().addresses,
+        vec![Ipv4Addr::new(172, 16, 0, 1)]
+    );
+    assert!(
+        first.endpoints.as_ref().unwrap().endpoints.is_empty(),
+        "no pod on n1 yet"
+    );
+    let ipcache = first.ipcache.as_ref().unwrap();
+    assert!(ipcache.full && ipcache.upserts.len() == 1, "{ipcache:?}");
+
+    // A db pod lands on n1, a policy selects it.
+    s.store
+        .apply(vec![pod("db-1", "db", "n1", 3), policy(1, 5432)]);
+    allocate(&s.store);
+    let mut got = next(&mut stream).await;
+    while got
+        .endpoints
+        .as_ref()
+        .is_none_or(|e| e.policy_sets.values().all(|p| p.ingress.is_empty()))
+    {
+        got = next(&mut stream).await;
+    }
+    assert!(!got.full);
+    assert!(got.version > first.version);
+    let eps = got.endpoints.as_ref().unwrap();
+    assert_eq!(eps.endpoints.len(), 1);
+    assert_eq!(eps.endpoints[0].name, "db-1");
+    let rules = &eps.policy_sets[&eps.endpoints[0].policy_set].ingress;
+    assert_eq!(rules[0].ports[0].first, 5432);
+    assert!(
+        eps.policies
+            .iter()
+            .any(|p| p.name == "db" && p.generation == 1)
+    );
+
+    // A change that does not touch n1's endpoints (a pod on n2) reaches n1 as an ipcache delta
+    // only.
+    s.store.apply(vec![pod("web-2", "web", "n2", 4)]);
+    let delta = next(&mut stream).await;
+    assert!(
+        delta.endpoints.is_none() && delta.node.is_none() && delta.services.is_none(),
+        "{delta:?}"
+    );
+    let ip = delta.ipcache.unwrap();
+    assert!(!ip.full);
+    assert_eq!(ip.upserts.len(), 1);
+    assert_eq!(ip.upserts[0].0, Ipv4Addr::new(10, 244, 0, 4));
+
+    let _ = s.shutdown.send(true);
+    let _ = s.task.await;
+}
+
+#[tokio::test]
+async fn a_slow_agent_only_sees_the_latest_state() {
+    let s = server().await;
+    s.store.apply(vec![
+        pod("db-1", "db", "n1", 3),
+        pod("web-1", "web", "n1", 2),
+    ]);
+    allocate(&s.store);
+    let mut c = client(s.addr).await;
+    let mut stream = c
+        .subscribe(v1::SubscribeRequest {
+            node: "n1".into(),
+            agent_version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    // 200 policy changes while the agent does not read.
+    for port in 1..=200u16 {
+        s.store.apply(vec![policy(port as i64, 1000 + port)]);
+        allocate(&s.store);
+    }
+    let latest = s.store.read(|e| e.version());
+    let mut received = 0;
+    let mut last_port = 0;
+    loop {
+        let m = next(&mut stream).await;
+        received += 1;
+        if let Some(eps) = &m.endpoints
+            && let Some(p) = eps.policy_sets.values().flat_map(|p| &p.ingress).next()
+        {
+            last_port = p.ports[0].first;
+        }
+        if m.version == s.store.wire_version(latest) {
+            break;
+        }
+    }
+    assert_eq!(last_port, 1200, "the final state arrived");
+    assert!(
+        received <= 3,
+        "intermediate versions were skipped, not queued: {received} messages"
+    );
+    assert!(first.full);
+    let _ = s.shutdown.send(true);
+    let _ = s.task.await;
+}
+
+#[tokio::test]
+async fn streams_close_cleanly_on_shutdown_and_bad_requests_are_refused() {
+    let s = server().await;
+    let mut c = client(s.addr).await;
+    let err = c
+        .subscribe(v1::SubscribeRequest {
+            node: String::new(),
+            agent_version: String::new(),
+        })
+        .await
+        .expect_err("an empty node name is refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let mut stream = c
+        .subscribe(v1::SubscribeRequest {
+            node: "n9".into(),
+            agent_version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let _ = next(&mut stream).await;
+    let _ = s.shutdown.send(true);
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("ends promptly");
+    assert!(
+        matches!(end, Ok(None)),
+        "clean end of stream, not an error: {end:?}"
+    );
+    let _ = s.task.await;
+}
+
+#[tokio::test]
+async fn reports_reach_the_store() {
+    let s = server().await;
+    let mut c = client(s.addr).await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(v1::AgentStatus {
+        node: "n1".into(),
+        applied_version: 42,
+        failed_version: 0,
+        error: String::new(),
+        policies: vec![v1::PolicyGeneration {
+            namespace: "shop".into(),
+            name: "db".into(),
+            generation: 3,
+        }],
+    })
+    .await
+    .unwrap();
+    // An invalid report (no node) ends the stream with InvalidArgument.
+    tx.send(v1::AgentStatus::default()).await.unwrap();
+    drop(tx);
+    let r = c
+        .report_status(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    assert_eq!(
+        r.expect_err("invalid report refused").code(),
+        tonic::Code::InvalidArgument
+    );
+    let reports = s.store.reports();
+    assert_eq!(reports["n1"].applied_version, 42);
+    assert!(reports["n1"].policies.iter().any(|p| p.generation == 3));
+    let _ = s.shutdown.send(true);
+    let _ = s.task.await;
+    let _ = Labels::new();
+}
