@@ -37,6 +37,8 @@ pub struct Ctx {
     pub ns: String,
     /// Root of the workspace (for `examples/`, `charts/`).
     pub workspace: PathBuf,
+    /// The control plane's state directory (its `logs/` take the daemons' logs too).
+    pub dir: PathBuf,
 }
 
 impl Ctx {
@@ -76,7 +78,16 @@ pub fn workspace_root() -> PathBuf {
 
 /// Runs a suite of tests against a fresh control plane and returns the process exit code.
 pub fn run_suite(tests: Vec<Test>) -> ExitCode {
-    let args = Arguments::from_args();
+    run_suite_with(tests, false)
+}
+
+/// As [`run_suite`]; `serial` runs the tests one at a time (for suites whose tests run
+/// cluster-wide daemons, such as operators, that would see each other's objects).
+pub fn run_suite_with(tests: Vec<Test>, serial: bool) -> ExitCode {
+    let mut args = Arguments::from_args();
+    if serial {
+        args.test_threads = Some(1);
+    }
     let names_only = args.list;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -171,6 +182,7 @@ async fn start() -> anyhow::Result<(Cluster, Ctx)> {
         kubeconfig: c.kubeconfig(),
         ns: String::new(),
         workspace,
+        dir: c.dir().to_path_buf(),
     };
     Ok((c, ctx))
 }

@@ -8,10 +8,14 @@
 //! * [`pki`]: the certificates and keys of that control plane.
 //! * [`kubectl`]: running the real `kubectl` against a cluster.
 //! * [`harness`]: the e2e test harness (one control plane per test binary, a namespace per test).
+//! * [`process`]: the project's daemons (operator, agent) as real processes.
+//! * [`objects`]: creating nodes, pods with addresses, CortexFlow resources in tests.
 #![forbid(unsafe_code)]
 
 pub mod cluster;
 pub mod harness;
 pub mod kubectl;
+pub mod objects;
 pub mod pki;
+pub mod process;
 pub mod tools;

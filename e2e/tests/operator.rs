@@ -1,0 +1,456 @@
+//! The operator against a real kube-apiserver: statuses and conditions, references to nothing,
+//! ids across restarts, one status writer among two replicas and the handover when it dies.
+//! The tests run one at a time: each runs its own operator(s), which watch the whole cluster.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use cortexflow_crds::{MeshPolicy, ServiceIdentity};
+use cortexflow_e2e::{
+    harness::{Ctx, run_suite_with, test},
+    objects::{self, PodSpec, eventually},
+    process::{Operator, OperatorOptions},
+};
+use cortexflow_proto::{
+    domain::NodeConfig,
+    v1::{self, agent_config_client::AgentConfigClient},
+};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::ConfigMap};
+use kube::Api;
+use serde_json::json;
+
+fn main() -> ExitCode {
+    run_suite_with(
+        vec![
+            test(
+                "statuses_conditions_and_programmed_from_agent_reports",
+                statuses,
+            ),
+            test(
+                "identity_ids_survive_an_operator_restart",
+                ids_survive_restart,
+            ),
+            test(
+                "two_replicas_one_status_writer_and_handover_on_death",
+                two_replicas,
+            ),
+        ],
+        true,
+    )
+}
+
+fn options(ctx: &Ctx, identity: &str, lease_secs: u64) -> OperatorOptions {
+    OperatorOptions {
+        kubeconfig: ctx.kubeconfig.clone(),
+        // The test's namespace holds the Lease and the id table: every test starts afresh.
+        namespace: ctx.ns.clone(),
+        identity: identity.into(),
+        lease_duration_secs: lease_secs,
+        log_dir: ctx.dir.join("logs"),
+    }
+}
+
+async fn start(ctx: &Ctx, identity: &str, lease_secs: u64) -> anyhow::Result<Operator> {
+    let mut op = Operator::start(&options(ctx, identity, lease_secs))?;
+    op.wait_ready(Duration::from_secs(60)).await?;
+    Ok(op)
+}
+
+/// The scene: a node, two pods, a ServiceIdentity for the web pods, a policy admitting it to the
+/// db pods, and a policy that refers to an identity that does not exist.
+async fn scene(ctx: &Ctx, node: &str, net: u8) -> anyhow::Result<()> {
+    let c = &ctx.client;
+    let ns = ctx.ns.as_str();
+    objects::node(
+        c,
+        node,
+        Ipv4Addr::new(172, 30, net, 1),
+        &format!("10.{net}.1.0/24"),
+    )
+    .await?;
+    for sa in ["web", "db"] {
+        objects::service_account(c, ns, sa).await?;
+    }
+    objects::running_pod(
+        c,
+        ns,
+        &PodSpec {
+            name: "web-1",
+            labels: &[("app", "web")],
+            service_account: "web",
+            node,
+            ip: Ipv4Addr::new(10, net, 1, 10),
+        },
+    )
+    .await?;
+    objects::running_pod(
+        c,
+        ns,
+        &PodSpec {
+            name: "db-1",
+            labels: &[("app", "db")],
+            service_account: "db",
+            node,
+            ip: Ipv4Addr::new(10, net, 1, 11),
+        },
+    )
+    .await?;
+    objects::apply(
+        c,
+        ns,
+        json!({"apiVersion": "mesh.cortexflow.io/v1alpha1", "kind": "ServiceIdentity", "metadata": {"name": "web"},
+               "spec": {"selector": {"matchLabels": {"app": "web"}}}}),
+    )
+    .await?;
+    objects::apply(
+        c,
+        ns,
+        json!({"apiVersion": "mesh.cortexflow.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "db-in"},
+               "spec": {"selector": {"matchLabels": {"app": "db"}},
+                        "ingress": [{"from": [{"identity": "web"}], "ports": [{"port": 5432}]}]}}),
+    )
+    .await?;
+    objects::apply(
+        c,
+        ns,
+        json!({"apiVersion": "mesh.cortexflow.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "ghostly"},
+               "spec": {"selector": {"matchLabels": {"app": "db"}},
+                        "ingress": [{"from": [{"identity": "ghost"}, {"identity": "other-ns/web"}]}]}}),
+    )
+    .await?;
+    Ok(())
+}
+
+fn condition(status: Option<&serde_json::Value>, type_: &str) -> Option<(String, String, String)> {
+    let c = status?["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)?;
+    Some((
+        c["status"].as_str()?.to_string(),
+        c["reason"].as_str()?.to_string(),
+        c["message"].as_str()?.to_string(),
+    ))
+}
+
+async fn policy_status(ctx: &Ctx, name: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    let api: Api<MeshPolicy> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    Ok(api
+        .get(name)
+        .await?
+        .status
+        .map(|s| serde_json::to_value(s))
+        .transpose()?)
+}
+
+async fn sid_status(ctx: &Ctx, name: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    let api: Api<ServiceIdentity> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    Ok(api
+        .get(name)
+        .await?
+        .status
+        .map(|s| serde_json::to_value(s))
+        .transpose()?)
+}
+
+/// A fake agent: subscribes for `node` and returns the first config that carries `policy`.
+async fn subscribe_until_policy(
+    addr: SocketAddr,
+    node: &str,
+    policy: &str,
+) -> anyhow::Result<NodeConfig> {
+    let mut client = AgentConfigClient::connect(format!("http://{addr}")).await?;
+    let mut stream = client
+        .subscribe(v1::SubscribeRequest {
+            node: node.into(),
+            agent_version: "e2e".into(),
+        })
+        .await?
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Some(m) = tokio::time::timeout(Duration::from_secs(30), stream.message()).await??
+        else {
+            bail!("stream ended")
+        };
+        let c = NodeConfig::try_from(m).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+        if c.endpoints
+            .as_ref()
+            .is_some_and(|e| e.policies.iter().any(|p| p.name == policy))
+        {
+            return Ok(c);
+        }
+    }
+    bail!("no config with policy {policy} for {node}")
+}
+
+/// Reports `config` applied, as an agent does.
+async fn report(addr: SocketAddr, node: &str, config: &NodeConfig) -> anyhow::Result<()> {
+    let mut client = AgentConfigClient::connect(format!("http://{addr}")).await?;
+    let status = v1::AgentStatus {
+        node: node.into(),
+        applied_version: config.version,
+        failed_version: 0,
+        error: String::new(),
+        policies: config
+            .endpoints
+            .iter()
+            .flat_map(|e| &e.policies)
+            .map(v1::PolicyGeneration::from)
+            .collect(),
+    };
+    client
+        .report_status(tokio_stream::iter(vec![status]))
+        .await?;
+    Ok(())
+}
+
+async fn statuses(ctx: Ctx) -> anyhow::Result<()> {
+    let op = start(&ctx, "op-a", 15).await?;
+    scene(&ctx, "node-a", 51).await?;
+    let t = Duration::from_secs(30);
+    // ServiceIdentity: id, SPIFFE id, endpoints, Accepted.
+    let s = eventually(t, "ServiceIdentity web status", || async {
+        let s = sid_status(&ctx, "web").await?;
+        Ok(s.filter(|s| s["id"].as_u64().is_some() && s["endpoints"] == 1))
+    })
+    .await?;
+    ensure!(s["id"].as_u64().unwrap_or(0) >= 256, "{s}");
+    ensure!(
+        s["spiffeId"] == format!("spiffe://cluster.local/ns/{}/sid/web", ctx.ns),
+        "{s}"
+    );
+    ensure!(
+        condition(Some(&s), "Accepted").is_some_and(|c| c.0 == "True"),
+        "{s}"
+    );
+    ensure!(
+        condition(Some(&s), "Conflict").is_some_and(|c| c.0 == "False"),
+        "{s}"
+    );
+
+    // MeshPolicy: Accepted, ResolvedRefs, Programmed 0/1 (no agent yet).
+    let p = eventually(t, "MeshPolicy db-in status", || async {
+        let p = policy_status(&ctx, "db-in").await?;
+        Ok(p.filter(|p| condition(Some(p), "Programmed").is_some()))
+    })
+    .await?;
+    ensure!(
+        condition(Some(&p), "Accepted").is_some_and(|c| c.0 == "True"),
+        "{p}"
+    );
+    ensure!(
+        condition(Some(&p), "ResolvedRefs").is_some_and(|c| c.0 == "True"),
+        "{p}"
+    );
+    let prog = condition(Some(&p), "Programmed").unwrap_or_default();
+    ensure!(
+        prog.0 == "False" && prog.2 == "programmed on 0/1 nodes",
+        "{prog:?}"
+    );
+    ensure!(p["observedGeneration"] == 1, "{p}");
+
+    // A missing reference is named.
+    let g = eventually(t, "MeshPolicy ghostly ResolvedRefs", || async {
+        let p = policy_status(&ctx, "ghostly").await?;
+        Ok(condition(p.as_ref(), "ResolvedRefs").filter(|c| c.0 == "False"))
+    })
+    .await?;
+    ensure!(g.1 == "IdentityNotFound", "{g:?}");
+    ensure!(
+        g.2.contains(&format!("identity {}/ghost", ctx.ns))
+            && g.2.contains("identity other-ns/web"),
+        "{g:?}"
+    );
+
+    // An agent for the node applies its config and reports: Programmed 1/1.
+    let config = subscribe_until_policy(op.grpc, "node-a", "db-in").await?;
+    let eps = config.endpoints.as_ref().context("endpoints")?;
+    ensure!(eps.endpoints.iter().any(|e| e.name == "db-1"), "{eps:?}");
+    report(op.grpc, "node-a", &config).await?;
+    eventually(t, "Programmed 1/1", || async {
+        let p = policy_status(&ctx, "db-in").await?;
+        Ok(condition(p.as_ref(), "Programmed")
+            .filter(|c| c.0 == "True" && c.2 == "programmed on 1/1 nodes"))
+    })
+    .await?;
+
+    // A younger identity claiming the same pods reports Conflict, naming the older one.
+    objects::apply(
+        &ctx.client,
+        &ctx.ns,
+        json!({"apiVersion": "mesh.cortexflow.io/v1alpha1", "kind": "ServiceIdentity", "metadata": {"name": "web-too"},
+               "spec": {"selector": {"matchLabels": {"app": "web"}}}}),
+    )
+    .await?;
+    let conflict = eventually(t, "Conflict on web-too", || async {
+        let s = sid_status(&ctx, "web-too").await?;
+        Ok(condition(s.as_ref(), "Conflict").filter(|c| c.0 == "True"))
+    })
+    .await?;
+    ensure!(
+        conflict.2.contains(&format!("{}/web", ctx.ns)),
+        "{conflict:?}"
+    );
+
+    // kubectl shows it all.
+    let out = ctx.kubectl(&["get", "mp", "-n", &ctx.ns, "-o", "wide"])?;
+    ensure!(
+        out.lines().any(|l| l.starts_with("db-in")
+            && l.contains("True")
+            && l.contains("programmed on 1/1 nodes")),
+        "{out}"
+    );
+    let events = ctx.kubectl(&["get", "events", "-n", &ctx.ns])?;
+    ensure!(
+        events.contains("ClaimedByOlderIdentity") || events.contains("IdentityNotFound"),
+        "no events:\n{events}"
+    );
+
+    // Metrics of the operator.
+    ensure!(op.metric("cortexflow_operator_identities").await? >= 2.0);
+    ensure!(op.metric("cortexflow_operator_status_writes_total").await? >= 3.0);
+    ensure!(
+        op.metric("cortexflow_operator_policy_propagation_duration_seconds_count")
+            .await?
+            >= 0.0
+    );
+    Ok(())
+}
+
+async fn ids_survive_restart(ctx: Ctx) -> anyhow::Result<()> {
+    let mut op = start(&ctx, "op-b", 15).await?;
+    scene(&ctx, "node-b", 52).await?;
+    let t = Duration::from_secs(30);
+    let id = eventually(t, "identity allocated", || async {
+        Ok(sid_status(&ctx, "web")
+            .await?
+            .and_then(|s| s["id"].as_u64()))
+    })
+    .await?;
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let table = |cm: ConfigMap| cm.data.unwrap_or_default();
+    let before = eventually(t, "id table with the implicit identity of db", || async {
+        let t = table(cms.get("cortexflow-identities").await?);
+        Ok(t.keys().any(|k| k.starts_with("sa_")).then_some(t))
+    })
+    .await?;
+    let config_before = subscribe_until_policy(op.grpc, "node-b", "db-in").await?;
+
+    op.daemon
+        .stop(Duration::from_secs(10))
+        .context("operator exited")?;
+    let op = start(&ctx, "op-b", 15).await?;
+    let config_after = subscribe_until_policy(op.grpc, "node-b", "db-in").await?;
+    ensure!(
+        sid_status(&ctx, "web")
+            .await?
+            .and_then(|s| s["id"].as_u64())
+            == Some(id),
+        "ServiceIdentity id changed"
+    );
+    let after = table(cms.get("cortexflow-identities").await?);
+    ensure!(
+        before == after,
+        "id table changed across the restart:\n{before:?}\n{after:?}"
+    );
+    let ids = |c: &NodeConfig| {
+        c.endpoints.as_ref().map(|e| {
+            e.endpoints
+                .iter()
+                .map(|e| (e.name.clone(), e.identity))
+                .collect::<Vec<_>>()
+        })
+    };
+    ensure!(
+        ids(&config_before) == ids(&config_after),
+        "pod identities changed"
+    );
+    ensure!(
+        config_after.version > config_before.version,
+        "versions increase across restarts: {} then {}",
+        config_before.version,
+        config_after.version
+    );
+    Ok(())
+}
+
+async fn lease_holder(ctx: &Ctx) -> anyhow::Result<Option<String>> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    Ok(api
+        .get_opt("cortexflow-operator")
+        .await?
+        .and_then(|l| l.spec?.holder_identity)
+        .filter(|h| !h.is_empty()))
+}
+
+async fn two_replicas(ctx: Ctx) -> anyhow::Result<()> {
+    const LEASE: u64 = 6;
+    let a = start(&ctx, "op-1", LEASE).await?;
+    let b = start(&ctx, "op-2", LEASE).await?;
+    scene(&ctx, "node-c", 53).await?;
+    let t = Duration::from_secs(30);
+    let leader = eventually(t, "a lease holder", || lease_holder(&ctx)).await?;
+    eventually(t, "statuses written", || async {
+        Ok(policy_status(&ctx, "db-in")
+            .await?
+            .filter(|p| condition(Some(p), "Accepted").is_some()))
+    })
+    .await?;
+    let (mut lead, follow) = if leader == a.identity { (a, b) } else { (b, a) };
+    // Only the leader writes status; the follower serves gRPC all the same.
+    ensure!(
+        lead.metric("cortexflow_operator_status_writes_total")
+            .await?
+            > 0.0
+    );
+    ensure!(
+        follow
+            .metric("cortexflow_operator_status_writes_total")
+            .await?
+            == 0.0,
+        "the follower wrote status"
+    );
+    let config = subscribe_until_policy(follow.grpc, "node-c", "db-in").await?;
+    ensure!(config.full || config.endpoints.is_some());
+
+    // The leader dies without releasing the lease: the follower takes over within the lease
+    // duration (plus its 1 s polling).
+    let died = Instant::now();
+    lead.daemon.kill();
+    let new = eventually(
+        Duration::from_secs(LEASE * 3),
+        "a new lease holder",
+        || async { Ok(lease_holder(&ctx).await?.filter(|h| *h == follow.identity)) },
+    )
+    .await?;
+    let handover = died.elapsed();
+    eprintln!("handover to {new} after {handover:?} (lease {LEASE} s)");
+    ensure!(
+        handover <= Duration::from_secs(LEASE + 2),
+        "handover took {handover:?}"
+    );
+    // The new leader writes status: a new policy gets its conditions.
+    objects::apply(
+        &ctx.client,
+        &ctx.ns,
+        json!({"apiVersion": "mesh.cortexflow.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "after-handover"},
+               "spec": {"selector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}),
+    )
+    .await?;
+    eventually(t, "status by the new leader", || async {
+        let p = policy_status(&ctx, "after-handover").await?;
+        Ok(condition(p.as_ref(), "Accepted").filter(|c| c.0 == "True"))
+    })
+    .await?;
+    ensure!(
+        follow
+            .metric("cortexflow_operator_status_writes_total")
+            .await?
+            > 0.0
+    );
+    Ok(())
+}
