@@ -142,7 +142,7 @@ async fn policy_status(ctx: &Ctx, name: &str) -> anyhow::Result<Option<serde_jso
         .get(name)
         .await?
         .status
-        .map(|s| serde_json::to_value(s))
+        .map(serde_json::to_value)
         .transpose()?)
 }
 
@@ -152,7 +152,7 @@ async fn sid_status(ctx: &Ctx, name: &str) -> anyhow::Result<Option<serde_json::
         .get(name)
         .await?
         .status
-        .map(|s| serde_json::to_value(s))
+        .map(serde_json::to_value)
         .transpose()?)
 }
 
