@@ -91,12 +91,24 @@ pub struct Cluster {
     lifetime: Lifetime,
     ports: Ports,
     processes: Vec<Process>,
+    controller_manager: bool,
 }
 
 impl Cluster {
     /// Starts a control plane whose state lives in `dir` (created; must not hold a running
     /// cluster) and waits until it is ready.
     pub async fn start(dir: &Path, lifetime: Lifetime) -> anyhow::Result<Self> {
+        Self::start_with(dir, lifetime, true).await
+    }
+
+    /// As [`Cluster::start`]; without `controller_manager` the control plane runs only etcd,
+    /// the apiserver and the scheduler (benchmarks that create thousands of objects for
+    /// nodes nobody heartbeats do not want the node lifecycle controller reacting to them).
+    pub async fn start_with(
+        dir: &Path,
+        lifetime: Lifetime,
+        controller_manager: bool,
+    ) -> anyhow::Result<Self> {
         tools::ensure_present()?;
         fs::create_dir_all(dir.join("logs"))
             .with_context(|| format!("create {}", dir.display()))?;
@@ -108,6 +120,7 @@ impl Cluster {
             lifetime,
             ports,
             processes: Vec::new(),
+            controller_manager,
         };
         cluster.write_pki()?;
         if let Err(e) = cluster.start_components().await {
@@ -327,6 +340,18 @@ impl Cluster {
         let p = self.ports;
         let path = |name: &str| d.join(name).display().to_string();
         let kcm_kubeconfig = path("controller-manager.kubeconfig");
+        if self.controller_manager {
+            self.spawn_controller_manager(&kcm_kubeconfig, &path, p)?;
+        }
+        self.spawn_scheduler(&path, p)
+    }
+
+    fn spawn_controller_manager(
+        &mut self,
+        kcm_kubeconfig: &str,
+        path: &dyn Fn(&str) -> String,
+        p: Ports,
+    ) -> anyhow::Result<()> {
         self.spawn(
             "kube-controller-manager",
             &tools::kube_bin("kube-controller-manager"),
@@ -351,6 +376,10 @@ impl Cluster {
                 "--profiling=false".into(),
             ],
         )?;
+        Ok(())
+    }
+
+    fn spawn_scheduler(&mut self, path: &dyn Fn(&str) -> String, p: Ports) -> anyhow::Result<()> {
         let sched_kubeconfig = path("scheduler.kubeconfig");
         self.spawn(
             "kube-scheduler",
@@ -450,10 +479,11 @@ impl Cluster {
         get_text(&client, "/readyz")
             .await
             .context("kube-apiserver /readyz")?;
-        for (name, port) in [
-            ("kube-controller-manager", self.ports.controller_manager),
-            ("kube-scheduler", self.ports.scheduler),
-        ] {
+        let mut components = vec![("kube-scheduler", self.ports.scheduler)];
+        if self.controller_manager {
+            components.push(("kube-controller-manager", self.ports.controller_manager));
+        }
+        for (name, port) in components {
             let mut cfg = kube::Config::new(format!("https://127.0.0.1:{port}").parse()?);
             cfg.accept_invalid_certs = true;
             let c = Client::try_from(cfg)?;
@@ -461,10 +491,12 @@ impl Cluster {
                 .await
                 .with_context(|| format!("{name} /healthz"))?;
         }
-        Api::<ServiceAccount>::namespaced(client, "default")
-            .get("default")
-            .await
-            .context("ServiceAccount default/default (made by kube-controller-manager)")?;
+        if self.controller_manager {
+            Api::<ServiceAccount>::namespaced(client, "default")
+                .get("default")
+                .await
+                .context("ServiceAccount default/default (made by kube-controller-manager)")?;
+        }
         Ok(())
     }
 

@@ -13,8 +13,10 @@ use anyhow::{Context as _, bail};
 
 static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// Path of a workspace binary, built (debug) the first time it is asked for.
+/// Path of a workspace binary, built the first time it is asked for: debug, or release when
+/// `CORTEXFLOW_BUILD_PROFILE=release` (benchmarks).
 pub fn binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    let release = std::env::var("CORTEXFLOW_BUILD_PROFILE").is_ok_and(|p| p == "release");
     let root = crate::harness::workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -24,8 +26,12 @@ pub fn binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
         .map_err(|_| anyhow::anyhow!("build lock poisoned"))?;
     if !built.iter().any(|b| b == bin) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--quiet", "-p", package, "--bin", bin])
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
+        if release {
+            cmd.arg("--release");
+        }
+        let out = cmd
             .current_dir(&root)
             .output()
             .with_context(|| format!("run cargo build -p {package}"))?;
@@ -37,7 +43,9 @@ pub fn binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
         }
         built.push(bin.to_string());
     }
-    Ok(target.join("debug").join(bin))
+    Ok(target
+        .join(if release { "release" } else { "debug" })
+        .join(bin))
 }
 
 /// A free loopback port.

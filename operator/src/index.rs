@@ -5,7 +5,7 @@
 //! never leaves stale objects behind. Objects are read through `DeserializeGuard`: one that does
 //! not deserialize is skipped, logged and counted (`cortexflow_operator_watch_skipped_total`),
 //! never fatal.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use cortexflow_crds::{
     MeshPolicy as MeshPolicyCr, PolicyAction, PolicyMode, ServiceIdentity as SidCr,
@@ -84,14 +84,16 @@ pub fn pod(p: &PodK) -> Pod {
     let status = p.status.as_ref();
     Pod {
         key: key(&p.metadata),
-        labels: labels(&p.metadata),
+        labels: Arc::new(labels(&p.metadata)),
         service_account: spec
-            .and_then(|s| s.service_account_name.clone())
+            .and_then(|s| s.service_account_name.as_deref())
             .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into()),
+            .unwrap_or("default")
+            .into(),
         node: spec
-            .and_then(|s| s.node_name.clone())
-            .filter(|n| !n.is_empty()),
+            .and_then(|s| s.node_name.as_deref())
+            .filter(|n| !n.is_empty())
+            .map(Into::into),
         ip: status
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| ip.parse::<Ipv4Addr>().ok()),

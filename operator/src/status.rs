@@ -81,9 +81,9 @@ fn observed_condition<'a>(status: Option<&'a Value>, type_: &str) -> Option<&'a 
 
 /// Whether an agent report says the node applied generation `g` of the policy.
 fn applied(policies: &BTreeSet<PolicyGeneration>, key: &ObjKey, generation: i64) -> bool {
-    policies
-        .iter()
-        .any(|p| p.namespace == key.namespace && p.name == key.name && p.generation >= generation)
+    policies.iter().any(|p| {
+        *p.namespace == *key.namespace && *p.name == *key.name && p.generation >= generation
+    })
 }
 
 /// The desired status of every object, with the conditions that make it up.
@@ -332,8 +332,8 @@ async fn write(
     let reference = ObjectReference {
         api_version: Some(ar.api_version.clone()),
         kind: Some(ar.kind.clone()),
-        name: Some(d.key.name.clone()),
-        namespace: Some(d.key.namespace.clone()),
+        name: Some(d.key.name.to_string()),
+        namespace: Some(d.key.namespace.to_string()),
         ..Default::default()
     };
     for c in &d.conditions {

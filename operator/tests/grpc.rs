@@ -67,7 +67,7 @@ async fn client(addr: std::net::SocketAddr) -> AgentConfigClient<Channel> {
 fn pod(name: &str, app: &str, node: &str, ip: u8) -> Change {
     Change::Apply(Object::Pod(Pod {
         key: ObjKey::new("shop", name),
-        labels: [("app".to_string(), app.to_string())].into(),
+        labels: std::sync::Arc::new([("app".to_string(), app.to_string())].into()),
         service_account: app.into(),
         node: Some(node.into()),
         ip: Some(Ipv4Addr::new(10, 244, 0, ip)),

@@ -20,8 +20,9 @@ use cortexflow_proto::domain::{
 
 use crate::{
     alloc::{AllocKey, Allocations},
+    intern::Interner,
     model::*,
-    selector::Selector,
+    selector::{Labels, Selector},
 };
 
 /// Settings of the engine.
@@ -146,7 +147,7 @@ pub struct NodeState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Update {
     pub version: u64,
-    pub nodes: BTreeSet<String>,
+    pub nodes: BTreeSet<Arc<str>>,
     pub ipcache: bool,
     pub services: bool,
     pub identities: bool,
@@ -156,10 +157,10 @@ pub struct Update {
 
 #[derive(Default)]
 struct Dirty {
-    namespaces: BTreeSet<String>,
+    namespaces: BTreeSet<Arc<str>>,
     policies: BTreeSet<ObjKey>,
     pods: BTreeSet<ObjKey>,
-    nodes: BTreeSet<String>,
+    nodes: BTreeSet<Arc<str>>,
     addresses: BTreeSet<ObjKey>,
     services: bool,
     sids: BTreeSet<ObjKey>,
@@ -183,18 +184,21 @@ pub struct Engine {
     snap: Snapshot,
     alloc: Allocations,
     version: u64,
-    ns: BTreeMap<String, NsState>,
+    ns: BTreeMap<Arc<str>, NsState>,
     policies: BTreeMap<ObjKey, PolicyState>,
     sid_status: BTreeMap<ObjKey, SidStatus>,
     /// Policies selecting each pod.
-    pod_policies: BTreeMap<ObjKey, BTreeSet<ObjKey>>,
+    pod_policies: BTreeMap<ObjKey, Arc<[ObjKey]>>,
     pod_endpoint: BTreeMap<ObjKey, Arc<EndpointPolicy>>,
-    pods_by_node: BTreeMap<String, BTreeSet<ObjKey>>,
-    nodes: BTreeMap<String, NodeState>,
+    /// Every distinct endpoint policy in use, shared by the pods (and nodes) that have it.
+    interned: BTreeSet<Arc<EndpointPolicy>>,
+    pods_by_node: BTreeMap<Arc<str>, BTreeSet<ObjKey>>,
+    nodes: BTreeMap<Arc<str>, NodeState>,
     rule_refs: BTreeMap<u32, RuleRef>,
     /// What each pod put in the ipcache.
     pod_address: BTreeMap<ObjKey, (Ipv4Addr, u32)>,
-    address_owners: BTreeMap<Ipv4Addr, BTreeSet<ObjKey>>,
+    /// The pods claiming each address, sorted (almost always one).
+    address_owners: BTreeMap<Ipv4Addr, Vec<ObjKey>>,
     ipcache: BTreeMap<Ipv4Addr, u32>,
     ipcache_version: u64,
     ipcache_log: VecDeque<(u64, Ipv4Addr, Option<u32>)>,
@@ -204,6 +208,10 @@ pub struct Engine {
     services_version: u64,
     identities: Arc<Vec<IdentityInfo>>,
     identities_version: u64,
+    /// Shared copies of pod fields and policy lists (see [`crate::intern`]).
+    strs: Interner<str>,
+    labels: Interner<Labels>,
+    policy_lists: Interner<[ObjKey]>,
 }
 
 impl Engine {
@@ -219,6 +227,7 @@ impl Engine {
             sid_status: BTreeMap::new(),
             pod_policies: BTreeMap::new(),
             pod_endpoint: BTreeMap::new(),
+            interned: BTreeSet::new(),
             pods_by_node: BTreeMap::new(),
             nodes: BTreeMap::new(),
             rule_refs: BTreeMap::new(),
@@ -232,6 +241,9 @@ impl Engine {
             services_version: 0,
             identities: Arc::new(Vec::new()),
             identities_version: 0,
+            strs: Interner::default(),
+            labels: Interner::default(),
+            policy_lists: Interner::default(),
         }
     }
 
@@ -441,7 +453,8 @@ impl Engine {
                     self.policies_with_namespace_selectors(d);
                 }
             }
-            Object::Pod(p) => {
+            Object::Pod(mut p) => {
+                self.share(&mut p);
                 let key = p.key.clone();
                 let old = self.snap.pods.insert(key.clone(), p.clone());
                 if old.as_ref() == Some(&p) {
@@ -496,17 +509,26 @@ impl Engine {
             }
             Object::Node(n) => {
                 if self.snap.nodes.get(&n.name) != Some(&n) {
-                    d.nodes.insert(n.name.clone());
+                    d.nodes.insert(n.name.as_str().into());
                     self.snap.nodes.insert(n.name.clone(), n);
                 }
             }
         }
     }
 
+    /// Replaces a pod's strings and labels by the shared copies.
+    fn share(&mut self, p: &mut Pod) {
+        let take = std::mem::take::<Arc<str>>;
+        p.key.namespace = self.strs.intern(take(&mut p.key.namespace));
+        p.service_account = self.strs.intern(take(&mut p.service_account));
+        p.node = p.node.take().map(|n| self.strs.intern(n));
+        p.labels = self.labels.intern(std::mem::take(&mut p.labels));
+    }
+
     fn delete(&mut self, kind: Kind, key: &ObjKey, d: &mut Dirty) {
         match kind {
             Kind::Namespace => {
-                if self.snap.namespaces.remove(&key.name).is_some() {
+                if self.snap.namespaces.remove(&*key.name).is_some() {
                     self.policies_with_namespace_selectors(d);
                 }
             }
@@ -546,7 +568,7 @@ impl Engine {
                 }
             }
             Kind::Node => {
-                if self.snap.nodes.remove(&key.name).is_some() {
+                if self.snap.nodes.remove(&*key.name).is_some() {
                     d.nodes.insert(key.name.clone());
                 }
             }
@@ -562,7 +584,7 @@ impl Engine {
         };
         // 1. Identities of the dirty namespaces.
         let mut identities_changed = false;
-        let mut sid_ns: BTreeSet<String> = d.sids.iter().map(|k| k.namespace.clone()).collect();
+        let mut sid_ns: BTreeSet<Arc<str>> = d.sids.iter().map(|k| k.namespace.clone()).collect();
         for ns in std::mem::take(&mut d.namespaces) {
             sid_ns.insert(ns.clone());
             let new = self.resolve_namespace(&ns);
@@ -629,6 +651,8 @@ impl Engine {
                 d.nodes.insert(n);
             }
         }
+        // Endpoint policies no pod uses any more.
+        self.interned.retain(|p| Arc::strong_count(p) > 1);
         // 4. Nodes.
         for node in std::mem::take(&mut d.nodes) {
             if self.rebuild_node(&node) {
@@ -688,7 +712,7 @@ impl Engine {
     fn range<'a, V>(map: &'a BTreeMap<ObjKey, V>, ns: &str) -> impl Iterator<Item = &'a V> {
         let start = ObjKey::new(ns, "");
         map.range(start..)
-            .take_while(move |(k, _)| k.namespace == ns)
+            .take_while(move |(k, _)| &*k.namespace == ns)
             .map(|(_, v)| v)
     }
 
@@ -949,7 +973,7 @@ impl Engine {
                                     .values()
                                     .filter(|n| sel.matches(&n.labels))
                                 {
-                                    if let Some(st) = self.ns.get(&n.name) {
+                                    if let Some(st) = self.ns.get(n.name.as_str()) {
                                         out.extend(
                                             st.identities.iter().map(|i| Peer::Identity(*i)),
                                         );
@@ -1002,8 +1026,8 @@ impl Engine {
                 compiled.refs.push((
                     id,
                     RuleRef {
-                        namespace: p.key.namespace.clone(),
-                        policy: p.key.name.clone(),
+                        namespace: p.key.namespace.to_string(),
+                        policy: p.key.name.to_string(),
                         direction: dir,
                         index: i as u32,
                     },
@@ -1052,20 +1076,32 @@ impl Engine {
         if now.is_empty() {
             self.pod_policies.remove(pod);
         } else {
-            self.pod_policies.insert(pod.clone(), now);
+            let list = self.policy_lists.intern(now.into_iter().collect());
+            self.pod_policies.insert(pod.clone(), list);
         }
     }
 
-    fn endpoint_policy(&self, pod: &ObjKey) -> Option<Arc<EndpointPolicy>> {
+    /// The endpoint policy of a pod; pods with equal policies share one allocation.
+    fn endpoint_policy(&mut self, pod: &ObjKey) -> Option<Arc<EndpointPolicy>> {
         self.snap.pods.get(pod).filter(|p| p.live())?;
         let mut ep = EndpointPolicy::default();
-        for k in self.pod_policies.get(pod).into_iter().flatten() {
+        for k in self
+            .pod_policies
+            .get(pod)
+            .into_iter()
+            .flat_map(|l| l.iter())
+        {
             if let Some(c) = self.policies.get(k).and_then(|st| st.compiled.as_ref()) {
                 ep.ingress.extend(c.ingress.iter().cloned());
                 ep.egress.extend(c.egress.iter().cloned());
             }
         }
-        Some(Arc::new(ep))
+        if let Some(shared) = self.interned.get(&ep) {
+            return Some(shared.clone());
+        }
+        let shared = Arc::new(ep);
+        self.interned.insert(shared.clone());
+        Some(shared)
     }
 
     fn pod_identity(&self, pod: &ObjKey) -> Option<u32> {
@@ -1077,7 +1113,7 @@ impl Engine {
     fn rebuild_node(&mut self, node: &str) -> bool {
         let info = match self.snap.nodes.get(node) {
             Some(n) => NodeInfo {
-                name: n.name.clone(),
+                name: n.name.to_string(),
                 addresses: n.addresses.clone(),
                 pod_cidr: n.pod_cidr,
             },
@@ -1098,11 +1134,16 @@ impl Engine {
                 continue;
             };
             let Some(ip) = p.ip else { continue };
-            for k in self.pod_policies.get(pod).into_iter().flatten() {
+            for k in self
+                .pod_policies
+                .get(pod)
+                .into_iter()
+                .flat_map(|l| l.iter())
+            {
                 if let Some(c) = self.policies.get(k).and_then(|st| st.compiled.as_ref()) {
                     policies.insert(PolicyGeneration {
-                        namespace: k.namespace.clone(),
-                        name: k.name.clone(),
+                        namespace: k.namespace.to_string(),
+                        name: k.name.to_string(),
                         generation: c.generation,
                     });
                 }
@@ -1125,8 +1166,8 @@ impl Engine {
             endpoints: eps
                 .iter()
                 .map(|(k, ip, identity, policy)| Endpoint {
-                    namespace: k.namespace.clone(),
-                    name: k.name.clone(),
+                    namespace: k.namespace.to_string(),
+                    name: k.name.to_string(),
                     ip: *ip,
                     identity: *identity,
                     policy_set: sets[policy],
@@ -1156,7 +1197,7 @@ impl Engine {
             }
             None => {
                 self.nodes.insert(
-                    node.to_string(),
+                    node.into(),
                     NodeState {
                         info: Arc::new(info),
                         info_version: version,
@@ -1184,7 +1225,7 @@ impl Engine {
         let mut touched = BTreeSet::new();
         if let Some((ip, _)) = old {
             if let Some(o) = self.address_owners.get_mut(&ip) {
-                o.remove(pod);
+                o.retain(|k| k != pod);
                 if o.is_empty() {
                     self.address_owners.remove(&ip);
                 }
@@ -1193,10 +1234,10 @@ impl Engine {
             touched.insert(ip);
         }
         if let Some((ip, id)) = new {
-            self.address_owners
-                .entry(ip)
-                .or_default()
-                .insert(pod.clone());
+            let owners = self.address_owners.entry(ip).or_default();
+            if let Err(i) = owners.binary_search(pod) {
+                owners.insert(i, pod.clone());
+            }
             self.pod_address.insert(pod.clone(), (ip, id));
             touched.insert(ip);
         }
@@ -1206,7 +1247,7 @@ impl Engine {
             let want = self
                 .address_owners
                 .get(&ip)
-                .and_then(|o| o.iter().next())
+                .and_then(|o| o.first())
                 .and_then(|p| self.pod_address.get(p))
                 .map(|(_, id)| *id);
             let have = self.ipcache.get(&ip).copied();
@@ -1232,7 +1273,7 @@ impl Engine {
         for svc in self.snap.services.values() {
             let Some(vip) = svc.cluster_ip else { continue };
             let slices: Vec<&EndpointSlice> = Self::range(&self.snap.slices, &svc.key.namespace)
-                .filter(|s| s.service == svc.key.name)
+                .filter(|s| *s.service == *svc.key.name)
                 .collect();
             for sp in &svc.ports {
                 let mut backends = BTreeSet::new();
@@ -1254,8 +1295,8 @@ impl Engine {
                     }
                 }
                 out.push(DService {
-                    namespace: svc.key.namespace.clone(),
-                    name: svc.key.name.clone(),
+                    namespace: svc.key.namespace.to_string(),
+                    name: svc.key.name.to_string(),
                     vip,
                     port: sp.port,
                     protocol: sp.protocol,
@@ -1289,8 +1330,8 @@ impl Engine {
                 };
                 Some(IdentityInfo {
                     id,
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
+                    namespace: key.namespace.to_string(),
+                    name: key.name.to_string(),
                     kind: kind.into(),
                 })
             })
@@ -1307,7 +1348,7 @@ impl Engine {
     }
 
     /// Every node with a config.
-    pub fn nodes(&self) -> impl Iterator<Item = (&String, &NodeState)> {
+    pub fn nodes(&self) -> impl Iterator<Item = (&Arc<str>, &NodeState)> {
         self.nodes.iter()
     }
 
@@ -1389,7 +1430,7 @@ impl Engine {
             .compiled
             .iter()
             .flat_map(|c| c.selected.iter())
-            .filter_map(|p| self.snap.pods.get(p)?.node.clone())
+            .filter_map(|p| self.snap.pods.get(p)?.node.as_deref().map(str::to_string))
             .collect();
         Some((nodes, st.changed_at))
     }
@@ -1400,7 +1441,7 @@ impl Engine {
             nodes: self
                 .nodes
                 .iter()
-                .map(|(n, st)| (n.clone(), ((*st.info).clone(), (*st.endpoints).clone())))
+                .map(|(n, st)| (n.to_string(), ((*st.info).clone(), (*st.endpoints).clone())))
                 .collect(),
             ipcache: self.ipcache.clone(),
             services: (*self.services).clone(),

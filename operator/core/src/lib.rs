@@ -9,6 +9,7 @@
 
 pub mod alloc;
 pub mod engine;
+pub mod intern;
 pub mod model;
 pub mod selector;
 

@@ -1,20 +1,21 @@
 //! The cluster objects the core works from: plain, already-parsed structs (the operator's watch
 //! layer converts Kubernetes objects into these; tests build them directly).
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use cortexflow_proto::domain::{Action, Cidr, Mode, PortRange, Protocol};
 
 use crate::selector::{Labels, Selector};
 
-/// A namespaced object's `(namespace, name)`.
+/// A namespaced object's `(namespace, name)`. The strings are shared: a key is cloned into
+/// several indexes, and a clone costs two reference counts, not two allocations.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),
@@ -37,9 +38,10 @@ pub struct Namespace {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
     pub key: ObjKey,
-    pub labels: Labels,
-    pub service_account: String,
-    pub node: Option<String>,
+    /// Shared: pods of one workload have equal labels (the engine interns them).
+    pub labels: Arc<Labels>,
+    pub service_account: Arc<str>,
+    pub node: Option<Arc<str>>,
     pub ip: Option<Ipv4Addr>,
     /// The pod shares its node's network: it is the host, not an endpoint.
     pub host_network: bool,
@@ -74,7 +76,10 @@ impl ServiceIdentity {
         pod.key.namespace == self.key.namespace
             && self.selector.as_ref().is_ok_and(|s| s.matches(&pod.labels))
             && (self.service_accounts.is_empty()
-                || self.service_accounts.contains(&pod.service_account))
+                || self
+                    .service_accounts
+                    .iter()
+                    .any(|s| **s == *pod.service_account))
     }
 }
 
@@ -107,7 +112,7 @@ impl Ref {
     pub fn resolve(&self, namespace: &str) -> ObjKey {
         ObjKey::new(
             self.namespace.as_deref().unwrap_or(namespace),
-            self.name.clone(),
+            self.name.as_str(),
         )
     }
 }
@@ -226,13 +231,13 @@ impl Object {
     /// The object's key; cluster-scoped kinds have an empty namespace.
     pub fn key(&self) -> ObjKey {
         match self {
-            Object::Namespace(n) => ObjKey::new("", n.name.clone()),
+            Object::Namespace(n) => ObjKey::new("", n.name.as_str()),
             Object::Pod(p) => p.key.clone(),
             Object::ServiceIdentity(s) => s.key.clone(),
             Object::MeshPolicy(p) => p.key.clone(),
             Object::Service(s) => s.key.clone(),
             Object::EndpointSlice(s) => s.key.clone(),
-            Object::Node(n) => ObjKey::new("", n.name.clone()),
+            Object::Node(n) => ObjKey::new("", n.name.as_str()),
         }
     }
 }

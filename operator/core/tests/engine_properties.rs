@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use cortexflow_operator_core::{
@@ -86,9 +87,9 @@ fn object(kind: u8, seed: u64) -> Object {
             }
             Object::Pod(Pod {
                 key: ObjKey::new(ns, name),
-                labels: l,
+                labels: Arc::new(l),
                 service_account: g.pick(&["default", "s1"]).into(),
-                node: g.chance(85).then(|| g.pick(&NODES).to_string()),
+                node: g.chance(85).then(|| g.pick(&NODES).into()),
                 ip: g
                     .chance(85)
                     .then(|| Ipv4Addr::new(10, 0, g.below(3) as u8, g.below(12) as u8 + 1)),
@@ -304,7 +305,7 @@ fn policies_select_pods_and_compile_identities() {
     let pod = |name: &str, app: &str, node: &str, ip: u8| {
         Object::Pod(Pod {
             key: ObjKey::new("shop", name),
-            labels: labels(&[("app", app)]),
+            labels: Arc::new(labels(&[("app", app)])),
             service_account: "default".into(),
             node: Some(node.into()),
             ip: Some(Ipv4Addr::new(10, 0, 0, ip)),
@@ -406,7 +407,7 @@ fn an_invalid_policy_is_refused_and_enforces_nothing() {
     e.apply(vec![
         Change::Apply(Object::Pod(Pod {
             key: ObjKey::new("shop", "a"),
-            labels: Labels::new(),
+            labels: Arc::default(),
             service_account: "default".into(),
             node: Some("n1".into()),
             ip: Some(Ipv4Addr::new(10, 0, 0, 9)),
