@@ -407,7 +407,7 @@ struct Mesh {
 
 impl Mesh {
     fn up(topo: &Topology, rules: u32) -> Result<Self, String> {
-        let cgroup = Cgroup::new();
+        let cgroup = Cgroup::create();
         let node = topo.node.path();
         let ifs: Vec<String> = topo.pods.iter().map(|p| p.host_if.clone()).collect();
         let state = mesh_state(topo, rules);

@@ -181,8 +181,20 @@ impl Allocator {
             .chain(installed.backends.keys().map(|k| k.0))
             .max()
             .unwrap_or(0);
-        for (set, entries) in set_entries(&installed.policy) {
+        let sets = set_entries(&installed.policy);
+        // A set without entries (endpoints no policy selects) is known by its endpoints only;
+        // the lowest such id is reused for the empty set.
+        let empty = installed
+            .endpoints
+            .values()
+            .map(|e| e.policy_set)
+            .filter(|s| !sets.contains_key(s))
+            .min();
+        for (set, entries) in sets {
             a.installed_sets.insert(entries, set);
+        }
+        if let Some(set) = empty {
+            a.installed_sets.insert(Vec::new(), set);
         }
         let mut tables: BTreeMap<u32, Vec<BackendValue>> = BTreeMap::new();
         for ((table, _slot), v) in &installed.backends {
@@ -642,5 +654,35 @@ mod tests {
         assert!(idents.contains(&id8) && !idents.contains(&id16));
         // Recompiling the same state allocates nothing new.
         assert_eq!(compile(&state, &mut alloc), m);
+    }
+
+    #[test]
+    fn a_resumed_allocator_keeps_every_set_id_including_the_empty_set() {
+        let guarded = EndpointPolicy {
+            ingress: vec![Rule {
+                id: 1,
+                action: Action::Allow,
+                mode: Mode::Enforce,
+                peers: Peers::Only(vec![Peer::Identity(1001)]),
+                ports: vec![],
+            }],
+            egress: vec![],
+        };
+        let ep = |n: u8, policy: &EndpointPolicy| Endpoint {
+            ip: Ipv4Addr::new(10, 244, 0, n),
+            identity: 1000 + u32::from(n),
+            policy: policy.clone(),
+        };
+        let open = EndpointPolicy::default();
+        let state = DesiredState {
+            // The empty set is allocated first, so that a fresh allocator would give it
+            // another id than the installed one.
+            endpoints: BTreeMap::from([(2, ep(2, &open)), (3, ep(3, &guarded)), (4, ep(4, &open))]),
+            ..Default::default()
+        };
+        let installed = compile(&state, &mut Allocator::default());
+        // Another process (a restarted agent) resumes from what the maps hold.
+        let mut resumed = Allocator::resume(&installed);
+        assert_eq!(compile(&state, &mut resumed), installed);
     }
 }

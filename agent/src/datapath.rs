@@ -14,7 +14,9 @@
 //! then the generation is bumped (accepted flows re-evaluate), then what is no longer
 //! referenced is deleted.
 use std::{
+    collections::BTreeMap,
     fs, io,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -398,13 +400,14 @@ impl Datapath {
         if pin.exists() {
             let link = sys::obj_get(&pin)
                 .map_err(io_err(format!("open pinned link {}", pin.display())))?;
+            let current = nix::net::if_::if_nametoindex(ifname).unwrap_or(0);
+            let on = sys::tcx_link_ifindex(&link).unwrap_or(0);
             let prog = p.fd().map_err(prog_err(name))?;
-            match sys::link_update(&link, prog) {
-                Ok(()) => return Ok(()),
-                // The interface went away (and with it the link); a new one has its name.
-                Err(_) => fs::remove_file(&pin)
-                    .map_err(io_err(format!("remove stale {}", pin.display())))?,
+            if on != 0 && on == current && sys::link_update(&link, prog).is_ok() {
+                return Ok(());
             }
+            // The interface went away (and with it the link); a new one may have its name.
+            fs::remove_file(&pin).map_err(io_err(format!("remove stale {}", pin.display())))?;
         }
         let id = p
             .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(Default::default()))
@@ -756,32 +759,34 @@ impl Datapath {
     /// Packet and byte counters summed over CPUs, for every non-zero (verdict, reason), and the
     /// number of flow events lost to a full ring buffer.
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        let mut out = Counters::default();
-        let sum = |idx: u32| -> Result<(u64, u64), DatapathError> {
-            let per_cpu = self
-                .maps
-                .counters
-                .get(&idx, 0)
-                .map_err(map_err(maps::COUNTERS))?;
-            Ok(per_cpu
-                .iter()
-                .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes)))
-        };
-        for verdict in 0..cortexflow_common::VERDICTS as u8 {
-            for reason in Reason::ALL {
-                let (packets, bytes) = sum(cortexflow_common::counter_index(verdict, reason))?;
-                if packets > 0 {
-                    out.samples.push(CounterSample {
-                        verdict,
-                        reason,
-                        packets,
-                        bytes,
-                    });
-                }
-            }
-        }
-        out.events_lost = sum(0)?.0;
-        Ok(out)
+        read_counters(&self.maps.counters)
+    }
+
+    /// `(map, entries, capacity)` of every map the agent writes, from what it last wrote.
+    pub fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
+        let c = &self.opts.capacity;
+        let i = &self.installed;
+        let exact = i.policy.keys().filter(|k| k.0 == POLICY_KEY_BITS).count();
+        vec![
+            (maps::ENDPOINTS, i.endpoints.len(), c.endpoints),
+            (maps::IPCACHE, i.ipcache.len(), c.ipcache),
+            (maps::CIDRS, i.cidrs.len(), c.cidrs),
+            (maps::POLICY, i.policy.len() - exact, c.policy),
+            (maps::POLICY_EXACT, exact, c.policy_exact),
+            (maps::SERVICES, i.services.len(), c.services),
+            (maps::BACKENDS, i.backends.len(), c.backends),
+        ]
+    }
+
+    /// How many connection-tracking entries there are (walks the map: call it rarely).
+    pub fn conntrack_entries(&mut self) -> Result<usize, DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::CONNTRACK)
+            .ok_or_else(|| DatapathError::Other("conntrack map missing".into()))?;
+        let ct: HashMap<&mut MapData, cortexflow_common::CtKey, cortexflow_common::CtValue> =
+            HashMap::try_from(map).map_err(map_err(maps::CONNTRACK))?;
+        Ok(ct.keys().filter(Result::is_ok).count())
     }
 
     /// Removes every connection-tracking entry: every flow is re-evaluated on its next packet as
@@ -846,6 +851,100 @@ where
         .program_mut(name)
         .ok_or_else(|| DatapathError::Other(format!("program {name} missing from the object")))?;
     p.try_into().map_err(prog_err(format!("program {name}")))
+}
+
+fn read_counters(map: &PerCpuArray<MapData, Counter>) -> Result<Counters, DatapathError> {
+    let mut out = Counters::default();
+    let sum = |idx: u32| -> Result<(u64, u64), DatapathError> {
+        let per_cpu = map.get(&idx, 0).map_err(map_err(maps::COUNTERS))?;
+        Ok(per_cpu
+            .iter()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes)))
+    };
+    for verdict in 0..cortexflow_common::VERDICTS as u8 {
+        for reason in Reason::ALL {
+            let (packets, bytes) = sum(cortexflow_common::counter_index(verdict, reason))?;
+            if packets > 0 {
+                out.samples.push(CounterSample {
+                    verdict,
+                    reason,
+                    packets,
+                    bytes,
+                });
+            }
+        }
+    }
+    out.events_lost = sum(0)?.0;
+    Ok(out)
+}
+
+/// Read-only view of a pinned datapath's state, for inspection by another process (tests, the
+/// CLI) while an agent owns it: opens the pinned maps only, loads no program, writes nothing.
+pub struct Pinned {
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    ipcache: HashMap<MapData, u32, IpcacheValue>,
+    counters: PerCpuArray<MapData, Counter>,
+    config: Array<MapData, DatapathConfig>,
+}
+
+impl Pinned {
+    /// Opens the maps pinned under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        fn pinned<T>(pin_dir: &Path, name: &str) -> Result<T, DatapathError>
+        where
+            T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+        {
+            let path = pin_dir.join("maps").join(name);
+            let data = MapData::from_pin(&path)
+                .map_err(map_err(format!("open pinned {}", path.display())))?;
+            aya::maps::Map::from_map_data(data)
+                .map_err(map_err(format!("map {name}")))?
+                .try_into()
+                .map_err(map_err(format!("map {name}")))
+        }
+        Ok(Self {
+            endpoints: pinned(pin_dir, maps::ENDPOINTS)?,
+            ipcache: pinned(pin_dir, maps::IPCACHE)?,
+            counters: pinned(pin_dir, maps::COUNTERS)?,
+            config: pinned(pin_dir, maps::CONFIG)?,
+        })
+    }
+
+    /// Local endpoints by address: `ip → (host-side ifindex, identity)`.
+    pub fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, (u32, u32)>, DatapathError> {
+        self.endpoints
+            .iter()
+            .map(|kv| {
+                let (ifindex, v) = kv.map_err(map_err("read endpoints"))?;
+                Ok((Ipv4Addr::from(v.ip.to_ne_bytes()), (ifindex, v.identity)))
+            })
+            .collect()
+    }
+
+    /// Cluster addresses with their identities.
+    pub fn ipcache(&self) -> Result<BTreeMap<Ipv4Addr, u32>, DatapathError> {
+        self.ipcache
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(map_err("read ipcache"))?;
+                Ok((Ipv4Addr::from(k.to_ne_bytes()), v.identity))
+            })
+            .collect()
+    }
+
+    /// The policy generation.
+    pub fn generation(&self) -> Result<u32, DatapathError> {
+        Ok(self
+            .config
+            .get(&0, 0)
+            .map_err(map_err("read config"))?
+            .generation)
+    }
+
+    /// The packet counters (see [`Datapath::counters`]).
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        read_counters(&self.counters)
+    }
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, DatapathError>

@@ -11,12 +11,26 @@
 //! * [`datapath`] — load, pin, attach, apply; restart without detaching.
 //! * [`loader`] — the embedded kernel object.
 //! * [`netns`] — entering a node's network namespace; mounting bpffs.
+//! * [`state`] — the merged config stream, and the desired datapath state it implies.
+//! * [`ifaces`] — finding a pod's host-side interface from the node's routes.
+//! * [`worker`] — the datapath thread (in the node's namespace): apply, attach, retry.
+//! * [`flows`] — ring buffer → metrics and `Flows.Observe`.
+//! * [`metrics`] — the agent's Prometheus metrics.
+//! * [`daemon`] — flags and the tasks of the `cortexflow-agent` process.
 //!
-//! This crate is kernel-facing: `sys` holds the only `unsafe` (two `bpf(2)` commands).
+//! This crate is kernel-facing: `sys` holds the only `unsafe` (three `bpf(2)` commands).
 
 pub mod compile;
+pub mod daemon;
 pub mod datapath;
+pub mod flows;
+pub mod ifaces;
 pub mod loader;
+pub mod metrics;
 pub mod netns;
 pub mod policy;
-mod sys;
+pub mod state;
+pub(crate) mod sys;
+pub mod worker;
+
+pub use daemon::{Args, run};

@@ -1,6 +1,6 @@
-//! The two `bpf(2)` commands aya 0.14 does not expose publicly: opening a pinned object and
-//! atomically replacing the program behind a link. They are what lets an agent restart (or an
-//! upgrade) swap its programs without ever detaching them.
+//! The `bpf(2)` commands aya 0.14 does not expose publicly: opening a pinned object, atomically
+//! replacing the program behind a link, and reading which interface a tcx link is on. They are
+//! what lets an agent restart (or an upgrade) swap its programs without ever detaching them.
 #![allow(unsafe_code)]
 
 use std::{
@@ -13,6 +13,8 @@ use std::{
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_TCX: u32 = 11;
 
 #[repr(C)]
 #[derive(Default)]
@@ -31,6 +33,29 @@ struct LinkUpdateAttr {
     new_prog_fd: u32,
     flags: u32,
     old_prog_fd: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_link_info` up to the tcx member of its union (which starts at offset 16: the
+/// union holds 64-bit members).
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    type_: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    /// `tcx.ifindex` (0 once the interface is gone).
+    ifindex: u32,
+    attach_type: u32,
+    _rest: [u64; 6],
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
@@ -73,4 +98,33 @@ pub fn link_update(link: impl AsFd, prog: impl AsFd) -> io::Result<()> {
         ..Default::default()
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// The interface a tcx link is attached to; 0 when the interface is gone (the link is defunct).
+pub fn tcx_link_ifindex(link: impl AsFd) -> io::Result<u32> {
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_fd().as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    if info.type_ != BPF_LINK_TYPE_TCX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("link {} is of type {}, not tcx", info.id, info.type_),
+        ));
+    }
+    Ok(info.ifindex)
+}
+
+/// The flow-event ring buffer, registered with the async runtime (it becomes readable when the
+/// kernel submits records).
+pub fn async_ring_buffer(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+) -> io::Result<tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>> {
+    // SAFETY: the ring buffer owns its map's file descriptor (`MapData` holds an `OwnedFd`) and
+    // the `AsyncFd` owns the ring buffer, so the descriptor stays open, and `as_raw_fd` returns
+    // the same one, for as long as the `AsyncFd` exists.
+    unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(io::Error::from)
 }

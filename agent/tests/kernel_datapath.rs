@@ -8,13 +8,9 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
     process::{Command, ExitCode, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -22,7 +18,7 @@ use aya::{
     TestRun, TestRunOptions,
     maps::{MapData, RingBuf},
 };
-use common::{Cgroup, TestDatapath, Topology, sh};
+use common::{Cgroup, Server, TestDatapath, Topology, sh, tcp_try, udp_try};
 use cortexflow_agent::{
     compile::{Backend, DesiredState, Endpoint, Frontend},
     datapath::{Capacity, DatapathError, TcMode, parse_event},
@@ -1047,86 +1043,6 @@ fn restart_reopens_pins() {
 
 // ---- real traffic between network namespaces -----------------------------------------------
 
-/// A TCP and UDP echo server on a thread in a namespace; it answers with its tag and stops on
-/// drop.
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(ns: &common::Netns, port: u16, tag: &'static str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let path = ns.path();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            cortexflow_agent::netns::enter(&path).expect("enter");
-            let tcp = TcpListener::bind(("0.0.0.0", port)).expect("bind tcp");
-            tcp.set_nonblocking(true).expect("nonblocking");
-            let udp = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
-            // The UDP wait doubles as the pause between accept polls.
-            udp.set_read_timeout(Some(Duration::from_millis(1)))
-                .expect("timeout");
-            ready_tx.send(()).expect("ready");
-            let mut buf = [0u8; 64];
-            while !s.load(Ordering::Relaxed) {
-                while let Ok((mut c, _)) = tcp.accept() {
-                    let _ = c.write_all(format!("{tag}\n").as_bytes());
-                }
-
-                if let Ok((_, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(tag.as_bytes(), from);
-                }
-            }
-        });
-        ready_rx.recv().expect("server ready");
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn tcp_try(ns: &common::Netns, dst: Ipv4Addr, port: u16) -> Result<String, std::io::ErrorKind> {
-    ns.run(move || {
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddrV4::new(dst, port).into(),
-            Duration::from_millis(700),
-        )
-        .map_err(|e| e.kind())?;
-        s.set_read_timeout(Some(Duration::from_millis(700)))
-            .map_err(|e| e.kind())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).map_err(|e| e.kind())?;
-        Ok(out.trim().to_string())
-    })
-}
-
-fn udp_try(ns: &common::Netns, dst: Ipv4Addr, port: u16) -> Option<(String, Ipv4Addr)> {
-    ns.run(move || {
-        let s = UdpSocket::bind("0.0.0.0:0").ok()?;
-        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-        s.send_to(b"ping", (dst, port)).ok()?;
-        let mut buf = [0u8; 64];
-        let (n, from) = s.recv_from(&mut buf).ok()?;
-        let from = match from {
-            std::net::SocketAddr::V4(a) => *a.ip(),
-            _ => return None,
-        };
-        Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
-    })
-}
-
 /// A topology of `n` pods with a datapath attached in its node namespace.
 fn topology_with_datapath(n: usize, net: u8, mode: TcMode) -> (Topology, TestDatapath) {
     let topo = Topology::new(n, net);
@@ -1405,9 +1321,9 @@ fn helper(mode: &str) -> ExitCode {
             "tcp" => {
                 let start = Instant::now();
                 match TcpStream::connect_timeout(&target.into(), Duration::from_secs(2)) {
-                    Ok(mut s) => {
+                    Ok(s) => {
                         let mut buf = String::new();
-                        let _ = s.read_to_string(&mut buf);
+                        let _ = BufReader::new(s).read_line(&mut buf);
                         format!("ok {}", buf.trim())
                     }
                     Err(e) => format!("err {:?} {}us", e.kind(), start.elapsed().as_micros()),
@@ -1442,7 +1358,7 @@ fn service_topology(
     vip: Ipv4Addr,
 ) -> (Topology, TestDatapath, Cgroup) {
     let (topo, mut t) = topology_with_datapath(4, net, TcMode::Auto);
-    let cgroup = Cgroup::new();
+    let cgroup = Cgroup::create();
     t.dp().attach_cgroup(&cgroup.path).expect("attach cgroup");
     let mut s = pod_state(&topo, &[]);
     s.services.insert(

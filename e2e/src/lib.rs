@@ -9,13 +9,17 @@
 //! * [`kubectl`]: running the real `kubectl` against a cluster.
 //! * [`harness`]: the e2e test harness (one control plane per test binary, a namespace per test).
 //! * [`process`]: the project's daemons (operator, agent) as real processes.
+//! * [`net`]: network namespaces, veth pairs, cgroups (nodes and pods on one machine).
 //! * [`objects`]: creating nodes, pods with addresses, CortexFlow resources in tests.
 #![forbid(unsafe_code)]
 
 pub mod cluster;
 pub mod harness;
 pub mod kubectl;
+pub mod net;
+pub mod node;
 pub mod objects;
 pub mod pki;
 pub mod process;
+pub mod scripted_operator;
 pub mod tools;

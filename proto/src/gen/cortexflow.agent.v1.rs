@@ -241,6 +241,72 @@ pub struct AgentStatus {
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportStatusResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ObserveRequest {
+    /// Only flows of local pods of this namespace (empty: any).
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    /// Only flows of this local pod (needs `namespace`; empty: any).
+    #[prost(string, tag = "2")]
+    pub pod: ::prost::alloc::string::String,
+    /// Only these verdicts: "allowed", "dropped", "audit" (empty: all).
+    #[prost(string, repeated, tag = "3")]
+    pub verdicts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// "ingress" or "egress" (empty: both).
+    #[prost(string, tag = "4")]
+    pub direction: ::prost::alloc::string::String,
+    /// End the stream after this many flows (0: never).
+    #[prost(uint64, tag = "5")]
+    pub limit: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Flow {
+    /// When the datapath saw it (Unix time, nanoseconds).
+    #[prost(uint64, tag = "1")]
+    pub time_unix_nanos: u64,
+    #[prost(string, tag = "2")]
+    pub node: ::prost::alloc::string::String,
+    /// "ingress" (into the local pod) or "egress" (from it).
+    #[prost(string, tag = "3")]
+    pub direction: ::prost::alloc::string::String,
+    /// "allowed", "dropped" or "audit".
+    #[prost(string, tag = "4")]
+    pub verdict: ::prost::alloc::string::String,
+    /// Why (docs/policy.md lists the reasons), e.g. "policy_allow", "default_deny".
+    #[prost(string, tag = "5")]
+    pub reason: ::prost::alloc::string::String,
+    /// "TCP", "UDP", "ICMP" or the IP protocol number.
+    #[prost(string, tag = "6")]
+    pub protocol: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "7")]
+    pub source: ::core::option::Option<FlowPeer>,
+    #[prost(message, optional, tag = "8")]
+    pub destination: ::core::option::Option<FlowPeer>,
+    /// The rule that decided, when one did.
+    #[prost(message, optional, tag = "9")]
+    pub rule: ::core::option::Option<RuleRef>,
+    /// Flows this stream missed just before this one (a slow reader, or a full ring buffer).
+    #[prost(uint64, tag = "10")]
+    pub lost: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FlowPeer {
+    #[prost(fixed32, tag = "1")]
+    pub ip: u32,
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+    #[prost(uint32, tag = "3")]
+    pub identity: u32,
+    /// The identity's name: "<namespace>/<name>" of a ServiceIdentity or service account, or
+    /// "host", "world", "unknown".
+    #[prost(string, tag = "4")]
+    pub identity_name: ::prost::alloc::string::String,
+    /// Set when the address is a pod of this node.
+    #[prost(string, tag = "5")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub pod: ::prost::alloc::string::String,
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Action {
@@ -716,6 +782,317 @@ pub mod agent_config_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "cortexflow.agent.v1.AgentConfig";
     impl<T> tonic::server::NamedService for AgentConfigServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod flows_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Served by every agent (its `--grpc-addr`): the flow events of its node, as the datapath
+    /// reports them (one per new-flow verdict, one per dropped packet; never one per packet of an
+    /// accepted flow).
+    #[derive(Debug, Clone)]
+    pub struct FlowsClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl FlowsClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> FlowsClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> FlowsClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            FlowsClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Flows as they happen, filtered. Ends after `limit` flows, or when the client goes away.
+        pub async fn observe(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ObserveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::Flow>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cortexflow.agent.v1.Flows/Observe",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("cortexflow.agent.v1.Flows", "Observe"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod flows_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with FlowsServer.
+    #[async_trait]
+    pub trait Flows: std::marker::Send + std::marker::Sync + 'static {
+        /// Server streaming response type for the Observe method.
+        type ObserveStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::Flow, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Flows as they happen, filtered. Ends after `limit` flows, or when the client goes away.
+        async fn observe(
+            &self,
+            request: tonic::Request<super::ObserveRequest>,
+        ) -> std::result::Result<tonic::Response<Self::ObserveStream>, tonic::Status>;
+    }
+    /// Served by every agent (its `--grpc-addr`): the flow events of its node, as the datapath
+    /// reports them (one per new-flow verdict, one per dropped packet; never one per packet of an
+    /// accepted flow).
+    #[derive(Debug)]
+    pub struct FlowsServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> FlowsServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for FlowsServer<T>
+    where
+        T: Flows,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/cortexflow.agent.v1.Flows/Observe" => {
+                    #[allow(non_camel_case_types)]
+                    struct ObserveSvc<T: Flows>(pub Arc<T>);
+                    impl<
+                        T: Flows,
+                    > tonic::server::ServerStreamingService<super::ObserveRequest>
+                    for ObserveSvc<T> {
+                        type Response = super::Flow;
+                        type ResponseStream = T::ObserveStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ObserveRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Flows>::observe(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ObserveSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for FlowsServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "cortexflow.agent.v1.Flows";
+    impl<T> tonic::server::NamedService for FlowsServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

@@ -1,0 +1,322 @@
+//! The datapath thread: owns the [`Datapath`], lives in the node's network namespace, applies
+//! configs, attaches pods' interfaces and retries those not there yet.
+//!
+//! A network namespace is a property of a thread (`setns`), and the async runtime's threads must
+//! stay in the agent's own namespace (that is where the operator and the scrapers reach it). So
+//! everything that names interfaces — route lookups, `if_nametoindex`, TC attachment — runs on
+//! this one thread, which enters the node's namespace once and never leaves it. Map operations
+//! do not depend on the namespace.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use crate::{
+    datapath::{ApplyStats, Counters, Datapath, DatapathError, DatapathOptions},
+    ifaces::{self, Iface},
+    state::Received,
+};
+
+/// Where and how the datapath thread runs.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerOptions {
+    pub datapath: DatapathOptions,
+    /// The node's network namespace (a `/run/netns/<name>` path); `None`: the agent's own.
+    pub netns: Option<PathBuf>,
+    /// The cgroup (v2) whose sockets get Service load balancing; `None`: none.
+    pub cgroup_root: Option<PathBuf>,
+    /// Report allowed new flows too (drops and audit verdicts are always reported).
+    pub events_allowed: bool,
+    /// How often pods whose interface is missing (or changed) are looked up again.
+    pub retry_interval: Duration,
+}
+
+/// The outcome of programming one config.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// Version of the config now in the kernel.
+    pub version: u64,
+    pub stats: ApplyStats,
+    /// Endpoints in the kernel, and those whose interface is not there yet (`ns/name`).
+    pub programmed: usize,
+    pub pending: Vec<String>,
+    pub duration: Duration,
+}
+
+/// Why a config was not programmed (the kernel keeps the previous state).
+#[derive(Clone, Debug)]
+pub struct Refused {
+    pub version: u64,
+    pub error: String,
+    /// A capacity refusal (the config does not fit the maps), as opposed to a failure.
+    pub capacity: bool,
+}
+
+/// Everything the metrics need from the datapath.
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    pub maps: Vec<(&'static str, usize, u32)>,
+    pub conntrack: Option<(usize, u32)>,
+    pub counters: Counters,
+    pub generation: u32,
+}
+
+/// Something the thread did on its own (a retry found an interface, or lost one).
+#[derive(Clone, Debug)]
+pub enum Notice {
+    Reapplied(Result<Applied, Refused>),
+}
+
+enum Cmd {
+    Apply(Arc<Received>, oneshot::Sender<Result<Applied, Refused>>),
+    Usage(bool, oneshot::Sender<Usage>),
+}
+
+/// The handle the async side holds.
+pub struct Worker {
+    tx: mpsc::Sender<Cmd>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// What starting the thread hands back.
+pub struct Started {
+    pub worker: Worker,
+    pub events: RingBuf<MapData>,
+    pub notices: tmpsc::Receiver<Notice>,
+    /// Whether TC programs attach as tcx links.
+    pub tcx: bool,
+}
+
+impl Worker {
+    /// Starts the thread: enters the namespace, opens the datapath (reusing pins), attaches the
+    /// socket programs to the cgroup root. Nothing is written to the maps until the first
+    /// [`Worker::apply`]: after a restart the kernel goes on enforcing what the pins hold.
+    pub fn start(opts: WorkerOptions) -> Result<Started, DatapathError> {
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (notice_tx, notices) = tmpsc::channel(16);
+        let thread = thread::Builder::new()
+            .name("datapath".into())
+            .spawn(move || {
+                let started = (|| {
+                    if let Some(ns) = &opts.netns {
+                        crate::netns::enter(ns).map_err(|e| DatapathError::Io {
+                            context: format!("enter network namespace {}", ns.display()),
+                            source: e,
+                        })?;
+                    }
+                    let mut dp = Datapath::open(opts.datapath.clone())?;
+                    if let Some(cg) = &opts.cgroup_root {
+                        dp.attach_cgroup(cg)?;
+                    }
+                    dp.set_events_allowed(opts.events_allowed)?;
+                    let events = dp.take_events()?;
+                    Ok::<_, DatapathError>((dp, events))
+                })();
+                match started {
+                    Ok((dp, events)) => {
+                        let tcx = dp.uses_tcx();
+                        if ready_tx.send(Ok((events, tcx))).is_err() {
+                            return;
+                        }
+                        Thread::new(dp, opts, notice_tx).run(rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| DatapathError::Io {
+                context: "spawn the datapath thread".into(),
+                source: e,
+            })?;
+        let (events, tcx) = ready_rx
+            .recv()
+            .map_err(|_| DatapathError::Other("the datapath thread died".into()))??;
+        Ok(Started {
+            worker: Worker {
+                tx,
+                thread: Some(thread),
+            },
+            events,
+            notices,
+            tcx,
+        })
+    }
+
+    /// Programs a config; the previous state stays when it is refused.
+    pub async fn apply(&self, r: Arc<Received>) -> Result<Applied, Refused> {
+        let version = r.version;
+        let (tx, rx) = oneshot::channel();
+        let gone = || Refused {
+            version,
+            error: "the datapath thread is gone".into(),
+            capacity: false,
+        };
+        self.tx.send(Cmd::Apply(r, tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Map usage and counters (`conntrack`: also walk the conntrack map).
+    pub async fn usage(&self, conntrack: bool) -> Option<Usage> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Cmd::Usage(conntrack, tx)).ok()?;
+        rx.await.ok()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread; it leaves every pin in place.
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Thread {
+    dp: Datapath,
+    opts: WorkerOptions,
+    notices: tmpsc::Sender<Notice>,
+    /// The last config asked for, and the interfaces it was programmed with.
+    current: Option<Arc<Received>>,
+    resolved: BTreeMap<Ipv4Addr, Iface>,
+}
+
+impl Thread {
+    fn new(dp: Datapath, opts: WorkerOptions, notices: tmpsc::Sender<Notice>) -> Self {
+        Self {
+            dp,
+            opts,
+            notices,
+            current: None,
+            resolved: BTreeMap::new(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        let interval = if self.opts.retry_interval.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            self.opts.retry_interval
+        };
+        loop {
+            match rx.recv_timeout(interval) {
+                Ok(Cmd::Apply(r, reply)) => {
+                    self.current = Some(r);
+                    let _ = reply.send(self.program());
+                }
+                Ok(Cmd::Usage(ct, reply)) => {
+                    let _ = reply.send(self.usage(ct));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => self.retry(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn ips(&self) -> Vec<Ipv4Addr> {
+        self.current
+            .as_ref()
+            .map(|r| r.endpoints.endpoints.iter().map(|e| e.ip).collect())
+            .unwrap_or_default()
+    }
+
+    /// Re-resolves the interfaces; programs again when any changed.
+    fn retry(&mut self) {
+        if self.current.is_none() {
+            return;
+        }
+        let Ok(now) = ifaces::resolve(self.ips()) else {
+            return;
+        };
+        if now != self.resolved {
+            let r = self.program();
+            let _ = self.notices.try_send(Notice::Reapplied(r));
+        }
+    }
+
+    fn program(&mut self) -> Result<Applied, Refused> {
+        let start = Instant::now();
+        let Some(r) = self.current.clone() else {
+            return Err(Refused {
+                version: 0,
+                error: "no config".into(),
+                capacity: false,
+            });
+        };
+        let refused = |error: String, capacity: bool| Refused {
+            version: r.version,
+            error,
+            capacity,
+        };
+        let resolved = ifaces::resolve(self.ips())
+            .map_err(|e| refused(format!("read the node's routes: {e}"), false))?;
+        let (desired, pending) = r.desired(|e| resolved.get(&e.ip).map(|i| i.index));
+        let stats = self.dp.apply(&desired).map_err(|e| {
+            let capacity = matches!(e, DatapathError::Capacity { .. });
+            refused(e.to_string(), capacity)
+        })?;
+        // The endpoints are in the maps: attach their interfaces (idempotent), and detach the
+        // interfaces of pods that are gone.
+        let mut pending: Vec<String> = pending
+            .iter()
+            .map(|e| format!("{}/{}", e.namespace, e.name))
+            .collect();
+        let mut attached = BTreeSet::new();
+        for e in &r.endpoints.endpoints {
+            let Some(i) = resolved.get(&e.ip) else {
+                continue;
+            };
+            match self.dp.attach_interface(&i.name) {
+                Ok(()) => {
+                    attached.insert(i.name.clone());
+                }
+                Err(err) => {
+                    tracing::warn!(pod = %format!("{}/{}", e.namespace, e.name), interface = %i.name, error = %err, "attach failed; retrying");
+                    pending.push(format!("{}/{}", e.namespace, e.name));
+                }
+            }
+        }
+        for name in self.dp.attached_interfaces() {
+            if !attached.contains(&name)
+                && let Err(e) = self.dp.detach_interface(&name)
+            {
+                tracing::warn!(interface = %name, error = %e, "detach failed");
+            }
+        }
+        // A failed attach is retried at the next tick: forget that interface.
+        self.resolved = resolved
+            .into_iter()
+            .filter(|(_, i)| attached.contains(&i.name))
+            .collect();
+        Ok(Applied {
+            version: r.version,
+            stats,
+            programmed: attached.len(),
+            pending,
+            duration: start.elapsed(),
+        })
+    }
+
+    fn usage(&mut self, conntrack: bool) -> Usage {
+        Usage {
+            maps: self.dp.map_usage(),
+            conntrack: conntrack
+                .then(|| self.dp.conntrack_entries().ok())
+                .flatten()
+                .map(|n| (n, self.opts.datapath.capacity.conntrack)),
+            counters: self.dp.counters().unwrap_or_default(),
+            generation: self.dp.generation(),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! A node on one machine: pods in network namespaces routed by a node namespace
+//! ([`Topology`]), a cgroup for socket load balancing, a bpffs pin directory, and the real
+//! `cortexflow-agent` process programming them. Several run side by side (each has its own
+//! namespace, cgroup, pins and ports). On drop the agent is killed, the pins are removed with
+//! `cortexflow-agent --uninstall` (detaching every program), then the cgroup and the namespaces
+//! go.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    net::{Cgroup, Topology, unique},
+    process::{Daemon, free_port, http_get},
+};
+
+/// A pin directory, uninstalled on drop.
+struct Pins {
+    dir: PathBuf,
+    agent_bin: PathBuf,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.agent_bin)
+            .arg("--uninstall")
+            .arg("--pin-dir")
+            .arg(&self.dir)
+            .env("CORTEXFLOW_LOG", "warn")
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A node and its agent. Fields drop in order: the agent first, then the pins, the cgroup and
+/// the namespaces.
+pub struct AgentNode {
+    agent: Option<Daemon>,
+    pins: Pins,
+    pub cgroup: Cgroup,
+    pub topo: Topology,
+    /// Kubernetes node name the agent serves.
+    pub name: String,
+    /// Agent logs, `agent-<n>.log` for the n-th start (removed on drop).
+    pub logs: PathBuf,
+    /// The agent's `Flows` gRPC and admin (metrics, health) addresses.
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    starts: usize,
+    extra_args: Vec<String>,
+}
+
+impl AgentNode {
+    /// A node `name` with `pods` pods at 10.<net>.0.2 … (see [`Topology::new`]); `extra_args`
+    /// go to every agent started on it.
+    pub fn new(
+        agent_bin: &Path,
+        name: &str,
+        pods: usize,
+        net: u8,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let topo = Topology::new(pods, net);
+        let cgroup = Cgroup::create();
+        let pins = Pins {
+            dir: PathBuf::from("/sys/fs/bpf").join(unique("cftest-")),
+            agent_bin: agent_bin.to_path_buf(),
+        };
+        let logs = std::env::temp_dir().join(unique("cftest-logs-"));
+        std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
+        Ok(Self {
+            agent: None,
+            pins,
+            cgroup,
+            topo,
+            name: name.to_string(),
+            logs,
+            grpc: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            starts: 0,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    /// The bpffs directory of the node's maps and links.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.dir
+    }
+
+    /// Starts an agent subscribed to `operator` (an `http://` URL).
+    pub fn start_agent(&mut self, operator: &str) -> anyhow::Result<()> {
+        if self.agent.is_some() {
+            bail!("an agent already runs on {}", self.name);
+        }
+        self.starts += 1;
+        let mut args: Vec<String> = [
+            "--node-name",
+            &self.name,
+            "--operator",
+            operator,
+            "--grpc-addr",
+            &self.grpc.to_string(),
+            "--admin-addr",
+            &self.admin.to_string(),
+            "--pin-dir",
+            &self.pins.dir.to_string_lossy(),
+            "--cgroup-root",
+            &self.cgroup.path.to_string_lossy(),
+            "--netns",
+            &self.topo.node.path().to_string_lossy(),
+            "--report-interval-secs",
+            "1",
+            "--max-backoff-ms",
+            "500",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(self.extra_args.iter().cloned());
+        self.agent = Some(Daemon::start(
+            "agent",
+            &self.pins.agent_bin,
+            &args,
+            &[("RUST_LOG", "info".into())],
+            self.log_path(self.starts),
+        )?);
+        Ok(())
+    }
+
+    /// The running agent. Panics when none runs.
+    pub fn agent(&mut self) -> &mut Daemon {
+        self.agent.as_mut().expect("no agent runs on this node")
+    }
+
+    /// Stops the agent: SIGTERM when `graceful` (else SIGKILL). Returns whether a graceful stop
+    /// exited with success.
+    pub fn stop_agent(&mut self, graceful: bool) -> bool {
+        match self.agent.take() {
+            Some(mut a) if graceful => a.stop(Duration::from_secs(10)).is_some_and(|s| s.success()),
+            Some(mut a) => {
+                a.kill();
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// The log of the n-th agent started here.
+    pub fn log_path(&self, n: usize) -> PathBuf {
+        self.logs.join(format!("agent-{n}.log"))
+    }
+
+    /// How many agents were started here.
+    pub fn starts(&self) -> usize {
+        self.starts
+    }
+
+    /// GET on the admin server; `None` while it does not answer.
+    pub async fn admin(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.admin, path).await.ok()
+    }
+
+    /// Waits until `/readyz` answers 200 (the first config is in the kernel).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((200, _)) = self.admin("/readyz").await {
+                return Ok(());
+            }
+            let agent = self.agent();
+            if !agent.running() {
+                bail!("the agent exited:\n{}", agent.log_tail(30));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent is not ready after {timeout:?}:\n{}",
+                    agent.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for AgentNode {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(a) = &self.agent
+        {
+            eprintln!("---- agent log ({}) ----\n{}", self.name, a.log_tail(40));
+        }
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
