@@ -238,6 +238,9 @@ pub struct Datapath {
     maps: Maps,
     opts: DatapathOptions,
     tcx: bool,
+    /// Interfaces this datapath attached its programs to (name → ifindex): attaching again is
+    /// a no-op until the interface changes.
+    attached: std::collections::HashMap<String, u32>,
     alloc: Allocator,
     installed: MapContents,
     config: DatapathConfig,
@@ -293,6 +296,7 @@ impl Datapath {
             maps,
             opts,
             tcx,
+            attached: Default::default(),
             alloc: Allocator::default(),
             installed: MapContents::default(),
             config,
@@ -362,17 +366,79 @@ impl Datapath {
     /// sends; egress hook: what it receives). Idempotent; on a restart the new programs replace
     /// the old ones atomically.
     pub fn attach_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        for (name, hook) in [
-            (programs::FROM_POD, TcAttachType::Ingress),
-            (programs::TO_POD, TcAttachType::Egress),
-        ] {
-            if self.tcx {
-                self.attach_tcx(ifname, name, hook)?;
-            } else {
-                self.attach_clsact(ifname, name, hook)?;
-            }
-        }
-        Ok(())
+        let name = ifname.to_string();
+        self.attach_interfaces(std::slice::from_ref(&name))
+            .pop()
+            .map_or(Ok(()), |(_, r)| r)
+    }
+
+    /// [`Datapath::attach_interface`] for many interfaces, with one result per interface.
+    ///
+    /// Creating a tcx link (or a clsact filter) waits for an RCU grace period under the RTNL
+    /// lock, about 10 ms per hook on a typical kernel, and the lock serialises them: a node's
+    /// first config with a hundred pods spends most of its time here (nodes that run with
+    /// `/sys/kernel/rcu_expedited` set do not). Interfaces attached once by this process are
+    /// skipped, so later configs pay nothing.
+    pub fn attach_interfaces(
+        &mut self,
+        ifnames: &[String],
+    ) -> Vec<(String, Result<(), DatapathError>)> {
+        ifnames
+            .iter()
+            .map(|name| {
+                let ifindex = nix::net::if_::if_nametoindex(name.as_str()).unwrap_or(0);
+                if ifindex == 0 {
+                    self.attached.remove(name);
+                    let e = DatapathError::Other(format!("no interface {name}"));
+                    return (name.clone(), Err(e));
+                }
+                // Once per interface and process: the first attach after a restart swaps this
+                // process's programs into the pinned links; later ones would only repeat that.
+                if self.attached.get(name) == Some(&ifindex) {
+                    return (name.clone(), Ok(()));
+                }
+                self.attached.remove(name);
+                let r = [
+                    (programs::FROM_POD, TcAttachType::Ingress),
+                    (programs::TO_POD, TcAttachType::Egress),
+                ]
+                .into_iter()
+                .try_for_each(|(prog, hook)| {
+                    if self.tcx {
+                        self.attach_tcx(name, ifindex, prog, hook)
+                    } else {
+                        self.attach_clsact(name, prog, hook)
+                    }
+                });
+                if r.is_ok() {
+                    self.attached.insert(name.clone(), ifindex);
+                }
+                (name.clone(), r)
+            })
+            .collect()
+    }
+
+    fn attach_tcx(
+        &self,
+        ifname: &str,
+        ifindex: u32,
+        name: &str,
+        hook: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        let p: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| DatapathError::Other(format!("program {name} missing")))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        let prog = p.fd().map_err(prog_err(name))?;
+        attach_tcx_link(
+            prog,
+            ifindex,
+            hook == TcAttachType::Ingress,
+            &self.tc_pin(ifname, hook),
+        )
+        .map_err(io_err(format!("attach {name} to {ifname}")))
     }
 
     /// `links/tc/<hook>-<ifname>`. bpffs refuses names with a dot, which interface names may
@@ -387,38 +453,6 @@ impl Datapath {
             .pin_dir
             .join("links/tc")
             .join(format!("{h}-{}", ifname.replace('.', ":")))
-    }
-
-    fn attach_tcx(
-        &mut self,
-        ifname: &str,
-        name: &str,
-        hook: TcAttachType,
-    ) -> Result<(), DatapathError> {
-        let pin = self.tc_pin(ifname, hook);
-        let p: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        if pin.exists() {
-            let link = sys::obj_get(&pin)
-                .map_err(io_err(format!("open pinned link {}", pin.display())))?;
-            let current = nix::net::if_::if_nametoindex(ifname).unwrap_or(0);
-            let on = sys::tcx_link_ifindex(&link).unwrap_or(0);
-            let prog = p.fd().map_err(prog_err(name))?;
-            if on != 0 && on == current && sys::link_update(&link, prog).is_ok() {
-                return Ok(());
-            }
-            // The interface went away (and with it the link); a new one may have its name.
-            fs::remove_file(&pin).map_err(io_err(format!("remove stale {}", pin.display())))?;
-        }
-        let id = p
-            .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(Default::default()))
-            .map_err(prog_err(format!("attach {name} to {ifname}")))?;
-        let link = p.take_link(id).map_err(prog_err(name))?;
-        let link: FdLink = link
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| DatapathError::Other(e.to_string()))?;
-        link.pin(&pin)
-            .map_err(|e| DatapathError::Other(format!("pin {}: {e:?}", pin.display())))?;
-        Ok(())
     }
 
     fn attach_clsact(
@@ -455,6 +489,7 @@ impl Datapath {
 
     /// Detaches the policy programs from an interface (when its pod goes away).
     pub fn detach_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attached.remove(ifname);
         for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
             if self.tcx {
                 let pin = self.tc_pin(ifname, hook);
@@ -599,10 +634,13 @@ impl Datapath {
         self.check_capacity(&want)?;
         let have = std::mem::take(&mut self.installed);
         let mut stats = ApplyStats::default();
-        let result = self.write_diff(&have, &want, &mut stats);
-        // Whatever happened, learn what the kernel holds now.
-        self.installed = self.read_installed()?;
-        result?;
+        if let Err(e) = self.write_diff(&have, &want, &mut stats) {
+            // Partly written: learn what the kernel holds now.
+            self.installed = self.read_installed()?;
+            return Err(e);
+        }
+        // Only the agent writes these maps: they hold what it wrote.
+        self.installed = want;
         alloc.retain_used(desired);
         self.alloc = alloc;
         Ok(stats)
@@ -851,6 +889,28 @@ where
         .program_mut(name)
         .ok_or_else(|| DatapathError::Other(format!("program {name} missing from the object")))?;
     p.try_into().map_err(prog_err(format!("program {name}")))
+}
+
+/// Makes the tcx link pinned at `pin` run `prog` on interface `ifindex`: swaps the program into
+/// the pinned link when it is on that interface (a restart), else creates and pins a new link
+/// (replacing a pin whose interface went away).
+fn attach_tcx_link(
+    prog: impl std::os::fd::AsFd,
+    ifindex: u32,
+    ingress: bool,
+    pin: &Path,
+) -> io::Result<()> {
+    if pin.exists() {
+        let link = sys::obj_get(pin)?;
+        let on = sys::tcx_link_ifindex(&link).unwrap_or(0);
+        if on != 0 && on == ifindex && sys::link_update(&link, prog.as_fd()).is_ok() {
+            return Ok(());
+        }
+        // The interface went away (and with it the link); a new one may have its name.
+        fs::remove_file(pin)?;
+    }
+    let link = sys::tcx_link_create(prog.as_fd(), ifindex, ingress)?;
+    sys::obj_pin(&link, pin)
 }
 
 fn read_counters(map: &PerCpuArray<MapData, Counter>) -> Result<Counters, DatapathError> {

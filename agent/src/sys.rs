@@ -1,6 +1,8 @@
-//! The `bpf(2)` commands aya 0.14 does not expose publicly: opening a pinned object, atomically
-//! replacing the program behind a link, and reading which interface a tcx link is on. They are
-//! what lets an agent restart (or an upgrade) swap its programs without ever detaching them.
+//! The `bpf(2)` commands aya 0.14 does not expose publicly, or not without `&mut` access to the
+//! program: opening and pinning objects, creating a tcx link from a program's descriptor,
+//! atomically replacing the program behind a link, and reading which interface a tcx link is
+//! on. They are what lets an
+//! agent restart (or an upgrade) swap its programs without ever detaching them.
 #![allow(unsafe_code)]
 
 use std::{
@@ -11,7 +13,11 @@ use std::{
     path::Path,
 };
 
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_TCX: u32 = 11;
@@ -24,6 +30,19 @@ struct ObjGetAttr {
     file_flags: u32,
     path_fd: i32,
     _pad: u32,
+}
+
+/// `link_create` of `union bpf_attr`, with the `tcx` member of its inner union.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
 }
 
 #[repr(C)]
@@ -86,6 +105,36 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: on success BPF_OBJ_GET returns a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a bpffs object (a link, here) at `path`.
+pub fn obj_pin(fd: impl AsFd, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Attaches `prog` to interface `ifindex` (of the calling thread's network namespace) as a tcx
+/// link, after the programs already there: ingress is what the interface receives.
+pub fn tcx_link_create(prog: impl AsFd, ifindex: u32, ingress: bool) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_fd().as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: if ingress {
+            BPF_TCX_INGRESS
+        } else {
+            BPF_TCX_EGRESS
+        },
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: on success BPF_LINK_CREATE returns a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 

@@ -272,18 +272,26 @@ impl Thread {
             .iter()
             .map(|e| format!("{}/{}", e.namespace, e.name))
             .collect();
+        let pods: BTreeMap<String, String> = r
+            .endpoints
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let i = resolved.get(&e.ip)?;
+                Some((i.name.clone(), format!("{}/{}", e.namespace, e.name)))
+            })
+            .collect();
+        let names: Vec<String> = pods.keys().cloned().collect();
         let mut attached = BTreeSet::new();
-        for e in &r.endpoints.endpoints {
-            let Some(i) = resolved.get(&e.ip) else {
-                continue;
-            };
-            match self.dp.attach_interface(&i.name) {
+        for (name, result) in self.dp.attach_interfaces(&names) {
+            let pod = pods.get(&name).cloned().unwrap_or_default();
+            match result {
                 Ok(()) => {
-                    attached.insert(i.name.clone());
+                    attached.insert(name);
                 }
                 Err(err) => {
-                    tracing::warn!(pod = %format!("{}/{}", e.namespace, e.name), interface = %i.name, error = %err, "attach failed; retrying");
-                    pending.push(format!("{}/{}", e.namespace, e.name));
+                    tracing::warn!(%pod, interface = %name, error = %err, "attach failed; retrying");
+                    pending.push(pod);
                 }
             }
         }

@@ -36,6 +36,21 @@ pub enum Bench {
         #[arg(long, default_value_t = 100)]
         changes: usize,
     },
+    /// The agent process on a node of 110 pods with a 50 000-entry cluster ipcache, fed by a
+    /// scripted operator: memory (idle and with the config), full-config and one-policy-change
+    /// apply times, resync and restart. Needs root.
+    Agent {
+        /// Also write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 110)]
+        pods: usize,
+        #[arg(long, default_value_t = 50_000)]
+        ipcache: u32,
+        /// One-policy changes measured.
+        #[arg(long, default_value_t = 30)]
+        changes: usize,
+    },
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
@@ -45,71 +60,78 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             json,
             seconds,
             rounds,
-        } => {
-            let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            c.current_dir(crate::workspace_root())
-                .args([
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "cortexflow-agent",
-                    "--example",
-                    "bench_datapath",
-                    "--",
-                ])
-                .args([
-                    "--seconds",
-                    &seconds.to_string(),
-                    "--rounds",
-                    &rounds.to_string(),
-                ]);
-            if let Some(j) = json {
-                let j = if j.is_absolute() {
-                    j
-                } else {
-                    std::env::current_dir()?.join(j)
-                };
-                c.arg("--json").arg(j);
-            }
-            run::cmd(&mut c)
-        }
+        } => example(
+            "cortexflow-agent",
+            "bench_datapath",
+            &[
+                ("--seconds", seconds.to_string()),
+                ("--rounds", rounds.to_string()),
+            ],
+            json,
+        ),
         Bench::Propagation {
             json,
             nodes,
             pods,
             changes,
-        } => {
-            let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            c.current_dir(crate::workspace_root())
-                .env("CORTEXFLOW_BUILD_PROFILE", "release")
-                .args([
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "cortexflow-e2e",
-                    "--example",
-                    "bench_propagation",
-                    "--",
-                ])
-                .args([
-                    "--nodes",
-                    &nodes.to_string(),
-                    "--pods",
-                    &pods.to_string(),
-                    "--changes",
-                    &changes.to_string(),
-                ]);
-            if let Some(j) = json {
-                let j = if j.is_absolute() {
-                    j
-                } else {
-                    std::env::current_dir()?.join(j)
-                };
-                c.arg("--json").arg(j);
-            }
-            run::cmd(&mut c)
-        }
+        } => example(
+            "cortexflow-e2e",
+            "bench_propagation",
+            &[
+                ("--nodes", nodes.to_string()),
+                ("--pods", pods.to_string()),
+                ("--changes", changes.to_string()),
+            ],
+            json,
+        ),
+        Bench::Agent {
+            json,
+            pods,
+            ipcache,
+            changes,
+        } => example(
+            "cortexflow-agent",
+            "bench_agent",
+            &[
+                ("--pods", pods.to_string()),
+                ("--ipcache", ipcache.to_string()),
+                ("--changes", changes.to_string()),
+            ],
+            json,
+        ),
     }
+}
+
+/// Runs a benchmark example in release mode (the daemons it starts are release builds too).
+fn example(
+    package: &str,
+    example: &str,
+    args: &[(&str, String)],
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(crate::workspace_root())
+        .env("CORTEXFLOW_BUILD_PROFILE", "release")
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            package,
+            "--example",
+            example,
+            "--",
+        ]);
+    for (flag, value) in args {
+        c.arg(flag).arg(value);
+    }
+    if let Some(j) = json {
+        let j = if j.is_absolute() {
+            j
+        } else {
+            std::env::current_dir()?.join(j)
+        };
+        c.arg("--json").arg(j);
+    }
+    run::cmd(&mut c)
 }

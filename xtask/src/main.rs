@@ -7,7 +7,7 @@
 //! * `crdgen`  — write the CRD YAML of the chart from the Rust types.
 //! * `protogen` — regenerate the checked-in gRPC code from the `.proto` files.
 //! * `lab`     — a local mesh on a real control plane (arrives with the lab issue).
-//! * `bench`   — benchmarks (`bench datapath`).
+//! * `bench`   — benchmarks (`bench datapath`, `bench propagation`, `bench agent`).
 #![forbid(unsafe_code)]
 
 mod bench;
