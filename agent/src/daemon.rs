@@ -509,14 +509,16 @@ fn applied(ctx: &Ctx, r: &Received, a: Applied) {
     m.configs.add(1, &[KeyValue::new("result", "applied")]);
     m.apply_duration.record(a.duration.as_secs_f64(), &[]);
     m.config_version.record(a.version, &[]);
-    m.endpoints
-        .record(a.programmed as u64, &[KeyValue::new("state", "programmed")]);
+    m.endpoints.record(
+        a.programmed.len() as u64,
+        &[KeyValue::new("state", "programmed")],
+    );
     m.endpoints
         .record(a.pending.len() as u64, &[KeyValue::new("state", "pending")]);
     if a.pending.is_empty() {
         tracing::info!(
             version = a.version,
-            endpoints = a.programmed,
+            endpoints = a.programmed.len(),
             written = a.stats.written,
             deleted = a.stats.deleted,
             generation_bumped = a.stats.generation_bumped,
@@ -526,7 +528,7 @@ fn applied(ctx: &Ctx, r: &Received, a: Applied) {
     } else {
         tracing::info!(
             version = a.version,
-            endpoints = a.programmed,
+            endpoints = a.programmed.len(),
             pending = ?a.pending,
             ms = a.duration.as_secs_f64() * 1e3,
             "config programmed; some pods' interfaces are not there yet (retried every second)"
@@ -536,6 +538,7 @@ fn applied(ctx: &Ctx, r: &Received, a: Applied) {
         rep.status.applied_version = a.version;
         rep.status.failed = None;
         rep.status.policies = r.policies();
+        rep.status.programmed = a.programmed.into_iter().collect();
     });
 }
 

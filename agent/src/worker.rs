@@ -44,8 +44,8 @@ pub struct Applied {
     /// Version of the config now in the kernel.
     pub version: u64,
     pub stats: ApplyStats,
-    /// Endpoints in the kernel, and those whose interface is not there yet (`ns/name`).
-    pub programmed: usize,
+    /// Endpoints in the kernel (`ns/name`), and those whose interface is not there yet.
+    pub programmed: Vec<String>,
     pub pending: Vec<String>,
     pub duration: Duration,
 }
@@ -283,11 +283,13 @@ impl Thread {
             .collect();
         let names: Vec<String> = pods.keys().cloned().collect();
         let mut attached = BTreeSet::new();
+        let mut programmed = Vec::new();
         for (name, result) in self.dp.attach_interfaces(&names) {
             let pod = pods.get(&name).cloned().unwrap_or_default();
             match result {
                 Ok(()) => {
                     attached.insert(name);
+                    programmed.push(pod);
                 }
                 Err(err) => {
                     tracing::warn!(%pod, interface = %name, error = %err, "attach failed; retrying");
@@ -310,7 +312,7 @@ impl Thread {
         Ok(Applied {
             version: r.version,
             stats,
-            programmed: attached.len(),
+            programmed,
             pending,
             duration: start.elapsed(),
         })

@@ -16,10 +16,12 @@
 pub mod cluster;
 pub mod harness;
 pub mod kubectl;
+pub mod lab;
 pub mod net;
 pub mod node;
 pub mod objects;
 pub mod pki;
 pub mod process;
 pub mod scripted_operator;
+pub mod sim;
 pub mod tools;

@@ -63,7 +63,14 @@ pub fn sweep_stale() {
     }
     for cg in names(CGROUP2_ROOT) {
         if owner_gone(&cg) {
-            let _ = std::fs::remove_dir(Path::new(CGROUP2_ROOT).join(cg));
+            // A lab node's cgroup holds its pods' cgroups.
+            let dir = Path::new(CGROUP2_ROOT).join(cg);
+            for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if sub.path().is_dir() {
+                    let _ = std::fs::remove_dir(sub.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
@@ -168,50 +175,7 @@ impl Topology {
             let ns = Netns::new("cfp");
             let ip = Ipv4Addr::new(10, net, 0, 2 + i as u8);
             let host_if = format!("cfv{i}");
-            sh(&[
-                "ip", "link", "add", &host_if, "netns", &node.name, "type", "veth", "peer", "name",
-                "eth0", "netns", &ns.name,
-            ]);
-            node.ip(&["link", "set", &host_if, "up"]);
-            node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if]);
-            ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-            ns.ip(&["link", "set", "eth0", "up"]);
-            ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"]);
-            ns.ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ]);
-            let link = node.ip(&["-o", "link", "show", &host_if]);
-            let ifindex: u32 = link
-                .split(':')
-                .next()
-                .unwrap_or("0")
-                .trim()
-                .parse()
-                .expect("ifindex");
-            let mac = link
-                .split_whitespace()
-                .skip_while(|w| *w != "link/ether")
-                .nth(1)
-                .expect("host veth mac")
-                .to_string();
-            // The gateway is the host side of the veth, resolved statically.
-            ns.ip(&[
-                "neigh",
-                "replace",
-                "169.254.1.1",
-                "lladdr",
-                &mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ]);
+            let ifindex = wire_pod(&node, &ns, ip, &host_if);
             pods.push(Pod {
                 ns,
                 ip,
@@ -225,6 +189,58 @@ impl Topology {
             node_ip,
         }
     }
+}
+
+/// Wires a pod's namespace to its node's as a routed CNI does: a veth whose host side
+/// (`host_if`) stays in the node with a /32 route to `ip`, the pod side `eth0` with `ip`/32 and a
+/// default route via a link-local gateway resolved statically to the host side. Returns the
+/// host side's ifindex.
+pub fn wire_pod(node: &Netns, pod: &Netns, ip: Ipv4Addr, host_if: &str) -> u32 {
+    sh(&[
+        "ip", "link", "add", host_if, "netns", &node.name, "type", "veth", "peer", "name", "eth0",
+        "netns", &pod.name,
+    ]);
+    node.ip(&["link", "set", host_if, "up"]);
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_if]);
+    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0"]);
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
+    let link = node.ip(&["-o", "link", "show", host_if]);
+    let ifindex: u32 = link
+        .split(':')
+        .next()
+        .unwrap_or("0")
+        .trim()
+        .parse()
+        .expect("ifindex");
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("host veth mac")
+        .to_string();
+    // The gateway is the host side of the veth, resolved statically.
+    pod.ip(&[
+        "neigh",
+        "replace",
+        "169.254.1.1",
+        "lladdr",
+        &mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    ifindex
 }
 
 /// A cgroup v2 directory under the unified hierarchy, removed on drop (its processes are moved

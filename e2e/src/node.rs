@@ -1,9 +1,9 @@
-//! A node on one machine: pods in network namespaces routed by a node namespace
-//! ([`Topology`]), a cgroup for socket load balancing, a bpffs pin directory, and the real
-//! `cortexflow-agent` process programming them. Several run side by side (each has its own
-//! namespace, cgroup, pins and ports). On drop the agent is killed, the pins are removed with
-//! `cortexflow-agent --uninstall` (detaching every program), then the cgroup and the namespaces
-//! go.
+//! The real `cortexflow-agent` process for a node on one machine ([`Agent`]: its pin directory,
+//! ports and logs), and a ready-made node for it ([`AgentNode`]: pods in network namespaces
+//! routed by a node namespace, a cgroup for socket load balancing). Several run side by side
+//! (each has its own namespace, cgroup, pins and ports). On drop the agent is killed, the pins
+//! are removed with `cortexflow-agent --uninstall` (detaching every program), then the cgroup
+//! and the namespaces go.
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -36,15 +36,15 @@ impl Drop for Pins {
     }
 }
 
-/// A node and its agent. Fields drop in order: the agent first, then the pins, the cgroup and
-/// the namespaces.
-pub struct AgentNode {
-    agent: Option<Daemon>,
+/// The agent of one node: started, stopped and restarted on demand; its pins are uninstalled on
+/// drop.
+pub struct Agent {
+    daemon: Option<Daemon>,
     pins: Pins,
-    pub cgroup: Cgroup,
-    pub topo: Topology,
     /// Kubernetes node name the agent serves.
     pub name: String,
+    netns: PathBuf,
+    cgroup: PathBuf,
     /// Agent logs, `agent-<n>.log` for the n-th start (removed on drop).
     pub logs: PathBuf,
     /// The agent's `Flows` gRPC and admin (metrics, health) addresses.
@@ -54,18 +54,16 @@ pub struct AgentNode {
     extra_args: Vec<String>,
 }
 
-impl AgentNode {
-    /// A node `name` with `pods` pods at 10.<net>.0.2 … (see [`Topology::new`]); `extra_args`
-    /// go to every agent started on it.
+impl Agent {
+    /// An agent for node `name` whose network namespace is at `netns` and whose pods' cgroups
+    /// are under `cgroup`; `extra_args` go to every start. Not started yet.
     pub fn new(
         agent_bin: &Path,
         name: &str,
-        pods: usize,
-        net: u8,
+        netns: &Path,
+        cgroup: &Path,
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
-        let topo = Topology::new(pods, net);
-        let cgroup = Cgroup::create();
         let pins = Pins {
             dir: PathBuf::from("/sys/fs/bpf").join(unique("cftest-")),
             agent_bin: agent_bin.to_path_buf(),
@@ -73,11 +71,11 @@ impl AgentNode {
         let logs = std::env::temp_dir().join(unique("cftest-logs-"));
         std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
         Ok(Self {
-            agent: None,
+            daemon: None,
             pins,
-            cgroup,
-            topo,
             name: name.to_string(),
+            netns: netns.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
             logs,
             grpc: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             admin: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
@@ -93,7 +91,7 @@ impl AgentNode {
 
     /// Starts an agent subscribed to `operator` (an `http://` URL).
     pub fn start_agent(&mut self, operator: &str) -> anyhow::Result<()> {
-        if self.agent.is_some() {
+        if self.daemon.is_some() {
             bail!("an agent already runs on {}", self.name);
         }
         self.starts += 1;
@@ -109,9 +107,9 @@ impl AgentNode {
             "--pin-dir",
             &self.pins.dir.to_string_lossy(),
             "--cgroup-root",
-            &self.cgroup.path.to_string_lossy(),
+            &self.cgroup.to_string_lossy(),
             "--netns",
-            &self.topo.node.path().to_string_lossy(),
+            &self.netns.to_string_lossy(),
             "--report-interval-secs",
             "1",
             "--max-backoff-ms",
@@ -121,8 +119,8 @@ impl AgentNode {
         .map(|s| s.to_string())
         .collect();
         args.extend(self.extra_args.iter().cloned());
-        self.agent = Some(Daemon::start(
-            "agent",
+        self.daemon = Some(Daemon::start(
+            &format!("agent-{}", self.name),
             &self.pins.agent_bin,
             &args,
             &[("RUST_LOG", "info".into())],
@@ -133,13 +131,18 @@ impl AgentNode {
 
     /// The running agent. Panics when none runs.
     pub fn agent(&mut self) -> &mut Daemon {
-        self.agent.as_mut().expect("no agent runs on this node")
+        self.daemon.as_mut().expect("no agent runs on this node")
+    }
+
+    /// Whether an agent process runs.
+    pub fn running(&mut self) -> bool {
+        self.daemon.as_mut().is_some_and(Daemon::running)
     }
 
     /// Stops the agent: SIGTERM when `graceful` (else SIGKILL). Returns whether a graceful stop
     /// exited with success.
     pub fn stop_agent(&mut self, graceful: bool) -> bool {
-        match self.agent.take() {
+        match self.daemon.take() {
             Some(mut a) if graceful => a.stop(Duration::from_secs(10)).is_some_and(|s| s.success()),
             Some(mut a) => {
                 a.kill();
@@ -186,16 +189,58 @@ impl AgentNode {
     }
 }
 
-impl Drop for AgentNode {
+impl Drop for Agent {
     fn drop(&mut self) {
         if std::thread::panicking()
-            && let Some(a) = &self.agent
+            && let Some(a) = &self.daemon
         {
             eprintln!("---- agent log ({}) ----\n{}", self.name, a.log_tail(40));
         }
-        if let Some(mut a) = self.agent.take() {
+        if let Some(mut a) = self.daemon.take() {
             a.kill();
         }
         let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
+
+/// A node made of a [`Topology`] and a cgroup, with its [`Agent`] (reached through `Deref`).
+/// Fields drop in order: the agent (and its pins) first, then the cgroup and the namespaces.
+pub struct AgentNode {
+    agent: Agent,
+    pub cgroup: Cgroup,
+    pub topo: Topology,
+}
+
+impl AgentNode {
+    /// A node `name` with `pods` pods at 10.<net>.0.2 … (see [`Topology::new`]); `extra_args`
+    /// go to every agent started on it.
+    pub fn new(
+        agent_bin: &Path,
+        name: &str,
+        pods: usize,
+        net: u8,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let topo = Topology::new(pods, net);
+        let cgroup = Cgroup::create();
+        let agent = Agent::new(agent_bin, name, &topo.node.path(), &cgroup.path, extra_args)?;
+        Ok(Self {
+            agent,
+            cgroup,
+            topo,
+        })
+    }
+}
+
+impl std::ops::Deref for AgentNode {
+    type Target = Agent;
+    fn deref(&self) -> &Agent {
+        &self.agent
+    }
+}
+
+impl std::ops::DerefMut for AgentNode {
+    fn deref_mut(&mut self) -> &mut Agent {
+        &mut self.agent
     }
 }

@@ -201,6 +201,12 @@ async fn report(addr: SocketAddr, node: &str, config: &NodeConfig) -> anyhow::Re
             .flat_map(|e| &e.policies)
             .map(v1::PolicyGeneration::from)
             .collect(),
+        programmed: config
+            .endpoints
+            .iter()
+            .flat_map(|e| &e.endpoints)
+            .map(|e| format!("{}/{}", e.namespace, e.name))
+            .collect(),
     };
     client
         .report_status(tokio_stream::iter(vec![status]))

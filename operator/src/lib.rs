@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod index;
 pub mod lease;
 pub mod metrics;
+pub mod readiness;
 pub mod status;
 pub mod store;
 
@@ -189,6 +190,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             controller: "cortexflow-operator".into(),
             instance: Some(identity.clone()),
         },
+        leadership.clone(),
+        shutdown.clone(),
+    ));
+
+    tokio::spawn(readiness::run(
+        client.clone(),
+        store.clone(),
         leadership.clone(),
         shutdown.clone(),
     ));

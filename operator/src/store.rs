@@ -23,6 +23,8 @@ pub struct Report {
     pub applied_version: u64,
     pub failed: Option<(u64, String)>,
     pub policies: BTreeSet<PolicyGeneration>,
+    /// Endpoints (`namespace/name`) whose policy is in the node's kernel.
+    pub programmed: BTreeSet<String>,
     pub at: Instant,
 }
 
@@ -129,6 +131,7 @@ impl Store {
                     applied_version: s.applied_version,
                     failed: s.failed,
                     policies: s.policies,
+                    programmed: s.programmed,
                     at: Instant::now(),
                 },
             );

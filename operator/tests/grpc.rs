@@ -287,6 +287,7 @@ async fn reports_reach_the_store() {
             name: "db".into(),
             generation: 3,
         }],
+        programmed: vec!["shop/db-0".into()],
     })
     .await
     .unwrap();
@@ -303,6 +304,7 @@ async fn reports_reach_the_store() {
     let reports = s.store.reports();
     assert_eq!(reports["n1"].applied_version, 42);
     assert!(reports["n1"].policies.iter().any(|p| p.generation == 3));
+    assert!(reports["n1"].programmed.contains("shop/db-0"));
     let _ = s.shutdown.send(true);
     let _ = s.task.await;
     let _ = Labels::new();

@@ -332,6 +332,8 @@ pub struct AgentStatus {
     pub failed: Option<(u64, String)>,
     /// The policies of the applied config.
     pub policies: BTreeSet<PolicyGeneration>,
+    /// Endpoints (`namespace/name`) whose policy is in the kernel.
+    pub programmed: BTreeSet<String>,
 }
 
 // ---- wire → domain (validating) ----------------------------------------------------------------
@@ -623,6 +625,7 @@ impl TryFrom<v1::AgentStatus> for AgentStatus {
             failed: (s.failed_version != 0 || !s.error.is_empty())
                 .then_some((s.failed_version, s.error)),
             policies: s.policies.into_iter().map(PolicyGeneration::from).collect(),
+            programmed: s.programmed.into_iter().collect(),
         })
     }
 }
@@ -807,6 +810,7 @@ impl From<&AgentStatus> for v1::AgentStatus {
             failed_version,
             error,
             policies: s.policies.iter().map(v1::PolicyGeneration::from).collect(),
+            programmed: s.programmed.iter().cloned().collect(),
         }
     }
 }

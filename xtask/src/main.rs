@@ -6,7 +6,7 @@
 //! * `cluster` — a real local control plane: `up`, `down`, `status`.
 //! * `crdgen`  — write the CRD YAML of the chart from the Rust types.
 //! * `protogen` — regenerate the checked-in gRPC code from the `.proto` files.
-//! * `lab`     — a local mesh on a real control plane (arrives with the lab issue).
+//! * `lab`     — a local mesh on a real control plane (`--smoke`, `exec`).
 //! * `bench`   — benchmarks (`bench datapath`, `bench propagation`, `bench agent`).
 #![forbid(unsafe_code)]
 
@@ -49,8 +49,13 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
-    /// Run a local mesh on a real control plane (arrives with the lab issue).
-    Lab,
+    /// Run a local mesh on a real control plane: `lab [--nodes N] [--smoke]`, or
+    /// `lab exec <ns>/<pod> -- <cmd…>` to run a command inside a lab pod.
+    Lab {
+        /// Arguments of the lab (see `cargo xtask lab --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Regenerate proto/src/gen from the .proto files (no protoc needed).
     Protogen,
     /// Benchmarks: baseline and subject in one run, reported as ratios.
@@ -88,13 +93,26 @@ fn main() -> anyhow::Result<()> {
             println!("generated {}", proto.join("src/gen").display());
             Ok(())
         }
-        Cmd::Lab => {
-            eprintln!(
-                "cargo xtask lab: the lab (simulated nodes, agents, operator, demo workloads) arrives \
-                 with the lab work. Today: `cargo xtask cluster up` gives a real control plane with \
-                 the CortexFlow CRDs installable from charts/cortexflow/crds."
+        Cmd::Lab { args } => {
+            let exec = args.first().is_some_and(|a| a == "exec");
+            if !exec {
+                setup::run()?;
+            }
+            let mut c = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
             );
-            std::process::exit(2);
+            c.current_dir(workspace_root()).args([
+                "run",
+                "--quiet",
+                "-p",
+                "cortexflow-e2e",
+                "--bin",
+                "cortexflow-lab",
+                "--",
+            ]);
+            c.args(&args);
+            let status = c.status()?;
+            std::process::exit(status.code().unwrap_or(1));
         }
     }
 }

@@ -238,6 +238,11 @@ pub struct AgentStatus {
     /// The policies (and generations) of the applied config: `Endpoints.policies` echoed back.
     #[prost(message, repeated, tag = "5")]
     pub policies: ::prost::alloc::vec::Vec<PolicyGeneration>,
+    /// Endpoints ("namespace/name") of the applied config whose pods' interfaces carry the
+    /// programs: their policy is enforced. Pods whose interface is not there yet are left out. The
+    /// operator sets the readiness-gate condition `mesh.cortexflow.io/programmed` from it.
+    #[prost(string, repeated, tag = "6")]
+    pub programmed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportStatusResponse {}

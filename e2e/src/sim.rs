@@ -1,0 +1,611 @@
+//! The node simulator of the lab: what a kubelet and a container runtime do, on one machine.
+//!
+//! A [`Fabric`] is the network between nodes: a bridge in its own namespace. Each [`SimNode`]
+//! is a network namespace plugged into it (address 172.30.0.<n+1>, routes to every other
+//! node's pod CIDR), a cgroup, and a Kubernetes Node object (pod CIDR 10.244.<n>.0/24, Ready,
+//! heartbeated). It watches the pods bound to it and, for each, does what the kubelet and the
+//! CNI would: a network namespace, a veth with an address from the pod CIDR and a /32 host
+//! route (a routed CNI), a cgroup under the node's, the container's command (image names map to
+//! local binaries), and the pod status (podIP, phase, container states, conditions). A pod is
+//! Ready when its container runs **and** every condition named in `spec.readinessGates` is True
+//! — exactly the kubelet's rule. A pod being deleted is stopped, its namespace and cgroup
+//! removed, and the object deleted for good (grace period 0), as the kubelet does.
+//!
+//! Where each pod lives is written to `<state_dir>/pods/<namespace>_<name>` (namespace name and
+//! cgroup path), which `cargo xtask lab exec` reads.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::watcher,
+};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::net::{Netns, sh, wire_pod};
+
+/// `sh -c` script that puts itself into cgroup `$0`, then runs `$2…` in network namespace `$1`
+/// (joining the cgroup first: `ip netns exec` remounts /sys).
+const SANDBOX: &str =
+    "echo $$ > \"$0/cgroup.procs\" && ns=\"$1\" && shift && exec ip netns exec \"$ns\" \"$@\"";
+
+/// The cgroup v2 root the lab's cgroups live under.
+pub const CGROUP_ROOT: &str = crate::net::CGROUP2_ROOT;
+
+/// The network between the nodes.
+pub struct Fabric {
+    pub ns: Netns,
+}
+
+impl Fabric {
+    pub fn new() -> anyhow::Result<Self> {
+        let ns = Netns::new("cfn");
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        Ok(Self { ns })
+    }
+}
+
+/// How the simulator runs containers: image name (without tag) → local binary.
+#[derive(Clone, Debug, Default)]
+pub struct Images(pub BTreeMap<String, PathBuf>);
+
+impl Images {
+    fn binary(&self, image: &str) -> Option<&PathBuf> {
+        let name = image.rsplit_once(':').map_or(image, |(n, _)| n);
+        self.0.get(name)
+    }
+}
+
+/// A pod the node runs.
+struct SimPod {
+    /// Held for its drop: deleting the namespace removes the veth too.
+    _netns: Netns,
+    ip: Ipv4Addr,
+    cgroup: PathBuf,
+    child: Option<Child>,
+    state_file: PathBuf,
+    /// The (running, Ready) status last written.
+    reported: Option<(bool, bool)>,
+}
+
+impl SimPod {
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for SimPod {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        remove_cgroup(&self.cgroup);
+        let _ = std::fs::remove_file(&self.state_file);
+        // The namespace (and the veth with it) goes when `ns` drops.
+    }
+}
+
+/// Removes a cgroup after moving what is left in it to the root.
+fn remove_cgroup(path: &Path) {
+    if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
+        for pid in procs.lines() {
+            let _ = std::fs::write(Path::new(CGROUP_ROOT).join("cgroup.procs"), pid);
+        }
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+struct NodeState {
+    pods: BTreeMap<String, SimPod>,
+    next_if: u32,
+}
+
+/// A simulated node.
+pub struct SimNode {
+    pub name: String,
+    pub index: u8,
+    pub ns: Netns,
+    /// The node's address on the fabric (its InternalIP).
+    pub ip: Ipv4Addr,
+    /// The pod CIDR, 10.244.<index>.0/24.
+    pub pod_cidr: String,
+    /// The node's cgroup; every pod's cgroup is below it.
+    pub cgroup: PathBuf,
+    state: Arc<Mutex<NodeState>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    uplink: String,
+    fabric: String,
+}
+
+impl SimNode {
+    /// Creates node `index` (0-based) on `fabric`. Call [`SimNode::route_to`] for the other
+    /// nodes and [`SimNode::run`] to register it and run its pods.
+    pub fn new(fabric: &Fabric, name: &str, index: u8) -> anyhow::Result<Self> {
+        let ns = Netns::new("cfn");
+        ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let ip = Ipv4Addr::new(172, 30, 0, index + 1);
+        let uplink = format!("cfu{}x{index}", std::process::id());
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &uplink,
+            "netns",
+            &fabric.ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "uplink",
+            "netns",
+            &ns.name,
+        ]);
+        fabric.ns.ip(&["link", "set", &uplink, "master", "br0"]);
+        fabric.ns.ip(&["link", "set", &uplink, "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "uplink"]);
+        ns.ip(&["link", "set", "uplink", "up"]);
+        let cgroup = Path::new(CGROUP_ROOT).join(crate::net::unique("cftest-"));
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("create cgroup {}", cgroup.display()))?;
+        Ok(Self {
+            name: name.to_string(),
+            index,
+            ns,
+            ip,
+            pod_cidr: format!("10.244.{index}.0/24"),
+            cgroup,
+            state: Arc::new(Mutex::new(NodeState {
+                pods: BTreeMap::new(),
+                next_if: 0,
+            })),
+            stop: watch::channel(false).0,
+            tasks: Vec::new(),
+            uplink,
+            fabric: fabric.ns.name.clone(),
+        })
+    }
+
+    /// Routes `other`'s pod CIDR through its fabric address.
+    pub fn route_to(&self, other: &SimNode) {
+        self.ns.ip(&[
+            "route",
+            "replace",
+            &other.pod_cidr,
+            "via",
+            &other.ip.to_string(),
+        ]);
+    }
+
+    /// Registers the Node object (Ready, heartbeated every 10 s) and starts running the pods
+    /// bound to it.
+    pub async fn run(
+        &mut self,
+        client: &Client,
+        images: Images,
+        state_dir: &Path,
+    ) -> anyhow::Result<()> {
+        register(client, &self.name, self.ip, &self.pod_cidr).await?;
+        std::fs::create_dir_all(state_dir.join("pods"))?;
+        let ctx = Arc::new(PodCtx {
+            client: client.clone(),
+            node: self.name.clone(),
+            node_ip: self.ip,
+            node_ns: self.ns.name.clone(),
+            index: self.index,
+            cgroup: self.cgroup.clone(),
+            images,
+            state_dir: state_dir.to_path_buf(),
+            state: self.state.clone(),
+        });
+        let mut stop = self.stop.subscribe();
+        let (c, name, ip, cidr) = (
+            client.clone(),
+            self.name.clone(),
+            self.ip,
+            self.pod_cidr.clone(),
+        );
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                    _ = stop.changed() => return,
+                }
+                if let Err(e) = register(&c, &name, ip, &cidr).await {
+                    tracing::warn!(node = %name, error = %format!("{e:#}"), "node heartbeat failed");
+                }
+            }
+        }));
+        let mut stop = self.stop.subscribe();
+        self.tasks.push(tokio::spawn(async move {
+            let api: Api<Pod> = Api::all(ctx.client.clone());
+            let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.node));
+            let mut events = std::pin::pin!(watcher::watcher(api, cfg));
+            // Processes whose pods' objects are gone, and container exits, are noticed by a
+            // periodic pass too.
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut known: BTreeMap<String, Pod> = BTreeMap::new();
+            loop {
+                tokio::select! {
+                    ev = events.next() => match ev {
+                        Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
+                            known.insert(p.uid().unwrap_or_default(), p.clone());
+                            ctx.sync(&p).await;
+                        }
+                        Some(Ok(watcher::Event::Delete(p))) => {
+                            let uid = p.uid().unwrap_or_default();
+                            known.remove(&uid);
+                            ctx.forget(&uid);
+                        }
+                        Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => {}
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "pod watch error (retrying)");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        None => return,
+                    },
+                    _ = tick.tick() => {
+                        for p in known.values() {
+                            ctx.sync(p).await;
+                        }
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// The pods this node runs: `namespace/name → address`.
+    pub fn pods(&self) -> BTreeMap<String, Ipv4Addr> {
+        self.state
+            .lock()
+            .map(|s| {
+                s.pods
+                    .values()
+                    .filter_map(|p| {
+                        let f = std::fs::read_to_string(&p.state_file).ok()?;
+                        Some((f.lines().next()?.to_string(), p.ip))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Stops watching and removes every pod (processes, namespaces, cgroups).
+    pub async fn shutdown(&mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        if let Ok(mut s) = self.state.lock() {
+            s.pods.clear();
+        }
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Ok(mut s) = self.state.lock() {
+            s.pods.clear();
+        }
+        remove_cgroup(&self.cgroup);
+        let _ = Command::new("ip")
+            .args(["-n", &self.fabric, "link", "del", &self.uplink])
+            .status();
+    }
+}
+
+/// Creates or refreshes the Node object and its status (Ready, addresses, capacity).
+async fn register(client: &Client, name: &str, ip: Ipv4Addr, pod_cidr: &str) -> anyhow::Result<()> {
+    let api: Api<Node> = Api::all(client.clone());
+    let n: Node = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {
+            "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "cortexflow.io/lab": "true"}},
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+    }))?;
+    match api.create(&PostParams::default(), &n).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e).context("create node"),
+    }
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let resources = json!({"cpu": "8", "memory": "16Gi", "pods": "110"});
+    let status = json!({"status": {
+        "addresses": [{"type": "InternalIP", "address": ip.to_string()}, {"type": "Hostname", "address": name}],
+        "capacity": resources, "allocatable": resources,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "message": "cortexflow lab node simulator",
+                        "lastHeartbeatTime": now, "lastTransitionTime": now}],
+        "nodeInfo": {"kubeletVersion": "v1.37.1-cortexflow-sim", "operatingSystem": "linux",
+                     "architecture": "amd64", "containerRuntimeVersion": "cortexflow-sim://0.1",
+                     "kernelVersion": "", "osImage": "", "kubeProxyVersion": "",
+                     "machineID": "", "systemUUID": "", "bootID": ""},
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Strategic(&status))
+        .await
+        .context("set node status")?;
+    Ok(())
+}
+
+struct PodCtx {
+    client: Client,
+    node: String,
+    node_ip: Ipv4Addr,
+    node_ns: String,
+    index: u8,
+    cgroup: PathBuf,
+    images: Images,
+    state_dir: PathBuf,
+    state: Arc<Mutex<NodeState>>,
+}
+
+impl PodCtx {
+    /// Brings the pod's sandbox and status in line with its object.
+    async fn sync(&self, p: &Pod) {
+        let uid = p.uid().unwrap_or_default();
+        let (ns, name) = (p.namespace().unwrap_or_default(), p.name_any());
+        if p.metadata.deletion_timestamp.is_some() {
+            self.forget(&uid);
+            // What the kubelet does once the containers are gone.
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            let _ = api
+                .delete(
+                    &name,
+                    &DeleteParams {
+                        grace_period_seconds: Some(0),
+                        preconditions: Some(kube::api::Preconditions {
+                            uid: Some(uid),
+                            resource_version: None,
+                        }),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            return;
+        }
+        let started = self
+            .state
+            .lock()
+            .map(|s| s.pods.contains_key(&uid))
+            .unwrap_or(false);
+        if !started && let Err(e) = self.start(p, &uid) {
+            tracing::warn!(pod = %format!("{ns}/{name}"), error = %format!("{e:#}"), "pod sandbox failed");
+            let _ = self.failed(p, &format!("{e:#}")).await;
+            return;
+        }
+        if let Err(e) = self.report(p, &uid).await {
+            tracing::warn!(pod = %format!("{ns}/{name}"), error = %format!("{e:#}"), "pod status update failed (retrying)");
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            s.pods.remove(uid);
+        }
+    }
+
+    /// Sandbox and process.
+    fn start(&self, p: &Pod, uid: &str) -> anyhow::Result<()> {
+        let spec = p.spec.as_ref().context("pod without spec")?;
+        let c = spec.containers.first().context("pod without containers")?;
+        let image = c.image.clone().unwrap_or_default();
+        let bin = self
+            .images
+            .binary(&image)
+            .with_context(|| format!("image {image:?} is not one the lab can run"))?
+            .clone();
+        let (ns_name, name) = (p.namespace().unwrap_or_default(), p.name_any());
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("state poisoned"))?;
+        let used: Vec<Ipv4Addr> = st.pods.values().map(|p| p.ip).collect();
+        let ip = (2..255u8)
+            .map(|h| Ipv4Addr::new(10, 244, self.index, h))
+            .find(|a| !used.contains(a))
+            .context("pod CIDR exhausted")?;
+        let host_if = format!("cfv{}", st.next_if);
+        st.next_if += 1;
+        let pod_ns = Netns::new("cfp");
+        let node_ns = Netns {
+            name: self.node_ns.clone(),
+        };
+        let wired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wire_pod(&node_ns, &pod_ns, ip, &host_if)
+        }));
+        // `node_ns` only borrows the node's namespace: it must not delete it.
+        std::mem::forget(node_ns);
+        if wired.is_err() {
+            anyhow::bail!("wiring {host_if} failed");
+        }
+        let cgroup = self.cgroup.join(crate::net::unique("cfpod"));
+        std::fs::create_dir_all(&cgroup)?;
+        let state_file = self
+            .state_dir
+            .join("pods")
+            .join(format!("{ns_name}_{name}"));
+        std::fs::write(
+            &state_file,
+            format!(
+                "{ns_name}/{name}\n{}\n{}\n{ip}\n",
+                pod_ns.name,
+                cgroup.display()
+            ),
+        )?;
+        let log = std::fs::File::create(
+            self.state_dir
+                .join("pods")
+                .join(format!("{ns_name}_{name}.log")),
+        )?;
+        let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
+        argv.extend(c.args.clone().unwrap_or_default());
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "--", "sh", "-c"])
+            .arg(SANDBOX)
+            .arg(&cgroup)
+            .arg(&pod_ns.name)
+            .arg(&bin)
+            .args(&argv)
+            .env("POD_NAME", &name)
+            .env("POD_NAMESPACE", &ns_name)
+            .env("HOSTNAME", &name)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for e in c.env.iter().flatten() {
+            if let Some(v) = &e.value {
+                cmd.env(&e.name, v);
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("run {}", bin.display()))?;
+        st.pods.insert(
+            uid.to_string(),
+            SimPod {
+                _netns: pod_ns,
+                ip,
+                cgroup,
+                child: Some(child),
+                state_file,
+                reported: None,
+            },
+        );
+        tracing::info!(pod = %format!("{ns_name}/{name}"), %ip, node = %self.node, "pod started");
+        Ok(())
+    }
+
+    /// Writes the status a kubelet would: running container, addresses, conditions; Ready only
+    /// when the container runs and every readiness gate is True.
+    async fn report(&self, p: &Pod, uid: &str) -> anyhow::Result<()> {
+        let (ip, running, last) = {
+            let mut st = self
+                .state
+                .lock()
+                .map_err(|_| anyhow::anyhow!("state poisoned"))?;
+            let Some(sp) = st.pods.get_mut(uid) else {
+                return Ok(());
+            };
+            (sp.ip, sp.running(), sp.reported)
+        };
+        let status = p.status.clone().unwrap_or_default();
+        let conditions = status.conditions.clone().unwrap_or_default();
+        let gates_true = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.readiness_gates.clone())
+            .unwrap_or_default()
+            .iter()
+            .all(|g| {
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == g.condition_type && c.status == "True")
+            });
+        let ready = running && gates_true;
+        let reported_ip = status.pod_ip.clone();
+        if last == Some((running, ready)) && reported_ip.as_deref() == Some(&ip.to_string()) {
+            return Ok(());
+        }
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let tf = |b: bool| if b { "True" } else { "False" };
+        let c = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .cloned()
+            .unwrap_or_default();
+        let state = if running {
+            json!({"running": {"startedAt": now}})
+        } else {
+            json!({"terminated": {"exitCode": 1, "reason": "Error", "finishedAt": now}})
+        };
+        let patch = json!({"status": {
+            "phase": if running { "Running" } else { "Failed" },
+            "hostIP": self.node_ip.to_string(),
+            "hostIPs": [{"ip": self.node_ip.to_string()}],
+            "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+            "startTime": status.start_time.map(|t| t.0.to_string()).unwrap_or_else(|| now.clone()),
+            "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": tf(running), "lastTransitionTime": now},
+                {"type": "Ready", "status": tf(ready), "lastTransitionTime": now,
+                 "reason": if ready { "" } else if running { "ReadinessGatesNotReady" } else { "ContainersNotReady" }},
+            ],
+            "containerStatuses": [{
+                "name": c.name, "image": c.image.unwrap_or_default(), "imageID": "",
+                "ready": running, "started": running, "restartCount": 0, "state": state,
+            }],
+        }});
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
+        api.patch_status(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
+        .await
+        .context("pod status")?;
+        if let Ok(mut st) = self.state.lock()
+            && let Some(sp) = st.pods.get_mut(uid)
+        {
+            sp.reported = Some((running, ready));
+        }
+        Ok(())
+    }
+
+    async fn failed(&self, p: &Pod, why: &str) -> anyhow::Result<()> {
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
+        let patch = json!({"status": {"phase": "Pending", "conditions": [
+            {"type": "Ready", "status": "False", "reason": "SandboxFailed", "message": why}]}});
+        api.patch_status(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Where a lab pod lives: `(network namespace, cgroup)`, from the state directory.
+pub fn locate(state_dir: &Path, namespace: &str, name: &str) -> anyhow::Result<(String, PathBuf)> {
+    let f = state_dir.join("pods").join(format!("{namespace}_{name}"));
+    let text = std::fs::read_to_string(&f)
+        .with_context(|| format!("no lab pod {namespace}/{name} ({} missing)", f.display()))?;
+    let mut lines = text.lines().skip(1);
+    let ns = lines.next().context("state file: netns")?.to_string();
+    let cg = PathBuf::from(lines.next().context("state file: cgroup")?);
+    Ok((ns, cg))
+}
+
+/// A command that runs `argv` inside a lab pod (its network namespace and cgroup).
+pub fn exec_command(netns: &str, cgroup: &Path, argv: &[String]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(SANDBOX).arg(cgroup).arg(netns).args(argv);
+    cmd
+}
