@@ -1,6 +1,6 @@
 //! `cargo xtask …`: the developer and CI entry points of CortexFlow.
 //!
-//! * `setup`   — idempotent bootstrap of a fresh machine (apt packages, nightly + rust-src,
+//! * `setup`   — idempotent bootstrap of a fresh machine (apt packages, pinned nightly + rust-src,
 //!   bpf-linker, the Kubernetes control plane, etcd and helm built from Go modules).
 //! * `test`    — the one test command: setup, fmt, clippy, unit, kernel and e2e tests.
 //! * `cluster` — a real local control plane: `up`, `down`, `status`.

@@ -31,8 +31,20 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "bpftool",
 ];
-/// The Rust toolchain that builds the eBPF programs (aya-build runs `rustup run nightly`).
-const EBPF_TOOLCHAIN: &str = "nightly";
+/// The Rust toolchain that builds the eBPF programs: the pinned nightly of
+/// `agent-ebpf/rust-toolchain.toml` (`agent/build.rs` hands the same channel to aya-build).
+pub fn ebpf_toolchain() -> String {
+    let f = crate::workspace_root().join("agent-ebpf/rust-toolchain.toml");
+    fs::read_to_string(&f)
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "channel").then(|| v.trim().trim_matches('"').to_string())
+            })
+        })
+        .unwrap_or_else(|| "nightly".into())
+}
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Oldest Go that builds Kubernetes 1.37 (its go.mod says `go 1.26.0`).
@@ -109,21 +121,25 @@ fn steps() -> Vec<Step> {
         },
         Step {
             name: format!(
-                "Rust {EBPF_TOOLCHAIN} toolchain with rust-src and clippy (builds the eBPF programs)"
+                "Rust {} toolchain with rust-src and clippy (builds the eBPF programs)",
+                ebpf_toolchain()
             ),
             check: Box::new(check_nightly),
             install: Box::new(|| {
                 run::cmd(Command::new("rustup").args([
                     "toolchain",
                     "install",
-                    EBPF_TOOLCHAIN,
+                    &ebpf_toolchain(),
                     "--profile",
                     "minimal",
                     "--component",
                     "rust-src,clippy,rustfmt",
                 ]))
             }),
-            hint: format!("rustup toolchain install {EBPF_TOOLCHAIN} --component rust-src,clippy"),
+            hint: format!(
+                "rustup toolchain install {} --component rust-src,clippy",
+                ebpf_toolchain()
+            ),
         },
         Step {
             name: format!("bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"),
@@ -224,13 +240,14 @@ fn install_apt() -> anyhow::Result<()> {
 }
 
 fn check_nightly() -> Option<String> {
-    let v = run::probe(Command::new("rustup").args(["run", EBPF_TOOLCHAIN, "rustc", "--version"]))?;
+    let tc = ebpf_toolchain();
+    let v = run::probe(Command::new("rustup").args(["run", &tc, "rustc", "--version"]))?;
     let comps = run::probe(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
-        EBPF_TOOLCHAIN,
+        &tc,
     ]))?;
     let has = |c: &str| comps.lines().any(|l| l.starts_with(c));
     (has("rust-src") && has("clippy")).then(|| v.trim().to_string())

@@ -144,12 +144,12 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
             "warnings",
         ]))
         .is_ok();
-        // The kernel crate for real: its BPF target, with the nightly toolchain aya-build uses.
+        // The kernel crate for real: its BPF target, with the pinned nightly aya-build uses.
         let bpf = run::cmd(
             Command::new("rustup")
                 .args([
                     "run",
-                    "nightly",
+                    &crate::setup::ebpf_toolchain(),
                     "cargo",
                     "clippy",
                     "--package",
