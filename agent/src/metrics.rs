@@ -107,7 +107,7 @@ impl AgentMetrics {
                 })
                 .build();
         }
-        Self {
+        let me = Self {
             flows: meter
                 .u64_counter("agent_flows")
                 .with_description("Flow verdicts reported by the datapath (one per new flow, one per drop), by verdict, direction and reason")
@@ -149,7 +149,12 @@ impl AgentMetrics {
                 .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
                 .build(),
             usage,
+        };
+        // Every result exists from the start at zero (alerts on refusals see 0, not no data).
+        for result in ["applied", "invalid", "refused"] {
+            me.configs.add(0, &[KeyValue::new("result", result)]);
         }
+        me
     }
 
     /// Records what the datapath reported.

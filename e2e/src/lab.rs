@@ -62,6 +62,7 @@ pub struct Lab {
     pub fabric: Fabric,
     pub cluster: Cluster,
     pub client: Client,
+    operator_opts: OperatorOptions,
     pub state_dir: PathBuf,
     pub workload_bin: PathBuf,
     /// How long each phase of the start took.
@@ -129,13 +130,14 @@ impl Lab {
         }
         lap("nodes", &mut timings);
 
-        let mut operator = Operator::start(&OperatorOptions {
+        let operator_opts = OperatorOptions {
             kubeconfig: kubeconfig.clone(),
             namespace: SYSTEM_NAMESPACE.into(),
             identity: "operator-0".into(),
             lease_duration_secs: 15,
             log_dir: o.state_dir.join("logs"),
-        })?;
+        };
+        let mut operator = Operator::start(&operator_opts)?;
         operator.wait_ready(Duration::from_secs(60)).await?;
         let mut agents = Vec::new();
         for n in &nodes {
@@ -158,6 +160,7 @@ impl Lab {
             fabric,
             cluster,
             client,
+            operator_opts,
             state_dir: o.state_dir.clone(),
             workload_bin,
             timings,
@@ -179,6 +182,18 @@ impl Lab {
         let mut lab = lab;
         lab.timings.push(("demo", t.elapsed()));
         Ok(lab)
+    }
+
+    /// Stops the operator (SIGTERM); the agents keep their state and retry.
+    pub fn stop_operator(&mut self) {
+        let _ = self.operator.daemon.stop(Duration::from_secs(10));
+    }
+
+    /// Starts the operator again where the agents expect it, and waits until it is ready.
+    pub async fn start_operator(&mut self) -> anyhow::Result<()> {
+        self.operator =
+            Operator::start_at(&self.operator_opts, self.operator.grpc, self.operator.admin)?;
+        self.operator.wait_ready(Duration::from_secs(60)).await
     }
 
     /// `kubectl` against the lab.
@@ -279,52 +294,68 @@ impl Lab {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut cells = Vec::new();
         for p in demo_matrix() {
-            let (from_ns, from_app) = p.from;
-            let (client, client_ip) = self
-                .pods(from_ns, from_app)?
-                .into_iter()
-                .next()
-                .with_context(|| format!("no running {from_ns}/{from_app} pod"))?;
-            let (to_ns, to_name) = p.to;
-            let target_ip = match p.kind {
-                TargetKind::Service => self.cluster_ip(to_ns, to_name)?,
-                TargetKind::Pod => {
-                    self.pods(to_ns, to_name)?
-                        .into_iter()
-                        .next()
-                        .with_context(|| format!("no running {to_ns}/{to_name} pod"))?
-                        .1
-                }
-            };
-            let started = Instant::now();
-            let pc = p.protocol.to_string();
-            let target = format!("{target_ip}:{}", p.port);
-            let (ns, pod) = (from_ns.to_string(), client.clone());
-            let result = tokio::task::block_in_place(|| self.probe(&ns, &pod, &pc, &target))?;
-            // Flow events reach the observers within milliseconds.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let flows = log.since(started, client_ip, p.protocol);
-            let (verdict, reason) = decisive(&flows);
-            cells.push(Cell {
-                from: format!("{from_ns}/{from_app}"),
-                to: format!(
-                    "{to_ns}/{to_name}{} {}/{}",
-                    if p.kind == TargetKind::Service {
-                        " (svc)"
-                    } else {
-                        ""
-                    },
-                    p.protocol,
-                    p.port
-                ),
-                result: result.split_whitespace().next().unwrap_or("").to_string(),
-                verdict,
-                reason,
-                expected: p.expect,
-            });
+            cells.push(self.check(&log, &p).await?);
         }
-        drop(log);
         Ok(cells)
+    }
+
+    /// Runs one probe and describes it with the flow events the agents reported for it (`log`
+    /// must be observing).
+    pub async fn check(&self, log: &FlowLog, p: &Probe) -> anyhow::Result<Cell> {
+        let (from_ns, from_app) = p.from;
+        let (client, client_ip) = self
+            .pods(from_ns, from_app)?
+            .into_iter()
+            .next()
+            .with_context(|| format!("no running {from_ns}/{from_app} pod"))?;
+        let (to_ns, to_name) = p.to;
+        let target_ip = match p.kind {
+            TargetKind::Service => self.cluster_ip(to_ns, to_name)?,
+            TargetKind::Pod => {
+                self.pods(to_ns, to_name)?
+                    .into_iter()
+                    .next()
+                    .with_context(|| format!("no running {to_ns}/{to_name} pod"))?
+                    .1
+            }
+        };
+        let started = Instant::now();
+        let target = format!("{target_ip}:{}", p.port);
+        let result =
+            tokio::task::block_in_place(|| self.probe(from_ns, &client, p.protocol, &target))?;
+        // Flow events reach the observers within milliseconds.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let flows = log.since(started, client_ip, p.protocol);
+        let (verdict, reason) = decisive(&flows);
+        Ok(Cell {
+            from: format!("{from_ns}/{from_app}"),
+            to: format!(
+                "{to_ns}/{to_name}{} {}/{}",
+                if p.kind == TargetKind::Service {
+                    " (svc)"
+                } else {
+                    ""
+                },
+                p.protocol,
+                p.port
+            ),
+            result: result.split_whitespace().next().unwrap_or("").to_string(),
+            responder: result.split_whitespace().nth(1).unwrap_or("").to_string(),
+            verdict,
+            reason,
+            expected: p.expect.clone(),
+        })
+    }
+
+    /// `kubectl apply` of a YAML text.
+    pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<String> {
+        let f = self
+            .state_dir
+            .join(format!("apply-{}.yaml", crate::net::unique("")));
+        std::fs::write(&f, yaml)?;
+        let out = self.kubectl(&["apply", "-f", &f.to_string_lossy()]);
+        let _ = std::fs::remove_file(&f);
+        out
     }
 
     /// Prometheus's answer to an instant query (the JSON text).
@@ -504,6 +535,8 @@ pub struct Cell {
     pub from: String,
     pub to: String,
     pub result: String,
+    /// Who answered (the pod name a successful probe printed).
+    pub responder: String,
     pub verdict: String,
     pub reason: String,
     pub expected: Expected,

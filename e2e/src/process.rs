@@ -168,9 +168,18 @@ pub struct OperatorOptions {
 impl Operator {
     /// Builds (once) and starts an operator on free loopback ports.
     pub fn start(o: &OperatorOptions) -> anyhow::Result<Self> {
-        let bin = binary("cortexflow-operator", "cortexflow-operator")?;
         let grpc: SocketAddr = (Ipv4Addr::LOCALHOST, free_port()?).into();
         let admin: SocketAddr = (Ipv4Addr::LOCALHOST, free_port()?).into();
+        Self::start_at(o, grpc, admin)
+    }
+
+    /// Starts an operator on the given addresses (a restart where the agents expect it).
+    pub fn start_at(
+        o: &OperatorOptions,
+        grpc: SocketAddr,
+        admin: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let bin = binary("cortexflow-operator", "cortexflow-operator")?;
         let args = vec![
             format!("--grpc-addr={grpc}"),
             format!("--admin-addr={admin}"),

@@ -8,8 +8,9 @@
 //! route (a routed CNI), a cgroup under the node's, the container's command (image names map to
 //! local binaries), and the pod status (podIP, phase, container states, conditions). A pod is
 //! Ready when its container runs **and** every condition named in `spec.readinessGates` is True
-//! — exactly the kubelet's rule. A pod being deleted is stopped, its namespace and cgroup
-//! removed, and the object deleted for good (grace period 0), as the kubelet does.
+//! — exactly the kubelet's rule. A pod being deleted gets SIGTERM, up to its grace period to
+//! exit, then SIGKILL; its namespace and cgroup are removed and the object deleted for good
+//! (grace period 0), as the kubelet does.
 //!
 //! Where each pod lives is written to `<state_dir>/pods/<namespace>_<name>` (namespace name and
 //! cgroup path), which `cargo xtask lab exec` reads.
@@ -112,6 +113,8 @@ fn remove_cgroup(path: &Path) {
 
 struct NodeState {
     pods: BTreeMap<String, SimPod>,
+    /// Pods being stopped (their grace period runs).
+    terminating: std::collections::BTreeSet<String>,
     next_if: u32,
 }
 
@@ -172,6 +175,7 @@ impl SimNode {
             cgroup,
             state: Arc::new(Mutex::new(NodeState {
                 pods: BTreeMap::new(),
+                terminating: Default::default(),
                 next_if: 0,
             })),
             stop: watch::channel(false).0,
@@ -367,22 +371,7 @@ impl PodCtx {
         let uid = p.uid().unwrap_or_default();
         let (ns, name) = (p.namespace().unwrap_or_default(), p.name_any());
         if p.metadata.deletion_timestamp.is_some() {
-            self.forget(&uid);
-            // What the kubelet does once the containers are gone.
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
-            let _ = api
-                .delete(
-                    &name,
-                    &DeleteParams {
-                        grace_period_seconds: Some(0),
-                        preconditions: Some(kube::api::Preconditions {
-                            uid: Some(uid),
-                            resource_version: None,
-                        }),
-                        ..Default::default()
-                    },
-                )
-                .await;
+            self.terminate(p, &uid);
             return;
         }
         let started = self
@@ -403,7 +392,63 @@ impl PodCtx {
     fn forget(&self, uid: &str) {
         if let Ok(mut s) = self.state.lock() {
             s.pods.remove(uid);
+            s.terminating.remove(uid);
         }
+    }
+
+    /// What the kubelet does for a pod being deleted: SIGTERM, up to the grace period for the
+    /// container to exit, SIGKILL, the sandbox removed, then the object deleted for good.
+    fn terminate(&self, p: &Pod, uid: &str) {
+        let taken = match self.state.lock() {
+            Ok(mut s) => {
+                if !s.terminating.insert(uid.to_string()) {
+                    return;
+                }
+                s.pods.remove(uid)
+            }
+            Err(_) => return,
+        };
+        let grace = p
+            .metadata
+            .deletion_grace_period_seconds
+            .unwrap_or(30)
+            .clamp(0, 300) as u64;
+        let (client, ns, name, uid) = (
+            self.client.clone(),
+            p.namespace().unwrap_or_default(),
+            p.name_any(),
+            uid.to_string(),
+        );
+        tokio::spawn(async move {
+            if let Some(mut sp) = taken {
+                if let Some(c) = &sp.child {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(c.id() as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+                let deadline = std::time::Instant::now() + Duration::from_secs(grace);
+                while std::time::Instant::now() < deadline && sp.running() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                // SIGKILL if still there, cgroup and namespace removed.
+                drop(sp);
+            }
+            let api: Api<Pod> = Api::namespaced(client, &ns);
+            let _ = api
+                .delete(
+                    &name,
+                    &DeleteParams {
+                        grace_period_seconds: Some(0),
+                        preconditions: Some(kube::api::Preconditions {
+                            uid: Some(uid),
+                            resource_version: None,
+                        }),
+                        ..Default::default()
+                    },
+                )
+                .await;
+        });
     }
 
     /// Sandbox and process.

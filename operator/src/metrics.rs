@@ -30,7 +30,7 @@ pub struct OperatorMetrics {
 impl OperatorMetrics {
     pub fn new(m: &cortexflow_telemetry::Metrics) -> Self {
         let meter = m.meter();
-        Self {
+        let me = Self {
             reconciles: meter
                 .u64_counter("operator_reconciles")
                 .with_description("Batches of object changes the operator applied, by kind")
@@ -78,6 +78,26 @@ impl OperatorMetrics {
                 .u64_counter("operator_configs_sent")
                 .with_description("Config messages sent to agents, by kind (full or update)")
                 .build(),
+        };
+        // Error counters exist from the start, at zero, for every kind they can count: a
+        // dashboard or an alert on `rate(…_errors_total)` then sees 0, not "no data".
+        for kind in [
+            "Namespace",
+            "Node",
+            "Pod",
+            "ServiceIdentity",
+            "MeshPolicy",
+            "Service",
+            "EndpointSlice",
+        ] {
+            let k = [opentelemetry::KeyValue::new("kind", kind)];
+            me.watch_skipped.add(0, &k);
+            me.watch_errors.add(0, &k);
         }
+        for kind in ["Allocations", "MeshPolicy", "ServiceIdentity"] {
+            me.reconcile_errors
+                .add(0, &[opentelemetry::KeyValue::new("kind", kind)]);
+        }
+        me
     }
 }

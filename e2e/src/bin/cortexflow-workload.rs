@@ -2,10 +2,12 @@
 //! runs), in the spirit of agnhost.
 //!
 //! ```text
-//! cortexflow-workload serve [--tcp PORT]... [--udp PORT]... [--name NAME]
+//! cortexflow-workload serve [--tcp PORT]... [--udp PORT]... [--name NAME] [--drain-ms MS]
 //!     TCP: sends "NAME\n" on every connection, then echoes what it reads.
 //!     UDP: answers every datagram with "NAME".
-//!     NAME defaults to $POD_NAME, then $HOSTNAME.
+//!     NAME defaults to $POD_NAME, then $HOSTNAME. On SIGTERM it goes on serving for MS
+//!     (default 2000) — long enough for the Service to stop sending it new connections — then
+//!     exits 0.
 //! cortexflow-workload probe tcp|udp HOST:PORT [--timeout-ms MS]
 //!     One attempt; prints one line and exits 0 on success:
 //!     "success NAME" | "refused" | "timeout" | "error WHAT".
@@ -39,10 +41,15 @@ fn serve(args: &[String]) -> ExitCode {
     let mut name = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| "workload".into());
+    let mut drain = Duration::from_millis(2000);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = it.next();
         match (a.as_str(), v) {
+            ("--drain-ms", Some(ms)) => match ms.parse::<u64>() {
+                Ok(ms) => drain = Duration::from_millis(ms),
+                Err(e) => return usage(&format!("--drain-ms {ms}: {e}")),
+            },
             ("--tcp", Some(p)) => match p.parse::<u16>() {
                 Ok(p) => tcp.push(p),
                 Err(e) => return usage(&format!("--tcp {p}: {e}")),
@@ -57,6 +64,13 @@ fn serve(args: &[String]) -> ExitCode {
     }
     if tcp.is_empty() && udp.is_empty() {
         return usage("serve needs at least one --tcp or --udp port");
+    }
+    // SIGTERM is blocked here (and in every thread spawned below) and awaited at the end.
+    let mut term = nix::sys::signal::SigSet::empty();
+    term.add(nix::sys::signal::Signal::SIGTERM);
+    term.add(nix::sys::signal::Signal::SIGINT);
+    if let Err(e) = term.thread_block() {
+        return fail(&format!("block SIGTERM: {e}"));
     }
     let mut threads = Vec::new();
     for port in tcp {
@@ -86,9 +100,12 @@ fn serve(args: &[String]) -> ExitCode {
         }));
     }
     println!("serving as {name}");
-    for t in threads {
-        let _ = t.join();
+    drop(threads);
+    match term.wait() {
+        Ok(sig) => println!("{sig}: serving {} ms more, then exiting", drain.as_millis()),
+        Err(e) => return fail(&format!("wait for a signal: {e}")),
     }
+    std::thread::sleep(drain);
     ExitCode::SUCCESS
 }
 

@@ -1,0 +1,773 @@
+//! The end-to-end suite on the lab: one lab (real control plane, two simulated nodes with their
+//! agents, the operator, Prometheus, the demo of `examples/lab`) for the whole binary; the tests
+//! run one after the other against it with real traffic from inside the pods, and each leaves
+//! the demo as it found it. The last test removes the lab and checks that nothing is left.
+use std::{
+    collections::BTreeSet,
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use cortexflow_e2e::{
+    harness::workspace_root,
+    lab::{self, Expected, Lab, LabOptions, Probe, TargetKind},
+};
+use libtest_mimic::{Arguments, Failed, Trial};
+
+type Shared = Arc<Mutex<Option<Lab>>>;
+type TestFn =
+    fn(&mut Lab) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + '_>>;
+
+macro_rules! t {
+    ($f:ident) => {
+        (stringify!($f), (|l| Box::pin($f(l))) as TestFn)
+    };
+}
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    // One lab, one test at a time.
+    args.test_threads = Some(1);
+    let tests: Vec<(&'static str, TestFn)> = vec![
+        t!(matrix_matches_the_demo),
+        t!(every_documented_metric_has_samples_in_prometheus),
+        t!(service_balances_over_backends_on_both_nodes),
+        t!(deny_beats_allow),
+        t!(namespace_selector_peers),
+        t!(policy_change_is_enforced_on_every_node),
+        t!(scaling_keeps_the_service_and_new_pods_wait_for_their_policy),
+        t!(agent_restart_under_traffic_drops_nothing),
+        t!(operator_down_for_a_minute_changes_nothing),
+    ];
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Arc::new(rt),
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shared: Shared = Arc::new(Mutex::new(None));
+    let state_dir = std::env::temp_dir().join(cortexflow_e2e::net::unique("cftest-lab-"));
+    let start_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let mut trials: Vec<Trial> = tests
+        .into_iter()
+        .map(|(name, f)| {
+            let (rt, shared, state_dir, start_error) = (
+                rt.clone(),
+                shared.clone(),
+                state_dir.clone(),
+                start_error.clone(),
+            );
+            Trial::test(name, move || {
+                let mut guard = shared.lock().map_err(|_| Failed::from("lab lock"))?;
+                if guard.is_none() {
+                    if let Some(e) = start_error.lock().ok().and_then(|e| e.clone()) {
+                        return Err(Failed::from(format!("the lab did not start: {e}")));
+                    }
+                    let opts = LabOptions::new(state_dir.clone());
+                    match rt.block_on(Lab::start(&opts)) {
+                        Ok(l) => *guard = Some(l),
+                        Err(e) => {
+                            let msg = format!("{e:#}");
+                            if let Ok(mut s) = start_error.lock() {
+                                *s = Some(msg.clone());
+                            }
+                            return Err(Failed::from(format!("the lab did not start: {msg}")));
+                        }
+                    }
+                }
+                let lab = guard.as_mut().ok_or_else(|| Failed::from("no lab"))?;
+                rt.block_on(f(lab))
+                    .map_err(|e| Failed::from(format!("{e:#}")))
+            })
+        })
+        .collect();
+    {
+        let (rt, shared, state_dir) = (rt.clone(), shared.clone(), state_dir.clone());
+        trials.push(Trial::test("teardown_leaves_nothing_behind", move || {
+            let lab = shared.lock().ok().and_then(|mut g| g.take());
+            if let Some(lab) = lab {
+                rt.block_on(lab.shutdown());
+            }
+            let _ = std::fs::remove_dir_all(&state_dir);
+            leftovers().map_err(|e| Failed::from(format!("{e:#}")))
+        }));
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    // A filtered run may not have torn down.
+    if let Some(lab) = shared.lock().ok().and_then(|mut g| g.take()) {
+        rt.block_on(lab.shutdown());
+    }
+    let _ = std::fs::remove_dir_all(&state_dir);
+    conclusion.exit_code()
+}
+
+// ---- helpers -----------------------------------------------------------------------------------
+
+fn probe(
+    from: (&'static str, &'static str),
+    to: (&'static str, &'static str),
+    kind: TargetKind,
+    protocol: &'static str,
+    port: u16,
+) -> Probe {
+    Probe {
+        from,
+        to,
+        kind,
+        protocol,
+        port,
+        expect: Expected {
+            result: "",
+            verdict: "",
+            reason: "",
+        },
+    }
+}
+
+/// Repeats `p` until its (result, verdict, reason) is `want`; returns how long that took.
+async fn until(
+    lab: &Lab,
+    p: &Probe,
+    want: (&str, &str, &str),
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let log = lab.observe_flows().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let mut last = None;
+    while t.elapsed() < timeout {
+        let c = lab.check(&log, p).await?;
+        if (c.result.as_str(), c.verdict.as_str(), c.reason.as_str()) == want {
+            return Ok(t.elapsed());
+        }
+        last = Some(c);
+    }
+    bail!("{p:?}: not {want:?} after {timeout:?}; last {last:?}")
+}
+
+/// The demo's policies, as `examples/lab` has them.
+fn restore_policies(lab: &Lab) -> anyhow::Result<()> {
+    let f = workspace_root().join("examples/lab/30-policies.yaml");
+    lab.kubectl(&["apply", "-f", &f.to_string_lossy()])?;
+    Ok(())
+}
+
+/// A prober running `p` over and over in the background, counting outcomes.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+}
+
+impl Prober {
+    /// Probes from pod `client` of `ns` to `target` (`ip:port`) every `every`.
+    fn start(
+        lab: &Lab,
+        ns: &str,
+        client: &str,
+        protocol: &str,
+        target: &str,
+        every: Duration,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (located, bin) = (
+            cortexflow_e2e::sim::locate(&lab.state_dir, ns, client),
+            lab.workload_bin.clone(),
+        );
+        let (s, o, f, fl) = (stop.clone(), ok.clone(), failed.clone(), failures.clone());
+        let (protocol, target) = (protocol.to_string(), target.to_string());
+        let task = tokio::task::spawn_blocking(move || {
+            let Ok((netns, cgroup)) = located else {
+                f.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            while !s.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let out = cortexflow_e2e::sim::exec_command(
+                    &netns,
+                    &cgroup,
+                    &[
+                        bin.to_string_lossy().into_owned(),
+                        "probe".into(),
+                        protocol.clone(),
+                        target.clone(),
+                        "--timeout-ms".into(),
+                        "1000".into(),
+                    ],
+                )
+                .output();
+                let line = out
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .unwrap_or_else(|e| format!("exec {e}"));
+                if line.starts_with("success") {
+                    o.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    f.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut v) = fl.lock()
+                        && v.len() < 10
+                    {
+                        v.push(line);
+                    }
+                }
+                if let Some(rest) = every.checked_sub(t.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+        });
+        Self {
+            stop,
+            task,
+            ok,
+            failed,
+            failures,
+        }
+    }
+
+    /// Stops; `(successes, failures, some failure lines)`.
+    async fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.failures.lock().map(|v| v.clone()).unwrap_or_default(),
+        )
+    }
+}
+
+fn first_pod(lab: &Lab, ns: &str, app: &str) -> anyhow::Result<(String, std::net::Ipv4Addr)> {
+    lab.pods(ns, app)?
+        .into_iter()
+        .next()
+        .with_context(|| format!("no running {ns}/{app} pod"))
+}
+
+/// Waits until `ns/app` has `n` Ready pods.
+async fn ready_replicas(lab: &Lab, ns: &str, deployment: &str, n: usize) -> anyhow::Result<()> {
+    let t = Instant::now();
+    loop {
+        let out = lab.kubectl(&[
+            "get",
+            "deployment",
+            "-n",
+            ns,
+            deployment,
+            "-o",
+            "jsonpath={.status.readyReplicas}/{.status.replicas}",
+        ])?;
+        if out.trim() == format!("{n}/{n}") {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(90),
+            "{ns}/{deployment}: {out} ready, want {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+// ---- tests -------------------------------------------------------------------------------------
+
+/// No policy → allowed; an Allow policy → default-deny for everyone else, the allowed peer
+/// passes (TCP and UDP, through the Service); Audit reports would-drop without dropping.
+async fn matrix_matches_the_demo(lab: &mut Lab) -> anyhow::Result<()> {
+    let cells = lab.matrix().await?;
+    let table = lab::render(&cells);
+    eprintln!("{table}");
+    ensure!(cells.iter().all(|c| c.as_expected()), "matrix:\n{table}");
+    Ok(())
+}
+
+async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> anyhow::Result<()> {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/architecture.md"))?;
+    // Every `cortexflow_…` name in the first column of a metrics table, with its type.
+    let mut metrics = Vec::new();
+    for line in doc.lines().filter(|l| l.starts_with("| `cortexflow_")) {
+        let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (names, kind) = (
+            cols.get(1).copied().unwrap_or(""),
+            cols.get(2).copied().unwrap_or(""),
+        );
+        for n in names.split(',') {
+            let n = n.trim().trim_matches('`');
+            if n.starts_with("cortexflow_") {
+                metrics.push((n.to_string(), kind.to_string()));
+            }
+        }
+    }
+    ensure!(
+        metrics.len() >= 20,
+        "found only {metrics:?} in docs/architecture.md"
+    );
+    let t = Instant::now();
+    loop {
+        let mut missing = Vec::new();
+        for (name, kind) in &metrics {
+            let series = if kind == "histogram" {
+                format!("{name}_count")
+            } else {
+                name.clone()
+            };
+            let body = lab.prometheus_query(&format!("count({series})")).await?;
+            if !body.contains("\"value\"") {
+                missing.push(series);
+            }
+        }
+        if missing.is_empty() {
+            eprintln!(
+                "{} documented metrics all have samples in Prometheus after {:.1} s",
+                metrics.len(),
+                t.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(40) {
+            bail!("no samples in Prometheus for {missing:?}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+async fn service_balances_over_backends_on_both_nodes(lab: &mut Lab) -> anyhow::Result<()> {
+    let backends: BTreeSet<String> = lab
+        .pods("shop", "backend")?
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    let nodes = lab.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "shop",
+        "-l",
+        "app=backend",
+        "-o",
+        "jsonpath={.items[*].spec.nodeName}",
+    ])?;
+    let nodes: BTreeSet<&str> = nodes.split_whitespace().collect();
+    ensure!(nodes.len() == 2, "backends on {nodes:?}");
+    let (client, _) = first_pod(lab, "shop", "frontend")?;
+    let vip = lab.cluster_ip("shop", "backend")?;
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let out = tokio::task::block_in_place(|| {
+            lab.probe("shop", &client, "tcp", &format!("{vip}:80"))
+        })?;
+        let who = out
+            .strip_prefix("success ")
+            .with_context(|| format!("probe: {out}"))?;
+        *seen.entry(who.to_string()).or_insert(0u32) += 1;
+    }
+    eprintln!("40 connections to {vip}:80 from two nodes' backends: {seen:?}");
+    let names: BTreeSet<String> = seen.keys().cloned().collect();
+    ensure!(
+        names == backends,
+        "answered by {names:?}, backends {backends:?}"
+    );
+    ensure!(seen.values().all(|n| *n >= 5), "unbalanced: {seen:?}");
+    Ok(())
+}
+
+async fn deny_beats_allow(lab: &mut Lab) -> anyhow::Result<()> {
+    lab.apply_yaml(
+        "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: deny-frontend, namespace: shop}\nspec:\n  selector: {matchLabels: {app: backend}}\n  action: Deny\n  ingress:\n    - from: [{identity: frontend}]\n      ports: [{port: 8080, protocol: TCP}]\n",
+    )?;
+    let p = probe(
+        ("shop", "frontend"),
+        ("shop", "backend"),
+        TargetKind::Service,
+        "tcp",
+        80,
+    );
+    let took = until(
+        lab,
+        &p,
+        ("timeout", "dropped", "policy_deny"),
+        Duration::from_secs(20),
+    )
+    .await;
+    lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "deny-frontend"])?;
+    let took = took?;
+    eprintln!(
+        "Deny over Allow enforced after {:.0} ms",
+        took.as_secs_f64() * 1e3
+    );
+    until(
+        lab,
+        &p,
+        ("success", "allowed", "policy_allow"),
+        Duration::from_secs(20),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn namespace_selector_peers(lab: &mut Lab) -> anyhow::Result<()> {
+    // The frontend admits the batch namespace only.
+    lab.apply_yaml(
+        "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: frontend-from-batch, namespace: shop}\nspec:\n  selector: {matchLabels: {app: frontend}}\n  ingress:\n    - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: batch}}}]\n      ports: [{port: 8080, protocol: TCP}]\n",
+    )?;
+    let from_batch = probe(
+        ("batch", "etl"),
+        ("shop", "frontend"),
+        TargetKind::Service,
+        "tcp",
+        80,
+    );
+    let from_shop = probe(
+        ("shop", "backend"),
+        ("shop", "frontend"),
+        TargetKind::Service,
+        "tcp",
+        80,
+    );
+    let r = async {
+        until(
+            lab,
+            &from_shop,
+            ("timeout", "dropped", "default_deny"),
+            Duration::from_secs(20),
+        )
+        .await?;
+        until(
+            lab,
+            &from_batch,
+            ("success", "allowed", "policy_allow"),
+            Duration::from_secs(20),
+        )
+        .await
+    }
+    .await;
+    lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "frontend-from-batch"])?;
+    r?;
+    until(
+        lab,
+        &from_shop,
+        ("success", "allowed", "no_policy"),
+        Duration::from_secs(20),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn policy_change_is_enforced_on_every_node(lab: &mut Lab) -> anyhow::Result<()> {
+    // Admit the batch job to the backend too; measure until both backends (one per node)
+    // accept it, straight to their pod addresses.
+    let backends = lab.pods("shop", "backend")?;
+    ensure!(backends.len() == 2);
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    for (_, ip) in &backends {
+        let out =
+            tokio::task::block_in_place(|| lab.probe("batch", &etl, "tcp", &format!("{ip}:8080")))?;
+        ensure!(out == "timeout", "before the change: {out}");
+    }
+    let t = Instant::now();
+    lab.apply_yaml(
+        "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: allow-frontend-to-backend, namespace: shop}\nspec:\n  selector: {matchLabels: {app: backend}}\n  ingress:\n    - from: [{identity: frontend}, {serviceAccount: batch/etl}]\n      ports: [{port: 8080, protocol: TCP}, {port: 5353, protocol: UDP}]\n",
+    )?;
+    let mut per_node = Vec::new();
+    for (name, ip) in &backends {
+        loop {
+            let out = tokio::task::block_in_place(|| {
+                lab.probe("batch", &etl, "tcp", &format!("{ip}:8080"))
+            })?;
+            if out.starts_with("success") {
+                per_node.push((name.clone(), t.elapsed()));
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                restore_policies(lab)?;
+                bail!("{name} still refuses the batch job after 30 s: {out}");
+            }
+        }
+    }
+    let total = t.elapsed();
+    // The status says so too.
+    let programmed = lab.kubectl(&[
+        "get",
+        "meshpolicy",
+        "-n",
+        "shop",
+        "allow-frontend-to-backend",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Programmed\")].status}",
+    ])?;
+    restore_policies(lab)?;
+    eprintln!(
+        "policy change (kubectl apply → connection accepted on every node): {:.0} ms ({})",
+        total.as_secs_f64() * 1e3,
+        per_node
+            .iter()
+            .map(|(n, d)| format!("{n} {:.0} ms", d.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    ensure!(programmed == "True", "Programmed={programmed}");
+    // And back: denied again on both.
+    for (_, ip) in &backends {
+        let t = Instant::now();
+        loop {
+            let out = tokio::task::block_in_place(|| {
+                lab.probe("batch", &etl, "tcp", &format!("{ip}:8080"))
+            })?;
+            if out == "timeout" {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "still admitted after the revert"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn scaling_keeps_the_service_and_new_pods_wait_for_their_policy(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    let vip = lab.cluster_ip("shop", "backend")?;
+    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    let target = format!("{vip}:80");
+    // The frontend must always get through; the batch job never (not even to a new pod
+    // before its policy is in place).
+    let allowed = Prober::start(
+        lab,
+        "shop",
+        &frontend,
+        "tcp",
+        &target,
+        Duration::from_millis(100),
+    );
+    let denied = Prober::start(
+        lab,
+        "batch",
+        &etl,
+        "tcp",
+        &target,
+        Duration::from_millis(100),
+    );
+    let r = async {
+        for n in [4usize, 1, 2] {
+            lab.kubectl(&[
+                "scale",
+                "deployment",
+                "-n",
+                "shop",
+                "backend",
+                &format!("--replicas={n}"),
+            ])?;
+            ready_replicas(lab, "shop", "backend", n).await?;
+            // Scaled-down pods drain for 2 s after SIGTERM; let that pass.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let (ok, failed, failures) = allowed.finish().await;
+    let (through, blocked, _) = denied.finish().await;
+    r?;
+    eprintln!(
+        "scaling 2→4→1→2 under probes: frontend {ok} ok / {failed} failed; batch job {through} through / {blocked} blocked"
+    );
+    ensure!(failed == 0 && ok > 20, "frontend failures: {failures:?}");
+    ensure!(
+        through == 0 && blocked > 0,
+        "the batch job got through {through} times"
+    );
+    // Every backend pod's gate was set before it became Ready.
+    let out = lab.kubectl(&[
+        "get", "pods", "-n", "shop", "-l", "app=backend", "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"mesh.cortexflow.io/programmed\")].status} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+    ])?;
+    for l in out.lines() {
+        ensure!(l.ends_with("True True"), "gate and readiness: {l}");
+    }
+    Ok(())
+}
+
+async fn agent_restart_under_traffic_drops_nothing(lab: &mut Lab) -> anyhow::Result<()> {
+    let vip = lab.cluster_ip("shop", "backend")?;
+    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    let target = format!("{vip}:80");
+    let allowed = Prober::start(
+        lab,
+        "shop",
+        &frontend,
+        "tcp",
+        &target,
+        Duration::from_millis(50),
+    );
+    let denied = Prober::start(
+        lab,
+        "batch",
+        &etl,
+        "tcp",
+        &target,
+        Duration::from_millis(100),
+    );
+    let r = restart_agents(lab, 3).await;
+    let (ok, failed, failures) = allowed.finish().await;
+    let (through, _, _) = denied.finish().await;
+    let ready = r?;
+    let ms: Vec<String> = ready
+        .iter()
+        .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+        .collect();
+    eprintln!(
+        "3 restarts of every agent (SIGTERM, new process) under probes: {ok} ok, {failed} failed, {through} denied got through; stop→ready ms: {}",
+        ms.join(" ")
+    );
+    ensure!(failed == 0 && ok > 20, "failures: {failures:?}");
+    ensure!(through == 0);
+    Ok(())
+}
+
+/// Restarts every agent `n` times (SIGTERM, then a new process on the same pins and ports);
+/// returns the restart-to-ready times.
+async fn restart_agents(lab: &mut Lab, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let url = format!("http://{}", lab.operator.grpc);
+    let mut times = Vec::new();
+    for _ in 0..n {
+        for a in &mut lab.agents {
+            let t = Instant::now();
+            ensure!(
+                a.stop_agent(true),
+                "{}: SIGTERM did not end the agent cleanly",
+                a.name
+            );
+            a.start_agent(&url)?;
+            a.wait_ready(Duration::from_secs(30)).await?;
+            times.push(t.elapsed());
+            // Traffic between restarts too.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    Ok(times)
+}
+
+async fn operator_down_for_a_minute_changes_nothing(lab: &mut Lab) -> anyhow::Result<()> {
+    let vip = lab.cluster_ip("shop", "backend")?;
+    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    let target = format!("{vip}:80");
+    let allowed = Prober::start(
+        lab,
+        "shop",
+        &frontend,
+        "tcp",
+        &target,
+        Duration::from_millis(500),
+    );
+    let denied = Prober::start(
+        lab,
+        "batch",
+        &etl,
+        "tcp",
+        &target,
+        Duration::from_millis(500),
+    );
+    lab.stop_operator();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    for a in &lab.agents {
+        let (_, m) = a.admin("/metrics").await.context("agent metrics")?;
+        ensure!(
+            m.lines()
+                .any(|l| l.starts_with("cortexflow_agent_operator_connected") && l.ends_with(" 0")),
+            "{} does not say it is disconnected",
+            a.name
+        );
+    }
+    let back = Instant::now();
+    lab.start_operator().await?;
+    // Resynced: every agent connected again and reporting the operator's new version.
+    loop {
+        let mut all = true;
+        for a in &lab.agents {
+            let (_, m) = a.admin("/metrics").await.context("agent metrics")?;
+            all &= m
+                .lines()
+                .any(|l| l.starts_with("cortexflow_agent_operator_connected") && l.ends_with(" 1"));
+        }
+        if all {
+            break;
+        }
+        ensure!(
+            back.elapsed() < Duration::from_secs(60),
+            "agents did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resync = back.elapsed();
+    let (ok, failed, failures) = allowed.finish().await;
+    let (through, _, _) = denied.finish().await;
+    eprintln!(
+        "operator down 60 s: {ok} ok / {failed} failed, {through} denied got through; every agent resynced {:.0} ms after the operator started again",
+        resync.as_secs_f64() * 1e3
+    );
+    ensure!(failed == 0 && ok > 50, "failures: {failures:?}");
+    ensure!(through == 0);
+    Ok(())
+}
+
+/// Nothing of this process is left: network namespaces, pins, cgroups, processes.
+fn leftovers() -> anyhow::Result<()> {
+    let pid = std::process::id().to_string();
+    let mine = |name: &str| {
+        ["cfn", "cfp", "cftest-", "cftest-lab-"].iter().any(|p| {
+            name.strip_prefix(p)
+                .is_some_and(|r| r.split('x').next() == Some(pid.as_str()))
+        })
+    };
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| mine(n))
+            .collect()
+    };
+    let mut left = Vec::new();
+    left.extend(
+        names("/var/run/netns")
+            .into_iter()
+            .map(|n| format!("netns {n}")),
+    );
+    left.extend(
+        names("/sys/fs/bpf")
+            .into_iter()
+            .map(|n| format!("pins {n}")),
+    );
+    left.extend(
+        names(cortexflow_e2e::net::CGROUP2_ROOT)
+            .into_iter()
+            .map(|n| format!("cgroup {n}")),
+    );
+    // Children of this process (the probes and daemons were ours).
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut live = Vec::new();
+    for c in children.split_whitespace() {
+        if let Ok(cmd) = std::fs::read_to_string(format!("/proc/{c}/cmdline")) {
+            live.push(format!("process {c} {}", cmd.replace('\0', " ")));
+        }
+    }
+    left.extend(live);
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
