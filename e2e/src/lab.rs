@@ -248,9 +248,35 @@ impl Lab {
         target: &str,
     ) -> anyhow::Result<String> {
         let (netns, cgroup) = sim::locate(&self.state_dir, namespace, pod)?;
+        self.probe_in(&netns, &cgroup, protocol, target)
+    }
+
+    /// Runs the workload's `probe` on simulated node `index` itself (its network namespace and
+    /// cgroup): the source is the node's fabric address, which is `host` on that node and an
+    /// address outside the cluster's pods (`world`, or an `ipBlock`) everywhere else.
+    pub fn probe_from_node(
+        &self,
+        index: usize,
+        protocol: &str,
+        target: &str,
+    ) -> anyhow::Result<String> {
+        let n = self
+            .nodes
+            .get(index)
+            .with_context(|| format!("no node {index}"))?;
+        self.probe_in(&n.ns.name, &n.cgroup, protocol, target)
+    }
+
+    fn probe_in(
+        &self,
+        netns: &str,
+        cgroup: &Path,
+        protocol: &str,
+        target: &str,
+    ) -> anyhow::Result<String> {
         let out = sim::exec_command(
-            &netns,
-            &cgroup,
+            netns,
+            cgroup,
             &[
                 self.workload_bin.to_string_lossy().into_owned(),
                 "probe".into(),
@@ -488,7 +514,7 @@ impl Drop for FlowLog {
 
 /// The verdict that decided a connection: a drop if any, else an audit, else the destination's
 /// (ingress) allow, else the source's.
-fn decisive(flows: &[v1::Flow]) -> (String, String) {
+pub fn decisive(flows: &[v1::Flow]) -> (String, String) {
     let pick = flows
         .iter()
         .find(|f| f.verdict == "dropped")

@@ -25,8 +25,7 @@ pub fn binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
         .lock()
         .map_err(|_| anyhow::anyhow!("build lock poisoned"))?;
     if !built.iter().any(|b| b == bin) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
+        let mut cmd = cargo_command();
         cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
         if release {
             cmd.arg("--release");
@@ -46,6 +45,30 @@ pub fn binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     Ok(target
         .join(if release { "release" } else { "debug" })
         .join(bin))
+}
+
+/// `cargo` (the one running us, if any) without the variables cargo sets for the crate it runs
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …). Build scripts such as ring's watch
+/// `CARGO_MANIFEST_DIR`: passed on, it would differ between `cargo xtask`, a test binary and a
+/// shell, and every switch would rebuild ring and all that depends on it.
+pub fn cargo_command() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                k,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+            )
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 /// A free loopback port.

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         t!(service_balances_over_backends_on_both_nodes),
         t!(deny_beats_allow),
         t!(namespace_selector_peers),
+        t!(ip_block_peers),
         t!(policy_change_is_enforced_on_every_node),
         t!(scaling_keeps_the_service_and_new_pods_wait_for_their_policy),
         t!(agent_restart_under_traffic_drops_nothing),
@@ -460,6 +461,85 @@ async fn namespace_selector_peers(lab: &mut Lab) -> anyhow::Result<()> {
         Duration::from_secs(20),
     )
     .await?;
+    Ok(())
+}
+
+/// Repeats a probe from simulated node `node` until its (result, verdict, reason) is `want`.
+async fn node_until(
+    lab: &Lab,
+    node: usize,
+    target: &str,
+    want: (&str, &str, &str),
+) -> anyhow::Result<Duration> {
+    let source = lab.nodes[node].ip;
+    let log = lab.observe_flows().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let mut last = None;
+    while t.elapsed() < Duration::from_secs(20) {
+        let started = Instant::now();
+        let out = tokio::task::block_in_place(|| lab.probe_from_node(node, "tcp", target))?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (verdict, reason) = lab::decisive(&log.since(started, source, "tcp"));
+        let result = out.split_whitespace().next().unwrap_or("").to_string();
+        if (result.as_str(), verdict.as_str(), reason.as_str()) == want {
+            return Ok(t.elapsed());
+        }
+        last = Some((result, verdict, reason));
+    }
+    bail!("node {node} → {target}: not {want:?} after 20 s; last {last:?}")
+}
+
+/// `ipBlock` peers: the nodes' fabric addresses (172.30.0.0/24) are not pod addresses, so on
+/// every node but their own they are `world` — or the identity of the `ipBlock` containing them.
+async fn ip_block_peers(lab: &mut Lab) -> anyhow::Result<()> {
+    ensure!(lab.nodes.len() >= 2, "needs two nodes");
+    let out = lab.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "shop",
+        "-l",
+        "app=backend",
+        "--field-selector=status.phase=Running",
+        "-o",
+        "jsonpath={range .items[*]}{.spec.nodeName} {.status.podIP}{\"\\n\"}{end}",
+    ])?;
+    let mut backend_on = std::collections::BTreeMap::new();
+    for l in out.lines() {
+        let Some((node, ip)) = l.split_once(' ') else {
+            continue;
+        };
+        if let Some(i) = lab.nodes.iter().position(|n| n.name == node) {
+            backend_on.insert(i, ip.to_string());
+        }
+    }
+    let (Some(on0), Some(on1)) = (backend_on.get(&0), backend_on.get(&1)) else {
+        bail!("want a backend on each of the first two nodes: {out}");
+    };
+    // Node 0 probes the backend on node 1 and node 1 the one on node 0: each arrives from an
+    // address that is not the receiving node's own.
+    let (from0, from1) = (format!("{on1}:8080"), format!("{on0}:8080"));
+    // The backend admits the frontend only: the nodes are default-denied.
+    node_until(lab, 0, &from0, ("timeout", "dropped", "default_deny")).await?;
+    let except = format!("{}/32", lab.nodes[1].ip);
+    lab.apply_yaml(&format!(
+        "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: backend-from-nodes, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: backend}}}}\n  ingress:\n    - from: [{{ipBlock: {{cidr: 172.30.0.0/24, except: ['{except}']}}}}]\n      ports: [{{port: 8080, protocol: TCP}}]\n"
+    ))?;
+    let r = async {
+        let took = node_until(lab, 0, &from0, ("success", "allowed", "policy_allow")).await?;
+        // Inside the block but in `except`: still default-denied.
+        node_until(lab, 1, &from1, ("timeout", "dropped", "default_deny")).await?;
+        anyhow::Ok(took)
+    }
+    .await;
+    lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "backend-from-nodes"])?;
+    let took = r?;
+    eprintln!(
+        "ipBlock 172.30.0.0/24 except {except}: node 1 admitted after {:.0} ms, node 2 still denied",
+        took.as_secs_f64() * 1e3
+    );
+    node_until(lab, 0, &from0, ("timeout", "dropped", "default_deny")).await?;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! `cargo xtask bench <what> [--json FILE]`: benchmarks (not tests). Each runs its baseline and
 //! its subject in the same run, on the same machine, and reports ratios.
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
 
 use clap::Subcommand;
 
@@ -109,7 +109,7 @@ fn example(
     args: &[(&str, String)],
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut c = cortexflow_e2e::process::cargo_command();
     c.current_dir(crate::workspace_root())
         .env("CORTEXFLOW_BUILD_PROFILE", "release")
         .args([

@@ -98,9 +98,7 @@ fn main() -> anyhow::Result<()> {
             if !exec {
                 setup::run()?;
             }
-            let mut c = std::process::Command::new(
-                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
-            );
+            let mut c = cortexflow_e2e::process::cargo_command();
             c.current_dir(workspace_root()).args([
                 "run",
                 "--quiet",

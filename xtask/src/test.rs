@@ -57,7 +57,7 @@ struct StageResult {
 }
 
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    cortexflow_e2e::process::cargo_command()
 }
 
 /// A stage that is a check, not a test binary: counts as one test.
