@@ -294,8 +294,19 @@ pub struct CtValue {
     pub reason: u16,
     /// Direction of the packet that opened the flow ([`DIR_INGRESS`]: the peer opened it).
     pub origin: u8,
-    pub _pad: u8,
+    /// TCP close: [`CT_FIN_ORIGIN`] and [`CT_FIN_REPLY`] once each side sent its FIN.
+    pub closing: u8,
 }
+
+/// [`CtValue::closing`]: the side that opened the flow sent a FIN.
+pub const CT_FIN_ORIGIN: u8 = 1;
+/// [`CtValue::closing`]: the other side sent a FIN.
+pub const CT_FIN_REPLY: u8 = 2;
+/// TCP header flags (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// How often, at most, a packet rewrites [`CtValue::seen_ns`].
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;

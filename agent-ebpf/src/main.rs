@@ -23,13 +23,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use cortexflow_common::{
-    BackendKey, BackendValue, CFG_EVENTS_ALLOWED, COUNTER_SLOTS, CT_REFRESH_NS, CidrKey, CidrValue,
-    Counter, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DatapathConfig, DirFlags, EndpointInfo,
-    FlowEvent, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IpcacheValue, POLICY_ALLOW,
-    POLICY_AUDIT_ALLOW, POLICY_AUDIT_DENY, POLICY_DENY, POLICY_KEY_BITS, PROTO_OTHER, PROTO_TCP,
-    PROTO_UDP, PolicyKey, PolicyValue, RULE_ALLOW, RULE_AUDIT_DENY, RULE_DENY, Reason, RevNatKey,
-    RevNatValue, ServiceKey, ServiceValue, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED,
-    counter_index,
+    BackendKey, BackendValue, CFG_EVENTS_ALLOWED, COUNTER_SLOTS, CT_FIN_ORIGIN, CT_FIN_REPLY,
+    CT_REFRESH_NS, CidrKey, CidrValue, Counter, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
+    DatapathConfig, DirFlags, EndpointInfo, FlowEvent, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
+    IpcacheValue, POLICY_ALLOW, POLICY_AUDIT_ALLOW, POLICY_AUDIT_DENY, POLICY_DENY,
+    POLICY_KEY_BITS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, RULE_ALLOW,
+    RULE_AUDIT_DENY, RULE_DENY, Reason, RevNatKey, RevNatValue, ServiceKey, ServiceValue, TCP_FIN,
+    TCP_RST, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED, counter_index,
 };
 
 // Default sizes; the agent sets every size at load time from its configuration.
@@ -127,6 +127,8 @@ struct Packet {
     /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_OTHER`].
     proto_key: u8,
     direction: u8,
+    /// TCP header flags (0 for other protocols).
+    tcp_flags: u8,
     ifindex: u32,
     len: u32,
 }
@@ -342,6 +344,7 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
         protocol: 0,
         proto_key: PROTO_OTHER,
         direction: dir,
+        tcp_flags: 0,
         ifindex,
         len,
     };
@@ -391,6 +394,15 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
         p.sport = ports[0];
         p.dport = ports[1];
         p.proto_key = ip.protocol;
+        if ip.protocol == PROTO_TCP {
+            // Bytes 12–13: data offset and flags. (Two bytes, not one: LLVM turns a one-byte
+            // bound check into `ptr >= end`, from which the verifier derives no range.)
+            let Some(word) = header::<[u8; 2]>(ctx, ETH_HLEN + ihl + 12) else {
+                return malformed(&p);
+            };
+            // SAFETY: as above.
+            p.tcp_flags = unsafe { word.read_unaligned() }[1];
+        }
     }
     let (peer_addr, ep_port, peer_port) = if dir == DIR_EGRESS {
         (p.daddr, p.sport, p.dport)
@@ -420,7 +432,9 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
         count(d.verdict, d.reason, len);
         return DROP;
     }
-    if p.proto_key != PROTO_OTHER {
+    // A TCP FIN or RST that finds no flow ends one (a retransmission after the close, or a
+    // flow forgotten): it gets its verdict but no entry.
+    if p.proto_key != PROTO_OTHER && p.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
         let t = now();
         let value = CtValue {
             created_ns: t,
@@ -430,7 +444,7 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
             peer_identity: peer,
             reason: d.reason as u16,
             origin: dir,
-            _pad: 0,
+            closing: 0,
         };
         // A full LRU evicts the least recently used flow; it cannot fail for lack of room.
         let _ = CONNTRACK.insert(key, value, 0);
@@ -484,6 +498,10 @@ fn tracked(p: &Packet, ep: &EndpointInfo, ct: *mut CtValue, key: &CtKey, generat
             (*ct).peer_identity = peer;
         }
     }
+    count(VERDICT_ALLOWED, reason, p.len);
+    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 || p.protocol == PROTO_TCP && closing(ct) != 0 {
+        return tcp_close(p, ct, key, origin);
+    }
     let t = now();
     // SAFETY: as above. Refreshing at most once per second keeps the hot path read-only.
     unsafe {
@@ -491,7 +509,38 @@ fn tracked(p: &Packet, ep: &EndpointInfo, ct: *mut CtValue, key: &CtKey, generat
             (*ct).seen_ns = t;
         }
     }
-    count(VERDICT_ALLOWED, reason, p.len);
+    PASS
+}
+
+#[inline(always)]
+fn closing(ct: *mut CtValue) -> u8 {
+    // SAFETY: `ct` points into the map value, valid during the program run.
+    unsafe { (*ct).closing }
+}
+
+/// The end of a TCP connection frees its entry, so that closed flows do not crowd live ones
+/// out of the LRU: a RST at once; FINs are noted per side, and the first packet after both
+/// (the last ACK) removes the entry. The packet itself passes.
+#[inline(always)]
+fn tcp_close(p: &Packet, ct: *mut CtValue, key: &CtKey, origin: u8) -> i32 {
+    if p.tcp_flags & TCP_RST != 0 {
+        let _ = CONNTRACK.remove(key);
+        return PASS;
+    }
+    let seen = closing(ct);
+    if p.tcp_flags & TCP_FIN != 0 {
+        let side = if origin == p.direction {
+            CT_FIN_ORIGIN
+        } else {
+            CT_FIN_REPLY
+        };
+        if seen & side == 0 {
+            // SAFETY: as in `closing`.
+            unsafe { (*ct).closing = seen | side };
+        }
+    } else if seen == CT_FIN_ORIGIN | CT_FIN_REPLY {
+        let _ = CONNTRACK.remove(key);
+    }
     PASS
 }
 

@@ -53,6 +53,10 @@ fn main() -> ExitCode {
             conntrack,
         ),
         (
+            "conntrack_frees_closed_tcp_flows",
+            conntrack_frees_closed_tcp_flows,
+        ),
+        (
             "policy_change_re_evaluates_established_flows",
             policy_change_re_evaluates,
         ),
@@ -568,6 +572,72 @@ fn conntrack() {
         ),
         PASS
     );
+}
+
+/// A closed TCP connection frees its entry: after both FINs, at the last ACK; at once on a RST.
+fn conntrack_frees_closed_tcp_flows() {
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    let peer = Ipv4Addr::new(10, 0, 0, 20);
+    let (mut t, mut rb) = open();
+    // Egress to the peer allowed; ingress default-deny (only replies come in).
+    let p = EndpointPolicy {
+        ingress: vec![rule(
+            6,
+            Action::Allow,
+            Mode::Enforce,
+            ids(&[999]),
+            vec![tcp_ports(1, 1)],
+        )],
+        egress: vec![rule(
+            5,
+            Action::Allow,
+            Mode::Enforce,
+            ids(&[301]),
+            vec![tcp_ports(80, 80)],
+        )],
+    };
+    t.dp().apply(&state(p, &[(peer, 301)])).expect("apply");
+    let out = |f| common::tcp_with(EP_IP, 5000, peer, 80, f);
+    let back = |f| common::tcp_with(peer, 80, EP_IP, 5000, f);
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &out(SYN)), PASS);
+    assert_eq!(test_run(&mut t, programs::TO_POD, &back(SYN | ACK)), PASS);
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &out(ACK)), PASS);
+    assert_eq!(t.dp().conntrack_entries().expect("ct"), 1);
+    // The peer closes first, the pod answers with its FIN, the peer's last ACK ends it.
+    assert_eq!(test_run(&mut t, programs::TO_POD, &back(FIN | ACK)), PASS);
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &out(ACK)), PASS);
+    assert_eq!(t.dp().conntrack_entries().expect("ct"), 1, "half-closed");
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &out(FIN | ACK)), PASS);
+    assert_eq!(
+        t.dp().conntrack_entries().expect("ct"),
+        1,
+        "both FINs, no last ACK yet"
+    );
+    assert_eq!(test_run(&mut t, programs::TO_POD, &back(ACK)), PASS);
+    assert_eq!(
+        t.dp().conntrack_entries().expect("ct"),
+        0,
+        "closed: entry freed"
+    );
+    // A late retransmission of the peer's FIN is a flow nobody opened: dropped, no entry.
+    assert_eq!(test_run(&mut t, programs::TO_POD, &back(FIN | ACK)), DROP);
+    assert_eq!(t.dp().conntrack_entries().expect("ct"), 0);
+    // A RST ends a flow at once, from either side.
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &out(SYN)), PASS);
+    assert_eq!(t.dp().conntrack_entries().expect("ct"), 1);
+    assert_eq!(test_run(&mut t, programs::TO_POD, &back(RST | ACK)), PASS);
+    assert_eq!(t.dp().conntrack_entries().expect("ct"), 0);
+    // Data after one FIN (a half-close) keeps the flow.
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &out(SYN)), PASS);
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &out(FIN | ACK)), PASS);
+    for _ in 0..5 {
+        assert_eq!(test_run(&mut t, programs::TO_POD, &back(ACK)), PASS);
+    }
+    assert_eq!(t.dp().conntrack_entries().expect("ct"), 1);
+    let _ = events(&mut rb);
 }
 
 fn policy_change_re_evaluates() {
@@ -1397,7 +1467,7 @@ fn service_topology(
 
 fn service_weights() {
     let vip = Ipv4Addr::new(10, 96, 0, 10);
-    let (topo, t, cgroup) = service_topology(206, &[(1, 1), (2, 2), (3, 3)], vip);
+    let (topo, mut t, cgroup) = service_topology(206, &[(1, 1), (2, 2), (3, 3)], vip);
     let _servers: Vec<Server> = [(1, "b1"), (2, "b2"), (3, "b3")]
         .iter()
         .map(|(i, tag)| Server::start(&topo.pods[*i].ns, 8080, tag))
@@ -1433,7 +1503,15 @@ fn service_weights() {
             5.0 * sd
         );
     }
-    eprintln!("service weights 1:2:3 over {N} connects: {counts:?}");
+    // Closed connections free their conntrack entries (two per connection: the client's
+    // egress and the backend's ingress): the table does not fill up with dead flows.
+    std::thread::sleep(Duration::from_millis(200));
+    let ct = t.dp().conntrack_entries().expect("conntrack");
+    eprintln!("service weights 1:2:3 over {N} connects: {counts:?}; {ct} conntrack entries left");
+    assert!(
+        ct < N / 20,
+        "{ct} conntrack entries left after {N} closed connections"
+    );
     drop(cgroup);
     drop_in_node(&topo, t);
 }

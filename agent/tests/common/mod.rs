@@ -99,11 +99,17 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, frag_off: u16, payload_len: 
 
 /// An Ethernet + IPv4 + TCP SYN packet.
 pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    tcp_with(src, sport, dst, dport, 0x02)
+}
+
+/// An Ethernet + IPv4 + TCP packet with the given header flags (0x01 FIN, 0x02 SYN, 0x04 RST,
+/// 0x10 ACK).
+pub fn tcp_with(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let mut p = eth(ETH_IP);
     p.extend(ipv4(src, dst, 6, 0, 20));
     p.extend_from_slice(&sport.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     p
 }
 
