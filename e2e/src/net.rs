@@ -27,50 +27,72 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// What the fixtures of process `pid` made and have not removed: `(kind, path)` of network
+/// namespaces, bpffs pin directories and cgroups named `<prefix><pid>x…`.
+pub fn owned_by(pid: u32) -> Vec<(&'static str, PathBuf)> {
+    let pid = pid.to_string();
+    let mine = |name: &str| {
+        ["cfn", "cfp", "cftest-"].iter().any(|p| {
+            name.strip_prefix(p)
+                .is_some_and(|r| r.split('x').next() == Some(pid.as_str()))
+        })
+    };
+    let mut found = Vec::new();
+    for (kind, dir) in [
+        ("netns", "/var/run/netns"),
+        ("pins", "/sys/fs/bpf"),
+        ("cgroup", CGROUP2_ROOT),
+    ] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if mine(&e.file_name().to_string_lossy()) {
+                found.push((kind, e.path()));
+            }
+        }
+    }
+    found
+}
+
 /// Removes what earlier runs killed before their cleanup ran (`SIGKILL`, a timeout) left
 /// behind: network namespaces, pin directories and cgroups named `<prefix><pid>x…` whose process
 /// is gone.
 pub fn sweep_stale() {
-    fn owner_gone(name: &str) -> bool {
-        let Some(rest) = ["cfn", "cfp", "cftest-"]
-            .iter()
-            .find_map(|p| name.strip_prefix(p))
-        else {
-            return false;
-        };
-        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
-            return false;
-        };
-        pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
-    }
-    let names = |dir: &str| -> Vec<String> {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect()
-    };
-    for ns in names("/var/run/netns") {
-        if owner_gone(&ns) {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        }
-    }
-    for pin in names("/sys/fs/bpf") {
-        if owner_gone(&pin) {
-            let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf").join(pin));
-        }
-    }
-    for cg in names(CGROUP2_ROOT) {
-        if owner_gone(&cg) {
-            // A lab node's cgroup holds its pods' cgroups.
-            let dir = Path::new(CGROUP2_ROOT).join(cg);
-            for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if sub.path().is_dir() {
-                    let _ = std::fs::remove_dir(sub.path());
-                }
+    let mut owners = std::collections::BTreeSet::new();
+    for dir in ["/var/run/netns", "/sys/fs/bpf", CGROUP2_ROOT] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = ["cfn", "cfp", "cftest-"]
+                .iter()
+                .find_map(|p| name.strip_prefix(p))
+                .and_then(|rest| rest.split('x').next()?.parse::<u32>().ok());
+            if let Some(pid) = pid
+                && pid != std::process::id()
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                owners.insert(pid);
             }
-            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    for (kind, path) in owners.into_iter().flat_map(owned_by) {
+        match kind {
+            "netns" => {
+                let _ = Command::new("ip")
+                    .arg("netns")
+                    .arg("del")
+                    .arg(path.file_name().unwrap_or_default())
+                    .status();
+            }
+            "pins" => {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            _ => {
+                // A lab node's cgroup holds its pods' cgroups.
+                for sub in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                    if sub.path().is_dir() {
+                        let _ = std::fs::remove_dir(sub.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(&path);
+            }
         }
     }
 }

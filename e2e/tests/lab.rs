@@ -249,6 +249,65 @@ impl Prober {
     }
 }
 
+/// What the two probers of [`with_traffic`] saw.
+struct Traffic {
+    /// Frontend → backend Service: successes, failures and some failure lines.
+    ok: u64,
+    failed: u64,
+    failures: Vec<String>,
+    /// Batch job → backend Service: connections that got through, and those blocked.
+    through: u64,
+    blocked: u64,
+}
+
+impl Traffic {
+    /// Every allowed probe passed (at least `min_ok` of them) and no denied one got through.
+    fn ensure_undisturbed(&self, min_ok: u64) -> anyhow::Result<()> {
+        ensure!(
+            self.failed == 0 && self.ok >= min_ok,
+            "frontend: {} ok, {} failed: {:?}",
+            self.ok,
+            self.failed,
+            self.failures
+        );
+        ensure!(
+            self.through == 0 && self.blocked > 0,
+            "the batch job got through {} times ({} blocked)",
+            self.through,
+            self.blocked
+        );
+        Ok(())
+    }
+}
+
+/// Runs `during` while the frontend (allowed) and the batch job (denied) connect to the
+/// backend Service every `every`, from inside their pods.
+async fn with_traffic<T>(
+    lab: &mut Lab,
+    every: Duration,
+    during: impl AsyncFnOnce(&mut Lab) -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Traffic)> {
+    let vip = lab.cluster_ip("shop", "backend")?;
+    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    let target = format!("{vip}:80");
+    let allowed = Prober::start(lab, "shop", &frontend, "tcp", &target, every);
+    let denied = Prober::start(lab, "batch", &etl, "tcp", &target, every);
+    let r = during(lab).await;
+    let (ok, failed, failures) = allowed.finish().await;
+    let (through, blocked, _) = denied.finish().await;
+    Ok((
+        r?,
+        Traffic {
+            ok,
+            failed,
+            failures,
+            through,
+            blocked,
+        },
+    ))
+}
+
 fn first_pod(lab: &Lab, ns: &str, app: &str) -> anyhow::Result<(String, std::net::Ipv4Addr)> {
     lab.pods(ns, app)?
         .into_iter()
@@ -618,29 +677,9 @@ async fn policy_change_is_enforced_on_every_node(lab: &mut Lab) -> anyhow::Resul
 async fn scaling_keeps_the_service_and_new_pods_wait_for_their_policy(
     lab: &mut Lab,
 ) -> anyhow::Result<()> {
-    let vip = lab.cluster_ip("shop", "backend")?;
-    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
-    let (etl, _) = first_pod(lab, "batch", "etl")?;
-    let target = format!("{vip}:80");
     // The frontend must always get through; the batch job never (not even to a new pod
     // before its policy is in place).
-    let allowed = Prober::start(
-        lab,
-        "shop",
-        &frontend,
-        "tcp",
-        &target,
-        Duration::from_millis(100),
-    );
-    let denied = Prober::start(
-        lab,
-        "batch",
-        &etl,
-        "tcp",
-        &target,
-        Duration::from_millis(100),
-    );
-    let r = async {
+    let ((), traffic) = with_traffic(lab, Duration::from_millis(100), async |lab| {
         for n in [4usize, 1, 2] {
             lab.kubectl(&[
                 "scale",
@@ -654,67 +693,47 @@ async fn scaling_keeps_the_service_and_new_pods_wait_for_their_policy(
             // Scaled-down pods drain for 2 s after SIGTERM; let that pass.
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
-        anyhow::Ok(())
-    }
-    .await;
-    let (ok, failed, failures) = allowed.finish().await;
-    let (through, blocked, _) = denied.finish().await;
-    r?;
+        Ok(())
+    })
+    .await?;
     eprintln!(
-        "scaling 2→4→1→2 under probes: frontend {ok} ok / {failed} failed; batch job {through} through / {blocked} blocked"
+        "scaling 2→4→1→2 under probes: frontend {} ok / {} failed; batch job {} through / {} blocked",
+        traffic.ok, traffic.failed, traffic.through, traffic.blocked
     );
-    ensure!(failed == 0 && ok > 20, "frontend failures: {failures:?}");
-    ensure!(
-        through == 0 && blocked > 0,
-        "the batch job got through {through} times"
-    );
-    // Every backend pod's gate was set before it became Ready.
+    traffic.ensure_undisturbed(20)?;
+    // Every backend pod's gate is True, and it turned True no later than Ready did (the
+    // times are RFC 3339 seconds, so they compare as strings).
     let out = lab.kubectl(&[
         "get", "pods", "-n", "shop", "-l", "app=backend", "-o",
-        "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"mesh.cortexflow.io/programmed\")].status} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"mesh.cortexflow.io/programmed\")].status} {.status.conditions[?(@.type==\"Ready\")].status} {.status.conditions[?(@.type==\"mesh.cortexflow.io/programmed\")].lastTransitionTime} {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}{\"\\n\"}{end}",
     ])?;
     for l in out.lines() {
-        ensure!(l.ends_with("True True"), "gate and readiness: {l}");
+        let f: Vec<&str> = l.split_whitespace().collect();
+        ensure!(
+            f.len() == 5 && f[1] == "True" && f[2] == "True" && f[3] <= f[4],
+            "gate and readiness (name gate ready gate-time ready-time): {l}"
+        );
     }
     Ok(())
 }
 
 async fn agent_restart_under_traffic_drops_nothing(lab: &mut Lab) -> anyhow::Result<()> {
-    let vip = lab.cluster_ip("shop", "backend")?;
-    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
-    let (etl, _) = first_pod(lab, "batch", "etl")?;
-    let target = format!("{vip}:80");
-    let allowed = Prober::start(
-        lab,
-        "shop",
-        &frontend,
-        "tcp",
-        &target,
-        Duration::from_millis(50),
-    );
-    let denied = Prober::start(
-        lab,
-        "batch",
-        &etl,
-        "tcp",
-        &target,
-        Duration::from_millis(100),
-    );
-    let r = restart_agents(lab, 3).await;
-    let (ok, failed, failures) = allowed.finish().await;
-    let (through, _, _) = denied.finish().await;
-    let ready = r?;
+    let (ready, traffic) = with_traffic(lab, Duration::from_millis(50), async |lab| {
+        restart_agents(lab, 3).await
+    })
+    .await?;
     let ms: Vec<String> = ready
         .iter()
         .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
         .collect();
     eprintln!(
-        "3 restarts of every agent (SIGTERM, new process) under probes: {ok} ok, {failed} failed, {through} denied got through; stop→ready ms: {}",
+        "3 restarts of every agent (SIGTERM, new process) under probes: {} ok, {} failed, {} denied got through; stop→ready ms: {}",
+        traffic.ok,
+        traffic.failed,
+        traffic.through,
         ms.join(" ")
     );
-    ensure!(failed == 0 && ok > 20, "failures: {failures:?}");
-    ensure!(through == 0);
-    Ok(())
+    traffic.ensure_undisturbed(20)
 }
 
 /// Restarts every agent `n` times (SIGTERM, then a new process on the same pins and ports);
@@ -741,113 +760,66 @@ async fn restart_agents(lab: &mut Lab, n: usize) -> anyhow::Result<Vec<Duration>
 }
 
 async fn operator_down_for_a_minute_changes_nothing(lab: &mut Lab) -> anyhow::Result<()> {
-    let vip = lab.cluster_ip("shop", "backend")?;
-    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
-    let (etl, _) = first_pod(lab, "batch", "etl")?;
-    let target = format!("{vip}:80");
-    let allowed = Prober::start(
-        lab,
-        "shop",
-        &frontend,
-        "tcp",
-        &target,
-        Duration::from_millis(500),
-    );
-    let denied = Prober::start(
-        lab,
-        "batch",
-        &etl,
-        "tcp",
-        &target,
-        Duration::from_millis(500),
-    );
-    lab.stop_operator();
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    for a in &lab.agents {
-        let (_, m) = a.admin("/metrics").await.context("agent metrics")?;
-        ensure!(
-            m.lines()
-                .any(|l| l.starts_with("cortexflow_agent_operator_connected") && l.ends_with(" 0")),
-            "{} does not say it is disconnected",
-            a.name
-        );
-    }
-    let back = Instant::now();
-    lab.start_operator().await?;
-    // Resynced: every agent connected again and reporting the operator's new version.
-    loop {
-        let mut all = true;
+    let (resync, traffic) = with_traffic(lab, Duration::from_millis(500), async |lab| {
+        lab.stop_operator();
+        tokio::time::sleep(Duration::from_secs(60)).await;
         for a in &lab.agents {
             let (_, m) = a.admin("/metrics").await.context("agent metrics")?;
-            all &= m
-                .lines()
-                .any(|l| l.starts_with("cortexflow_agent_operator_connected") && l.ends_with(" 1"));
+            ensure!(
+                m.lines()
+                    .any(|l| l.starts_with("cortexflow_agent_operator_connected")
+                        && l.ends_with(" 0")),
+                "{} does not say it is disconnected",
+                a.name
+            );
         }
-        if all {
-            break;
+        let back = Instant::now();
+        lab.start_operator().await?;
+        // Resynced: every agent connected again.
+        loop {
+            let mut all = true;
+            for a in &lab.agents {
+                let (_, m) = a.admin("/metrics").await.context("agent metrics")?;
+                all &= m.lines().any(|l| {
+                    l.starts_with("cortexflow_agent_operator_connected") && l.ends_with(" 1")
+                });
+            }
+            if all {
+                return Ok(back.elapsed());
+            }
+            ensure!(
+                back.elapsed() < Duration::from_secs(60),
+                "agents did not reconnect"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        ensure!(
-            back.elapsed() < Duration::from_secs(60),
-            "agents did not reconnect"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let resync = back.elapsed();
-    let (ok, failed, failures) = allowed.finish().await;
-    let (through, _, _) = denied.finish().await;
+    })
+    .await?;
     eprintln!(
-        "operator down 60 s: {ok} ok / {failed} failed, {through} denied got through; every agent resynced {:.0} ms after the operator started again",
+        "operator down 60 s: {} ok / {} failed, {} denied got through; every agent resynced {:.0} ms after the operator started again",
+        traffic.ok,
+        traffic.failed,
+        traffic.through,
         resync.as_secs_f64() * 1e3
     );
-    ensure!(failed == 0 && ok > 50, "failures: {failures:?}");
-    ensure!(through == 0);
-    Ok(())
+    traffic.ensure_undisturbed(50)
 }
 
 /// Nothing of this process is left: network namespaces, pins, cgroups, processes.
 fn leftovers() -> anyhow::Result<()> {
-    let pid = std::process::id().to_string();
-    let mine = |name: &str| {
-        ["cfn", "cfp", "cftest-", "cftest-lab-"].iter().any(|p| {
-            name.strip_prefix(p)
-                .is_some_and(|r| r.split('x').next() == Some(pid.as_str()))
-        })
-    };
-    let names = |dir: &str| -> Vec<String> {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| mine(n))
-            .collect()
-    };
-    let mut left = Vec::new();
-    left.extend(
-        names("/var/run/netns")
-            .into_iter()
-            .map(|n| format!("netns {n}")),
-    );
-    left.extend(
-        names("/sys/fs/bpf")
-            .into_iter()
-            .map(|n| format!("pins {n}")),
-    );
-    left.extend(
-        names(cortexflow_e2e::net::CGROUP2_ROOT)
-            .into_iter()
-            .map(|n| format!("cgroup {n}")),
-    );
+    let pid = std::process::id();
+    let mut left: Vec<String> = cortexflow_e2e::net::owned_by(pid)
+        .into_iter()
+        .map(|(kind, path)| format!("{kind} {}", path.display()))
+        .collect();
     // Children of this process (the probes and daemons were ours).
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    let mut live = Vec::new();
     for c in children.split_whitespace() {
         if let Ok(cmd) = std::fs::read_to_string(format!("/proc/{c}/cmdline")) {
-            live.push(format!("process {c} {}", cmd.replace('\0', " ")));
+            left.push(format!("process {c} {}", cmd.replace('\0', " ")));
         }
     }
-    left.extend(live);
     ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
 }
