@@ -3,7 +3,8 @@
 //!
 //! * **no mesh** — pod A talks to pod B's address; nothing attached.
 //! * **mesh** — CortexFlow: TC policy on both veths with 1 000 policy rules installed, and the
-//!   client addressing a ClusterIP that the socket load balancer translates to pod B.
+//!   client addressing a ClusterIP that the socket load balancer translates to pod B; flow
+//!   events for allowed flows on and drained, as the agent runs by default.
 //! * **sidecar** — the sidecar pattern: iptables REDIRECT in both pods to a userspace TCP proxy
 //!   (haproxy) on each side.
 //!
@@ -398,11 +399,17 @@ fn mesh_state(topo: &Topology, extra: u32) -> DesiredState {
     s
 }
 
-/// The mesh, attached for the life of the value.
+/// The mesh, attached for the life of the value, as the agent runs it by default: flow events
+/// for allowed new flows on, and the ring buffer drained as the agent's flow pump does (every
+/// 20 ms, or when the kernel wakes it at a quarter full).
 struct Mesh {
     dp: Option<TestDatapath>,
     cgroup: Cgroup,
     node: PathBuf,
+    drain: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<u64>,
+    )>,
 }
 
 impl Mesh {
@@ -413,22 +420,40 @@ impl Mesh {
         let state = mesh_state(topo, rules);
         let cg = cgroup.path.clone();
         let n = node.clone();
-        let dp = std::thread::spawn(move || -> Result<TestDatapath, String> {
-            cortexflow_agent::netns::enter(&n).map_err(|e| e.to_string())?;
-            let mut t = TestDatapath::with(Capacity::default(), TcMode::Auto);
-            for i in &ifs {
-                t.dp().attach_interface(i).map_err(|e| e.to_string())?;
-            }
-            t.dp().attach_cgroup(&cg).map_err(|e| e.to_string())?;
-            t.dp().apply(&state).map_err(|e| e.to_string())?;
-            Ok(t)
-        })
+        let dp = std::thread::spawn(
+            move || -> Result<(TestDatapath, aya::maps::RingBuf<aya::maps::MapData>), String> {
+                cortexflow_agent::netns::enter(&n).map_err(|e| e.to_string())?;
+                let mut t = TestDatapath::with(Capacity::default(), TcMode::Auto);
+                for i in &ifs {
+                    t.dp().attach_interface(i).map_err(|e| e.to_string())?;
+                }
+                t.dp().attach_cgroup(&cg).map_err(|e| e.to_string())?;
+                t.dp().set_events_allowed(true).map_err(|e| e.to_string())?;
+                t.dp().apply(&state).map_err(|e| e.to_string())?;
+                let ring = t.dp().take_events().map_err(|e| e.to_string())?;
+                Ok((t, ring))
+            },
+        )
         .join()
         .map_err(|_| "mesh setup panicked".to_string())??;
+        let (dp, mut ring) = dp;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let drain = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                while ring.next().is_some() {
+                    n += 1;
+                }
+                std::thread::sleep(cortexflow_agent::flows::DRAIN_EVERY);
+            }
+            n
+        });
         Ok(Self {
             dp: Some(dp),
             cgroup,
             node,
+            drain: Some((stop, drain)),
         })
     }
 
@@ -447,6 +472,10 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
+        if let Some((stop, t)) = self.drain.take() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = t.join();
+        }
         // Detach inside the node namespace: the pins go, the links with them.
         let dp = self.dp.take();
         let node = self.node.clone();

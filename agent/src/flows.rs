@@ -94,12 +94,11 @@ pub async fn pump(
 ) -> std::io::Result<()> {
     let offset = boot_offset_ns();
     let mut fd = crate::sys::async_ring_buffer(ring)?;
-    loop {
-        let mut guard = tokio::select! {
-            g = fd.readable_mut() => g?,
-            _ = shutdown.changed() => return Ok(()),
-        };
-        let rb = guard.get_inner_mut();
+    // The kernel writes events without waking us (it does when the ring is a quarter full):
+    // read every DRAIN_EVERY, a batch at a time.
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let drain = |rb: &mut RingBuf<MapData>| {
         let observed = hub.receiver_count() > 0;
         let view = observed.then(|| config.borrow().clone());
         while let Some(item) = rb.next() {
@@ -115,9 +114,22 @@ pub async fn pump(
                 let _ = hub.send(Arc::new(describe(&ev, r, &node, offset)));
             }
         }
-        guard.clear_ready();
+    };
+    loop {
+        tokio::select! {
+            g = fd.readable_mut() => {
+                let mut guard = g?;
+                drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = tick.tick() => drain(fd.get_mut()),
+            _ = shutdown.changed() => return Ok(()),
+        }
     }
 }
+
+/// How often the flow pump reads the ring buffer when the kernel did not wake it.
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The `cortexflow.agent.v1.Flows` service.
 #[derive(Clone)]
