@@ -134,13 +134,14 @@ fn probe(
     }
 }
 
+/// A TCP probe from `from` to the Service `to` on port 80.
+fn to_service(from: (&'static str, &'static str), to: (&'static str, &'static str)) -> Probe {
+    probe(from, to, TargetKind::Service, "tcp", 80)
+}
+
 /// Repeats `p` until its (result, verdict, reason) is `want`; returns how long that took.
-async fn until(
-    lab: &Lab,
-    p: &Probe,
-    want: (&str, &str, &str),
-    timeout: Duration,
-) -> anyhow::Result<Duration> {
+async fn until(lab: &Lab, p: &Probe, want: (&str, &str, &str)) -> anyhow::Result<Duration> {
+    let timeout = Duration::from_secs(20);
     let log = lab.observe_flows().await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
@@ -445,33 +446,15 @@ async fn deny_beats_allow(lab: &mut Lab) -> anyhow::Result<()> {
     lab.apply_yaml(
         "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: deny-frontend, namespace: shop}\nspec:\n  selector: {matchLabels: {app: backend}}\n  action: Deny\n  ingress:\n    - from: [{identity: frontend}]\n      ports: [{port: 8080, protocol: TCP}]\n",
     )?;
-    let p = probe(
-        ("shop", "frontend"),
-        ("shop", "backend"),
-        TargetKind::Service,
-        "tcp",
-        80,
-    );
-    let took = until(
-        lab,
-        &p,
-        ("timeout", "dropped", "policy_deny"),
-        Duration::from_secs(20),
-    )
-    .await;
+    let p = to_service(("shop", "frontend"), ("shop", "backend"));
+    let took = until(lab, &p, ("timeout", "dropped", "policy_deny")).await;
     lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "deny-frontend"])?;
     let took = took?;
     eprintln!(
         "Deny over Allow enforced after {:.0} ms",
         took.as_secs_f64() * 1e3
     );
-    until(
-        lab,
-        &p,
-        ("success", "allowed", "policy_allow"),
-        Duration::from_secs(20),
-    )
-    .await?;
+    until(lab, &p, ("success", "allowed", "policy_allow")).await?;
     Ok(())
 }
 
@@ -480,46 +463,16 @@ async fn namespace_selector_peers(lab: &mut Lab) -> anyhow::Result<()> {
     lab.apply_yaml(
         "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: frontend-from-batch, namespace: shop}\nspec:\n  selector: {matchLabels: {app: frontend}}\n  ingress:\n    - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: batch}}}]\n      ports: [{port: 8080, protocol: TCP}]\n",
     )?;
-    let from_batch = probe(
-        ("batch", "etl"),
-        ("shop", "frontend"),
-        TargetKind::Service,
-        "tcp",
-        80,
-    );
-    let from_shop = probe(
-        ("shop", "backend"),
-        ("shop", "frontend"),
-        TargetKind::Service,
-        "tcp",
-        80,
-    );
+    let from_batch = to_service(("batch", "etl"), ("shop", "frontend"));
+    let from_shop = to_service(("shop", "backend"), ("shop", "frontend"));
     let r = async {
-        until(
-            lab,
-            &from_shop,
-            ("timeout", "dropped", "default_deny"),
-            Duration::from_secs(20),
-        )
-        .await?;
-        until(
-            lab,
-            &from_batch,
-            ("success", "allowed", "policy_allow"),
-            Duration::from_secs(20),
-        )
-        .await
+        until(lab, &from_shop, ("timeout", "dropped", "default_deny")).await?;
+        until(lab, &from_batch, ("success", "allowed", "policy_allow")).await
     }
     .await;
     lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "frontend-from-batch"])?;
     r?;
-    until(
-        lab,
-        &from_shop,
-        ("success", "allowed", "no_policy"),
-        Duration::from_secs(20),
-    )
-    .await?;
+    until(lab, &from_shop, ("success", "allowed", "no_policy")).await?;
     Ok(())
 }
 
