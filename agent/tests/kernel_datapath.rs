@@ -179,6 +179,17 @@ fn rule(id: u32, action: Action, mode: Mode, peers: Peers, ports: Vec<PortRange>
     }
 }
 
+/// An Enforce-mode Allow rule for identity `identity` on TCP port `port`.
+fn allow_tcp(id: u32, identity: u32, port: u16) -> Rule {
+    rule(
+        id,
+        Action::Allow,
+        Mode::Enforce,
+        ids(&[identity]),
+        vec![tcp_ports(port, port)],
+    )
+}
+
 fn tcp_ports(first: u16, last: u16) -> PortRange {
     PortRange {
         protocol: Protocol::Tcp,
@@ -224,20 +235,8 @@ fn verdict_paths() {
     let ext = Ipv4Addr::new(192, 168, 7, 7);
     let ipcache = [(peer, 301), (node, IDENTITY_HOST), (EP_IP, EP_ID)];
     let allow_301_80 = EndpointPolicy {
-        ingress: vec![rule(
-            11,
-            Action::Allow,
-            Mode::Enforce,
-            ids(&[301]),
-            vec![tcp_ports(80, 80)],
-        )],
-        egress: vec![rule(
-            12,
-            Action::Allow,
-            Mode::Enforce,
-            ids(&[301]),
-            vec![tcp_ports(80, 80)],
-        )],
+        ingress: vec![allow_tcp(11, 301, 80)],
+        egress: vec![allow_tcp(12, 301, 80)],
     };
     let deny_any = EndpointPolicy {
         ingress: vec![
@@ -518,13 +517,7 @@ fn conntrack() {
     let (mut t, mut rb) = open();
     let p = EndpointPolicy {
         ingress: vec![],
-        egress: vec![rule(
-            5,
-            Action::Allow,
-            Mode::Enforce,
-            ids(&[301]),
-            vec![tcp_ports(80, 80)],
-        )],
+        egress: vec![allow_tcp(5, 301, 80)],
     };
     t.dp().apply(&state(p, &[(peer, 301)])).expect("apply");
     assert_eq!(
@@ -584,20 +577,8 @@ fn conntrack_frees_closed_tcp_flows() {
     let (mut t, mut rb) = open();
     // Egress to the peer allowed; ingress default-deny (only replies come in).
     let p = EndpointPolicy {
-        ingress: vec![rule(
-            6,
-            Action::Allow,
-            Mode::Enforce,
-            ids(&[999]),
-            vec![tcp_ports(1, 1)],
-        )],
-        egress: vec![rule(
-            5,
-            Action::Allow,
-            Mode::Enforce,
-            ids(&[301]),
-            vec![tcp_ports(80, 80)],
-        )],
+        ingress: vec![allow_tcp(6, 999, 1)],
+        egress: vec![allow_tcp(5, 301, 80)],
     };
     t.dp().apply(&state(p, &[(peer, 301)])).expect("apply");
     let out = |f| common::tcp_with(EP_IP, 5000, peer, 80, f);
@@ -996,13 +977,7 @@ fn capacity_refused_whole() {
     };
     let mut t = TestDatapath::with(capacity, TcMode::Auto);
     let small = EndpointPolicy {
-        ingress: vec![rule(
-            1,
-            Action::Allow,
-            Mode::Enforce,
-            ids(&[301]),
-            vec![tcp_ports(80, 80)],
-        )],
+        ingress: vec![allow_tcp(1, 301, 80)],
         egress: vec![],
     };
     t.dp().apply(&state(small, &[])).expect("small config fits");

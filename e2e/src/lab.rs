@@ -274,21 +274,24 @@ impl Lab {
         protocol: &str,
         target: &str,
     ) -> anyhow::Result<String> {
-        let out = sim::exec_command(
-            netns,
-            cgroup,
-            &[
-                self.workload_bin.to_string_lossy().into_owned(),
-                "probe".into(),
-                protocol.into(),
-                target.into(),
-                "--timeout-ms".into(),
-                "1000".into(),
-            ],
-        )
-        .output()
-        .context("run the probe")?;
+        let out = probe_command(&self.workload_bin, netns, cgroup, protocol, target)
+            .output()
+            .context("run the probe")?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The verdict and reason the agents reported for the connection `source` opened with
+    /// `protocol` at `started` (waits for the events to arrive).
+    pub async fn verdict_since(
+        &self,
+        log: &FlowLog,
+        started: Instant,
+        source: Ipv4Addr,
+        protocol: &str,
+    ) -> (String, String) {
+        // Flow events reach the observers within tens of milliseconds.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        decisive(&log.since(started, source, protocol))
     }
 
     /// Streams every agent's flows into a shared list until the returned guard drops.
@@ -349,10 +352,9 @@ impl Lab {
         let target = format!("{target_ip}:{}", p.port);
         let result =
             tokio::task::block_in_place(|| self.probe(from_ns, &client, p.protocol, &target))?;
-        // Flow events reach the observers within milliseconds.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let flows = log.since(started, client_ip, p.protocol);
-        let (verdict, reason) = decisive(&flows);
+        let (verdict, reason) = self
+            .verdict_since(log, started, client_ip, p.protocol)
+            .await;
         Ok(Cell {
             from: format!("{from_ns}/{from_app}"),
             to: format!(
@@ -512,9 +514,32 @@ impl Drop for FlowLog {
     }
 }
 
+/// The workload's `probe` of `target` (one attempt, 1 s timeout) inside a network namespace and
+/// cgroup; it prints `success NAME` | `refused` | `timeout` | `error WHAT`.
+pub fn probe_command(
+    workload_bin: &Path,
+    netns: &str,
+    cgroup: &Path,
+    protocol: &str,
+    target: &str,
+) -> std::process::Command {
+    sim::exec_command(
+        netns,
+        cgroup,
+        &[
+            workload_bin.to_string_lossy().into_owned(),
+            "probe".into(),
+            protocol.into(),
+            target.into(),
+            "--timeout-ms".into(),
+            "1000".into(),
+        ],
+    )
+}
+
 /// The verdict that decided a connection: a drop if any, else an audit, else the destination's
 /// (ingress) allow, else the source's.
-pub fn decisive(flows: &[v1::Flow]) -> (String, String) {
+fn decisive(flows: &[v1::Flow]) -> (String, String) {
     let pick = flows
         .iter()
         .find(|f| f.verdict == "dropped")

@@ -27,64 +27,67 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// What the fixtures of process `pid` made and have not removed: `(kind, path)` of network
-/// namespaces, bpffs pin directories and cgroups named `<prefix><pid>x…`.
-pub fn owned_by(pid: u32) -> Vec<(&'static str, PathBuf)> {
-    let pid = pid.to_string();
-    let mine = |name: &str| {
-        ["cfn", "cfp", "cftest-"].iter().any(|p| {
-            name.strip_prefix(p)
-                .is_some_and(|r| r.split('x').next() == Some(pid.as_str()))
-        })
-    };
-    let mut found = Vec::new();
-    for (kind, dir) in [
-        ("netns", "/var/run/netns"),
-        ("pins", "/sys/fs/bpf"),
-        ("cgroup", CGROUP2_ROOT),
-    ] {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            if mine(&e.file_name().to_string_lossy()) {
-                found.push((kind, e.path()));
-            }
-        }
-    }
-    found
+/// The kind of a fixture that outlives a crash unless removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fixture {
+    Netns,
+    Pins,
+    Cgroup,
 }
 
-/// Removes what earlier runs killed before their cleanup ran (`SIGKILL`, a timeout) left
-/// behind: network namespaces, pin directories and cgroups named `<prefix><pid>x…` whose process
-/// is gone.
-pub fn sweep_stale() {
-    let mut owners = std::collections::BTreeSet::new();
-    for dir in ["/var/run/netns", "/sys/fs/bpf", CGROUP2_ROOT] {
+/// Every fixture on the machine named `<prefix><pid>x…` by [`unique`]: `(kind, owner pid, path)`
+/// of network namespaces, bpffs pin directories and cgroups. One scan of the three directories.
+fn fixtures() -> Vec<(Fixture, u32, PathBuf)> {
+    let mut found = Vec::new();
+    for (kind, dir) in [
+        (Fixture::Netns, "/var/run/netns"),
+        (Fixture::Pins, "/sys/fs/bpf"),
+        (Fixture::Cgroup, CGROUP2_ROOT),
+    ] {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let pid = ["cfn", "cfp", "cftest-"]
                 .iter()
                 .find_map(|p| name.strip_prefix(p))
                 .and_then(|rest| rest.split('x').next()?.parse::<u32>().ok());
-            if let Some(pid) = pid
-                && pid != std::process::id()
-                && !Path::new(&format!("/proc/{pid}")).exists()
-            {
-                owners.insert(pid);
+            if let Some(pid) = pid {
+                found.push((kind, pid, e.path()));
             }
         }
     }
-    for (kind, path) in owners.into_iter().flat_map(owned_by) {
+    found
+}
+
+/// What the fixtures of process `pid` made and have not removed.
+pub fn owned_by(pid: u32) -> Vec<(Fixture, PathBuf)> {
+    fixtures()
+        .into_iter()
+        .filter(|(_, owner, _)| *owner == pid)
+        .map(|(kind, _, path)| (kind, path))
+        .collect()
+}
+
+/// Removes what earlier runs killed before their cleanup ran (`SIGKILL`, a timeout) left
+/// behind: network namespaces, pin directories and cgroups named `<prefix><pid>x…` whose process
+/// is gone.
+pub fn sweep_stale() {
+    let me = std::process::id();
+    for (kind, owner, path) in fixtures() {
+        if owner == me || Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
         match kind {
-            "netns" => {
+            Fixture::Netns => {
                 let _ = Command::new("ip")
                     .arg("netns")
                     .arg("del")
                     .arg(path.file_name().unwrap_or_default())
                     .status();
             }
-            "pins" => {
+            Fixture::Pins => {
                 let _ = std::fs::remove_dir_all(&path);
             }
-            _ => {
+            Fixture::Cgroup => {
                 // A lab node's cgroup holds its pods' cgroups.
                 for sub in std::fs::read_dir(&path).into_iter().flatten().flatten() {
                     if sub.path().is_dir() {

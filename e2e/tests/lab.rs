@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use cortexflow_e2e::{
     harness::workspace_root,
-    lab::{self, Expected, Lab, LabOptions, Probe, TargetKind},
+    lab::{self, Expected, FlowLog, Lab, LabOptions, Probe, TargetKind},
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -139,21 +139,52 @@ fn to_service(from: (&'static str, &'static str), to: (&'static str, &'static st
     probe(from, to, TargetKind::Service, "tcp", 80)
 }
 
-/// Repeats `p` until its (result, verdict, reason) is `want`; returns how long that took.
-async fn until(lab: &Lab, p: &Probe, want: (&str, &str, &str)) -> anyhow::Result<Duration> {
+/// Repeats `attempt` — one probe, described as (result, verdict, reason) — until it gives
+/// `want`, for up to 20 s, with the agents' flows observed; returns how long that took.
+async fn retry_until(
+    lab: &Lab,
+    what: &str,
+    want: (&str, &str, &str),
+    mut attempt: impl AsyncFnMut(&FlowLog) -> anyhow::Result<(String, String, String)>,
+) -> anyhow::Result<Duration> {
     let timeout = Duration::from_secs(20);
     let log = lab.observe_flows().await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
     let mut last = None;
     while t.elapsed() < timeout {
-        let c = lab.check(&log, p).await?;
-        if (c.result.as_str(), c.verdict.as_str(), c.reason.as_str()) == want {
+        let got = attempt(&log).await?;
+        if (got.0.as_str(), got.1.as_str(), got.2.as_str()) == want {
             return Ok(t.elapsed());
         }
-        last = Some(c);
+        last = Some(got);
     }
-    bail!("{p:?}: not {want:?} after {timeout:?}; last {last:?}")
+    bail!("{what}: not {want:?} after {timeout:?}; last {last:?}")
+}
+
+/// Repeats `p` until its (result, verdict, reason) is `want`.
+async fn until(lab: &Lab, p: &Probe, want: (&str, &str, &str)) -> anyhow::Result<Duration> {
+    retry_until(lab, &format!("{p:?}"), want, async |log| {
+        let c = lab.check(log, p).await?;
+        Ok((c.result, c.verdict, c.reason))
+    })
+    .await
+}
+
+/// Applies MeshPolicy `name` of namespace `shop` with `spec` (YAML of the spec's fields,
+/// indented by two), runs `during`, and deletes the policy again, also when `during` failed.
+async fn with_policy<T>(
+    lab: &Lab,
+    name: &str,
+    spec: &str,
+    during: impl AsyncFnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    lab.apply_yaml(&format!(
+        "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{spec}"
+    ))?;
+    let r = during().await;
+    lab.kubectl(&["delete", "meshpolicy", "-n", "shop", name])?;
+    r
 }
 
 /// The demo's policies, as `examples/lab` has them.
@@ -198,19 +229,7 @@ impl Prober {
             };
             while !s.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let out = cortexflow_e2e::sim::exec_command(
-                    &netns,
-                    &cgroup,
-                    &[
-                        bin.to_string_lossy().into_owned(),
-                        "probe".into(),
-                        protocol.clone(),
-                        target.clone(),
-                        "--timeout-ms".into(),
-                        "1000".into(),
-                    ],
-                )
-                .output();
+                let out = lab::probe_command(&bin, &netns, &cgroup, &protocol, &target).output();
                 let line = out
                     .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
                     .unwrap_or_else(|e| format!("exec {e}"));
@@ -443,13 +462,14 @@ async fn service_balances_over_backends_on_both_nodes(lab: &mut Lab) -> anyhow::
 }
 
 async fn deny_beats_allow(lab: &mut Lab) -> anyhow::Result<()> {
-    lab.apply_yaml(
-        "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: deny-frontend, namespace: shop}\nspec:\n  selector: {matchLabels: {app: backend}}\n  action: Deny\n  ingress:\n    - from: [{identity: frontend}]\n      ports: [{port: 8080, protocol: TCP}]\n",
-    )?;
     let p = to_service(("shop", "frontend"), ("shop", "backend"));
-    let took = until(lab, &p, ("timeout", "dropped", "policy_deny")).await;
-    lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "deny-frontend"])?;
-    let took = took?;
+    let took = with_policy(
+        lab,
+        "deny-frontend",
+        "  selector: {matchLabels: {app: backend}}\n  action: Deny\n  ingress:\n    - from: [{identity: frontend}]\n      ports: [{port: 8080, protocol: TCP}]\n",
+        async || until(lab, &p, ("timeout", "dropped", "policy_deny")).await,
+    )
+    .await?;
     eprintln!(
         "Deny over Allow enforced after {:.0} ms",
         took.as_secs_f64() * 1e3
@@ -459,19 +479,19 @@ async fn deny_beats_allow(lab: &mut Lab) -> anyhow::Result<()> {
 }
 
 async fn namespace_selector_peers(lab: &mut Lab) -> anyhow::Result<()> {
-    // The frontend admits the batch namespace only.
-    lab.apply_yaml(
-        "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: frontend-from-batch, namespace: shop}\nspec:\n  selector: {matchLabels: {app: frontend}}\n  ingress:\n    - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: batch}}}]\n      ports: [{port: 8080, protocol: TCP}]\n",
-    )?;
     let from_batch = to_service(("batch", "etl"), ("shop", "frontend"));
     let from_shop = to_service(("shop", "backend"), ("shop", "frontend"));
-    let r = async {
-        until(lab, &from_shop, ("timeout", "dropped", "default_deny")).await?;
-        until(lab, &from_batch, ("success", "allowed", "policy_allow")).await
-    }
-    .await;
-    lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "frontend-from-batch"])?;
-    r?;
+    // The frontend admits the batch namespace only.
+    with_policy(
+        lab,
+        "frontend-from-batch",
+        "  selector: {matchLabels: {app: frontend}}\n  ingress:\n    - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: batch}}}]\n      ports: [{port: 8080, protocol: TCP}]\n",
+        async || {
+            until(lab, &from_shop, ("timeout", "dropped", "default_deny")).await?;
+            until(lab, &from_batch, ("success", "allowed", "policy_allow")).await
+        },
+    )
+    .await?;
     until(lab, &from_shop, ("success", "allowed", "no_policy")).await?;
     Ok(())
 }
@@ -484,22 +504,19 @@ async fn node_until(
     want: (&str, &str, &str),
 ) -> anyhow::Result<Duration> {
     let source = lab.nodes[node].ip;
-    let log = lab.observe_flows().await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let t = Instant::now();
-    let mut last = None;
-    while t.elapsed() < Duration::from_secs(20) {
-        let started = Instant::now();
-        let out = tokio::task::block_in_place(|| lab.probe_from_node(node, "tcp", target))?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (verdict, reason) = lab::decisive(&log.since(started, source, "tcp"));
-        let result = out.split_whitespace().next().unwrap_or("").to_string();
-        if (result.as_str(), verdict.as_str(), reason.as_str()) == want {
-            return Ok(t.elapsed());
-        }
-        last = Some((result, verdict, reason));
-    }
-    bail!("node {node} → {target}: not {want:?} after 20 s; last {last:?}")
+    retry_until(
+        lab,
+        &format!("node {node} → {target}"),
+        want,
+        async |log| {
+            let started = Instant::now();
+            let out = tokio::task::block_in_place(|| lab.probe_from_node(node, "tcp", target))?;
+            let (verdict, reason) = lab.verdict_since(log, started, source, "tcp").await;
+            let result = out.split_whitespace().next().unwrap_or("").to_string();
+            Ok((result, verdict, reason))
+        },
+    )
+    .await
 }
 
 /// `ipBlock` peers: the nodes' fabric addresses (172.30.0.0/24) are not pod addresses, so on
@@ -535,18 +552,18 @@ async fn ip_block_peers(lab: &mut Lab) -> anyhow::Result<()> {
     // The backend admits the frontend only: the nodes are default-denied.
     node_until(lab, 0, &from0, ("timeout", "dropped", "default_deny")).await?;
     let except = format!("{}/32", lab.nodes[1].ip);
-    lab.apply_yaml(&format!(
-        "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: backend-from-nodes, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: backend}}}}\n  ingress:\n    - from: [{{ipBlock: {{cidr: 172.30.0.0/24, except: ['{except}']}}}}]\n      ports: [{{port: 8080, protocol: TCP}}]\n"
-    ))?;
-    let r = async {
-        let took = node_until(lab, 0, &from0, ("success", "allowed", "policy_allow")).await?;
-        // Inside the block but in `except`: still default-denied.
-        node_until(lab, 1, &from1, ("timeout", "dropped", "default_deny")).await?;
-        anyhow::Ok(took)
-    }
-    .await;
-    lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "backend-from-nodes"])?;
-    let took = r?;
+    let took = with_policy(
+        lab,
+        "backend-from-nodes",
+        &format!("  selector: {{matchLabels: {{app: backend}}}}\n  ingress:\n    - from: [{{ipBlock: {{cidr: 172.30.0.0/24, except: ['{except}']}}}}]\n      ports: [{{port: 8080, protocol: TCP}}]\n"),
+        async || {
+            let took = node_until(lab, 0, &from0, ("success", "allowed", "policy_allow")).await?;
+            // Inside the block but in `except`: still default-denied.
+            node_until(lab, 1, &from1, ("timeout", "dropped", "default_deny")).await?;
+            Ok(took)
+        },
+    )
+    .await?;
     eprintln!(
         "ipBlock 172.30.0.0/24 except {except}: node 1 admitted after {:.0} ms, node 2 still denied",
         took.as_secs_f64() * 1e3
@@ -763,7 +780,7 @@ fn leftovers() -> anyhow::Result<()> {
     let pid = std::process::id();
     let mut left: Vec<String> = cortexflow_e2e::net::owned_by(pid)
         .into_iter()
-        .map(|(kind, path)| format!("{kind} {}", path.display()))
+        .map(|(kind, path)| format!("{kind:?} {}", path.display()))
         .collect();
     // Children of this process (the probes and daemons were ours).
     let children =

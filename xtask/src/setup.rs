@@ -105,6 +105,8 @@ pub fn run() -> anyhow::Result<usize> {
 }
 
 fn steps() -> Vec<Step> {
+    let toolchain = ebpf_toolchain();
+    let (check_tc, install_tc) = (toolchain.clone(), toolchain.clone());
     vec![
         Step {
             name: format!("Debian packages ({})", APT_PACKAGES.join(" ")),
@@ -121,25 +123,21 @@ fn steps() -> Vec<Step> {
         },
         Step {
             name: format!(
-                "Rust {} toolchain with rust-src and clippy (builds the eBPF programs)",
-                ebpf_toolchain()
+                "Rust {toolchain} toolchain with rust-src and clippy (builds the eBPF programs)"
             ),
-            check: Box::new(check_nightly),
-            install: Box::new(|| {
+            check: Box::new(move || check_nightly(&check_tc)),
+            install: Box::new(move || {
                 run::cmd(Command::new("rustup").args([
                     "toolchain",
                     "install",
-                    &ebpf_toolchain(),
+                    &install_tc,
                     "--profile",
                     "minimal",
                     "--component",
                     "rust-src,clippy,rustfmt",
                 ]))
             }),
-            hint: format!(
-                "rustup toolchain install {} --component rust-src,clippy",
-                ebpf_toolchain()
-            ),
+            hint: format!("rustup toolchain install {toolchain} --component rust-src,clippy"),
         },
         Step {
             name: format!("bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"),
@@ -239,15 +237,14 @@ fn install_apt() -> anyhow::Result<()> {
     run::cmd(&mut apt(&args))
 }
 
-fn check_nightly() -> Option<String> {
-    let tc = ebpf_toolchain();
-    let v = run::probe(Command::new("rustup").args(["run", &tc, "rustc", "--version"]))?;
+fn check_nightly(tc: &str) -> Option<String> {
+    let v = run::probe(Command::new("rustup").args(["run", tc, "rustc", "--version"]))?;
     let comps = run::probe(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
-        &tc,
+        tc,
     ]))?;
     let has = |c: &str| comps.lines().any(|l| l.starts_with(c));
     (has("rust-src") && has("clippy")).then(|| v.trim().to_string())
