@@ -173,6 +173,10 @@ impl DirFlags {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct IpcacheValue {
     pub identity: u32,
+    /// For a pod on this node: the ifindex of its host-side veth, so that traffic between two
+    /// local pods is delivered straight into the destination pod (see docs/architecture.md,
+    /// "Same-node delivery"). 0 for every other address.
+    pub ifindex: u32,
 }
 
 /// Data of an LPM key of [`maps::CIDRS`]: an IPv4 address (network order bytes).

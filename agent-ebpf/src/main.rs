@@ -19,7 +19,8 @@ use aya_ebpf::{
         TC_ACT_UNSPEC,
     },
     helpers::{
-        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_set_retval,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_redirect_peer,
+        bpf_set_retval,
     },
     macros::{cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -416,12 +417,55 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
             p.tcp_flags = unsafe { word.read_unaligned() }[1];
         }
     }
+    let cfg = config();
+    let v = verdict(&p, &ep, &cfg);
+    if v != PASS || dir != DIR_EGRESS || p.proto_key == PROTO_OTHER {
+        return v;
+    }
+    // Same-node delivery: a pod on this node gets the packet straight into its namespace, its
+    // ingress decided here, so neither the host's IP stack nor a second program run is on the
+    // way. (Other protocols take the routed path and meet `cf_to_pod` there.)
+    let Some((dst_ifindex, dst)) = local_endpoint(p.daddr) else {
+        return PASS;
+    };
+    let q = Packet {
+        direction: DIR_INGRESS,
+        ifindex: dst_ifindex,
+        ..p
+    };
+    if verdict(&q, &dst, &cfg) != PASS {
+        return DROP;
+    }
+    // SAFETY: helper with plain arguments; it returns TC_ACT_REDIRECT (or TC_ACT_SHOT when
+    // the flags are invalid, which they are not).
+    unsafe { bpf_redirect_peer(dst_ifindex, 0) as i32 }
+}
+
+/// A pod on this node with address `addr`: its host-side ifindex and endpoint, when the
+/// ipcache names an interface whose endpoint still has that address.
+#[inline(always)]
+fn local_endpoint(addr: u32) -> Option<(u32, EndpointInfo)> {
+    // SAFETY: the values are copied out at once.
+    let ifindex = unsafe { IPCACHE.get(addr) }?.ifindex;
+    if ifindex == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let ep = *unsafe { ENDPOINTS.get(ifindex) }?;
+    (ep.ip == addr).then_some((ifindex, ep))
+}
+
+/// The verdict at one endpoint for a parsed TCP, UDP or other IPv4 packet: a tracked flow
+/// passes on its entry, a new one gets a policy decision (and an entry when it passes).
+#[inline(always)]
+fn verdict(p: &Packet, ep: &EndpointInfo, cfg: &DatapathConfig) -> i32 {
+    let dir = p.direction;
+    let len = p.len;
     let (peer_addr, ep_port, peer_port) = if dir == DIR_EGRESS {
         (p.daddr, p.sport, p.dport)
     } else {
         (p.saddr, p.dport, p.sport)
     };
-    let cfg = config();
     let key = CtKey {
         ep_addr: ep.ip,
         peer_addr,
@@ -433,14 +477,14 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     if p.proto_key != PROTO_OTHER
         && let Some(ct) = CONNTRACK.get_ptr_mut(key)
     {
-        return tracked(&p, &ep, ct, &key, cfg.generation);
+        return tracked(p, ep, ct, &key, cfg.generation);
     }
 
     // A new flow (or a packet of an untracked protocol).
     let peer = identity_of(peer_addr);
-    let d = decide(&ep, dir, peer, p.proto_key, u16::from_be(p.dport));
+    let d = decide(ep, dir, peer, p.proto_key, u16::from_be(p.dport));
     if d.verdict != VERDICT_ALLOWED {
-        event(&p, &ep, peer, d.verdict, d.reason, d.rule);
+        event(p, ep, peer, d.verdict, d.reason, d.rule);
         count(d.verdict, d.reason, len);
         return DROP;
     }
@@ -463,12 +507,12 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     }
     match d.audit {
         Some((reason, rule)) => {
-            event(&p, &ep, peer, VERDICT_AUDIT, reason, rule);
+            event(p, ep, peer, VERDICT_AUDIT, reason, rule);
             count(VERDICT_AUDIT, reason, len);
         }
         None => {
             if p.proto_key != PROTO_OTHER && cfg.flags & CFG_EVENTS_ALLOWED != 0 {
-                event(&p, &ep, peer, VERDICT_ALLOWED, d.reason, d.rule);
+                event(p, ep, peer, VERDICT_ALLOWED, d.reason, d.rule);
             }
             count(VERDICT_ALLOWED, d.reason, len);
         }

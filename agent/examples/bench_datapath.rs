@@ -48,13 +48,33 @@ struct Args {
     json: Option<PathBuf>,
     seconds: u64,
     rounds: usize,
+    /// Also measure the mesh's parts alone, to see where its cost is.
+    breakdown: bool,
 }
+
+/// Which parts of the mesh a scenario runs.
+#[derive(Clone, Copy)]
+struct Parts {
+    /// TC policy programs on both veths.
+    tc: bool,
+    /// The socket load balancer (the client addresses the ClusterIP).
+    socket_lb: bool,
+    /// Flow events for allowed flows (drained).
+    events: bool,
+}
+
+const FULL: Parts = Parts {
+    tc: true,
+    socket_lb: true,
+    events: true,
+};
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         json: None,
         seconds: 3,
         rounds: 5,
+        breakdown: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -72,6 +92,7 @@ fn parse_args() -> Result<Args, String> {
                     .and_then(|s| s.parse().ok())
                     .ok_or("--rounds needs a number")?
             }
+            "--breakdown" => a.breakdown = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -413,7 +434,7 @@ struct Mesh {
 }
 
 impl Mesh {
-    fn up(topo: &Topology, rules: u32) -> Result<Self, String> {
+    fn up(topo: &Topology, rules: u32, parts: Parts) -> Result<Self, String> {
         let cgroup = Cgroup::create();
         let node = topo.node.path();
         let ifs: Vec<String> = topo.pods.iter().map(|p| p.host_if.clone()).collect();
@@ -424,11 +445,17 @@ impl Mesh {
             move || -> Result<(TestDatapath, aya::maps::RingBuf<aya::maps::MapData>), String> {
                 cortexflow_agent::netns::enter(&n).map_err(|e| e.to_string())?;
                 let mut t = TestDatapath::with(Capacity::default(), TcMode::Auto);
-                for i in &ifs {
-                    t.dp().attach_interface(i).map_err(|e| e.to_string())?;
+                if parts.tc {
+                    for i in &ifs {
+                        t.dp().attach_interface(i).map_err(|e| e.to_string())?;
+                    }
                 }
-                t.dp().attach_cgroup(&cg).map_err(|e| e.to_string())?;
-                t.dp().set_events_allowed(true).map_err(|e| e.to_string())?;
+                if parts.socket_lb {
+                    t.dp().attach_cgroup(&cg).map_err(|e| e.to_string())?;
+                }
+                t.dp()
+                    .set_events_allowed(parts.events)
+                    .map_err(|e| e.to_string())?;
                 t.dp().apply(&state).map_err(|e| e.to_string())?;
                 let ring = t.dp().take_events().map_err(|e| e.to_string())?;
                 Ok((t, ring))
@@ -639,22 +666,47 @@ fn run(args: &Args) -> Result<(), String> {
         )?;
         samples.entry("no-mesh").or_default().push(s);
 
-        eprintln!(
-            "round {}/{}: mesh (1000 rules, ClusterIP via socket LB)",
-            round + 1,
-            args.rounds
-        );
-        let mesh = Mesh::up(&topo, 1000)?;
-        let s = measure(
-            &Target {
-                ns: &a.ns,
-                addr: VIP,
-                cgroup: Some(&mesh.cgroup),
-            },
-            args.seconds,
-        )?;
-        drop(mesh);
-        samples.entry("mesh").or_default().push(s);
+        let mut meshes = vec![("mesh", "mesh (1000 rules, ClusterIP via socket LB)", FULL)];
+        if args.breakdown {
+            meshes.extend([
+                (
+                    "tc-only",
+                    "TC policy only, pod address, events on",
+                    Parts {
+                        socket_lb: false,
+                        ..FULL
+                    },
+                ),
+                (
+                    "tc-noevt",
+                    "TC policy only, pod address, events off",
+                    Parts {
+                        socket_lb: false,
+                        events: false,
+                        ..FULL
+                    },
+                ),
+                (
+                    "lb-only",
+                    "socket LB only, no TC programs",
+                    Parts { tc: false, ..FULL },
+                ),
+            ]);
+        }
+        for (name, what, parts) in meshes {
+            eprintln!("round {}/{}: {what}", round + 1, args.rounds);
+            let mesh = Mesh::up(&topo, 1000, parts)?;
+            let s = measure(
+                &Target {
+                    ns: &a.ns,
+                    addr: if parts.socket_lb { VIP } else { b.ip },
+                    cgroup: Some(&mesh.cgroup),
+                },
+                args.seconds,
+            )?;
+            drop(mesh);
+            samples.entry(name).or_default().push(s);
+        }
 
         eprintln!(
             "round {}/{}: sidecar (iptables REDIRECT + haproxy pair)",
@@ -696,7 +748,7 @@ fn run(args: &Args) -> Result<(), String> {
     let mut per_rules: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
     for _ in 0..args.rounds.max(3) {
         for rules in [10u32, 10_000] {
-            let mesh = Mesh::up(&topo, rules)?;
+            let mesh = Mesh::up(&topo, rules, FULL)?;
             let t = Target {
                 ns: &a.ns,
                 addr: VIP,
@@ -744,7 +796,10 @@ fn run(args: &Args) -> Result<(), String> {
         "scenario", "p50 µs", "p99 µs", "conns/s", "Gbit/s", "p50 ×", "p99 ×", "conn ×", "tput ×"
     );
     let mut json_scen = serde_json::Map::new();
-    for name in ["no-mesh", "mesh", "sidecar"] {
+    let order = [
+        "no-mesh", "mesh", "sidecar", "tc-only", "tc-noevt", "lb-only",
+    ];
+    for name in order.into_iter().filter(|n| samples.contains_key(n)) {
         let s = agg(name);
         let r = ratio_of(name);
         println!(

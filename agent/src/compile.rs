@@ -322,11 +322,17 @@ pub fn compile(state: &DesiredState, alloc: &mut Allocator) -> MapContents {
             compile_set(set, &ep.policy, &universe, &mut out.policy);
         }
     }
+    let local: BTreeMap<Ipv4Addr, u32> = state
+        .endpoints
+        .iter()
+        .map(|(ifindex, ep)| (ep.ip, *ifindex))
+        .collect();
     for (ip, identity) in &state.ipcache {
         out.ipcache.insert(
             net_u32(*ip),
             IpcacheValue {
                 identity: *identity,
+                ifindex: local.get(ip).copied().unwrap_or(0),
             },
         );
     }

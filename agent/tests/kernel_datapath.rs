@@ -57,6 +57,10 @@ fn main() -> ExitCode {
             conntrack_frees_closed_tcp_flows,
         ),
         (
+            "same_node_delivery_decides_both_ends_in_one_run",
+            same_node_delivery,
+        ),
+        (
             "policy_change_re_evaluates_established_flows",
             policy_change_re_evaluates,
         ),
@@ -618,6 +622,116 @@ fn conntrack_frees_closed_tcp_flows() {
         assert_eq!(test_run(&mut t, programs::TO_POD, &back(ACK)), PASS);
     }
     assert_eq!(t.dp().conntrack_entries().expect("ct"), 1);
+    let _ = events(&mut rb);
+}
+
+/// Traffic between two pods of the node is decided at both ends in the sender's run and handed
+/// straight to the receiver (TC_ACT_REDIRECT); a drop at the receiver's ingress drops it there.
+/// Traffic to a pod of another node takes the routed path (PASS).
+fn same_node_delivery() {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const REDIRECT: i32 = 7;
+    let dst_ip = Ipv4Addr::new(10, 0, 0, 11);
+    let remote = Ipv4Addr::new(10, 0, 0, 20);
+    let (mut t, mut rb) = open();
+    let mut s = state(
+        EndpointPolicy::default(),
+        &[(EP_IP, EP_ID), (dst_ip, 302), (remote, 303)],
+    );
+    s.endpoints.insert(
+        2,
+        Endpoint {
+            ip: dst_ip,
+            identity: 302,
+            policy: EndpointPolicy {
+                ingress: vec![allow_tcp(9, EP_ID, 80)],
+                egress: vec![],
+            },
+        },
+    );
+    t.dp().apply(&s).expect("apply");
+    let _ = events(&mut rb);
+    let syn = common::tcp_with(EP_IP, 5000, dst_ip, 80, SYN);
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &syn), REDIRECT);
+    let ends = |evs: &[FlowEvent]| -> Vec<(u8, u32, u8, u8, u32, u32, u32)> {
+        evs.iter()
+            .map(|e| {
+                (
+                    e.direction,
+                    e.ifindex,
+                    e.verdict,
+                    e.reason,
+                    e.rule,
+                    e.src_identity,
+                    e.dst_identity,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        ends(&events(&mut rb)),
+        vec![
+            (
+                DIR_EGRESS,
+                1,
+                VERDICT_ALLOWED,
+                Reason::NoPolicy as u8,
+                0,
+                EP_ID,
+                302
+            ),
+            (
+                DIR_INGRESS,
+                2,
+                VERDICT_ALLOWED,
+                Reason::PolicyAllow as u8,
+                9,
+                EP_ID,
+                302
+            ),
+        ],
+        "one new-flow event per end"
+    );
+    assert_eq!(
+        t.dp().conntrack_entries().expect("ct"),
+        2,
+        "an entry per end"
+    );
+    let ack = common::tcp_with(EP_IP, 5000, dst_ip, 80, ACK);
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &ack), REDIRECT);
+    assert!(events(&mut rb).is_empty(), "tracked at both ends");
+
+    // Port 81 is not admitted by the receiver: dropped in the sender's run.
+    let denied = common::tcp_with(EP_IP, 5001, dst_ip, 81, SYN);
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &denied), DROP);
+    assert_eq!(
+        ends(&events(&mut rb)),
+        vec![
+            (
+                DIR_EGRESS,
+                1,
+                VERDICT_ALLOWED,
+                Reason::NoPolicy as u8,
+                0,
+                EP_ID,
+                302
+            ),
+            (
+                DIR_INGRESS,
+                2,
+                VERDICT_DROPPED,
+                Reason::DefaultDeny as u8,
+                0,
+                EP_ID,
+                302
+            ),
+        ]
+    );
+
+    // A pod of another node: the routed path.
+    let out = common::tcp_with(EP_IP, 5002, remote, 80, SYN);
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &out), PASS);
     let _ = events(&mut rb);
 }
 

@@ -20,6 +20,10 @@ pub enum Bench {
         /// Rounds (scenarios interleaved; the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Also measure the mesh's parts alone (TC policy with and without flow events, the
+        /// socket load balancer), to see where its cost is.
+        #[arg(long)]
+        breakdown: bool,
     },
     /// Policy propagation through the real operator: 1 000 simulated agents, 50 000 pods,
     /// 2 000 policies in a real apiserver; p50/p99 change-to-every-agent time and operator
@@ -60,6 +64,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             json,
             seconds,
             rounds,
+            breakdown,
         } => example(
             "cortexflow-agent",
             "bench_datapath",
@@ -67,6 +72,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 ("--seconds", seconds.to_string()),
                 ("--rounds", rounds.to_string()),
             ],
+            breakdown.then_some("--breakdown"),
             json,
         ),
         Bench::Propagation {
@@ -82,6 +88,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 ("--pods", pods.to_string()),
                 ("--changes", changes.to_string()),
             ],
+            None,
             json,
         ),
         Bench::Agent {
@@ -97,6 +104,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 ("--ipcache", ipcache.to_string()),
                 ("--changes", changes.to_string()),
             ],
+            None,
             json,
         ),
     }
@@ -107,6 +115,7 @@ fn example(
     package: &str,
     example: &str,
     args: &[(&str, String)],
+    switch: Option<&str>,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut c = cortexflow_e2e::process::cargo_command();
@@ -125,6 +134,7 @@ fn example(
     for (flag, value) in args {
         c.arg(flag).arg(value);
     }
+    c.args(switch);
     if let Some(j) = json {
         let j = if j.is_absolute() {
             j
