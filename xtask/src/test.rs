@@ -92,10 +92,46 @@ fn is_root() -> bool {
     run::probe(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
 }
 
+/// Free space a full run needs: the debug target directory of a fresh clone ends at ~6.5 GB
+/// (with the test binaries and the lab's), plus room for the lab's files.
+const DISK_NEEDED_GB: u64 = 10;
+
+/// Warns when the target directory's file system has less free space than a run needs: a
+/// full disk otherwise shows up late, as linker or `rlib` errors in whichever stage hit it.
+fn check_disk(root: &std::path::Path) {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let dir = if target.exists() {
+        target
+    } else {
+        root.to_path_buf()
+    };
+    let free_kb = run::probe(Command::new("df").arg("-Pk").arg(&dir)).and_then(|out| {
+        out.lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(3)?
+            .parse::<u64>()
+            .ok()
+    });
+    if let Some(kb) = free_kb {
+        let gb = kb / (1024 * 1024);
+        if gb < DISK_NEEDED_GB {
+            println!(
+                "WARNING: {gb} GB free on the file system of {}; a full run needs about \
+                 {DISK_NEEDED_GB} GB: stages may fail with `No space left on device`",
+                dir.display()
+            );
+        }
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<bool> {
     let start = Instant::now();
     let root = crate::workspace_root();
     std::env::set_current_dir(&root)?;
+    check_disk(&root);
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let mut results: Vec<StageResult> = Vec::new();
     let mut stage = |name: &'static str, f: &mut dyn FnMut() -> anyhow::Result<(bool, Tally)>| {
