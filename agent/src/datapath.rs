@@ -1019,22 +1019,80 @@ where
 
 /// Pinned maps are reused as they are: refuse to start when their size does not match the
 /// configuration instead of silently running with other capacities.
+/// `(map, key size, value size)` of every pinned map, from the shared types: a pinned map left
+/// by an agent with another layout must not be reused (the programs would read past its values).
+fn layouts() -> [(&'static str, usize, usize); 12] {
+    use core::mem::size_of;
+    use cortexflow_common::{CtKey, CtValue, RevNatKey, RevNatValue};
+    let lpm = |data: usize| size_of::<u32>() + data;
+    [
+        (maps::ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>()),
+        (maps::IPCACHE, size_of::<u32>(), size_of::<IpcacheValue>()),
+        (
+            maps::CIDRS,
+            lpm(size_of::<CidrKey>()),
+            size_of::<CidrValue>(),
+        ),
+        (
+            maps::POLICY,
+            lpm(size_of::<PolicyKey>()),
+            size_of::<PolicyValue>(),
+        ),
+        (
+            maps::POLICY_EXACT,
+            size_of::<PolicyKey>(),
+            size_of::<PolicyValue>(),
+        ),
+        (maps::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>()),
+        (
+            maps::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+        ),
+        (
+            maps::BACKENDS,
+            size_of::<BackendKey>(),
+            size_of::<BackendValue>(),
+        ),
+        (
+            maps::REVNAT,
+            size_of::<RevNatKey>(),
+            size_of::<RevNatValue>(),
+        ),
+        (maps::COUNTERS, size_of::<u32>(), size_of::<Counter>()),
+        (maps::EVENTS, 0, 0),
+        (maps::CONFIG, size_of::<u32>(), size_of::<DatapathConfig>()),
+    ]
+}
+
+/// Refuses pinned maps whose capacity or layout differs from what this agent would create.
 fn check_pinned(maps_dir: &Path, capacity: &Capacity) -> Result<(), DatapathError> {
-    for (name, want) in capacity.sizes() {
+    let sizes = capacity.sizes();
+    for (name, key, value) in layouts() {
         let path = maps_dir.join(name);
         if !path.exists() {
             continue;
         }
         let info = MapInfo::from_pin(&path)
             .map_err(map_err(format!("inspect pinned {}", path.display())))?;
-        if info.max_entries() != want {
-            return Err(DatapathError::PinnedMismatch {
-                map: name,
-                path,
-                what: "capacity",
-                have: info.max_entries(),
-                want,
-            });
+        let want_entries = sizes.iter().find(|(n, _)| *n == name).map(|(_, s)| *s);
+        let checks = [
+            ("key size", info.key_size(), Some(key as u32)),
+            ("value size", info.value_size(), Some(value as u32)),
+            ("capacity", info.max_entries(), want_entries),
+        ];
+        for (what, have, want) in checks {
+            if let Some(want) = want
+                && have != want
+            {
+                return Err(DatapathError::PinnedMismatch {
+                    map: name,
+                    path,
+                    what,
+                    have,
+                    want,
+                });
+            }
         }
     }
     Ok(())

@@ -78,6 +78,10 @@ fn main() -> ExitCode {
             pinned_capacity_mismatch,
         ),
         (
+            "pinned_maps_with_another_layout_are_refused",
+            pinned_layout_mismatch,
+        ),
+        (
             "restart_reopens_pins_with_the_same_state",
             restart_reopens_pins,
         ),
@@ -1151,6 +1155,58 @@ fn pinned_capacity_mismatch() {
         .expect("must refuse");
     assert!(
         matches!(err, DatapathError::PinnedMismatch { map: "CF_CT", .. }),
+        "{err}"
+    );
+}
+
+/// A pinned map left by an agent whose value layout differs (here: an ipcache of 4-byte values,
+/// the layout before same-node delivery) is refused by name instead of being reused.
+fn pinned_layout_mismatch() {
+    let mut t = TestDatapath::new();
+    t.close();
+    let pin = t.pin_dir.join("maps/CF_IPCACHE");
+    std::fs::remove_file(&pin).expect("unpin the ipcache");
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "65536",
+            "name",
+            "CF_IPCACHE",
+        ])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err =
+        cortexflow_agent::datapath::Datapath::open(cortexflow_agent::datapath::DatapathOptions {
+            pin_dir: t.pin_dir.clone(),
+            capacity: Capacity::default(),
+            tc_mode: TcMode::Auto,
+        })
+        .err()
+        .expect("must refuse");
+    assert!(
+        matches!(
+            err,
+            DatapathError::PinnedMismatch {
+                map: "CF_IPCACHE",
+                what: "value size",
+                have: 4,
+                want: 8,
+                ..
+            }
+        ),
         "{err}"
     );
 }
