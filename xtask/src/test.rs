@@ -88,6 +88,17 @@ fn tests(cmds: Vec<Command>) -> anyhow::Result<(bool, Tally)> {
     Ok((all_ok, tally))
 }
 
+/// `cargo test` over every crate but the eBPF programs (another target) and the e2e crate (its
+/// own stage).
+const UNIT_SELECTION: [&str; 6] = [
+    "test",
+    "--workspace",
+    "--exclude",
+    "cortexflow-ebpf",
+    "--exclude",
+    "cortexflow-e2e",
+];
+
 fn is_root() -> bool {
     run::probe(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
 }
@@ -213,14 +224,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     });
     stage("unit", &mut || {
         let mut workspace = cargo();
-        workspace.args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "cortexflow-ebpf",
-            "--exclude",
-            "cortexflow-e2e",
-        ]);
+        workspace.args(UNIT_SELECTION);
         let mut e2e_lib = cargo();
         e2e_lib.args(["test", "--package", "cortexflow-e2e", "--lib"]);
         tests(vec![workspace, e2e_lib])
@@ -238,20 +242,32 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
             println!("no kernel test targets yet");
             return Ok((true, Tally::default()));
         }
-        let cmds = kernel_targets
+        // The same package selection as the unit stage (and, for the e2e crate, as the e2e
+        // stage): cargo resolves dependency features per selection, so another selection would
+        // compile much of the dependency tree again.
+        let (e2e, rest): (Vec<_>, Vec<_>) = kernel_targets
             .into_iter()
-            .map(|(pkg, target)| {
-                let mut c = cargo();
-                c.env("CORTEXFLOW_KERNEL_TESTS", "1").args([
-                    "test",
-                    "--package",
-                    &pkg,
-                    "--test",
-                    &target,
-                ]);
-                c
-            })
-            .collect();
+            .partition(|(pkg, _)| pkg == "cortexflow-e2e");
+        let mut cmds = Vec::new();
+        if !rest.is_empty() {
+            let mut c = cargo();
+            c.env("CORTEXFLOW_KERNEL_TESTS", "1").args(UNIT_SELECTION);
+            for (_, target) in &rest {
+                c.args(["--test", target]);
+            }
+            cmds.push(c);
+        }
+        for (_, target) in &e2e {
+            let mut c = cargo();
+            c.env("CORTEXFLOW_KERNEL_TESTS", "1").args([
+                "test",
+                "--package",
+                "cortexflow-e2e",
+                "--test",
+                target,
+            ]);
+            cmds.push(c);
+        }
         tests(cmds)
     });
     stage("e2e", &mut || {
