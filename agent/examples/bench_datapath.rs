@@ -654,6 +654,14 @@ fn run(args: &Args) -> Result<(), String> {
     std::thread::sleep(Duration::from_millis(500));
 
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    // Scenario names in the order they first ran, for the table.
+    let mut order: Vec<&str> = Vec::new();
+    let mut record = |name: &'static str, s: Sample| {
+        if !samples.contains_key(name) {
+            order.push(name);
+        }
+        samples.entry(name).or_default().push(s);
+    };
     for round in 0..args.rounds {
         eprintln!("round {}/{}: no mesh", round + 1, args.rounds);
         let s = measure(
@@ -664,7 +672,7 @@ fn run(args: &Args) -> Result<(), String> {
             },
             args.seconds,
         )?;
-        samples.entry("no-mesh").or_default().push(s);
+        record("no-mesh", s);
 
         let mut meshes = vec![("mesh", "mesh (1000 rules, ClusterIP via socket LB)", FULL)];
         if args.breakdown {
@@ -705,7 +713,7 @@ fn run(args: &Args) -> Result<(), String> {
                 args.seconds,
             )?;
             drop(mesh);
-            samples.entry(name).or_default().push(s);
+            record(name, s);
         }
 
         eprintln!(
@@ -723,7 +731,7 @@ fn run(args: &Args) -> Result<(), String> {
             args.seconds,
         )?;
         drop(side);
-        samples.entry("sidecar").or_default().push(s);
+        record("sidecar", s);
     }
     let agg = |name: &str| -> Sample {
         let v = &samples[name];
@@ -796,10 +804,7 @@ fn run(args: &Args) -> Result<(), String> {
         "scenario", "p50 µs", "p99 µs", "conns/s", "Gbit/s", "p50 ×", "p99 ×", "conn ×", "tput ×"
     );
     let mut json_scen = serde_json::Map::new();
-    let order = [
-        "no-mesh", "mesh", "sidecar", "tc-only", "tc-noevt", "lb-only",
-    ];
-    for name in order.into_iter().filter(|n| samples.contains_key(n)) {
+    for &name in &order {
         let s = agg(name);
         let r = ratio_of(name);
         println!(

@@ -1017,8 +1017,6 @@ where
     m.try_into().map_err(map_err(format!("map {name}")))
 }
 
-/// Pinned maps are reused as they are: refuse to start when their size does not match the
-/// configuration instead of silently running with other capacities.
 /// `(map, key size, value size)` of every pinned map, from the shared types: a pinned map left
 /// by an agent with another layout must not be reused (the programs would read past its values).
 fn layouts() -> [(&'static str, usize, usize); 12] {
@@ -1065,7 +1063,8 @@ fn layouts() -> [(&'static str, usize, usize); 12] {
     ]
 }
 
-/// Refuses pinned maps whose capacity or layout differs from what this agent would create.
+/// Pinned maps are reused as they are: refuse to start when their layout or size differs from
+/// what this agent would create, instead of running with other capacities or misreading values.
 fn check_pinned(maps_dir: &Path, capacity: &Capacity) -> Result<(), DatapathError> {
     let sizes = capacity.sizes();
     for (name, key, value) in layouts() {
@@ -1075,24 +1074,28 @@ fn check_pinned(maps_dir: &Path, capacity: &Capacity) -> Result<(), DatapathErro
         }
         let info = MapInfo::from_pin(&path)
             .map_err(map_err(format!("inspect pinned {}", path.display())))?;
-        let want_entries = sizes.iter().find(|(n, _)| *n == name).map(|(_, s)| *s);
-        let checks = [
-            ("key size", info.key_size(), Some(key as u32)),
-            ("value size", info.value_size(), Some(value as u32)),
-            ("capacity", info.max_entries(), want_entries),
-        ];
-        for (what, have, want) in checks {
-            if let Some(want) = want
-                && have != want
-            {
-                return Err(DatapathError::PinnedMismatch {
-                    map: name,
-                    path,
-                    what,
-                    have,
-                    want,
-                });
-            }
+        // Maps of a fixed size (counters, config) are not in `sizes`: their capacity is the
+        // object's.
+        let entries = sizes.iter().find(|(n, _)| *n == name).map(|(_, s)| *s);
+        let mismatch = [
+            ("key size", info.key_size(), key as u32),
+            ("value size", info.value_size(), value as u32),
+            (
+                "capacity",
+                info.max_entries(),
+                entries.unwrap_or(info.max_entries()),
+            ),
+        ]
+        .into_iter()
+        .find(|(_, have, want)| have != want);
+        if let Some((what, have, want)) = mismatch {
+            return Err(DatapathError::PinnedMismatch {
+                map: name,
+                path,
+                what,
+                have,
+                want,
+            });
         }
     }
     Ok(())

@@ -673,28 +673,22 @@ fn same_node_delivery() {
             })
             .collect()
     };
+    // The sender's egress (no policy) and the receiver's ingress, as events report them.
+    let sender = (
+        DIR_EGRESS,
+        1,
+        VERDICT_ALLOWED,
+        Reason::NoPolicy as u8,
+        0,
+        EP_ID,
+        302,
+    );
+    let receiver = |verdict: u8, reason: Reason, rule: u32| {
+        (DIR_INGRESS, 2, verdict, reason as u8, rule, EP_ID, 302)
+    };
     assert_eq!(
         ends(&events(&mut rb)),
-        vec![
-            (
-                DIR_EGRESS,
-                1,
-                VERDICT_ALLOWED,
-                Reason::NoPolicy as u8,
-                0,
-                EP_ID,
-                302
-            ),
-            (
-                DIR_INGRESS,
-                2,
-                VERDICT_ALLOWED,
-                Reason::PolicyAllow as u8,
-                9,
-                EP_ID,
-                302
-            ),
-        ],
+        vec![sender, receiver(VERDICT_ALLOWED, Reason::PolicyAllow, 9)],
         "one new-flow event per end"
     );
     assert_eq!(
@@ -711,26 +705,7 @@ fn same_node_delivery() {
     assert_eq!(test_run(&mut t, programs::FROM_POD, &denied), DROP);
     assert_eq!(
         ends(&events(&mut rb)),
-        vec![
-            (
-                DIR_EGRESS,
-                1,
-                VERDICT_ALLOWED,
-                Reason::NoPolicy as u8,
-                0,
-                EP_ID,
-                302
-            ),
-            (
-                DIR_INGRESS,
-                2,
-                VERDICT_DROPPED,
-                Reason::DefaultDeny as u8,
-                0,
-                EP_ID,
-                302
-            ),
-        ]
+        vec![sender, receiver(VERDICT_DROPPED, Reason::DefaultDeny, 0)]
     );
 
     // A pod of another node: the routed path.

@@ -18,9 +18,7 @@ static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
 pub fn binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let release = std::env::var("CORTEXFLOW_BUILD_PROFILE").is_ok_and(|p| p == "release");
     let root = crate::harness::workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = target_dir();
     let mut built = BUILT
         .lock()
         .map_err(|_| anyhow::anyhow!("build lock poisoned"))?;
@@ -45,6 +43,13 @@ pub fn binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     Ok(target
         .join(if release { "release" } else { "debug" })
         .join(bin))
+}
+
+/// The workspace's cargo target directory (`CARGO_TARGET_DIR`, else `<workspace>/target`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::harness::workspace_root().join("target"))
 }
 
 /// `cargo` (the one running us, if any) without the variables cargo sets for the crate it runs

@@ -99,6 +99,9 @@ const UNIT_SELECTION: [&str; 6] = [
     "cortexflow-e2e",
 ];
 
+/// `cargo test` of the e2e crate, as its own stage runs it.
+const E2E_SELECTION: [&str; 3] = ["test", "--package", "cortexflow-e2e"];
+
 fn is_root() -> bool {
     run::probe(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
 }
@@ -110,9 +113,7 @@ const DISK_NEEDED_GB: u64 = 10;
 /// Warns when the target directory's file system has less free space than a run needs: a
 /// full disk otherwise shows up late, as linker or `rlib` errors in whichever stage hit it.
 fn check_disk(root: &std::path::Path) {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = cortexflow_e2e::process::target_dir();
     let dir = if target.exists() {
         target
     } else {
@@ -226,7 +227,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         let mut workspace = cargo();
         workspace.args(UNIT_SELECTION);
         let mut e2e_lib = cargo();
-        e2e_lib.args(["test", "--package", "cortexflow-e2e", "--lib"]);
+        e2e_lib.args(E2E_SELECTION).arg("--lib");
         tests(vec![workspace, e2e_lib])
     });
     stage("kernel", &mut || {
@@ -249,30 +250,22 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
             .into_iter()
             .partition(|(pkg, _)| pkg == "cortexflow-e2e");
         let mut cmds = Vec::new();
-        if !rest.is_empty() {
+        for (selection, targets) in [(&UNIT_SELECTION[..], rest), (&E2E_SELECTION[..], e2e)] {
+            if targets.is_empty() {
+                continue;
+            }
             let mut c = cargo();
-            c.env("CORTEXFLOW_KERNEL_TESTS", "1").args(UNIT_SELECTION);
-            for (_, target) in &rest {
+            c.env("CORTEXFLOW_KERNEL_TESTS", "1").args(selection);
+            for (_, target) in &targets {
                 c.args(["--test", target]);
             }
-            cmds.push(c);
-        }
-        for (_, target) in &e2e {
-            let mut c = cargo();
-            c.env("CORTEXFLOW_KERNEL_TESTS", "1").args([
-                "test",
-                "--package",
-                "cortexflow-e2e",
-                "--test",
-                target,
-            ]);
             cmds.push(c);
         }
         tests(cmds)
     });
     stage("e2e", &mut || {
         let mut c = cargo();
-        c.args(["test", "--package", "cortexflow-e2e", "--test", "*"]);
+        c.args(E2E_SELECTION).args(["--test", "*"]);
         tests(vec![c])
     });
 
