@@ -203,6 +203,19 @@ impl Lab {
 
     /// The pods of `namespace` labelled `app=<app>`: `(name, address)`, Running ones only.
     pub fn pods(&self, namespace: &str, app: &str) -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
+        Ok(self
+            .placed_pods(namespace, app)?
+            .into_iter()
+            .map(|(name, ip, _)| (name, ip))
+            .collect())
+    }
+
+    /// As [`Lab::pods`], with the node each runs on: `(name, address, node)`.
+    pub fn placed_pods(
+        &self,
+        namespace: &str,
+        app: &str,
+    ) -> anyhow::Result<Vec<(String, Ipv4Addr, String)>> {
         let out = self.kubectl(&[
             "get",
             "pods",
@@ -212,13 +225,14 @@ impl Lab {
             &format!("app={app}"),
             "--field-selector=status.phase=Running",
             "-o",
-            "jsonpath={range .items[*]}{.metadata.name} {.status.podIP}{\"\\n\"}{end}",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.podIP} {.spec.nodeName}{\"\\n\"}{end}",
         ])?;
         Ok(out
             .lines()
             .filter_map(|l| {
-                let (n, ip) = l.split_once(' ')?;
-                Some((n.to_string(), ip.parse().ok()?))
+                let mut f = l.split_whitespace();
+                let (name, ip, node) = (f.next()?, f.next()?.parse().ok()?, f.next()?);
+                Some((name.to_string(), ip, node.to_string()))
             })
             .collect())
     }

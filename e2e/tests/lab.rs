@@ -422,22 +422,9 @@ async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> any
 }
 
 async fn service_balances_over_backends_on_both_nodes(lab: &mut Lab) -> anyhow::Result<()> {
-    let backends: BTreeSet<String> = lab
-        .pods("shop", "backend")?
-        .into_iter()
-        .map(|p| p.0)
-        .collect();
-    let nodes = lab.kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        "shop",
-        "-l",
-        "app=backend",
-        "-o",
-        "jsonpath={.items[*].spec.nodeName}",
-    ])?;
-    let nodes: BTreeSet<&str> = nodes.split_whitespace().collect();
+    let placed = lab.placed_pods("shop", "backend")?;
+    let backends: BTreeSet<String> = placed.iter().map(|p| p.0.clone()).collect();
+    let nodes: BTreeSet<&str> = placed.iter().map(|p| p.2.as_str()).collect();
     ensure!(nodes.len() == 2, "backends on {nodes:?}");
     let (client, _) = first_pod(lab, "shop", "frontend")?;
     let vip = lab.cluster_ip("shop", "backend")?;
@@ -523,28 +510,15 @@ async fn node_until(
 /// every node but their own they are `world` — or the identity of the `ipBlock` containing them.
 async fn ip_block_peers(lab: &mut Lab) -> anyhow::Result<()> {
     ensure!(lab.nodes.len() >= 2, "needs two nodes");
-    let out = lab.kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        "shop",
-        "-l",
-        "app=backend",
-        "--field-selector=status.phase=Running",
-        "-o",
-        "jsonpath={range .items[*]}{.spec.nodeName} {.status.podIP}{\"\\n\"}{end}",
-    ])?;
+    let placed = lab.placed_pods("shop", "backend")?;
     let mut backend_on = std::collections::BTreeMap::new();
-    for l in out.lines() {
-        let Some((node, ip)) = l.split_once(' ') else {
-            continue;
-        };
-        if let Some(i) = lab.nodes.iter().position(|n| n.name == node) {
+    for (_, ip, node) in &placed {
+        if let Some(i) = lab.nodes.iter().position(|n| n.name == *node) {
             backend_on.insert(i, ip.to_string());
         }
     }
     let (Some(on0), Some(on1)) = (backend_on.get(&0), backend_on.get(&1)) else {
-        bail!("want a backend on each of the first two nodes: {out}");
+        bail!("want a backend on each of the first two nodes: {placed:?}");
     };
     // Node 0 probes the backend on node 1 and node 1 the one on node 0: each arrives from an
     // address that is not the receiving node's own.
