@@ -1,15 +1,19 @@
 //! Generates the Rust code of the `.proto` files (pure Rust: protox parses, tonic-prost-build
-//! generates; no `protoc`). Used by `cargo xtask protogen` and by the drift test, so that both
-//! generate exactly the same way.
+//! generates; no `protoc`). Used by `cargo xtask protogen` (through the `protogen` example of
+//! this crate) and by the drift test, so that both generate exactly the same way.
 
 use std::path::Path;
 
-/// The `.proto` files, relative to the `proto/` directory.
-pub const PROTOS: &[&str] = &["cortexflow/agent/v1/agent.proto"];
+/// The `.proto` files, relative to the `proto/` directory, and the file each generates.
+pub const PROTOS: &[(&str, &str)] = &[
+    ("cortexflow/agent/v1/agent.proto", "cortexflow.agent.v1.rs"),
+    ("cortexflow/flows/v1/flows.proto", "cortexflow.flows.v1.rs"),
+];
 
 /// Writes the generated code for [`PROTOS`] (under `proto_dir`) into `out_dir`.
 pub fn generate(proto_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
-    let fds = protox::compile(PROTOS, [proto_dir])?;
+    let files: Vec<&str> = PROTOS.iter().map(|(p, _)| *p).collect();
+    let fds = protox::compile(files, [proto_dir])?;
     std::fs::create_dir_all(out_dir)?;
     tonic_prost_build::configure()
         .build_client(true)

@@ -59,6 +59,100 @@ pub mod maps {
     ];
 }
 
+/// Default capacity (entries; bytes for the ring buffer) of every map. The kernel object is
+/// built with these sizes and the agent's `--map-*` flags default to them; the agent sets the
+/// real size of every configurable map when it creates it.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 1024;
+    pub const IPCACHE: u32 = 65536;
+    pub const CIDRS: u32 = 4096;
+    pub const POLICY: u32 = 65536;
+    pub const POLICY_EXACT: u32 = 131072;
+    pub const CONNTRACK: u32 = 262144;
+    pub const SERVICES: u32 = 4096;
+    pub const BACKENDS: u32 = 65536;
+    pub const REVNAT: u32 = 65536;
+    /// Fixed: one slot per (verdict, reason).
+    pub const COUNTERS: u32 = super::COUNTER_SLOTS;
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Fixed: one [`DatapathConfig`](super::DatapathConfig).
+    pub const CONFIG: u32 = 1;
+}
+
+/// The layout of one map: what a pinned map must match to be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    /// Key size in bytes (an LPM trie key counts its 4-byte prefix length).
+    pub key_size: u32,
+    pub value_size: u32,
+    /// The size it is built with (see [`capacity`]).
+    pub default_entries: u32,
+    /// Whether the agent sizes it from its configuration.
+    pub configurable: bool,
+}
+
+const fn spec<K, V>(name: &'static str, default_entries: u32, configurable: bool) -> MapSpec {
+    MapSpec {
+        name,
+        key_size: core::mem::size_of::<K>() as u32,
+        value_size: core::mem::size_of::<V>() as u32,
+        default_entries,
+        configurable,
+    }
+}
+
+/// The key of an LPM trie map: a 4-byte prefix length, then the data.
+#[repr(C)]
+pub struct LpmKey<T> {
+    pub prefix_len: u32,
+    pub data: T,
+}
+
+/// Every map's layout, in [`maps::ALL`] order. The kernel programs declare their maps with
+/// these types, names and default sizes; the agent checks pinned maps against this table.
+pub const MAP_SPECS: [MapSpec; 12] = [
+    spec::<u32, EndpointInfo>(maps::ENDPOINTS, capacity::ENDPOINTS, true),
+    spec::<u32, IpcacheValue>(maps::IPCACHE, capacity::IPCACHE, true),
+    spec::<LpmKey<CidrKey>, CidrValue>(maps::CIDRS, capacity::CIDRS, true),
+    spec::<LpmKey<PolicyKey>, PolicyValue>(maps::POLICY, capacity::POLICY, true),
+    spec::<PolicyKey, PolicyValue>(maps::POLICY_EXACT, capacity::POLICY_EXACT, true),
+    spec::<CtKey, CtValue>(maps::CONNTRACK, capacity::CONNTRACK, true),
+    spec::<ServiceKey, ServiceValue>(maps::SERVICES, capacity::SERVICES, true),
+    spec::<BackendKey, BackendValue>(maps::BACKENDS, capacity::BACKENDS, true),
+    spec::<RevNatKey, RevNatValue>(maps::REVNAT, capacity::REVNAT, true),
+    spec::<u32, Counter>(maps::COUNTERS, capacity::COUNTERS, false),
+    spec::<(), ()>(maps::EVENTS, capacity::EVENTS_BYTES, true),
+    spec::<u32, DatapathConfig>(maps::CONFIG, capacity::CONFIG, false),
+];
+
+/// `a == b` in a constant context (the kernel crate checks its map names against [`maps`]).
+pub const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < MAP_SPECS.len() {
+        assert!(str_eq(MAP_SPECS[i].name, maps::ALL[i]));
+        // The kernel limits map names to 15 characters.
+        assert!(MAP_SPECS[i].name.len() <= 15);
+        i += 1;
+    }
+};
+
 /// Names of the kernel programs.
 pub mod programs {
     /// TC program on the ingress hook of a pod's host-side veth: packets the pod sends
@@ -88,6 +182,16 @@ pub const IDENTITY_RESERVED_MAX: u32 = 255;
 /// CIDR identities (addresses that are not pods, by the most specific policy CIDR containing
 /// them) are local to a node and allocated from this value up; cluster identities stay below.
 pub const IDENTITY_CIDR_BASE: u32 = 0xFF00_0000;
+/// The first identity the operator allocates (ServiceIdentities and service accounts).
+pub const IDENTITY_FIRST_ALLOCATED: u32 = IDENTITY_RESERVED_MAX + 1;
+/// The last identity the operator may allocate: the ones above are node-local CIDR identities.
+pub const IDENTITY_LAST_ALLOCATED: u32 = IDENTITY_CIDR_BASE - 1;
+
+const _: () = {
+    assert!(IDENTITY_ANY == 0 && IDENTITY_HOST <= IDENTITY_RESERVED_MAX);
+    assert!(IDENTITY_WORLD <= IDENTITY_RESERVED_MAX);
+    assert!(IDENTITY_FIRST_ALLOCATED <= IDENTITY_LAST_ALLOCATED);
+};
 
 // ---- directions and protocols ----------------------------------------------------------------
 
@@ -542,6 +646,47 @@ pub struct DatapathConfig {
 /// Emit flow events for allowed new flows (drops and audit verdicts are always reported).
 pub const CFG_EVENTS_ALLOWED: u32 = 1 << 0;
 
+// The layouts both sides rely on, checked wherever this crate compiles (the kernel build too):
+// a field added without its padding fails here, not in the verifier or as misread values.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<EndpointInfo>() == 16);
+    assert!(size_of::<IpcacheValue>() == 8);
+    assert!(size_of::<CidrKey>() == 4);
+    assert!(size_of::<CidrValue>() == 4);
+    assert!(size_of::<PolicyKey>() == 12);
+    assert!(POLICY_KEY_BITS as usize == size_of::<PolicyKey>() * 8);
+    assert!(size_of::<PolicyValue>() == 20);
+    assert!(size_of::<CtKey>() == 16);
+    assert!(size_of::<CtValue>() == 32);
+    assert!(size_of::<ServiceKey>() == 8);
+    assert!(size_of::<ServiceValue>() == 8);
+    assert!(size_of::<BackendKey>() == 8);
+    assert!(size_of::<BackendValue>() == 8);
+    assert!(size_of::<RevNatKey>() == 16);
+    assert!(size_of::<RevNatValue>() == 8);
+    assert!(size_of::<Counter>() == 16);
+    assert!(size_of::<FlowEvent>() == 40);
+    assert!(size_of::<DatapathConfig>() == 8);
+    assert!(size_of::<LpmKey<PolicyKey>>() == 16);
+    assert!(size_of::<LpmKey<CidrKey>>() == 8);
+};
+
+impl FlowEvent {
+    /// Reads an event from ring-buffer bytes (the kernel wrote the struct as is); `None` when
+    /// the record is shorter than the struct.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < core::mem::size_of::<Self>() {
+            return None;
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: `b` holds at least `size_of::<FlowEvent>()` bytes; FlowEvent is `repr(C)`,
+        // made only of integers with no implicit padding, so every bit pattern is a valid value;
+        // `read_unaligned` makes no alignment assumption about the ring buffer's bytes.
+        Some(unsafe { core::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
+    }
+}
+
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 mod pod {
@@ -575,20 +720,40 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::size_of;
 
     #[test]
-    fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<EndpointInfo>(), 16);
-        assert_eq!(size_of::<PolicyKey>(), 12);
-        assert_eq!(size_of::<PolicyValue>(), 20);
-        assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 32);
-        assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<BackendValue>(), 8);
-        assert_eq!(size_of::<RevNatKey>(), 16);
-        assert_eq!(size_of::<FlowEvent>(), 40);
-        assert_eq!(POLICY_KEY_BITS as usize, size_of::<PolicyKey>() * 8);
+    fn flow_events_decode_from_the_bytes_the_kernel_writes() {
+        let e = FlowEvent {
+            timestamp_ns: 0x0102_0304_0506_0708,
+            saddr: 0x0a00_0001,
+            daddr: 0x0a00_0002,
+            sport: 40000,
+            dport: 80,
+            protocol: PROTO_TCP,
+            direction: DIR_EGRESS,
+            verdict: VERDICT_DROPPED,
+            reason: Reason::DefaultDeny as u8,
+            src_identity: 300,
+            dst_identity: 301,
+            rule: 65,
+            ifindex: 7,
+        };
+        // The bytes as the kernel lays them out (native endian, field by field, no padding).
+        let mut b = Vec::new();
+        b.extend_from_slice(&e.timestamp_ns.to_ne_bytes());
+        b.extend_from_slice(&e.saddr.to_ne_bytes());
+        b.extend_from_slice(&e.daddr.to_ne_bytes());
+        b.extend_from_slice(&e.sport.to_ne_bytes());
+        b.extend_from_slice(&e.dport.to_ne_bytes());
+        b.extend_from_slice(&[e.protocol, e.direction, e.verdict, e.reason]);
+        for v in [e.src_identity, e.dst_identity, e.rule, e.ifindex] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        // Unaligned, as a record can sit in the ring.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&b);
+        assert_eq!(FlowEvent::from_bytes(&shifted[1..]), Some(e));
+        assert_eq!(FlowEvent::from_bytes(&b[..39]), None);
     }
 
     #[test]

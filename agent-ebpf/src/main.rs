@@ -27,40 +27,51 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use cortexflow_common::{
-    BackendKey, BackendValue, CFG_EVENTS_ALLOWED, COUNTER_SLOTS, CT_FIN_ORIGIN, CT_FIN_REPLY,
-    CT_REFRESH_NS, CidrKey, CidrValue, Counter, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
-    DatapathConfig, DirFlags, EndpointInfo, FlowEvent, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
-    IpcacheValue, POLICY_ALLOW, POLICY_AUDIT_ALLOW, POLICY_AUDIT_DENY, POLICY_DENY,
-    POLICY_KEY_BITS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, RULE_ALLOW,
-    RULE_AUDIT_DENY, RULE_DENY, Reason, RevNatKey, RevNatValue, ServiceKey, ServiceValue, TCP_FIN,
-    TCP_RST, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED, counter_index,
+    BackendKey, BackendValue, CFG_EVENTS_ALLOWED, CT_FIN_ORIGIN, CT_FIN_REPLY, CT_REFRESH_NS,
+    CidrKey, CidrValue, Counter, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DatapathConfig, DirFlags,
+    EndpointInfo, FlowEvent, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IpcacheValue,
+    POLICY_ALLOW, POLICY_AUDIT_ALLOW, POLICY_AUDIT_DENY, POLICY_DENY, POLICY_KEY_BITS, PROTO_OTHER,
+    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, RULE_ALLOW, RULE_AUDIT_DENY, RULE_DENY, Reason,
+    RevNatKey, RevNatValue, ServiceKey, ServiceValue, TCP_FIN, TCP_RST, VERDICT_ALLOWED,
+    VERDICT_AUDIT, VERDICT_DROPPED, capacity, counter_index, maps,
 };
 
-// Default sizes; the agent sets every size at load time from its configuration.
-#[map(name = "CF_ENDPOINTS")]
-static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(1024, 0);
-#[map(name = "CF_IPCACHE")]
-static IPCACHE: HashMap<u32, IpcacheValue> = HashMap::pinned(65536, 0);
-#[map(name = "CF_CIDRS")]
-static CIDRS: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(4096, 0);
-#[map(name = "CF_POLICY")]
-static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(65536, 0);
-#[map(name = "CF_POLICY_EXACT")]
-static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(65536, 0);
-#[map(name = "CF_CT")]
-static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(262144, BPF_F_NO_COMMON_LRU);
-#[map(name = "CF_SERVICES")]
-static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(4096, 0);
-#[map(name = "CF_BACKENDS")]
-static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(65536, 0);
-#[map(name = "CF_REVNAT")]
-static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(65536, 0);
-#[map(name = "CF_COUNTERS")]
-static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
-#[map(name = "CF_EVENTS")]
-static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
-#[map(name = "CF_CONFIG")]
-static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+// Every map is declared with its name, types and default size from `cortexflow-common` (the
+// agent sets the size of the configurable ones at load time); `pinned_map!` checks the name
+// against the shared table at compile time.
+macro_rules! pinned_map {
+    ($name:tt = $common:expr, $static:ident: $ty:ty = $init:expr) => {
+        const _: () = assert!(cortexflow_common::str_eq($name, $common));
+        #[map(name = $name)]
+        static $static: $ty = $init;
+    };
+}
+
+pinned_map!("CF_ENDPOINTS" = maps::ENDPOINTS,
+    ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0));
+pinned_map!("CF_IPCACHE" = maps::IPCACHE,
+    IPCACHE: HashMap<u32, IpcacheValue> = HashMap::pinned(capacity::IPCACHE, 0));
+pinned_map!("CF_CIDRS" = maps::CIDRS,
+    CIDRS: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(capacity::CIDRS, 0));
+pinned_map!("CF_POLICY" = maps::POLICY,
+    POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0));
+pinned_map!("CF_POLICY_EXACT" = maps::POLICY_EXACT,
+    POLICY_EXACT: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY_EXACT, 0));
+pinned_map!("CF_CT" = maps::CONNTRACK,
+    CONNTRACK: LruHashMap<CtKey, CtValue> =
+        LruHashMap::pinned(capacity::CONNTRACK, BPF_F_NO_COMMON_LRU));
+pinned_map!("CF_SERVICES" = maps::SERVICES,
+    SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0));
+pinned_map!("CF_BACKENDS" = maps::BACKENDS,
+    BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(capacity::BACKENDS, 0));
+pinned_map!("CF_REVNAT" = maps::REVNAT,
+    REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(capacity::REVNAT, 0));
+pinned_map!("CF_COUNTERS" = maps::COUNTERS,
+    COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::COUNTERS, 0));
+pinned_map!("CF_EVENTS" = maps::EVENTS,
+    EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0));
+pinned_map!("CF_CONFIG" = maps::CONFIG,
+    CONFIG: Array<DatapathConfig> = Array::pinned(capacity::CONFIG, 0));
 
 /// Per-CPU LRU lists: inserting a flow takes no lock shared between CPUs.
 const BPF_F_NO_COMMON_LRU: u32 = 2;

@@ -25,11 +25,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cortexflow_e2e::{node::AgentNode, scripted_operator::ScriptedOperator};
-use cortexflow_proto::domain::{
-    self, Action, Direction, EndpointPolicy, IdentityInfo, Mode, Peer, Peers, PolicyGeneration,
-    PortRange, Protocol, Rule, RuleRef,
+use cortexflow_domain::{
+    self as domain, Action, Direction, EndpointPolicy, IdentityInfo, Mode, Peer, Peers,
+    PolicyGeneration, PortRange, Protocol, Rule, RuleRef,
 };
+use cortexflow_testkit::{node::AgentNode, scripted_operator::ScriptedOperator};
 
 const APPS: u32 = 50;
 const IDENTITIES: u32 = 200;
@@ -73,7 +73,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    cortexflow_e2e::net::sweep_stale();
+    cortexflow_testkit::net::sweep_stale();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -293,7 +293,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
-    let bin = cortexflow_e2e::process::binary("cortexflow-agent", "cortexflow-agent")?;
+    let bin = cortexflow_testkit::process::binary("cortexflow-agent", "cortexflow-agent")?;
     eprintln!(
         "bench agent: {} pods in network namespaces, {} ipcache entries, {} one-policy changes; agent {}",
         args.pods,
@@ -342,7 +342,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             endpoints: Some(endpoints(&node, &ports)),
             ..Default::default()
         };
-        let msg = cortexflow_proto::v1::NodeConfig::from(&update);
+        let msg = cortexflow_proto::agent::v1::NodeConfig::from(&update);
         let (e2e, own) = measure(&op, &node, || op.push_raw(msg)).await?;
         change_e2e.push(e2e);
         change_own.push(own);

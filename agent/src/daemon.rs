@@ -19,11 +19,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use cortexflow_proto::{
-    domain::{self, AgentStatus},
-    v1::{self, agent_config_client::AgentConfigClient},
-};
-use cortexflow_telemetry::{LogFormat, Metrics, Readiness};
+use cortexflow_domain::{self as domain, AgentStatus};
+use cortexflow_proto::agent::v1::{self, agent_config_client::AgentConfigClient};
+use cortexflow_runtime::{LogFormat, Metrics, Readiness};
 use opentelemetry::KeyValue;
 use tokio::sync::{broadcast, mpsc, watch};
 use tonic::{Code, transport::Channel};
@@ -211,13 +209,13 @@ struct Ctx {
     metrics: AgentMetrics,
     config: watch::Sender<Arc<Received>>,
     report: watch::Sender<Reported>,
-    ready: std::sync::Mutex<Option<cortexflow_telemetry::ReadyGuard>>,
+    ready: std::sync::Mutex<Option<cortexflow_runtime::ReadyGuard>>,
     shutdown: watch::Receiver<bool>,
 }
 
 /// Runs the agent until SIGTERM/Ctrl-C (or a fatal error).
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    cortexflow_telemetry::init_logging(&args.log, args.log_format);
+    cortexflow_runtime::init_logging(&args.log, args.log_format);
     if args.uninstall {
         crate::datapath::Datapath::uninstall(&args.pin_dir)?;
         tracing::info!(pin_dir = %args.pin_dir.display(), "removed every pin; the node no longer enforces");
@@ -308,7 +306,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // Admin.
     let mut admin_shutdown = shutdown.clone();
-    let (admin_addr, admin_task) = cortexflow_telemetry::serve_admin(
+    let (admin_addr, admin_task) = cortexflow_runtime::serve_admin(
         args.admin_addr,
         telemetry.clone(),
         readiness,
@@ -326,7 +324,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut subscription = tokio::spawn(subscribe_loop(ctx.clone()));
 
     let result = tokio::select! {
-        _ = cortexflow_telemetry::shutdown_signal() => {
+        _ = cortexflow_runtime::shutdown_signal() => {
             tracing::info!("shutting down; the datapath keeps enforcing the last programmed state");
             Ok(())
         }

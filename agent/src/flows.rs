@@ -4,7 +4,7 @@ use std::{net::Ipv4Addr, pin::Pin, sync::Arc};
 
 use aya::maps::{MapData, RingBuf};
 use cortexflow_common::{DIR_EGRESS, FlowEvent, Reason, verdict_name};
-use cortexflow_proto::v1;
+use cortexflow_proto::flows::v1;
 use futures::Stream;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
@@ -55,7 +55,7 @@ pub fn describe(ev: &FlowEvent, r: &Received, node: &str, offset_ns: i128) -> v1
     let rule = (ev.rule != 0)
         .then(|| r.endpoints.rules.get(&ev.rule))
         .flatten()
-        .map(|rr| v1::RuleRef {
+        .map(|rr| v1::FlowRule {
             id: ev.rule,
             namespace: rr.namespace.clone(),
             policy: rr.policy.clone(),
@@ -102,7 +102,7 @@ pub async fn pump(
         let observed = hub.receiver_count() > 0;
         let view = observed.then(|| config.borrow().clone());
         while let Some(item) = rb.next() {
-            let Some(ev) = crate::datapath::parse_event(&item) else {
+            let Some(ev) = cortexflow_common::FlowEvent::from_bytes(&item) else {
                 continue;
             };
             metrics.flow(

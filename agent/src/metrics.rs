@@ -36,7 +36,7 @@ pub struct AgentMetrics {
 }
 
 impl AgentMetrics {
-    pub fn new(m: &cortexflow_telemetry::Metrics) -> Self {
+    pub fn new(m: &cortexflow_runtime::Metrics) -> Self {
         let meter = m.meter();
         let usage = Arc::new(Mutex::new(Usage::default()));
         {

@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 
 use cortexflow_common::{IDENTITY_HOST, IDENTITY_WORLD, Reason};
-pub use cortexflow_proto::domain::{
+pub use cortexflow_domain::{
     Action, Cidr, Direction, EndpointPolicy, Mode, Peer, Peers, PortRange, Protocol, Rule,
 };
 

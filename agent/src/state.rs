@@ -11,7 +11,7 @@ use std::{
 };
 
 use cortexflow_common::IDENTITY_HOST;
-use cortexflow_proto::domain::{
+use cortexflow_domain::{
     Endpoint as DomainEndpoint, Endpoints, IdentityInfo, Invalid, NodeConfig, NodeInfo,
     PolicyGeneration, Service,
 };
@@ -163,7 +163,7 @@ impl Received {
 mod tests {
     use std::sync::Arc;
 
-    use cortexflow_proto::domain::{EndpointPolicy, Ipcache, Protocol};
+    use cortexflow_domain::{EndpointPolicy, Ipcache, Protocol};
 
     use super::*;
 

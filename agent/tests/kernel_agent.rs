@@ -29,14 +29,15 @@ use std::{
 
 use common::{Server, Topology, tcp_try};
 use cortexflow_agent::datapath::Pinned;
-use cortexflow_e2e::{net::enter, node::AgentNode, scripted_operator::ScriptedOperator};
-use cortexflow_proto::{
-    domain::{
-        self, Action, Direction, EndpointPolicy, IdentityInfo, Mode, Peer, Peers, PolicyGeneration,
-        PortRange, Protocol, Rule, RuleRef,
-    },
-    v1::{self, flows_client::FlowsClient},
+use cortexflow_domain::{
+    self as domain, Action, Direction, EndpointPolicy, IdentityInfo, Mode, Peer, Peers,
+    PolicyGeneration, PortRange, Protocol, Rule, RuleRef,
 };
+use cortexflow_proto::{
+    agent::v1,
+    flows::v1::{ObserveRequest, flows_client::FlowsClient},
+};
+use cortexflow_testkit::{net::enter, node::AgentNode, scripted_operator::ScriptedOperator};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 fn main() -> ExitCode {
@@ -308,7 +309,7 @@ fn config_reaches_the_kernel() {
             .await
             .expect("connect Flows");
         let mut stream = flows
-            .observe(v1::ObserveRequest {
+            .observe(ObserveRequest {
                 namespace: NS.into(),
                 pod: "p1".into(),
                 verdicts: vec!["dropped".into()],

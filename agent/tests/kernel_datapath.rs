@@ -21,7 +21,7 @@ use aya::{
 use common::{Cgroup, Server, TestDatapath, Topology, sh, tcp_try, udp_try};
 use cortexflow_agent::{
     compile::{Backend, DesiredState, Endpoint, Frontend},
-    datapath::{Capacity, DatapathError, TcMode, parse_event},
+    datapath::{Capacity, DatapathError, TcMode},
     policy::{
         self, Action, Cidr, Direction, EndpointPolicy, Mode, Peer, PeerAddr, Peers, PortRange,
         Protocol, Rule,
@@ -156,7 +156,7 @@ fn test_run(t: &mut TestDatapath, prog: &str, pkt: &[u8]) -> i32 {
 fn events(rb: &mut RingBuf<MapData>) -> Vec<FlowEvent> {
     let mut out = Vec::new();
     while let Some(item) = rb.next() {
-        out.push(parse_event(&item).expect("event"));
+        out.push(FlowEvent::from_bytes(&item).expect("event"));
     }
     out
 }

@@ -4,6 +4,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Most rules a MeshPolicy may have in one direction: what the rule-id layout of the datapath
+/// can number (`cortexflow_domain::rule_id`).
+const MAX_RULES: usize = cortexflow_domain::rule_id::MAX_RULES_PER_DIRECTION;
+
 /// MeshPolicy authorizes L3/L4 traffic between workload identities. It protects the pods of its
 /// namespace chosen by `selector`: an `Allow` policy with rules in a direction makes those pods
 /// default-deny in that direction, so that only connections matching a rule of an `Allow`
@@ -80,13 +84,13 @@ pub struct MeshPolicySpec {
     /// Rules for connections arriving at the selected pods. Enforced on the destination's node.
     /// Omitted or empty: the policy says nothing about ingress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = MAX_RULES))]
     pub ingress: Vec<IngressRule>,
 
     /// Rules for connections the selected pods open. Enforced on the source's node. Omitted or
     /// empty: the policy says nothing about egress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = MAX_RULES))]
     pub egress: Vec<EgressRule>,
 }
 

@@ -1,27 +1,14 @@
-//! CortexFlow end-to-end harness.
+//! CortexFlow end-to-end suites (`tests/`), each a `harness = false` binary that starts its own
+//! real control plane (`cortexflow_lab::harness`) and tears it down:
 //!
-//! * [`tools`]: where the control-plane binaries live (built by `cargo xtask setup` from Go
-//!   modules into a cache outside the repository, keyed by version).
-//! * [`cluster`]: a real local Kubernetes control plane — etcd, kube-apiserver,
-//!   kube-controller-manager and kube-scheduler on loopback with generated certificates — used by
-//!   `cargo xtask cluster up` and, one per test run, by the end-to-end suite.
-//! * [`pki`]: the certificates and keys of that control plane.
-//! * [`kubectl`]: running the real `kubectl` against a cluster.
-//! * [`harness`]: the e2e test harness (one control plane per test binary, a namespace per test).
-//! * [`process`]: the project's daemons (operator, agent) as real processes.
-//! * [`net`]: network namespaces, veth pairs, cgroups (nodes and pods on one machine).
-//! * [`objects`]: creating nodes, pods with addresses, CortexFlow resources in tests.
+//! * `crds` — the CRDs as the apiserver serves them: schema, CEL validation, printer columns,
+//!   `kubectl explain`, status subresources.
+//! * `operator` — the real operator process on the real apiserver: statuses and conditions,
+//!   `Programmed` from agent reports, conflicts, events, metrics, ids across restarts, two
+//!   replicas and a leader handover, a dead critical task.
+//! * `lab` — the whole mesh (`cortexflow_lab::lab::Lab`): real agents, real kernel datapaths,
+//!   real traffic between simulated nodes, Prometheus.
+//!
+//! This library is empty on purpose: what the suites share lives in `cortexflow-lab` and
+//! `cortexflow-testkit`.
 #![forbid(unsafe_code)]
-
-pub mod cluster;
-pub mod harness;
-pub mod kubectl;
-pub mod lab;
-pub mod net;
-pub mod node;
-pub mod objects;
-pub mod pki;
-pub mod process;
-pub mod scripted_operator;
-pub mod sim;
-pub mod tools;

@@ -4,10 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail, ensure};
 use cortexflow_crds::{MeshPolicy, ServiceIdentity};
-use cortexflow_e2e::{
-    harness::{Ctx, run_suite, test},
-    tools,
-};
+use cortexflow_lab::harness::{Ctx, run_suite, test};
+use cortexflow_testkit::tools;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api,

@@ -13,10 +13,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use cortexflow_e2e::{
-    harness::workspace_root,
-    lab::{self, Expected, FlowLog, Lab, LabOptions, Probe, TargetKind},
-};
+use cortexflow_lab::lab::{self, Expected, FlowLog, Lab, LabOptions, Probe, TargetKind};
+use cortexflow_testkit::workspace_root;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 type Shared = Arc<Mutex<Option<Lab>>>;
@@ -56,7 +54,7 @@ fn main() -> ExitCode {
         }
     };
     let shared: Shared = Arc::new(Mutex::new(None));
-    let state_dir = std::env::temp_dir().join(cortexflow_e2e::net::unique("cftest-lab-"));
+    let state_dir = std::env::temp_dir().join(cortexflow_testkit::net::unique("cftest-lab-"));
     let start_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let mut trials: Vec<Trial> = tests
         .into_iter()
@@ -217,7 +215,7 @@ impl Prober {
         let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let (located, bin) = (
-            cortexflow_e2e::sim::locate(&lab.state_dir, ns, client),
+            cortexflow_lab::sim::locate(&lab.state_dir, ns, client),
             lab.workload_bin.clone(),
         );
         let (s, o, f, fl) = (stop.clone(), ok.clone(), failed.clone(), failures.clone());
@@ -752,7 +750,7 @@ async fn operator_down_for_a_minute_changes_nothing(lab: &mut Lab) -> anyhow::Re
 /// Nothing of this process is left: network namespaces, pins, cgroups, processes.
 fn leftovers() -> anyhow::Result<()> {
     let pid = std::process::id();
-    let mut left: Vec<String> = cortexflow_e2e::net::owned_by(pid)
+    let mut left: Vec<String> = cortexflow_testkit::net::owned_by(pid)
         .into_iter()
         .map(|(kind, path)| format!("{kind:?} {}", path.display()))
         .collect();

@@ -9,15 +9,13 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use cortexflow_crds::{MeshPolicy, ServiceIdentity};
-use cortexflow_e2e::{
+use cortexflow_domain::NodeConfig;
+use cortexflow_lab::{
     harness::{Ctx, run_suite_with, test},
     objects::{self, PodSpec, eventually},
-    process::{Operator, OperatorOptions},
 };
-use cortexflow_proto::{
-    domain::NodeConfig,
-    v1::{self, agent_config_client::AgentConfigClient},
-};
+use cortexflow_proto::agent::v1::{self, agent_config_client::AgentConfigClient};
+use cortexflow_testkit::process::{Operator, OperatorOptions};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::ConfigMap};
 use kube::Api;
 use serde_json::json;

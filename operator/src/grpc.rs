@@ -9,10 +9,8 @@
 //! that is not the leader forwards what it receives to the leader (see [`Forwarder`]).
 use std::{pin::Pin, sync::Arc};
 
-use cortexflow_proto::{
-    domain::{AgentStatus, NodeConfig},
-    v1::{self, agent_config_server::AgentConfig},
-};
+use cortexflow_domain::{AgentStatus, NodeConfig};
+use cortexflow_proto::agent::v1::{self, agent_config_server::AgentConfig};
 use futures::Stream;
 use opentelemetry::KeyValue;
 use tokio::sync::{mpsc, watch};

@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 use cortexflow_crds::{
     MeshPolicy as MeshPolicyCr, PolicyAction, PolicyMode, ServiceIdentity as SidCr,
 };
+use cortexflow_domain::{Action, Mode, PortRange, Protocol};
 use cortexflow_operator_core::{
     Allocations, Change, Kind, ObjKey, Object,
     model::{
@@ -18,7 +19,6 @@ use cortexflow_operator_core::{
     },
     selector::Selector,
 };
-use cortexflow_proto::domain::{Action, Mode, PortRange, Protocol};
 use futures::{Stream, StreamExt};
 use k8s_openapi::{
     api::{

@@ -26,7 +26,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
 use cortexflow_operator_core::EngineConfig;
-use cortexflow_telemetry::{LogFormat, Metrics, Readiness};
+use cortexflow_runtime::{LogFormat, Metrics, Readiness};
 use kube::runtime::events::Reporter;
 use tokio::sync::{mpsc, watch};
 
@@ -83,7 +83,7 @@ pub struct Args {
 
 /// Runs the operator until SIGTERM/Ctrl-C.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    cortexflow_telemetry::init_logging(&args.log, args.log_format);
+    cortexflow_runtime::init_logging(&args.log, args.log_format);
     let identity = args
         .identity
         .clone()
@@ -230,7 +230,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // Admin.
     let mut admin_shutdown = shutdown.clone();
-    let (admin_addr, admin_task) = cortexflow_telemetry::serve_admin(
+    let (admin_addr, admin_task) = cortexflow_runtime::serve_admin(
         args.admin_addr,
         telemetry.clone(),
         readiness,
@@ -244,7 +244,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // A dead election task means nobody renews or steps down: exit and let the process restart.
     tokio::select! {
-        _ = cortexflow_telemetry::shutdown_signal() => tracing::info!("shutting down"),
+        _ = cortexflow_runtime::shutdown_signal() => tracing::info!("shutting down"),
                 r = &mut lease_task => {
             tracing::error!(?r, "the leader election task ended");
             anyhow::bail!("leader election task ended");

@@ -28,7 +28,7 @@ pub struct OperatorMetrics {
 }
 
 impl OperatorMetrics {
-    pub fn new(m: &cortexflow_telemetry::Metrics) -> Self {
+    pub fn new(m: &cortexflow_runtime::Metrics) -> Self {
         let meter = m.meter();
         let me = Self {
             reconciles: meter

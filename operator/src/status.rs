@@ -10,8 +10,8 @@ use std::{
 };
 
 use cortexflow_crds::conditions;
+use cortexflow_domain::PolicyGeneration;
 use cortexflow_operator_core::{Cond, Kind, ObjKey};
-use cortexflow_proto::domain::PolicyGeneration;
 use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
 use kube::{
     Api, Client,

@@ -10,8 +10,8 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
+use cortexflow_domain::{self as domain, AgentStatus, NodeConfig, NodeInfo, PolicyGeneration};
 use cortexflow_operator_core::{Change, Engine, EngineConfig, Kind, ObjKey};
-use cortexflow_proto::domain::{self, AgentStatus, NodeConfig, NodeInfo, PolicyGeneration};
 use opentelemetry::KeyValue;
 use tokio::sync::{mpsc, watch};
 

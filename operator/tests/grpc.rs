@@ -2,6 +2,7 @@
 //! server — objects change in the engine and the test watches what subscribers receive.
 use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 
+use cortexflow_domain::{self as domain, Action, Mode, NodeConfig};
 use cortexflow_operator::{
     grpc::AgentConfigService, lease::Leadership, metrics::OperatorMetrics, store::Store,
 };
@@ -10,10 +11,7 @@ use cortexflow_operator_core::{
     model::{MeshPolicy, Node, Pod, PolicyPeer, PolicyRule, Ref},
     selector::{Labels, Selector},
 };
-use cortexflow_proto::{
-    domain::{self, Action, Mode, NodeConfig},
-    v1::{self, agent_config_client::AgentConfigClient},
-};
+use cortexflow_proto::agent::v1::{self, agent_config_client::AgentConfigClient};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
@@ -25,7 +23,7 @@ struct Server {
 }
 
 async fn server() -> Server {
-    let telemetry = cortexflow_telemetry::Metrics::new("test").unwrap();
+    let telemetry = cortexflow_runtime::Metrics::new("test").unwrap();
     let metrics = OperatorMetrics::new(&telemetry);
     let store = Store::new(EngineConfig::default(), metrics.clone());
     let (shutdown, rx) = watch::channel(false);

@@ -1,17 +1,31 @@
-//! The CortexFlow control-plane API, package `cortexflow.agent.v1`.
+//! The CortexFlow gRPC APIs, generated from `proto/cortexflow/**.proto` and checked in
+//! (building needs no `protoc`; `cargo xtask protogen` regenerates them and a test fails when
+//! they drift from the `.proto` files):
 //!
-//! * [`v1`] — the wire types and the tonic client and server, generated from
-//!   `proto/cortexflow/agent/v1/agent.proto` and checked in (building needs no `protoc`;
-//!   `cargo xtask protogen` regenerates them and a test fails when they drift from the `.proto`).
-//! * [`domain`] — what the messages mean, as validated Rust types. The agent turns every message
-//!   into these with `TryFrom` and refuses the whole message when any part is invalid; the
-//!   operator builds these and converts them into messages.
+//! * [`agent::v1`] — `cortexflow.agent.v1`: the operator streams each node's config
+//!   (`AgentConfig.Subscribe`) and takes the agents' reports (`AgentConfig.ReportStatus`).
+//! * [`flows::v1`] — `cortexflow.flows.v1`: every agent's `Flows.Observe`.
+//!
+//! [`convert`] turns `cortexflow.agent.v1` messages into the validated types of
+//! `cortexflow-domain` and back; it is the only place that does.
 #![forbid(unsafe_code)]
 
-pub mod domain;
+pub mod convert;
 
-/// Generated code of `cortexflow.agent.v1` (do not edit; `cargo xtask protogen`).
-#[allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
-pub mod v1 {
-    include!("gen/cortexflow.agent.v1.rs");
+/// `cortexflow.agent.v1`.
+pub mod agent {
+    /// Generated code of `cortexflow.agent.v1` (do not edit; `cargo xtask protogen`).
+    #[allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
+    pub mod v1 {
+        include!("gen/cortexflow.agent.v1.rs");
+    }
+}
+
+/// `cortexflow.flows.v1`.
+pub mod flows {
+    /// Generated code of `cortexflow.flows.v1` (do not edit; `cargo xtask protogen`).
+    #[allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
+    pub mod v1 {
+        include!("gen/cortexflow.flows.v1.rs");
+    }
 }

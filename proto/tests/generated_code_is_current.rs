@@ -10,19 +10,27 @@ fn generated_code_matches_the_proto_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::env::temp_dir().join(format!("cortexflow-protogen-{}", std::process::id()));
     let result = codegen::generate(root, &out);
-    let cleanup = || {
-        let _ = std::fs::remove_dir_all(&out);
-    };
+    let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    let stale: Vec<(&str, &str)> = codegen::PROTOS
+        .iter()
+        .filter(|(_, file)| read(&out, file) != read(&root.join("src/gen"), file))
+        .copied()
+        .collect();
+    let _ = std::fs::remove_dir_all(&out);
     if let Err(e) = result {
-        cleanup();
         panic!("generating from the .proto files failed: {e:#}");
     }
-    let file = "cortexflow.agent.v1.rs";
-    let fresh = std::fs::read_to_string(out.join(file)).unwrap_or_default();
-    cleanup();
-    let checked_in = std::fs::read_to_string(root.join("src/gen").join(file)).unwrap_or_default();
     assert!(
-        fresh == checked_in,
-        "proto/src/gen/{file} differs from what proto/cortexflow/agent/v1/agent.proto generates: run `cargo xtask protogen` and commit the result"
+        stale.is_empty(),
+        "proto/src/gen differs from what the .proto files generate for {stale:?}: run `cargo xtask protogen` and commit the result"
     );
+    // Nothing generated lies around without its .proto.
+    let mut checked_in: Vec<String> = std::fs::read_dir(root.join("src/gen"))
+        .expect("proto/src/gen")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    checked_in.sort();
+    let mut expected: Vec<String> = codegen::PROTOS.iter().map(|(_, f)| f.to_string()).collect();
+    expected.sort();
+    assert_eq!(checked_in, expected, "files in proto/src/gen");
 }

@@ -81,7 +81,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             pods,
             changes,
         } => example(
-            "cortexflow-e2e",
+            "cortexflow-lab",
             "bench_propagation",
             &[
                 ("--nodes", nodes.to_string()),
@@ -118,8 +118,8 @@ fn example(
     switch: Option<&str>,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let mut c = cortexflow_e2e::process::cargo_command();
-    c.current_dir(crate::workspace_root())
+    let mut c = cortexflow_testkit::cargo::cargo_command();
+    c.current_dir(cortexflow_testkit::workspace_root())
         .env("CORTEXFLOW_BUILD_PROFILE", "release")
         .args([
             "run",

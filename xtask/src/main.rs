@@ -8,19 +8,20 @@
 //! * `protogen` — regenerate the checked-in gRPC code from the `.proto` files.
 //! * `lab`     — a local mesh on a real control plane (`--smoke`, `exec`).
 //! * `bench`   — benchmarks (`bench datapath`, `bench propagation`, `bench agent`).
+//!
+//! xtask itself links no Kubernetes client, gRPC or TLS stack (so that `cargo xtask setup`
+//! compiles in seconds on a fresh clone): whatever needs them is a binary of the crate that
+//! owns it, which xtask builds and runs — `cortexflow-lab` (lab, cluster), the `crdgen` binary
+//! of `cortexflow-crds`, the `protogen` example of `cortexflow-proto`, the benchmarks' examples.
 #![forbid(unsafe_code)]
 
 mod bench;
-mod cluster;
-#[path = "../../proto/codegen.rs"]
-mod codegen;
 mod run;
 mod setup;
 mod test;
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
+use cortexflow_testkit::{cargo::cargo_command, workspace_root};
 
 #[derive(Parser)]
 #[command(
@@ -41,7 +42,7 @@ enum Cmd {
     /// Start, stop or inspect a real local Kubernetes control plane on loopback.
     Cluster {
         #[command(subcommand)]
-        action: cluster::Action,
+        action: ClusterAction,
     },
     /// Write charts/cortexflow/crds/*.yaml from the Rust types in crds/.
     Crdgen {
@@ -65,12 +66,19 @@ enum Cmd {
     },
 }
 
-/// Root of the workspace (the directory holding the workspace Cargo.toml).
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."))
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Start etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback and
+    /// print the `export KUBECONFIG=…` line.
+    Up {
+        /// Also install the CortexFlow CRDs (charts/cortexflow/crds).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        crds: bool,
+    },
+    /// Stop the control plane and remove everything it wrote.
+    Down,
+    /// Show whether the control plane runs and is healthy.
+    Status,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,68 +92,82 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Cluster { action } => cluster::run(action),
-        Cmd::Crdgen { check } => crdgen(check),
-        Cmd::Bench { what } => bench::run(what),
-        Cmd::Protogen => {
-            let proto = workspace_root().join("proto");
-            codegen::generate(&proto, &proto.join("src/gen"))?;
-            println!("generated {}", proto.join("src/gen").display());
-            Ok(())
+        Cmd::Cluster { action } => {
+            let args: Vec<String> = match action {
+                ClusterAction::Up { crds } => {
+                    setup::run()?;
+                    vec!["up".into(), format!("--crds={crds}")]
+                }
+                ClusterAction::Down => vec!["down".into()],
+                ClusterAction::Status => vec!["status".into()],
+            };
+            let mut all = vec!["cluster".to_string()];
+            all.extend(args);
+            exec(
+                &[
+                    "run",
+                    "--quiet",
+                    "-p",
+                    "cortexflow-lab",
+                    "--bin",
+                    "cortexflow-lab",
+                    "--",
+                ],
+                &all,
+            )
         }
-        Cmd::Lab { args } => {
-            let exec = args.first().is_some_and(|a| a == "exec");
-            if !exec {
-                setup::run()?;
-            }
-            let mut c = cortexflow_e2e::process::cargo_command();
-            c.current_dir(workspace_root()).args([
+        Cmd::Crdgen { check } => exec(
+            &[
                 "run",
                 "--quiet",
                 "-p",
-                "cortexflow-e2e",
+                "cortexflow-crds",
                 "--bin",
-                "cortexflow-lab",
+                "crdgen",
                 "--",
-            ]);
-            c.args(&args);
-            let status = c.status()?;
-            std::process::exit(status.code().unwrap_or(1));
+            ],
+            &check
+                .then(|| "--check".to_string())
+                .into_iter()
+                .collect::<Vec<_>>(),
+        ),
+        Cmd::Bench { what } => bench::run(what),
+        Cmd::Protogen => exec(
+            &[
+                "run",
+                "--quiet",
+                "-p",
+                "cortexflow-proto",
+                "--example",
+                "protogen",
+            ],
+            &[],
+        ),
+        Cmd::Lab { args } => {
+            let exec_in_pod = args.first().is_some_and(|a| a == "exec");
+            if !exec_in_pod {
+                setup::run()?;
+            }
+            exec(
+                &[
+                    "run",
+                    "--quiet",
+                    "-p",
+                    "cortexflow-lab",
+                    "--bin",
+                    "cortexflow-lab",
+                    "--",
+                ],
+                &args,
+            )
         }
     }
 }
 
-fn crdgen(check: bool) -> anyhow::Result<()> {
-    let dir = workspace_root().join("charts/cortexflow/crds");
-    std::fs::create_dir_all(&dir)?;
-    let files = cortexflow_crds::crd_files()?;
-    let mut stale = Vec::new();
-    for (name, yaml) in &files {
-        let path = dir.join(name);
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(yaml.as_str()) {
-            stale.push(path.clone());
-            if !check {
-                std::fs::write(&path, yaml)?;
-                println!("wrote {}", path.display());
-            }
-        }
-    }
-    for entry in std::fs::read_dir(&dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !files.iter().any(|(n, _)| *n == name) {
-            stale.push(entry.path());
-            if !check {
-                std::fs::remove_file(entry.path())?;
-                println!("removed {}", entry.path().display());
-            }
-        }
-    }
-    if check && !stale.is_empty() {
-        anyhow::bail!("out of date: {stale:?}; run `cargo xtask crdgen`");
-    }
-    if stale.is_empty() {
-        println!("CRDs up to date in {}", dir.display());
-    }
-    Ok(())
+/// Runs `cargo <cargo_args> <args>` in the workspace and exits with its status.
+fn exec(cargo_args: &[&str], args: &[String]) -> anyhow::Result<()> {
+    let mut c = cargo_command();
+    c.current_dir(workspace_root()).args(cargo_args).args(args);
+    let status = c.status()?;
+    std::process::exit(status.code().unwrap_or(1));
 }

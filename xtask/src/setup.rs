@@ -2,7 +2,7 @@
 //!
 //! Every step checks first and only installs what is missing, so a second run takes seconds
 //! and says that nothing was needed. Binaries built from Go modules go to a cache outside the
-//! repository, one directory per version (see `cortexflow_e2e::tools`).
+//! repository, one directory per version (see `cortexflow_testkit::tools`).
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use cortexflow_e2e::tools;
+use cortexflow_testkit::tools;
 
 use crate::run;
 
@@ -34,7 +34,7 @@ const APT_PACKAGES: &[&str] = &[
 /// The Rust toolchain that builds the eBPF programs: the pinned nightly of
 /// `agent-ebpf/rust-toolchain.toml` (`agent/build.rs` hands the same channel to aya-build).
 pub fn ebpf_toolchain() -> String {
-    let f = crate::workspace_root().join("agent-ebpf/rust-toolchain.toml");
+    let f = cortexflow_testkit::workspace_root().join("agent-ebpf/rust-toolchain.toml");
     fs::read_to_string(&f)
         .ok()
         .and_then(|t| {

@@ -57,7 +57,7 @@ struct StageResult {
 }
 
 fn cargo() -> Command {
-    cortexflow_e2e::process::cargo_command()
+    cortexflow_testkit::cargo::cargo_command()
 }
 
 /// A stage that is a check, not a test binary: counts as one test.
@@ -88,7 +88,7 @@ fn tests(cmds: Vec<Command>) -> anyhow::Result<(bool, Tally)> {
     Ok((all_ok, tally))
 }
 
-/// `cargo test` over every crate but the eBPF programs (another target) and the e2e crate (its
+/// `cargo test` over every crate but the eBPF programs (another target) and the e2e suites (their
 /// own stage).
 const UNIT_SELECTION: [&str; 6] = [
     "test",
@@ -113,7 +113,7 @@ const DISK_NEEDED_GB: u64 = 10;
 /// Warns when the target directory's file system has less free space than a run needs: a
 /// full disk otherwise shows up late, as linker or `rlib` errors in whichever stage hit it.
 fn check_disk(root: &std::path::Path) {
-    let target = cortexflow_e2e::process::target_dir();
+    let target = cortexflow_testkit::cargo::target_dir();
     let dir = if target.exists() {
         target
     } else {
@@ -141,7 +141,7 @@ fn check_disk(root: &std::path::Path) {
 
 pub fn run(args: Args) -> anyhow::Result<bool> {
     let start = Instant::now();
-    let root = crate::workspace_root();
+    let root = cortexflow_testkit::workspace_root();
     std::env::set_current_dir(&root)?;
     check_disk(&root);
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
@@ -226,9 +226,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     stage("unit", &mut || {
         let mut workspace = cargo();
         workspace.args(UNIT_SELECTION);
-        let mut e2e_lib = cargo();
-        e2e_lib.args(E2E_SELECTION).arg("--lib");
-        tests(vec![workspace, e2e_lib])
+        tests(vec![workspace])
     });
     stage("kernel", &mut || {
         if !is_root() {

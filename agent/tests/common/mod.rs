@@ -1,5 +1,5 @@
 //! Fixtures of the root-only kernel tests: datapaths in throw-away pin directories and crafted
-//! packets; network namespaces, veth pairs and cgroups come from `cortexflow_e2e::net`.
+//! packets; network namespaces, veth pairs and cgroups come from `cortexflow_testkit::net`.
 //! Everything removes itself on drop, so a failing (panicking) test cleans up too.
 #![allow(dead_code)]
 
@@ -173,6 +173,6 @@ pub fn bad_ihl() -> Vec<u8> {
 }
 
 #[allow(unused_imports)]
-pub use cortexflow_e2e::net::{
+pub use cortexflow_testkit::net::{
     CGROUP2_ROOT, Cgroup, Netns, Pod, Server, Topology, sh, sweep_stale, tcp_try, udp_try, unique,
 };

@@ -8,12 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::ObjKey;
 
-/// First allocated identity (0-255 are reserved).
-pub const FIRST_IDENTITY: u32 = 256;
-/// Identities stay below the node-local CIDR identities of the datapath.
-pub const MAX_IDENTITY: u32 = 0xFEFF_FFFF;
-/// Policy numbers fit in 26 bits (rule id = number << 6 | direction << 5 | index).
-pub const MAX_POLICY: u32 = (1 << 26) - 1;
+use cortexflow_domain::{identity, rule_id};
 
 /// What an id is allocated to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -73,7 +68,7 @@ impl Default for Allocations {
     fn default() -> Self {
         Self {
             ids: BTreeMap::new(),
-            next_identity: FIRST_IDENTITY,
+            next_identity: identity::FIRST_ALLOCATED,
             next_policy: 1,
         }
     }
@@ -98,13 +93,13 @@ impl Allocations {
                 continue;
             }
             let id = if k.is_policy() {
-                if next.next_policy > MAX_POLICY {
+                if next.next_policy > rule_id::MAX_POLICY_NUMBER {
                     return Err("policy numbers exhausted".into());
                 }
                 next.next_policy += 1;
                 next.next_policy - 1
             } else {
-                if next.next_identity > MAX_IDENTITY {
+                if next.next_identity > identity::LAST_ALLOCATED {
                     return Err("identities exhausted".into());
                 }
                 next.next_identity += 1;

@@ -13,9 +13,9 @@ use std::{
     sync::Arc,
 };
 
-use cortexflow_proto::domain::{
+use cortexflow_domain::{
     Backend, Direction, Endpoint, EndpointPolicy, Endpoints, IdentityInfo, Ipcache, NodeInfo, Peer,
-    Peers, PolicyGeneration, Rule, RuleRef, Service as DService,
+    Peers, PolicyGeneration, Rule, RuleRef, Service as DService, rule_id,
 };
 
 use crate::{
@@ -981,18 +981,15 @@ impl Engine {
                                 }
                             }
                             PolicyPeer::IpBlock { cidr, except } => {
-                                let c = cidr.parse().map_err(
-                                    |e: cortexflow_proto::domain::Invalid| {
-                                        format!("{pfield}.ipBlock.cidr: {}", e.0)
-                                    },
-                                )?;
+                                let c = cidr.parse().map_err(|e: cortexflow_domain::Invalid| {
+                                    format!("{pfield}.ipBlock.cidr: {}", e.0)
+                                })?;
                                 let mut ex = Vec::new();
                                 for (k, e) in except.iter().enumerate() {
-                                    let e = e.parse().map_err(
-                                        |e: cortexflow_proto::domain::Invalid| {
+                                    let e =
+                                        e.parse().map_err(|e: cortexflow_domain::Invalid| {
                                             format!("{pfield}.ipBlock.except[{k}]: {}", e.0)
-                                        },
-                                    )?;
+                                        })?;
                                     ex.push(e);
                                 }
                                 ex.sort();
@@ -1014,8 +1011,12 @@ impl Engine {
                         ));
                     }
                 }
-                let dir_bit = u32::from(dir == Direction::Egress);
-                let id = (number << 6) | (dir_bit << 5) | (i as u32 & 0x1f);
+                let Some(id) = rule_id::encode(number, dir, i) else {
+                    return Err(format!(
+                        "more than {} rules in a direction",
+                        rule_id::MAX_RULES_PER_DIRECTION
+                    ));
+                };
                 let rule = Rule {
                     id,
                     action: p.action,
@@ -1038,8 +1039,13 @@ impl Engine {
                 }
             }
         }
-        if p.ingress.len() > 32 || p.egress.len() > 32 {
-            return Err("more than 32 rules in a direction".into());
+        if p.ingress.len() > rule_id::MAX_RULES_PER_DIRECTION
+            || p.egress.len() > rule_id::MAX_RULES_PER_DIRECTION
+        {
+            return Err(format!(
+                "more than {} rules in a direction",
+                rule_id::MAX_RULES_PER_DIRECTION
+            ));
         }
         Ok((compiled, deps, missing.into_iter().collect()))
     }

@@ -2,7 +2,7 @@
 //! layer converts Kubernetes objects into these; tests build them directly).
 use std::{net::Ipv4Addr, sync::Arc};
 
-use cortexflow_proto::domain::{Action, Cidr, Mode, PortRange, Protocol};
+use cortexflow_domain::{Action, Cidr, Mode, PortRange, Protocol};
 
 use crate::selector::{Labels, Selector};
 

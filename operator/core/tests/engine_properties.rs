@@ -6,6 +6,7 @@ use std::{
     sync::Arc,
 };
 
+use cortexflow_domain::{Action, Mode, PortRange, Protocol};
 use cortexflow_operator_core::{
     Allocations, Change, Engine, EngineConfig, Kind, ObjKey, Object,
     model::{
@@ -14,7 +15,6 @@ use cortexflow_operator_core::{
     },
     selector::{Labels, Selector},
 };
-use cortexflow_proto::domain::{Action, Mode, PortRange, Protocol};
 use proptest::prelude::*;
 
 /// A small deterministic generator over one seed.
@@ -365,9 +365,7 @@ fn policies_select_pods_and_compile_identities() {
     assert_eq!(set.ingress.len(), 1);
     assert_eq!(
         set.ingress[0].peers,
-        cortexflow_proto::domain::Peers::Only(vec![cortexflow_proto::domain::Peer::Identity(
-            web_id
-        )])
+        cortexflow_domain::Peers::Only(vec![cortexflow_domain::Peer::Identity(web_id)])
     );
     let st = e.policy_status(&ObjKey::new("shop", "db-in")).unwrap();
     assert!(st.accepted.status);

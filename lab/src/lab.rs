@@ -15,15 +15,18 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use cortexflow_proto::v1::{self, flows_client::FlowsClient};
+use cortexflow_proto::flows::v1::{self, flows_client::FlowsClient};
 use kube::Client;
+
+use cortexflow_testkit::{
+    node::Agent,
+    process::{Daemon, Operator, OperatorOptions, binary, free_port, http_get},
+    workspace_root,
+};
 
 use crate::{
     cluster::{Cluster, Lifetime},
-    harness::workspace_root,
     kubectl,
-    node::Agent,
-    process::{Daemon, Operator, OperatorOptions, binary, free_port, http_get},
     sim::{self, Fabric, Images, SimNode},
 };
 
@@ -73,7 +76,7 @@ impl Lab {
     /// Starts everything and, with a demo, applies it and waits for its Deployments.
     pub async fn start(o: &LabOptions) -> anyhow::Result<Self> {
         anyhow::ensure!((1..=20).contains(&o.nodes), "--nodes must be 1..=20");
-        crate::net::sweep_stale();
+        cortexflow_testkit::net::sweep_stale();
         let mut timings = Vec::new();
         let mut t = Instant::now();
         let mut lap = |what: &'static str, timings: &mut Vec<(&'static str, Duration)>| {
@@ -86,21 +89,12 @@ impl Lab {
             std::process::id().to_string(),
         )?;
         let agent_bin = binary("cortexflow-agent", "cortexflow-agent")?;
-        let workload_bin = binary("cortexflow-e2e", "cortexflow-workload")?;
+        let workload_bin = binary("cortexflow-lab", "cortexflow-workload")?;
         binary("cortexflow-operator", "cortexflow-operator")?;
         lap("build", &mut timings);
         let cluster = Cluster::start(&o.state_dir.join("cluster"), Lifetime::Owned).await?;
         let kubeconfig = cluster.kubeconfig();
-        kubectl::ok(
-            &kubeconfig,
-            &[
-                "apply",
-                "-f",
-                &workspace_root()
-                    .join("charts/cortexflow/crds")
-                    .to_string_lossy(),
-            ],
-        )?;
+        kubectl::install_crds(&kubeconfig)?;
         kubectl::ok(&kubeconfig, &["create", "namespace", SYSTEM_NAMESPACE])?;
         let client = cluster.client().await?;
         lap("control plane", &mut timings);
@@ -391,9 +385,10 @@ impl Lab {
 
     /// `kubectl apply` of a YAML text.
     pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<String> {
-        let f = self
-            .state_dir
-            .join(format!("apply-{}.yaml", crate::net::unique("")));
+        let f = self.state_dir.join(format!(
+            "apply-{}.yaml",
+            cortexflow_testkit::net::unique("")
+        ));
         std::fs::write(&f, yaml)?;
         let out = self.kubectl(&["apply", "-f", &f.to_string_lossy()]);
         let _ = std::fs::remove_file(&f);

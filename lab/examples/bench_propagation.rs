@@ -18,12 +18,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use cortexflow_e2e::{
+use cortexflow_lab::{
     cluster::{Cluster, Lifetime},
     kubectl,
-    process::{Operator, OperatorOptions},
 };
-use cortexflow_proto::v1::{self, agent_config_client::AgentConfigClient};
+use cortexflow_proto::agent::v1::{self, agent_config_client::AgentConfigClient};
+use cortexflow_testkit::process::{Operator, OperatorOptions};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use kube::{
@@ -131,22 +131,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
     eprintln!("starting the control plane (etcd, kube-apiserver, kube-scheduler)");
     let cluster = Cluster::start_with(&dir, Lifetime::Owned, false).await?;
     let client = cluster.client().await?;
-    let crds = cortexflow_e2e::harness::workspace_root().join("charts/cortexflow/crds");
-    kubectl::ok(
-        &cluster.kubeconfig(),
-        &["apply", "--server-side", "-f", &crds.display().to_string()],
-    )?;
-    kubectl::ok(
-        &cluster.kubeconfig(),
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "-l",
-            "app.kubernetes.io/part-of=cortexflow",
-        ],
-    )?;
+    kubectl::install_crds(&cluster.kubeconfig())?;
     let t = Instant::now();
     // Namespaces and service accounts (no controller manager makes them).
     let nss: Api<Namespace> = Api::all(client.clone());

@@ -34,7 +34,7 @@ use kube::{
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::net::{Netns, sh, wire_pod};
+use cortexflow_testkit::net::{Netns, sh, wire_pod};
 
 /// `sh -c` script that puts itself into cgroup `$0`, then runs `$2…` in network namespace `$1`
 /// (joining the cgroup first: `ip netns exec` remounts /sys).
@@ -42,7 +42,7 @@ const SANDBOX: &str =
     "echo $$ > \"$0/cgroup.procs\" && ns=\"$1\" && shift && exec ip netns exec \"$ns\" \"$@\"";
 
 /// The cgroup v2 root the lab's cgroups live under.
-pub const CGROUP_ROOT: &str = crate::net::CGROUP2_ROOT;
+pub const CGROUP_ROOT: &str = cortexflow_testkit::net::CGROUP2_ROOT;
 
 /// The network between the nodes.
 pub struct Fabric {
@@ -163,7 +163,7 @@ impl SimNode {
         fabric.ns.ip(&["link", "set", &uplink, "up"]);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "uplink"]);
         ns.ip(&["link", "set", "uplink", "up"]);
-        let cgroup = Path::new(CGROUP_ROOT).join(crate::net::unique("cftest-"));
+        let cgroup = Path::new(CGROUP_ROOT).join(cortexflow_testkit::net::unique("cftest-"));
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("create cgroup {}", cgroup.display()))?;
         Ok(Self {
@@ -485,7 +485,7 @@ impl PodCtx {
         if wired.is_err() {
             anyhow::bail!("wiring {host_if} failed");
         }
-        let cgroup = self.cgroup.join(crate::net::unique("cfpod"));
+        let cgroup = self.cgroup.join(cortexflow_testkit::net::unique("cfpod"));
         std::fs::create_dir_all(&cgroup)?;
         let state_file = self
             .state_dir

@@ -13,7 +13,7 @@ pub struct Output {
 
 /// Runs `kubectl <args>` with `KUBECONFIG=kubeconfig` and returns its output, successful or not.
 pub fn run(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Output> {
-    let out = Command::new(crate::tools::kubectl_bin())
+    let out = Command::new(cortexflow_testkit::tools::kubectl_bin())
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .output()
@@ -37,4 +37,28 @@ pub fn ok(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
         );
     }
     Ok(out.stdout)
+}
+
+/// Installs the CortexFlow CRDs from the chart (`charts/cortexflow/crds`) as a user would, with
+/// `kubectl apply --server-side`, and waits until the apiserver serves them; returns what
+/// kubectl printed.
+pub fn install_crds(kubeconfig: &Path) -> anyhow::Result<String> {
+    let crds = cortexflow_testkit::workspace_root().join("charts/cortexflow/crds");
+    let out = ok(
+        kubeconfig,
+        &["apply", "--server-side", "-f", &crds.display().to_string()],
+    )
+    .context("install the CRDs from the chart")?;
+    ok(
+        kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "-l",
+            "app.kubernetes.io/part-of=cortexflow",
+        ],
+    )?;
+    Ok(out)
 }

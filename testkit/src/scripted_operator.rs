@@ -13,12 +13,10 @@ use std::{
     time::Duration,
 };
 
-use cortexflow_proto::{
-    domain,
-    v1::{
-        self,
-        agent_config_server::{AgentConfig, AgentConfigServer},
-    },
+use cortexflow_domain as domain;
+use cortexflow_proto::agent::v1::{
+    self,
+    agent_config_server::{AgentConfig, AgentConfigServer},
 };
 use futures::Stream;
 use tokio::sync::{broadcast, watch};

@@ -1,18 +1,31 @@
-//! `cortexflow-lab` (what `cargo xtask lab` runs):
+//! `cortexflow-lab` (what `cargo xtask lab` and `cargo xtask cluster` run):
 //!
 //! ```text
 //! cortexflow-lab [--nodes N] [--smoke]      start the lab, print the matrix; run until Ctrl-C
 //!                                           (--smoke: exit 0 only when the matrix is as expected)
 //! cortexflow-lab exec <ns>/<pod> -- <cmd…>  run a command inside a lab pod
+//! cortexflow-lab cluster up [--crds=false] | down | status
+//!                                           a detached control plane for users and developers
 //! ```
 #![forbid(unsafe_code)]
 
+mod cluster;
+
 use std::{process::ExitCode, time::Instant};
 
-use cortexflow_e2e::lab::{self, Lab, LabOptions};
+use cortexflow_lab::lab::{self, Lab, LabOptions};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("cluster") {
+        return match cluster::run(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cluster: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.first().map(String::as_str) == Some("exec") {
         let Some(target) = args.get(1) else {
             eprintln!("usage: cargo xtask lab exec <ns>/<pod> -- <cmd…>");
@@ -60,10 +73,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let _ = std::fs::remove_dir_all(&opts.state_dir);
-    cortexflow_telemetry::init_logging(
-        "warn,kube_client=off",
-        cortexflow_telemetry::LogFormat::Plain,
-    );
+    cortexflow_runtime::init_logging("warn,kube_client=off", cortexflow_runtime::LogFormat::Plain);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -85,7 +95,7 @@ async fn run(opts: LabOptions, smoke: bool) -> ExitCode {
     // Ctrl-C while starting drops what was made so far (each part removes itself).
     let started = tokio::select! {
         l = Lab::start(&opts) => l,
-        _ = cortexflow_telemetry::shutdown_signal() => {
+        _ = cortexflow_runtime::shutdown_signal() => {
             eprintln!("interrupted; removing what was started");
             return ExitCode::FAILURE;
         }
@@ -152,7 +162,7 @@ async fn run(opts: LabOptions, smoke: bool) -> ExitCode {
         "\ntry: kubectl get mp,sid -A\n     cargo xtask lab exec shop/{frontend} -- {} probe tcp {backend}:80\n\nrunning; Ctrl-C removes everything",
         lab.workload_bin.display()
     );
-    let _ = cortexflow_telemetry::shutdown_signal().await;
+    let _ = cortexflow_runtime::shutdown_signal().await;
     println!("removing the lab …");
     lab.shutdown().await;
     ExitCode::SUCCESS

@@ -5,18 +5,12 @@
 //! from the chart exactly as a user would (`kubectl apply`), runs the tests (in parallel, each in
 //! its own namespace, panics caught), and tears everything down before exiting. A failing test's
 //! error carries a dump of its namespace.
-use std::{
-    future::Future,
-    path::{Path, PathBuf},
-    pin::Pin,
-    process::ExitCode,
-    sync::Arc,
-    time::Duration,
-};
+use std::{future::Future, path::PathBuf, pin::Pin, process::ExitCode, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
 use kube::Client;
 use libtest_mimic::{Arguments, Failed, Trial};
+
+use cortexflow_testkit::workspace_root;
 
 use crate::{
     cluster::{self, Cluster, Lifetime},
@@ -66,14 +60,6 @@ where
         name,
         f: Box::new(move |ctx| Box::pin(f(ctx))),
     }
-}
-
-/// The workspace root (the e2e crate's parent directory).
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Runs a suite of tests against a fresh control plane and returns the process exit code.
@@ -160,23 +146,7 @@ async fn start() -> anyhow::Result<(Cluster, Ctx)> {
     let dir = tmp.join(format!("{DIR_PREFIX}{}", std::process::id()));
     let c = Cluster::start(&dir, Lifetime::Owned).await?;
     let workspace = workspace_root();
-    let crds = workspace.join("charts/cortexflow/crds");
-    kubectl::ok(
-        &c.kubeconfig(),
-        &["apply", "--server-side", "-f", &crds.display().to_string()],
-    )
-    .context("install the CRDs from the chart")?;
-    kubectl::ok(
-        &c.kubeconfig(),
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "-l",
-            "app.kubernetes.io/part-of=cortexflow",
-        ],
-    )?;
+    kubectl::install_crds(&c.kubeconfig())?;
     let ctx = Ctx {
         client: c.client().await?,
         kubeconfig: c.kubeconfig(),

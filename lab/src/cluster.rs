@@ -1,7 +1,7 @@
 //! A real local Kubernetes control plane on loopback.
 //!
 //! [`Cluster::start`] runs etcd, kube-apiserver, kube-controller-manager and kube-scheduler —
-//! the real binaries of [`tools::KUBERNETES_VERSION`](crate::tools::KUBERNETES_VERSION) — on
+//! the real binaries of [`tools::KUBERNETES_VERSION`](cortexflow_testkit::tools::KUBERNETES_VERSION) — on
 //! free loopback ports, with certificates and a service-account key generated for the run, and
 //! waits until all four are healthy. Everything the cluster writes (certificates, kubeconfigs,
 //! etcd data, logs) lives in one state directory.
@@ -26,7 +26,9 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::{Api, Client, config::KubeConfigOptions};
 use serde_json::json;
 
-use crate::{pki, tools};
+use cortexflow_testkit::tools;
+
+use crate::pki;
 
 /// Service CIDR of the local cluster (ClusterIPs of Services).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
