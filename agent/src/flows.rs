@@ -6,6 +6,7 @@ use aya::maps::{MapData, RingBuf};
 use cortexflow_common::{DIR_EGRESS, FlowEvent, Reason, verdict_name};
 use cortexflow_proto::flows::v1;
 use futures::Stream;
+use cortexflow_runtime::drain::Watcher;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 
@@ -90,7 +91,7 @@ pub async fn pump(
     node: String,
     metrics: AgentMetrics,
     hub: broadcast::Sender<Arc<v1::Flow>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Watcher,
 ) -> std::io::Result<()> {
     let offset = boot_offset_ns();
     let mut fd = crate::sys::async_ring_buffer(ring)?;
@@ -123,7 +124,7 @@ pub async fn pump(
                 guard.clear_ready();
             }
             _ = tick.tick() => drain(fd.get_mut()),
-            _ = shutdown.changed() => return Ok(()),
+            () = shutdown.signaled() => return Ok(()),
         }
     }
 }
@@ -135,11 +136,11 @@ pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(20
 #[derive(Clone)]
 pub struct FlowsService {
     hub: broadcast::Sender<Arc<v1::Flow>>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Watcher,
 }
 
 impl FlowsService {
-    pub fn new(hub: broadcast::Sender<Arc<v1::Flow>>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(hub: broadcast::Sender<Arc<v1::Flow>>, shutdown: Watcher) -> Self {
         Self { hub, shutdown }
     }
 
@@ -174,6 +175,11 @@ type FlowStream = Pin<Box<dyn Stream<Item = Result<v1::Flow, Status>> + Send>>;
 impl v1::flows_server::Flows for FlowsService {
     type ObserveStream = FlowStream;
 
+    #[tracing::instrument(
+        name = "Observe",
+        skip_all,
+        fields(namespace = %req.get_ref().namespace, pod = %req.get_ref().pod)
+    )]
     async fn observe(
         &self,
         req: Request<v1::ObserveRequest>,
@@ -196,14 +202,14 @@ impl v1::flows_server::Flows for FlowsService {
             )));
         }
         let mut rx = self.hub.subscribe();
-        let mut shutdown = self.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         let stream = async_stream::stream! {
             let mut sent = 0u64;
             let mut lost = 0u64;
             loop {
                 let f = tokio::select! {
                     f = rx.recv() => f,
-                    _ = shutdown.changed() => break,
+                    () = shutdown.signaled() => break,
                 };
                 match f {
                     Ok(f) => {

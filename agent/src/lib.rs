@@ -16,11 +16,13 @@
 //! * [`worker`] — the datapath thread (in the node's namespace): apply, attach, retry.
 //! * [`flows`] — ring buffer → metrics and `Flows.Observe`.
 //! * [`metrics`] — the agent's Prometheus metrics.
-//! * [`daemon`] — flags and the tasks of the `cortexflow-agent` process.
+//! * [`control`] — the config stream, status reports and the periodic work, as supervised tasks.
+//! * [`daemon`] — flags, and the supervised tasks of the `cortexflow-agent` process.
 //!
 //! This crate is kernel-facing: `sys` holds the only `unsafe` (three `bpf(2)` commands).
 
 pub mod compile;
+pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod flows;

@@ -77,6 +77,25 @@ pub enum Notice {
 enum Cmd {
     Apply(Arc<Received>, oneshot::Sender<Result<Applied, Refused>>),
     Usage(bool, oneshot::Sender<Usage>),
+    /// The supervisor's test hook: panic, as a bug in the thread would.
+    Panic,
+}
+
+/// Tells the supervisor that the thread is gone (sent from a guard's `drop`, so a panic that
+/// unwinds the thread reports too).
+struct EndGuard(Option<oneshot::Sender<&'static str>>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        let why = if thread::panicking() {
+            "panicked"
+        } else {
+            "ended"
+        };
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(why);
+        }
+    }
 }
 
 /// The handle the async side holds.
@@ -92,6 +111,8 @@ pub struct Started {
     pub notices: tmpsc::Receiver<Notice>,
     /// Whether TC programs attach as tcx links.
     pub tcx: bool,
+    /// Resolves when the thread is gone: `"panicked"` or `"ended"`.
+    pub ended: oneshot::Receiver<&'static str>,
 }
 
 impl Worker {
@@ -102,9 +123,11 @@ impl Worker {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let (notice_tx, notices) = tmpsc::channel(16);
+        let (ended_tx, ended) = oneshot::channel();
         let thread = thread::Builder::new()
             .name("datapath".into())
             .spawn(move || {
+                let _end = EndGuard(Some(ended_tx));
                 let started = (|| {
                     if let Some(ns) = &opts.netns {
                         crate::netns::enter(ns).map_err(|e| DatapathError::Io {
@@ -148,7 +171,13 @@ impl Worker {
             events,
             notices,
             tcx,
+            ended,
         })
+    }
+
+    /// The supervisor's test hook (`CORTEXFLOW_FAIL_TASK=datapath`): makes the thread panic.
+    pub fn inject_panic(&self) {
+        let _ = self.tx.send(Cmd::Panic);
     }
 
     /// Programs a config; the previous state stays when it is refused.
@@ -218,6 +247,9 @@ impl Thread {
                 Ok(Cmd::Usage(ct, reply)) => {
                     let _ = reply.send(self.usage(ct));
                 }
+                Ok(Cmd::Panic) => {
+                    panic!("injected failure of the datapath thread (CORTEXFLOW_FAIL_TASK)")
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => self.retry(),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
@@ -254,6 +286,7 @@ impl Thread {
                 capacity: false,
             });
         };
+        let _span = tracing::info_span!("datapath apply", version = r.version).entered();
         let refused = |error: String, capacity: bool| Refused {
             version: r.version,
             error,

@@ -29,7 +29,9 @@ pub const GROUP: &str = "mesh.cortexflow.io";
 /// API version of the resources in this crate.
 pub const VERSION: &str = "v1alpha1";
 
-/// Condition types written to the status of CortexFlow resources.
+/// Condition types and reasons written to the status of CortexFlow resources, and the pod
+/// readiness gate. docs/policy.md ("Status") says when each is set; a test checks that it
+/// lists every one.
 pub mod conditions {
     /// The object is valid and has been compiled (MeshPolicy) or allocated (ServiceIdentity).
     pub const ACCEPTED: &str = "Accepted";
@@ -39,6 +41,55 @@ pub mod conditions {
     pub const PROGRAMMED: &str = "Programmed";
     /// Some pods selected by a ServiceIdentity are claimed by an older ServiceIdentity.
     pub const CONFLICT: &str = "Conflict";
+
+    /// Every condition type.
+    pub const ALL: [&str; 4] = [ACCEPTED, RESOLVED_REFS, PROGRAMMED, CONFLICT];
+
+    /// The pod condition (listed in a pod's `spec.readinessGates`) that the operator sets to True
+    /// once the pod's node enforces its policy.
+    pub const READINESS_GATE: &str = "mesh.cortexflow.io/programmed";
+
+    /// The `reason` of every condition the operator writes.
+    pub mod reasons {
+        /// `Accepted=True` (MeshPolicy): valid and compiled.
+        pub const ACCEPTED: &str = "Accepted";
+        /// `Accepted=False`, `ResolvedRefs=False` (MeshPolicy): it cannot be compiled.
+        pub const INVALID: &str = "Invalid";
+        /// `ResolvedRefs=True`: every reference resolved.
+        pub const RESOLVED_REFS: &str = "ResolvedRefs";
+        /// `ResolvedRefs=False`: a reference points at nothing (the message names each).
+        pub const IDENTITY_NOT_FOUND: &str = "IdentityNotFound";
+        /// `Programmed=True`, and the readiness gate: applied on every node that needs it.
+        pub const PROGRAMMED: &str = "Programmed";
+        /// `Programmed=False`: some nodes have not applied it yet; `Accepted=False` while a
+        /// number is not allocated yet.
+        pub const PENDING: &str = "Pending";
+        /// `Programmed=False`: some node refused its config.
+        pub const FAILED: &str = "Failed";
+        /// `Accepted=True` (ServiceIdentity): it has a number.
+        pub const ALLOCATED: &str = "Allocated";
+        /// `Accepted=False` (ServiceIdentity): its selector cannot be evaluated.
+        pub const INVALID_SELECTOR: &str = "InvalidSelector";
+        /// `Conflict=True`: some pods it selects carry an older ServiceIdentity.
+        pub const CLAIMED_BY_OLDER_IDENTITY: &str = "ClaimedByOlderIdentity";
+        /// `Conflict=False`.
+        pub const NO_CONFLICT: &str = "NoConflict";
+
+        /// Every reason.
+        pub const ALL: [&str; 11] = [
+            ACCEPTED,
+            INVALID,
+            RESOLVED_REFS,
+            IDENTITY_NOT_FOUND,
+            PROGRAMMED,
+            PENDING,
+            FAILED,
+            ALLOCATED,
+            INVALID_SELECTOR,
+            CLAIMED_BY_OLDER_IDENTITY,
+            NO_CONFLICT,
+        ];
+    }
 }
 
 /// The CustomResourceDefinitions of every CortexFlow kind, in a stable order.
@@ -168,6 +219,28 @@ mod tests {
         let mut expected: Vec<String> = crds().iter().map(crd_file_name).collect();
         expected.sort();
         assert_eq!(on_disk, expected, "stale files in {}", dir.display());
+    }
+
+    /// docs/policy.md is where users read what a condition means: it must list every condition
+    /// type and reason the operator writes, and the readiness gate.
+    #[test]
+    fn docs_list_every_condition_reason_and_the_gate() {
+        let doc = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/policy.md"),
+        )
+        .expect("docs/policy.md");
+        let missing: Vec<&str> = conditions::ALL
+            .iter()
+            .chain(conditions::reasons::ALL.iter())
+            .chain([conditions::READINESS_GATE].iter())
+            .copied()
+            .filter(|name| !doc.contains(&format!("`{name}`")))
+            .collect();
+        assert!(missing.is_empty(), "docs/policy.md does not name {missing:?}");
+        let mut unique = conditions::reasons::ALL.to_vec();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), conditions::reasons::ALL.len(), "a reason listed twice");
     }
 
     /// Every property of both schemas carries a description, so `kubectl explain` helps.

@@ -14,7 +14,9 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use opentelemetry::KeyValue;
+use cortexflow_runtime::drain::Watcher;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use crate::{lease::Leadership, metrics::OperatorMetrics, store::Store};
 
@@ -35,8 +37,8 @@ pub async fn run(
     metrics: OperatorMetrics,
     mut leadership: watch::Receiver<Leadership>,
     mut table_synced: watch::Receiver<bool>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    shutdown: Watcher,
+) -> anyhow::Result<()> {
     let Table {
         client,
         namespace,
@@ -51,7 +53,7 @@ pub async fn run(
             _ = versions.changed() => {}
             _ = leadership.changed() => { written = None; }
             _ = table_synced.changed() => {}
-            _ = shutdown.changed() => return,
+            () = shutdown.signaled() => return Ok(()),
         }
         if !leadership.borrow().is_leader || !*table_synced.borrow() {
             continue;
@@ -95,7 +97,12 @@ pub async fn run(
             ..Default::default()
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        match api.patch(&name, &params, &Patch::Apply(&cm)).await {
+        let span = tracing::info_span!("id table write", configmap = %name, ids = next.ids.len());
+        match api
+            .patch(&name, &params, &Patch::Apply(&cm))
+            .instrument(span)
+            .await
+        {
             Ok(_) => {
                 tracing::info!(ids = next.ids.len(), "wrote the id table");
                 written = Some(next);

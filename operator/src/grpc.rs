@@ -1,52 +1,60 @@
-//! The `cortexflow.agent.v1.AgentConfig` server.
+//! The `cortexflow.agent.v1.AgentConfig` server: the only place the operator converts between
+//! the wire and its domain types. It knows neither the store nor the lease: it serves any
+//! [`Configs`] and hands reports to any [`Reports`] (the replica wires the store, and a
+//! [`Reports`] that forwards to the leader when this replica does not lead).
 //!
 //! `Subscribe` gives each node its own stream: the full config first, then only what changed.
 //! A stream task waits until the agent can take a message, then builds it from the *latest*
 //! state — so bursts coalesce and a slow agent skips intermediate versions instead of queueing
-//! them. Streams end cleanly when the replica shuts down.
+//! them. Streams end cleanly when the replica drains.
 //!
-//! `ReportStatus` feeds the `Programmed` conditions. Only the leader writes status, so a replica
-//! that is not the leader forwards what it receives to the leader (see [`Forwarder`]).
+//! `ReportStatus` feeds the `Programmed` conditions.
 use std::{pin::Pin, sync::Arc};
 
 use cortexflow_domain::{AgentStatus, NodeConfig};
+use cortexflow_operator_core::Cursor;
 use cortexflow_proto::agent::v1::{self, agent_config_server::AgentConfig};
+use cortexflow_runtime::drain::Watcher;
 use futures::Stream;
 use opentelemetry::KeyValue;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
-use crate::{
-    lease::Leadership,
-    metrics::OperatorMetrics,
-    store::{Sent, Store},
-};
+use crate::metrics::OperatorMetrics;
 
 /// Largest message the server sends (a full snapshot of a large cluster).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-pub struct AgentConfigService {
-    store: Arc<Store>,
-    metrics: OperatorMetrics,
-    shutdown: watch::Receiver<bool>,
-    leadership: watch::Receiver<Leadership>,
-    forward: mpsc::Sender<AgentStatus>,
+/// Where the node configs come from.
+pub trait Configs: Send + Sync + 'static {
+    /// A receiver that sees every new config version.
+    fn versions(&self) -> watch::Receiver<u64>;
+    /// The next message of `node`'s stream, `None` when nothing changed since `cursor`.
+    fn next_config(&self, node: &str, cursor: &mut Cursor) -> Option<NodeConfig>;
+    /// Counts an open stream until the returned guard is dropped.
+    fn stream_opened(&self) -> Box<dyn Send>;
 }
 
-impl AgentConfigService {
-    pub fn new(
-        store: Arc<Store>,
-        metrics: OperatorMetrics,
-        shutdown: watch::Receiver<bool>,
-        leadership: watch::Receiver<Leadership>,
-        forward: mpsc::Sender<AgentStatus>,
-    ) -> Self {
+/// Where agent reports go.
+pub trait Reports: Send + Sync + 'static {
+    fn report(&self, status: AgentStatus);
+}
+
+pub struct AgentConfigService<C, R> {
+    configs: Arc<C>,
+    reports: Arc<R>,
+    metrics: OperatorMetrics,
+    drain: Watcher,
+}
+
+impl<C: Configs, R: Reports> AgentConfigService<C, R> {
+    pub fn new(configs: Arc<C>, reports: Arc<R>, metrics: OperatorMetrics, drain: Watcher) -> Self {
         Self {
-            store,
+            configs,
+            reports,
             metrics,
-            shutdown,
-            leadership,
-            forward,
+            drain,
         }
     }
 
@@ -61,9 +69,10 @@ impl AgentConfigService {
 type ConfigStream = Pin<Box<dyn Stream<Item = Result<v1::NodeConfig, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl AgentConfig for AgentConfigService {
+impl<C: Configs, R: Reports> AgentConfig for AgentConfigService<C, R> {
     type SubscribeStream = ConfigStream;
 
+    #[tracing::instrument(name = "Subscribe", skip_all, fields(node = %req.get_ref().node))]
     async fn subscribe(
         &self,
         req: Request<v1::SubscribeRequest>,
@@ -73,100 +82,96 @@ impl AgentConfig for AgentConfigService {
             return Err(Status::invalid_argument("SubscribeRequest.node is empty"));
         }
         let node = req.node;
-        tracing::info!(%node, agent_version = %req.agent_version, "agent subscribed");
+        tracing::info!(agent_version = %req.agent_version, "agent subscribed");
         let (tx, rx) = mpsc::channel::<Result<v1::NodeConfig, Status>>(1);
-        let store = self.store.clone();
+        let configs = self.configs.clone();
         let metrics = self.metrics.clone();
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let _connected = store.connect();
-            let mut versions = store.versions();
-            let mut sent = Sent::default();
-            loop {
-                // Wait until the agent can take a message, then build the freshest one.
-                let permit = tokio::select! {
-                    p = tx.reserve() => match p { Ok(p) => p, Err(_) => break },
-                    _ = shutdown.changed() => break,
-                };
-                let msg: NodeConfig = loop {
-                    if let Some(m) = store.next_config(&node, &mut sent) {
-                        break m;
-                    }
-                    tokio::select! {
-                        r = versions.changed() => if r.is_err() { return },
-                        _ = shutdown.changed() => return,
-                        _ = tx.closed() => return,
-                    }
-                };
-                let kind = if msg.full { "full" } else { "update" };
-                metrics.configs_sent.add(1, &[KeyValue::new("kind", kind)]);
-                permit.send(Ok(v1::NodeConfig::from(&msg)));
+        let drain = self.drain.clone();
+        let span = tracing::info_span!("config stream", node = %node);
+        tokio::spawn(
+            async move {
+                let _open = configs.stream_opened();
+                let mut versions = configs.versions();
+                let mut cursor = Cursor::default();
+                loop {
+                    // Wait until the agent can take a message, then build the freshest one.
+                    let permit = tokio::select! {
+                        p = tx.reserve() => match p { Ok(p) => p, Err(_) => break },
+                        () = drain.signaled() => break,
+                    };
+                    let msg: NodeConfig = loop {
+                        if let Some(m) = configs.next_config(&node, &mut cursor) {
+                            break m;
+                        }
+                        tokio::select! {
+                            r = versions.changed() => if r.is_err() { return },
+                            () = drain.signaled() => return,
+                            () = tx.closed() => return,
+                        }
+                    };
+                    let kind = if msg.full { "full" } else { "update" };
+                    metrics.configs_sent.add(1, &[KeyValue::new("kind", kind)]);
+                    tracing::debug!(version = msg.version, kind, "config sent");
+                    permit.send(Ok(v1::NodeConfig::from(&msg)));
+                }
+                tracing::info!("agent stream closed");
             }
-            tracing::info!(%node, "agent stream closed");
-        });
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
 
+    #[tracing::instrument(name = "ReportStatus", skip_all, fields(node = tracing::field::Empty))]
     async fn report_status(
         &self,
         req: Request<Streaming<v1::AgentStatus>>,
     ) -> Result<Response<v1::ReportStatusResponse>, Status> {
         let mut stream = req.into_inner();
-        let mut shutdown = self.shutdown.clone();
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m?,
-                _ = shutdown.changed() => None,
+                () = self.drain.signaled() => None,
             };
             let Some(msg) = msg else { break };
             let status = AgentStatus::try_from(msg).map_err(|e| Status::invalid_argument(e.0))?;
+            tracing::Span::current().record("node", status.node.as_str());
             if let Some((v, e)) = &status.failed {
-                tracing::warn!(node = %status.node, version = v, error = %e, "agent refused a config");
+                tracing::warn!(version = v, error = %e, "agent refused a config");
             }
-            if self.leadership.borrow().is_leader {
-                self.store.report(status);
-            } else {
-                // Keep our own copy too (for logs and a fast start when we become leader).
-                self.store.report(status.clone());
-                let _ = self.forward.try_send(status);
-            }
+            self.reports.report(status);
         }
         Ok(Response::new(v1::ReportStatusResponse {}))
     }
 }
 
-/// Forwards agent reports received by a replica that is not the leader to the leader's gRPC
-/// address (published in the Lease). Reports are best effort: agents repeat theirs every 30 s.
-pub struct Forwarder;
-
-impl Forwarder {
-    pub fn spawn(mut rx: mpsc::Receiver<AgentStatus>, leadership: watch::Receiver<Leadership>) {
-        tokio::spawn(async move {
-            let mut current: Option<(String, mpsc::Sender<v1::AgentStatus>)> = None;
-            while let Some(s) = rx.recv().await {
-                let l = leadership.borrow().clone();
-                if l.is_leader {
-                    continue;
-                }
-                let Some(addr) = l.leader_address.clone() else {
-                    continue;
-                };
-                if current
-                    .as_ref()
-                    .is_none_or(|(a, tx)| *a != addr || tx.is_closed())
-                {
-                    current = connect(&addr).await.map(|tx| (addr.clone(), tx));
-                }
-                if let Some((_, tx)) = &current
-                    && tx.send(v1::AgentStatus::from(&s)).await.is_err()
-                {
-                    current = None;
-                }
-            }
-        });
+/// Forwards the reports on `rx` to the gRPC address `leader()` gives (the leader's, published
+/// in the Lease; `None` drops the report), over one `ReportStatus` stream that follows the
+/// leader. Reports are best effort: agents repeat theirs every 30 s. Runs until every sender is
+/// gone.
+pub async fn forward_reports(
+    mut rx: mpsc::Receiver<AgentStatus>,
+    leader: impl Fn() -> Option<String> + Send,
+) -> anyhow::Result<()> {
+    let mut current: Option<(String, mpsc::Sender<v1::AgentStatus>)> = None;
+    while let Some(s) = rx.recv().await {
+        let Some(addr) = leader() else {
+            continue;
+        };
+        if current
+            .as_ref()
+            .is_none_or(|(a, tx)| *a != addr || tx.is_closed())
+        {
+            current = connect(&addr).await.map(|tx| (addr.clone(), tx));
+        }
+        if let Some((_, tx)) = &current
+            && tx.send(v1::AgentStatus::from(&s)).await.is_err()
+        {
+            current = None;
+        }
     }
+    Ok(())
 }
 
 async fn connect(addr: &str) -> Option<mpsc::Sender<v1::AgentStatus>> {
@@ -182,13 +187,17 @@ async fn connect(addr: &str) -> Option<mpsc::Sender<v1::AgentStatus>> {
         .ok()?;
     let mut client = v1::agent_config_client::AgentConfigClient::new(channel);
     let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(async move {
-        if let Err(e) = client
-            .report_status(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-        {
-            tracing::debug!(error = %e, "forwarding reports to the leader ended");
+    let span = tracing::info_span!("report forwarding", leader = %addr);
+    tokio::spawn(
+        async move {
+            if let Err(e) = client
+                .report_status(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+            {
+                tracing::debug!(error = %e, "forwarding reports to the leader ended");
+            }
         }
-    });
+        .instrument(span),
+    );
     Some(tx)
 }

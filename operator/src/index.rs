@@ -37,7 +37,9 @@ use kube::{
 use opentelemetry::KeyValue;
 use tokio::sync::mpsc;
 
-use crate::metrics::OperatorMetrics;
+use cortexflow_runtime::{Supervisor, drain::Watcher};
+
+use crate::{metrics::OperatorMetrics, readiness::Gate, store::Store};
 
 fn key(meta: &ObjectMeta) -> ObjKey {
     ObjKey::new(
@@ -281,32 +283,58 @@ pub fn mesh_policy(p: &MeshPolicyCr) -> MeshPolicy {
     }
 }
 
-/// Turns one watch stream into engine changes on `tx`. `convert` maps an object (or `None` to
-/// ignore it); `identity` gives the key of a deleted object.
-async fn pump<K, S>(
-    kind: Kind,
-    name: &'static str,
-    stream: S,
-    convert: impl Fn(&K) -> Option<Object> + Send,
+/// What a watch does with each object besides turning it into a change: `observe(object,
+/// deleted)` (the status writer's view of the CRs' status, the readiness gate's waiting pods).
+type Observe<K> = Box<dyn Fn(&K, bool) + Send + Sync>;
+
+/// Where a watch sends what it sees.
+struct Sinks {
     tx: mpsc::Sender<Change>,
     metrics: OperatorMetrics,
-    synced: tokio::sync::mpsc::Sender<Kind>,
-) where
-    K: Resource + Clone + Send,
+    synced: mpsc::Sender<Kind>,
+    drain: Watcher,
+}
+
+/// Turns one watch stream into engine changes: `convert` maps an object (or `None` to ignore
+/// it), `observe` sees every object too. Ends on the drain; the stream ending before that is a
+/// failure.
+async fn pump<K, S>(
+    kind: Kind,
+    stream: S,
+    convert: impl Fn(&K) -> Option<Object> + Send,
+    observe: Observe<K>,
+    sinks: Sinks,
+) -> anyhow::Result<()>
+where
+    K: Resource + Clone + Send + 'static,
     S: Stream<Item = Result<Event<DeserializeGuard<K>>, watcher::Error>> + Send,
 {
+    let name = kind.as_str();
+    let Sinks {
+        tx,
+        metrics,
+        synced,
+        drain,
+    } = sinks;
     let mut stream = std::pin::pin!(stream);
     let mut buffer: Option<Vec<Object>> = None;
     let mut first_sync = true;
     let skip = |e: &kube::core::error_boundary::InvalidObject| {
-        tracing::warn!(kind = name, error = %e, "skipping an object that does not deserialize");
+        tracing::warn!(error = %e, "skipping an object that does not deserialize");
         metrics.watch_skipped.add(1, &[KeyValue::new("kind", name)]);
     };
-    while let Some(ev) = stream.next().await {
+    loop {
+        let ev = tokio::select! {
+            ev = stream.next() => match ev {
+                Some(ev) => ev,
+                None => anyhow::bail!("the {name} watch stream ended"),
+            },
+            () = drain.signaled() => return Ok(()),
+        };
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
-                tracing::warn!(kind = name, error = %e, "watch error; the watcher retries with backoff");
+                tracing::warn!(error = %e, "watch error; the watcher retries with backoff");
                 metrics.watch_errors.add(1, &[KeyValue::new("kind", name)]);
                 continue;
             }
@@ -319,6 +347,7 @@ async fn pump<K, S>(
             Event::InitApply(DeserializeGuard(obj)) => {
                 match obj {
                     Ok(o) => {
+                        observe(&o, false);
                         if let (Some(b), Some(o)) = (buffer.as_mut(), convert(&o)) {
                             b.push(o);
                         }
@@ -329,17 +358,24 @@ async fn pump<K, S>(
             }
             Event::InitDone => {
                 let objs = buffer.take().unwrap_or_default();
+                tracing::debug!(objects = objs.len(), "listed");
                 Some(Change::Reset(kind, objs))
             }
             Event::Apply(DeserializeGuard(obj)) => match obj {
-                Ok(o) => convert(&o).map(Change::Apply),
+                Ok(o) => {
+                    observe(&o, false);
+                    convert(&o).map(Change::Apply)
+                }
                 Err(e) => {
                     skip(&e);
                     None
                 }
             },
             Event::Delete(DeserializeGuard(obj)) => match obj {
-                Ok(o) => convert(&o).map(|o| Change::Delete(kind, o.key())),
+                Ok(o) => {
+                    observe(&o, true);
+                    convert(&o).map(|o| Change::Delete(kind, o.key()))
+                }
                 Err(e) => {
                     skip(&e);
                     None
@@ -349,7 +385,7 @@ async fn pump<K, S>(
         if let Some(c) = change {
             let reset = matches!(c, Change::Reset(..));
             if tx.send(c).await.is_err() {
-                return;
+                anyhow::bail!("the engine is gone");
             }
             if reset && first_sync {
                 first_sync = false;
@@ -359,111 +395,119 @@ async fn pump<K, S>(
     }
 }
 
-/// Every kind the operator watches.
-pub const KINDS: [Kind; 7] = [
-    Kind::Namespace,
-    Kind::Node,
-    Kind::Pod,
-    Kind::ServiceIdentity,
-    Kind::MeshPolicy,
-    Kind::Service,
-    Kind::EndpointSlice,
-];
 
-fn cfg() -> watcher::Config {
-    watcher::Config::default()
+/// What the watches feed.
+pub struct WatchSinks {
+    /// The engine's changes.
+    pub changes: mpsc::Sender<Change>,
+    pub metrics: OperatorMetrics,
+    /// Each kind, once, after its first full list.
+    pub synced: mpsc::Sender<Kind>,
+    /// The status the CRs carry (the status writer compares against it).
+    pub store: Arc<Store>,
+    /// Pods waiting for the readiness gate (fed by the same Pod watch as the engine).
+    pub gate: Arc<Gate>,
+    pub drain: Watcher,
 }
 
-/// Starts a watch per kind; each sends changes to `tx` and reports its first full sync on
-/// `synced`.
-pub fn spawn_watches(
-    client: Client,
-    tx: mpsc::Sender<Change>,
-    metrics: OperatorMetrics,
-    synced: mpsc::Sender<Kind>,
-    store: std::sync::Arc<crate::store::Store>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
+/// Registers one watch per kind (`watch/<Kind>`) with the supervisor; each sends changes to the
+/// engine and reports its first full sync.
+pub fn spawn_watches(sup: &mut Supervisor, client: Client, w: WatchSinks) {
+    let sinks = || Sinks {
+        tx: w.changes.clone(),
+        metrics: w.metrics.clone(),
+        synced: w.synced.clone(),
+        drain: w.drain.clone(),
+    };
+    fn nothing<K>() -> Observe<K> {
+        Box::new(|_, _| {})
+    }
+    fn status_of<K: Resource + 'static>(
+        store: Arc<Store>,
+        kind: Kind,
+        status: fn(&K) -> Option<serde_json::Value>,
+    ) -> Observe<K> {
+        Box::new(move |o: &K, deleted| {
+            let key = key(o.meta());
+            store.observe_status(kind, key, if deleted { None } else { status(o) });
+        })
+    }
     macro_rules! watch {
-        ($k:ty, $kind:expr, $name:expr, $conv:expr) => {{
+        ($k:ty, $kind:expr, $conv:expr, $observe:expr) => {{
             let api: Api<DeserializeGuard<$k>> = Api::all(client.clone());
-            let stream = watcher::watcher(api, cfg());
-            tasks.push(tokio::spawn(pump::<$k, _>(
-                $kind,
-                $name,
-                stream,
-                $conv,
-                tx.clone(),
-                metrics.clone(),
-                synced.clone(),
-            )));
+            let stream = watcher::watcher(api, watcher::Config::default());
+            sup.spawn(
+                format!("watch/{}", $kind.as_str()),
+                pump::<$k, _>($kind, stream, $conv, $observe, sinks()),
+            );
         }};
     }
     watch!(
         NamespaceK,
         Kind::Namespace,
-        "Namespace",
-        |o: &NamespaceK| Some(Object::Namespace(namespace(o)))
+        |o: &NamespaceK| Some(Object::Namespace(namespace(o))),
+        nothing()
     );
-    watch!(NodeK, Kind::Node, "Node", |o: &NodeK| Some(Object::Node(
-        node(o)
-    )));
-    watch!(PodK, Kind::Pod, "Pod", |o: &PodK| Some(Object::Pod(pod(o))));
-    // The status writer compares against the status the objects carry.
-    let st = store.clone();
+    watch!(
+        NodeK,
+        Kind::Node,
+        |o: &NodeK| Some(Object::Node(node(o))),
+        nothing()
+    );
+    let gate = w.gate.clone();
+    watch!(
+        PodK,
+        Kind::Pod,
+        |o: &PodK| Some(Object::Pod(pod(o))),
+        Box::new(move |p: &PodK, deleted| gate.observe(p, deleted))
+    );
     watch!(
         SidCr,
         Kind::ServiceIdentity,
-        "ServiceIdentity",
-        move |o: &SidCr| {
-            st.observe_status(
-                Kind::ServiceIdentity,
-                key(&o.metadata),
-                o.status.as_ref().and_then(|s| serde_json::to_value(s).ok()),
-            );
-            Some(Object::ServiceIdentity(service_identity(o)))
-        }
+        |o: &SidCr| Some(Object::ServiceIdentity(service_identity(o))),
+        status_of(w.store.clone(), Kind::ServiceIdentity, |o: &SidCr| o
+            .status
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok()))
     );
-    let st = store.clone();
     watch!(
         MeshPolicyCr,
         Kind::MeshPolicy,
-        "MeshPolicy",
-        move |o: &MeshPolicyCr| {
-            st.observe_status(
-                Kind::MeshPolicy,
-                key(&o.metadata),
-                o.status.as_ref().and_then(|s| serde_json::to_value(s).ok()),
-            );
-            Some(Object::MeshPolicy(mesh_policy(o)))
-        }
+        |o: &MeshPolicyCr| Some(Object::MeshPolicy(mesh_policy(o))),
+        status_of(w.store.clone(), Kind::MeshPolicy, |o: &MeshPolicyCr| o
+            .status
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok()))
     );
-    watch!(ServiceK, Kind::Service, "Service", |o: &ServiceK| Some(
-        Object::Service(service(o))
-    ));
+    watch!(
+        ServiceK,
+        Kind::Service,
+        |o: &ServiceK| Some(Object::Service(service(o))),
+        nothing()
+    );
     watch!(
         EndpointSliceK,
         Kind::EndpointSlice,
-        "EndpointSlice",
-        |o: &EndpointSliceK| endpoint_slice(o).map(Object::EndpointSlice)
+        |o: &EndpointSliceK| endpoint_slice(o).map(Object::EndpointSlice),
+        nothing()
     );
-    tasks
 }
 
 /// Watches the id table ConfigMap and sends its content as [`Change::Allocations`].
-pub fn spawn_allocation_watch(
+pub fn allocation_watch(
     client: Client,
     namespace: &str,
     name: &str,
     tx: mpsc::Sender<Change>,
     synced: mpsc::Sender<()>,
-) -> tokio::task::JoinHandle<()> {
+    drain: Watcher,
+) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + use<> {
     let api: Api<ConfigMap> = Api::namespaced(client, namespace);
     let stream = watcher::watcher(
         api,
         watcher::Config::default().fields(&format!("metadata.name={name}")),
     );
-    tokio::spawn(async move {
+    async move {
         let mut stream = std::pin::pin!(stream);
         let parse = |cm: ConfigMap| {
             let (a, bad) = Allocations::from_map(&cm.data.unwrap_or_default());
@@ -474,7 +518,14 @@ pub fn spawn_allocation_watch(
         };
         let mut buffered: Option<Allocations> = None;
         let mut first = true;
-        while let Some(ev) = stream.next().await {
+        loop {
+            let ev = tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(ev) => ev,
+                    None => anyhow::bail!("the id table watch stream ended"),
+                },
+                () = drain.signaled() => return Ok(()),
+            };
             let table = match ev {
                 Ok(Event::Init) => {
                     buffered = None;
@@ -497,12 +548,12 @@ pub fn spawn_allocation_watch(
                 }
             };
             if tx.send(Change::Allocations(table)).await.is_err() {
-                return;
+                anyhow::bail!("the engine is gone");
             }
             if first {
                 first = false;
                 let _ = synced.send(()).await;
             }
         }
-    })
+    }
 }

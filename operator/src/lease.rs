@@ -15,6 +15,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{Api, Client, api::PostParams};
+use cortexflow_runtime::drain::Watcher;
 use tokio::sync::watch;
 
 /// Annotation of the Lease carrying the holder's gRPC address.
@@ -139,8 +140,8 @@ pub async fn run(
     client: Client,
     cfg: LeaseConfig,
     tx: watch::Sender<Leadership>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    shutdown: Watcher,
+) -> anyhow::Result<()> {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut last_renew: Option<Instant> = None;
     loop {
@@ -178,12 +179,12 @@ pub async fn run(
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = shutdown.changed() => {
+            () = shutdown.signaled() => {
                 if tx.borrow().is_leader {
                     tx.send_replace(Leadership::default());
                     release(&api, &cfg).await;
                 }
-                return;
+                return Ok(());
             }
         }
     }

@@ -4,11 +4,14 @@
 //!   Node (and the id table) turned into engine changes.
 //! * [`store`] — the shared state: the kube-free engine of `cortexflow-operator-core`, agent
 //!   reports, observed statuses.
-//! * [`grpc`] — the `cortexflow.agent.v1.AgentConfig` server.
-//! * [`lease`] — leader election; [`allocator`] and [`status`] run only on the leader.
+//! * [`grpc`] — the `cortexflow.agent.v1.AgentConfig` server (over any [`grpc::Configs`] and
+//!   [`grpc::Reports`]: it knows neither the store nor the lease).
+//! * [`lease`] — leader election; [`allocator`], [`status`] and [`readiness`] act only on the
+//!   leader.
 //! * [`metrics`] — the operator's Prometheus metrics.
 //!
-//! [`run`] wires them; `main.rs` only parses flags.
+//! [`run`] wires them, every task supervised (`cortexflow_runtime::Supervisor`): a task that
+//! dies ends the process. `main.rs` only parses flags.
 #![forbid(unsafe_code)]
 
 pub mod allocator;
@@ -22,11 +25,12 @@ pub mod store;
 
 pub use cortexflow_crds as crds;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use cortexflow_operator_core::EngineConfig;
-use cortexflow_runtime::{LogFormat, Metrics, Readiness};
+use cortexflow_domain::AgentStatus;
+use cortexflow_operator_core::{EngineConfig, Kind};
+use cortexflow_runtime::{Exit, LogFormat, Metrics, Readiness, Supervisor, drain};
 use kube::runtime::events::Reporter;
 use tokio::sync::{mpsc, watch};
 
@@ -81,8 +85,11 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
-/// Runs the operator until SIGTERM/Ctrl-C.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+/// How long a replica drains on SIGTERM: streams end, the Lease is released, servers finish.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the operator until SIGTERM/Ctrl-C, or until one of its tasks dies.
+pub async fn run(args: Args) -> anyhow::Result<Exit> {
     cortexflow_runtime::init_logging(&args.log, args.log_format);
     let identity = args
         .identity
@@ -96,7 +103,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = metrics::OperatorMetrics::new(&telemetry);
     let readiness = Readiness::default();
     let synced_guard = readiness.register("initial sync");
-    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (trigger, drain) = drain::channel();
+    let mut sup = Supervisor::new();
 
     let store = store::Store::new(
         EngineConfig {
@@ -105,43 +113,56 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
         metrics.clone(),
     );
+    let gate = Arc::new(readiness::Gate::default());
 
     // Watches → engine.
     let (changes_tx, changes_rx) = mpsc::channel(8192);
     let (kinds_tx, mut kinds_rx) = mpsc::channel(16);
     let (table_tx, mut table_rx) = mpsc::channel(1);
     index::spawn_watches(
+        &mut sup,
         client.clone(),
-        changes_tx.clone(),
-        metrics.clone(),
-        kinds_tx,
-        store.clone(),
+        index::WatchSinks {
+            changes: changes_tx.clone(),
+            metrics: metrics.clone(),
+            synced: kinds_tx,
+            store: store.clone(),
+            gate: gate.clone(),
+            drain: drain.clone(),
+        },
     );
-    index::spawn_allocation_watch(
-        client.clone(),
-        &args.namespace,
-        &args.identities_configmap,
-        changes_tx,
-        table_tx,
+    sup.spawn(
+        "watch/id-table",
+        index::allocation_watch(
+            client.clone(),
+            &args.namespace,
+            &args.identities_configmap,
+            changes_tx,
+            table_tx,
+            drain.clone(),
+        ),
     );
-    tokio::spawn(store::run_engine(store.clone(), changes_rx));
+    sup.spawn(
+        "engine",
+        store::run_engine(store.clone(), changes_rx, drain.clone()),
+    );
 
     // Ready after the first full sync of every kind and of the id table.
     let (table_synced_tx, table_synced) = watch::channel(false);
     {
         let store = store.clone();
-        tokio::spawn(async move {
-            let mut pending: std::collections::BTreeSet<_> = index::KINDS.into_iter().collect();
+        sup.spawn_startup("initial sync", async move {
+            let mut pending: std::collections::BTreeSet<_> = Kind::ALL.into_iter().collect();
             while !pending.is_empty() {
                 match kinds_rx.recv().await {
                     Some(k) => {
                         pending.remove(&k);
                     }
-                    None => return,
+                    None => return Ok(()),
                 }
             }
             if table_rx.recv().await.is_none() {
-                return;
+                return Ok(());
             }
             let _ = table_synced_tx.send(true);
             // The engine applies queued changes in order: wait until it caught up.
@@ -149,6 +170,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let _ = tokio::time::timeout(Duration::from_secs(5), v.changed()).await;
             tracing::info!("initial sync done");
             synced_guard.done();
+            Ok(())
         });
     }
 
@@ -158,106 +180,135 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .advertise_addr
         .clone()
         .unwrap_or_else(|| args.grpc_addr.to_string());
-    let mut lease_task = tokio::spawn(lease::run(
-        client.clone(),
-        lease::LeaseConfig {
-            namespace: args.namespace.clone(),
-            name: args.lease_name.clone(),
-            identity: identity.clone(),
-            address: advertise,
-            duration: Duration::from_secs(args.lease_duration_secs.max(3)),
-        },
-        lead_tx,
-        shutdown.clone(),
-    ));
-    tokio::spawn(allocator::run(
-        allocator::Table {
-            client: client.clone(),
-            namespace: args.namespace.clone(),
-            name: args.identities_configmap.clone(),
-        },
-        store.clone(),
-        metrics.clone(),
-        leadership.clone(),
-        table_synced,
-        shutdown.clone(),
-    ));
-    tokio::spawn(status::run(
-        client.clone(),
-        store.clone(),
-        metrics.clone(),
-        Reporter {
-            controller: "cortexflow-operator".into(),
-            instance: Some(identity.clone()),
-        },
-        leadership.clone(),
-        shutdown.clone(),
-    ));
-
-    tokio::spawn(readiness::run(
-        client.clone(),
-        store.clone(),
-        leadership.clone(),
-        shutdown.clone(),
-    ));
+    sup.spawn(
+        "lease",
+        lease::run(
+            client.clone(),
+            lease::LeaseConfig {
+                namespace: args.namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                address: advertise,
+                duration: Duration::from_secs(args.lease_duration_secs.max(3)),
+            },
+            lead_tx,
+            drain.clone(),
+        ),
+    );
+    sup.spawn(
+        "allocator",
+        allocator::run(
+            allocator::Table {
+                client: client.clone(),
+                namespace: args.namespace.clone(),
+                name: args.identities_configmap.clone(),
+            },
+            store.clone(),
+            metrics.clone(),
+            leadership.clone(),
+            table_synced,
+            drain.clone(),
+        ),
+    );
+    sup.spawn(
+        "status",
+        status::run(
+            client.clone(),
+            store.clone(),
+            metrics.clone(),
+            Reporter {
+                controller: "cortexflow-operator".into(),
+                instance: Some(identity.clone()),
+            },
+            leadership.clone(),
+            drain.clone(),
+        ),
+    );
+    sup.spawn(
+        "readiness gate",
+        readiness::run(
+            client.clone(),
+            gate,
+            store.clone(),
+            leadership.clone(),
+            drain.clone(),
+        ),
+    );
 
     // gRPC.
     let (fwd_tx, fwd_rx) = mpsc::channel(1024);
-    grpc::Forwarder::spawn(fwd_rx, leadership.clone());
-    let service = grpc::AgentConfigService::new(
-        store.clone(),
-        metrics.clone(),
-        shutdown.clone(),
+    {
+        let leadership = leadership.clone();
+        sup.spawn(
+            "report forwarding",
+            grpc::forward_reports(fwd_rx, move || {
+                let l = leadership.borrow();
+                (!l.is_leader).then(|| l.leader_address.clone()).flatten()
+            }),
+        );
+    }
+    let reports = Arc::new(ReplicaReports {
+        store: store.clone(),
         leadership,
-        fwd_tx,
-    );
+        forward: fwd_tx,
+    });
+    let service =
+        grpc::AgentConfigService::new(store.clone(), reports, metrics.clone(), drain.clone());
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("bind gRPC {}", args.grpc_addr))?;
     tracing::info!(addr = %grpc_listener.local_addr()?, %identity, "serving gRPC");
-    let mut grpc_shutdown = shutdown.clone();
-    let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .add_service(service.into_server())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                async move {
-                    let _ = grpc_shutdown.changed().await;
-                },
-            ),
-    );
+    {
+        let drain = drain.clone();
+        sup.spawn("grpc", async move {
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .add_service(service.into_server())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    drain.clone().into_signaled(),
+                )
+                .await?;
+            drop(drain);
+            Ok(())
+        });
+    }
 
     // Admin.
-    let mut admin_shutdown = shutdown.clone();
-    let (admin_addr, admin_task) = cortexflow_runtime::serve_admin(
+    let (admin_addr, admin) = cortexflow_runtime::serve_admin(
         args.admin_addr,
         telemetry.clone(),
         readiness,
-        async move {
-            let _ = admin_shutdown.changed().await;
-        },
+        drain.clone(),
     )
     .await
     .with_context(|| format!("bind admin {}", args.admin_addr))?;
     tracing::info!(addr = %admin_addr, "serving /metrics, /healthz, /readyz");
+    sup.spawn("admin", admin);
+    drop(drain);
 
-    // A dead election task means nobody renews or steps down: exit and let the process restart.
-    tokio::select! {
-        _ = cortexflow_runtime::shutdown_signal() => tracing::info!("shutting down"),
-                r = &mut lease_task => {
-            tracing::error!(?r, "the leader election task ended");
-            anyhow::bail!("leader election task ended");
+    let exit = sup.run(trigger, GRACE).await;
+    telemetry.shutdown();
+    Ok(exit)
+}
+
+/// Agent reports as this replica takes them: recorded, and forwarded to the leader when this
+/// replica does not lead (only the leader writes status).
+pub struct ReplicaReports {
+    pub store: Arc<store::Store>,
+    pub leadership: watch::Receiver<lease::Leadership>,
+    /// To [`grpc::forward_reports`].
+    pub forward: mpsc::Sender<AgentStatus>,
+}
+
+impl grpc::Reports for ReplicaReports {
+    fn report(&self, status: AgentStatus) {
+        if self.leadership.borrow().is_leader {
+            self.store.report(status);
+        } else {
+            // Keep our own copy too (for logs and a fast start when we become leader).
+            self.store.report(status.clone());
+            let _ = self.forward.try_send(status);
         }
     }
-    let _ = shutdown_tx.send(true);
-    // Streams end, the lease is released, servers drain.
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = lease_task.await;
-        let _ = grpc_task.await;
-        let _ = admin_task.await;
-    })
-    .await;
-    telemetry.shutdown();
-    Ok(())
 }

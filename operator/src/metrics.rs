@@ -81,16 +81,8 @@ impl OperatorMetrics {
         };
         // Error counters exist from the start, at zero, for every kind they can count: a
         // dashboard or an alert on `rate(…_errors_total)` then sees 0, not "no data".
-        for kind in [
-            "Namespace",
-            "Node",
-            "Pod",
-            "ServiceIdentity",
-            "MeshPolicy",
-            "Service",
-            "EndpointSlice",
-        ] {
-            let k = [opentelemetry::KeyValue::new("kind", kind)];
+        for kind in cortexflow_operator_core::Kind::ALL {
+            let k = [opentelemetry::KeyValue::new("kind", kind.as_str())];
             me.watch_skipped.add(0, &k);
             me.watch_errors.add(0, &k);
         }

@@ -8,23 +8,65 @@
 //! the pod Ready. The condition is set once; it does not go back to False when the pod's policy
 //! later changes (readiness gates are about a pod's first traffic).
 //!
-//! Only pods with the gate whose condition is not True yet are remembered, so a cluster of
-//! ungated pods costs nothing but the watch events.
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+//! The [`Gate`] is fed by the operator's one Pod watch (the engine's, `index.rs`): only pods with
+//! the gate whose condition is not True yet are remembered, so a cluster of ungated pods costs
+//! nothing but the watch events it already receives.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use futures::StreamExt as _;
+use cortexflow_crds::conditions::{READINESS_GATE, reasons};
+use cortexflow_runtime::drain::Watcher;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, ResourceExt,
     api::{Patch, PatchParams},
-    runtime::watcher,
 };
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tracing::Instrument as _;
 
 use crate::{lease::Leadership, store::Store};
 
-/// The condition type of the readiness gate.
-pub const GATE: &str = "mesh.cortexflow.io/programmed";
+/// The pods waiting for the gate: `namespace/name` → node.
+#[derive(Default)]
+pub struct Gate {
+    waiting: Mutex<BTreeMap<String, String>>,
+    changed: Notify,
+}
+
+impl Gate {
+    /// Takes in a pod the watch saw (`deleted`: its last state).
+    pub fn observe(&self, p: &Pod, deleted: bool) {
+        let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+        let node = if deleted { None } else { waiting(p) };
+        let mut w = self.lock();
+        let changed = match node {
+            Some(node) => w.insert(key, node.clone()).as_ref() != Some(&node),
+            None => w.remove(&key).is_some(),
+        };
+        drop(w);
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The waiting pods.
+    pub fn waiting(&self) -> BTreeMap<String, String> {
+        self.lock().clone()
+    }
+
+    fn done(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.waiting
+            .lock()
+            .expect("the readiness gate lock is poisoned: a task panicked while holding it")
+    }
+}
 
 /// Whether `p` waits for the gate: it lists it, runs on a node, and the condition is not True.
 fn waiting(p: &Pod) -> Option<String> {
@@ -33,93 +75,81 @@ fn waiting(p: &Pod) -> Option<String> {
         .readiness_gates
         .iter()
         .flatten()
-        .any(|g| g.condition_type == GATE);
+        .any(|g| g.condition_type == READINESS_GATE);
     let done = p
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == GATE && c.status == "True"));
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == READINESS_GATE && c.status == "True")
+        });
     (gated && !done && p.metadata.deletion_timestamp.is_none())
         .then(|| spec.node_name.clone())
         .flatten()
 }
 
-/// Runs until `shutdown`.
+/// Sets the gate of waiting pods whose node reported them programmed, while this replica
+/// leads; runs until the drain.
 pub async fn run(
     client: Client,
+    gate: Arc<Gate>,
     store: Arc<Store>,
     leadership: watch::Receiver<Leadership>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let api: Api<Pod> = Api::all(client.clone());
-    let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+    shutdown: Watcher,
+) -> anyhow::Result<()> {
     let mut reported = store.reported();
-    // `namespace/name` → node, of the pods waiting for the gate.
-    let mut waiting_pods: BTreeMap<String, String> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
-            ev = events.next() => match ev {
-                Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
-                    let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-                    match waiting(&p) {
-                        Some(node) => { waiting_pods.insert(key, node); }
-                        None => { waiting_pods.remove(&key); }
-                    }
-                }
-                Some(Ok(watcher::Event::Delete(p))) => {
-                    waiting_pods.remove(&format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()));
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "pod watch (readiness gate) error; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                None => return,
-            },
+            () = gate.changed.notified() => {}
             _ = reported.changed() => {}
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            () = shutdown.signaled() => return Ok(()),
         }
-        if waiting_pods.is_empty() || !leadership.borrow().is_leader {
+        if !leadership.borrow().is_leader {
+            continue;
+        }
+        let waiting = gate.waiting();
+        if waiting.is_empty() {
             continue;
         }
         let reports = store.reports();
-        let ready: Vec<(String, String)> = waiting_pods
-            .iter()
-            .filter(|(key, node)| {
-                reports
-                    .get(node.as_str())
-                    .is_some_and(|r| r.programmed.contains(key.as_str()))
-            })
-            .map(|(k, n)| (k.clone(), n.clone()))
-            .collect();
-        for (key, node) in ready {
+        for (key, node) in waiting {
+            let programmed = reports
+                .get(node.as_str())
+                .is_some_and(|r| r.programmed.contains(key.as_str()));
+            if !programmed {
+                continue;
+            }
             let Some((ns, name)) = key.split_once('/') else {
                 continue;
             };
-            let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-            let now = k8s_openapi::jiff::Timestamp::now().to_string();
-            let patch = serde_json::json!({"status": {"conditions": [{
-                "type": GATE, "status": "True", "reason": "Programmed",
-                "message": format!("policy enforced by the agent of node {node}"),
-                "lastTransitionTime": now,
-            }]}});
-            match api
-                .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(pod = %key, %node, "readiness gate {GATE} set");
-                    waiting_pods.remove(&key);
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {
-                    waiting_pods.remove(&key);
-                }
-                Err(e) => {
-                    tracing::warn!(pod = %key, error = %e, "setting the readiness gate failed")
-                }
-            }
+            let span = tracing::info_span!("readiness gate", pod = %key, %node);
+            set_gate(&client, &gate, &key, ns, name, &node)
+                .instrument(span)
+                .await;
         }
+    }
+}
+
+async fn set_gate(client: &Client, gate: &Gate, key: &str, ns: &str, name: &str, node: &str) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({"status": {"conditions": [{
+        "type": READINESS_GATE, "status": "True", "reason": reasons::PROGRAMMED,
+        "message": format!("policy enforced by the agent of node {node}"),
+        "lastTransitionTime": now,
+    }]}});
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!("readiness gate {READINESS_GATE} set");
+            gate.done(key);
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => gate.done(key),
+        Err(e) => tracing::warn!(error = %e, "setting the readiness gate failed"),
     }
 }

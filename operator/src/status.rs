@@ -9,9 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cortexflow_crds::conditions;
+use cortexflow_crds::conditions::{self, reasons};
 use cortexflow_domain::PolicyGeneration;
-use cortexflow_operator_core::{Cond, Kind, ObjKey};
+use cortexflow_operator_core::{Cond, CondReason, Kind, ObjKey};
 use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
 use kube::{
     Api, Client,
@@ -20,16 +20,33 @@ use kube::{
 };
 use opentelemetry::KeyValue;
 use serde_json::{Value, json};
+use cortexflow_runtime::drain::Watcher;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use crate::{allocator::FIELD_MANAGER, lease::Leadership, metrics::OperatorMetrics, store::Store};
+
+/// The reason string the API shows for a reason of the engine.
+fn reason(r: CondReason) -> &'static str {
+    match r {
+        CondReason::Accepted => reasons::ACCEPTED,
+        CondReason::Invalid => reasons::INVALID,
+        CondReason::ResolvedRefs => reasons::RESOLVED_REFS,
+        CondReason::IdentityNotFound => reasons::IDENTITY_NOT_FOUND,
+        CondReason::Pending => reasons::PENDING,
+        CondReason::Allocated => reasons::ALLOCATED,
+        CondReason::InvalidSelector => reasons::INVALID_SELECTOR,
+        CondReason::ClaimedByOlderIdentity => reasons::CLAIMED_BY_OLDER_IDENTITY,
+        CondReason::NoConflict => reasons::NO_CONFLICT,
+    }
+}
 
 /// One condition as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Condition {
     type_: &'static str,
     status: bool,
-    reason: String,
+    reason: &'static str,
     message: String,
     generation: i64,
 }
@@ -39,7 +56,7 @@ impl Condition {
         Self {
             type_,
             status: c.status,
-            reason: c.reason.clone(),
+            reason: reason(c.reason),
             message: c.message.clone(),
             generation,
         }
@@ -65,7 +82,7 @@ impl Condition {
     fn same_as(&self, observed: Option<&Value>) -> bool {
         observed.is_some_and(|o| {
             o["status"] == if self.status { "True" } else { "False" }
-                && o["reason"] == self.reason.as_str()
+                && o["reason"] == self.reason
                 && o["message"] == self.message.as_str()
                 && o["observedGeneration"] == self.generation
         })
@@ -94,7 +111,9 @@ struct Desired {
     conditions: Vec<Condition>,
 }
 
-fn programmed(store: &Store, key: &ObjKey, generation: i64) -> (Cond, usize, usize) {
+/// The `Programmed` condition of a policy at `generation`, from the agents' reports, and how
+/// many of the nodes that need it have it.
+fn programmed(store: &Store, key: &ObjKey, generation: i64) -> (Condition, usize, usize) {
     let (nodes, _) = store.read(|e| e.policy_nodes(key)).unwrap_or_default();
     let reports = store.reports();
     let mut done = 0;
@@ -112,27 +131,26 @@ fn programmed(store: &Store, key: &ObjKey, generation: i64) -> (Cond, usize, usi
     }
     let total = nodes.len();
     let msg = format!("programmed on {done}/{total} nodes");
-    let c = if done == total {
-        Cond {
-            status: true,
-            reason: "Programmed".into(),
-            message: msg,
-        }
+    let (status, reason, message) = if done == total {
+        (true, reasons::PROGRAMMED, msg)
     } else if let Some(first) = failed.first() {
-        Cond {
-            status: false,
-            reason: "Failed".into(),
-            message: format!(
+        (
+            false,
+            reasons::FAILED,
+            format!(
                 "{msg}; {} node(s) refused the config, first {first}",
                 failed.len()
             ),
-        }
+        )
     } else {
-        Cond {
-            status: false,
-            reason: "Pending".into(),
-            message: msg,
-        }
+        (false, reasons::PENDING, msg)
+    };
+    let c = Condition {
+        type_: conditions::PROGRAMMED,
+        status,
+        reason,
+        message,
+        generation,
     };
     (c, done, total)
 }
@@ -180,7 +198,7 @@ fn desired(store: &Store) -> Vec<Desired> {
             conditions: vec![
                 Condition::from(conditions::ACCEPTED, &s.accepted, s.generation),
                 Condition::from(conditions::RESOLVED_REFS, &s.resolved_refs, s.generation),
-                Condition::from(conditions::PROGRAMMED, &prog, s.generation),
+                prog,
             ],
         });
     }
@@ -201,8 +219,8 @@ pub async fn run(
     metrics: OperatorMetrics,
     reporter: Reporter,
     mut leadership: watch::Receiver<Leadership>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    shutdown: Watcher,
+) -> anyhow::Result<()> {
     let recorder = Recorder::new(client.clone(), reporter);
     let mut versions = store.versions();
     let mut reported = store.reported();
@@ -214,7 +232,7 @@ pub async fn run(
             _ = reported.changed() => {}
             _ = leadership.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-            _ = shutdown.changed() => return,
+            () = shutdown.signaled() => return Ok(()),
         }
         if !leadership.borrow().is_leader {
             propagating.clear();
@@ -230,7 +248,10 @@ pub async fn run(
             if !leadership.borrow().is_leader {
                 break;
             }
-            write(&client, &store, &metrics, &recorder, d).await;
+            let span = tracing::info_span!("status write", kind = d.kind.as_str(), object = %d.key);
+            write(&client, &store, &metrics, &recorder, d)
+                .instrument(span)
+                .await;
         }
     }
 }
@@ -350,7 +371,7 @@ async fn write(
             } else {
                 EventType::Normal
             },
-            reason: c.reason.clone(),
+            reason: c.reason.to_string(),
             note: Some(c.message.clone()),
             action: format!("Update{}", c.type_),
             secondary: None,
@@ -358,5 +379,21 @@ async fn write(
         if let Err(e) = recorder.publish(&ev, &reference).await {
             tracing::debug!(error = %e, "publishing an event failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_engine_reason_is_a_distinct_reason_of_the_api() {
+        let mut written: Vec<&str> = CondReason::ALL.iter().map(|r| reason(*r)).collect();
+        for r in &written {
+            assert!(reasons::ALL.contains(r), "{r} is not in cortexflow_crds::conditions::reasons");
+        }
+        written.sort();
+        written.dedup();
+        assert_eq!(written.len(), CondReason::ALL.len(), "two engine reasons map to one string");
     }
 }

@@ -10,9 +10,10 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use cortexflow_domain::{self as domain, AgentStatus, NodeConfig, NodeInfo, PolicyGeneration};
-use cortexflow_operator_core::{Change, Engine, EngineConfig, Kind, ObjKey};
+use cortexflow_domain::{AgentStatus, NodeConfig, PolicyGeneration};
+use cortexflow_operator_core::{Change, Cursor, Engine, EngineConfig, Kind, ObjKey};
 use opentelemetry::KeyValue;
+use cortexflow_runtime::drain::Watcher;
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::OperatorMetrics;
@@ -41,19 +42,8 @@ pub struct Store {
     reported: watch::Sender<u64>,
     /// The `status` the API server holds for each MeshPolicy and ServiceIdentity.
     observed_status: Mutex<BTreeMap<(Kind, ObjKey), serde_json::Value>>,
-    connected: AtomicU64,
+    connected: Arc<AtomicU64>,
     metrics: OperatorMetrics,
-}
-
-/// What a config stream already sent, section by section (engine versions).
-#[derive(Clone, Debug, Default)]
-pub struct Sent {
-    started: bool,
-    info: u64,
-    endpoints: u64,
-    ipcache: u64,
-    services: u64,
-    identities: u64,
 }
 
 impl Store {
@@ -70,30 +60,37 @@ impl Store {
             reports: Mutex::new(BTreeMap::new()),
             reported: watch::channel(0).0,
             observed_status: Mutex::new(BTreeMap::new()),
-            connected: AtomicU64::new(0),
+            connected: Arc::new(AtomicU64::new(0)),
             metrics,
         })
     }
 
     /// Reads the engine.
+    ///
+    /// A poisoned lock means the engine task panicked in the middle of a batch: the engine may
+    /// be half-updated, so nobody reads it — the caller panics too, and the supervisor (which
+    /// already saw the engine task die) ends the process.
     pub fn read<T>(&self, f: impl FnOnce(&Engine) -> T) -> T {
-        match self.engine.read() {
-            Ok(e) => f(&e),
-            Err(poisoned) => f(&poisoned.into_inner()),
-        }
+        let e = self
+            .engine
+            .read()
+            .expect("the engine lock is poisoned: the engine task panicked mid-batch");
+        f(&e)
     }
 
     /// Applies a batch to the engine and announces the new version.
     pub fn apply(&self, changes: Vec<Change>) -> cortexflow_operator_core::Update {
         let kinds: BTreeSet<&'static str> = changes.iter().map(change_kind).collect();
-        let up = match self.engine.write() {
-            Ok(mut e) => e.apply(changes),
-            Err(poisoned) => poisoned.into_inner().apply(changes),
-        };
+        let up = self
+            .engine
+            .write()
+            .expect("the engine lock is poisoned: the engine task panicked mid-batch")
+            .apply(changes);
         for k in kinds {
             self.metrics.reconciles.add(1, &[KeyValue::new("kind", k)]);
         }
-        if let Ok(mut t) = self.version_times.lock() {
+        {
+            let mut t = lock(&self.version_times);
             t.push_back((up.version, Instant::now()));
             while t.len() > 4096 {
                 t.pop_front();
@@ -118,30 +115,28 @@ impl Store {
 
     /// When engine version `v` (or the nearest older one still remembered) was produced.
     pub fn version_time(&self, v: u64) -> Option<Instant> {
-        let t = self.version_times.lock().ok()?;
+        let t = lock(&self.version_times);
         t.iter().rev().find(|(ver, _)| *ver <= v).map(|(_, at)| *at)
     }
 
     /// Records an agent's report.
     pub fn report(&self, s: AgentStatus) {
-        if let Ok(mut r) = self.reports.lock() {
-            r.insert(
-                s.node.clone(),
-                Report {
-                    applied_version: s.applied_version,
-                    failed: s.failed,
-                    policies: s.policies,
-                    programmed: s.programmed,
-                    at: Instant::now(),
-                },
-            );
-        }
+        lock(&self.reports).insert(
+            s.node.clone(),
+            Report {
+                applied_version: s.applied_version,
+                failed: s.failed,
+                policies: s.policies,
+                programmed: s.programmed,
+                at: Instant::now(),
+            },
+        );
         self.reported.send_modify(|n| *n += 1);
     }
 
     /// Every agent's last report.
     pub fn reports(&self) -> BTreeMap<String, Report> {
-        self.reports.lock().map(|r| r.clone()).unwrap_or_default()
+        lock(&self.reports).clone()
     }
 
     /// A receiver that sees every new report.
@@ -151,28 +146,28 @@ impl Store {
 
     /// Records the status the API server holds for a CR (from the watch).
     pub fn observe_status(&self, kind: Kind, key: ObjKey, status: Option<serde_json::Value>) {
-        if let Ok(mut m) = self.observed_status.lock() {
-            match status {
-                Some(s) => m.insert((kind, key), s),
-                None => m.remove(&(kind, key)),
-            };
-        }
+        let mut m = lock(&self.observed_status);
+        match status {
+            Some(s) => m.insert((kind, key), s),
+            None => m.remove(&(kind, key)),
+        };
     }
 
     /// The status the API server holds for a CR.
     pub fn observed_status(&self, kind: Kind, key: &ObjKey) -> Option<serde_json::Value> {
-        self.observed_status
-            .lock()
-            .ok()?
+        lock(&self.observed_status)
             .get(&(kind, key.clone()))
             .cloned()
     }
 
     /// Counts an open config stream; the guard uncounts it.
-    pub fn connect(self: &Arc<Self>) -> ConnectedGuard {
+    pub fn connect(&self) -> ConnectedGuard {
         let n = self.connected.fetch_add(1, Ordering::Relaxed) + 1;
         self.metrics.connected_agents.record(n, &[]);
-        ConnectedGuard(self.clone())
+        ConnectedGuard {
+            connected: self.connected.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// The wire version of an engine version.
@@ -186,106 +181,66 @@ impl Store {
             .filter(|v| *v < (1 << 20) * 1024)
     }
 
-    /// The next message for a node's stream: everything on the first call, then only the
-    /// sections that changed since `sent`; `None` when nothing did.
-    pub fn next_config(&self, node: &str, sent: &mut Sent) -> Option<NodeConfig> {
-        self.read(|e| {
-            let first = !sent.started;
-            let mut msg = NodeConfig {
-                version: self.wire_version(e.version()),
-                full: first,
-                ..Default::default()
-            };
-            let st = e.node(node);
-            let (info, info_v) = match st {
-                Some(s) => ((*s.info).clone(), s.info_version),
-                None => (
-                    NodeInfo {
-                        name: node.to_string(),
-                        ..Default::default()
-                    },
-                    0,
-                ),
-            };
-            if first || info_v > sent.info {
-                msg.node = Some(info);
-                sent.info = info_v;
-            }
-            let (eps, eps_v) = match st {
-                Some(s) => ((*s.endpoints).clone(), s.endpoints_version),
-                None => (domain::Endpoints::default(), 0),
-            };
-            if first || eps_v > sent.endpoints {
-                msg.endpoints = Some(eps);
-                sent.endpoints = eps_v;
-            }
-            let (_, ipv) = e.ipcache();
-            if first {
-                msg.ipcache = Some(e.ipcache_full());
-                sent.ipcache = ipv;
-            } else if ipv > sent.ipcache {
-                msg.ipcache = Some(
-                    e.ipcache_since(sent.ipcache)
-                        .unwrap_or_else(|| e.ipcache_full()),
-                );
-                sent.ipcache = ipv;
-            }
-            let (svcs, sv) = e.services();
-            if first || sv > sent.services {
-                msg.services = Some((*svcs).clone());
-                sent.services = sv;
-            }
-            let (ids, iv) = e.identities();
-            if first || iv > sent.identities {
-                msg.identities = Some((*ids).clone());
-                sent.identities = iv;
-            }
-            sent.started = true;
-            let any = msg.node.is_some()
-                || msg.endpoints.is_some()
-                || msg.ipcache.is_some()
-                || msg.services.is_some()
-                || msg.identities.is_some();
-            any.then_some(msg)
-        })
+    /// The next message for a node's stream (see [`cortexflow_operator_core::stream`]).
+    pub fn next_config(&self, node: &str, cursor: &mut Cursor) -> Option<NodeConfig> {
+        self.read(|e| e.next_config(node, cursor, self.wire_version(e.version())))
+    }
+}
+
+impl crate::grpc::Configs for Store {
+    fn versions(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn next_config(&self, node: &str, cursor: &mut Cursor) -> Option<NodeConfig> {
+        Store::next_config(self, node, cursor)
+    }
+
+    fn stream_opened(&self) -> Box<dyn Send> {
+        Box::new(self.connect())
     }
 }
 
 /// Uncounts a config stream on drop.
-pub struct ConnectedGuard(Arc<Store>);
+pub struct ConnectedGuard {
+    connected: Arc<AtomicU64>,
+    metrics: OperatorMetrics,
+}
 
 impl Drop for ConnectedGuard {
     fn drop(&mut self) {
         let n = self
-            .0
             .connected
             .fetch_sub(1, Ordering::Relaxed)
             .saturating_sub(1);
-        self.0.metrics.connected_agents.record(n, &[]);
+        self.metrics.connected_agents.record(n, &[]);
     }
 }
 
 fn change_kind(c: &Change) -> &'static str {
-    let k = match c {
-        Change::Apply(o) => o.kind(),
-        Change::Delete(k, _) | Change::Reset(k, _) => *k,
-        Change::Allocations(_) => return "Allocations",
-    };
-    match k {
-        Kind::Namespace => "Namespace",
-        Kind::Pod => "Pod",
-        Kind::ServiceIdentity => "ServiceIdentity",
-        Kind::MeshPolicy => "MeshPolicy",
-        Kind::Service => "Service",
-        Kind::EndpointSlice => "EndpointSlice",
-        Kind::Node => "Node",
+    match c {
+        Change::Apply(o) => o.kind().as_str(),
+        Change::Delete(k, _) | Change::Reset(k, _) => k.as_str(),
+        Change::Allocations(_) => "Allocations",
     }
 }
 
 /// The engine task: takes changes off `rx`, coalesces bursts (everything queued goes into one
-/// batch) and applies them.
-pub async fn run_engine(store: Arc<Store>, mut rx: mpsc::Receiver<Change>) {
-    while let Some(first) = rx.recv().await {
+/// batch, up to 4 096) and applies them, one `engine` span per pass. Ends on the drain; the
+/// watches going away before that is a failure.
+pub async fn run_engine(
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Change>,
+    drain: Watcher,
+) -> anyhow::Result<()> {
+    loop {
+        let first = tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => c,
+                None => anyhow::bail!("every watch is gone"),
+            },
+            () = drain.signaled() => return Ok(()),
+        };
         let mut batch = vec![first];
         while batch.len() < 4096 {
             match rx.try_recv() {
@@ -293,15 +248,31 @@ pub async fn run_engine(store: Arc<Store>, mut rx: mpsc::Receiver<Change>) {
                 Err(_) => break,
             }
         }
-        let span = tracing::debug_span!("apply", changes = batch.len());
-        let _g = span.enter();
-        let up = store.apply(batch);
-        tracing::debug!(
-            version = up.version,
-            nodes = up.nodes.len(),
-            ipcache = up.ipcache,
-            services = up.services,
-            "applied"
+        let kinds: BTreeSet<&'static str> = batch.iter().map(change_kind).collect();
+        let span = tracing::info_span!(
+            "engine",
+            changes = batch.len(),
+            kinds = ?kinds,
+            version = tracing::field::Empty
         );
+        let up = span.in_scope(|| store.apply(batch));
+        span.record("version", up.version);
+        span.in_scope(|| {
+            tracing::debug!(
+                nodes = up.nodes.len(),
+                ipcache = up.ipcache,
+                services = up.services,
+                policies = up.policies.len(),
+                "applied"
+            )
+        });
     }
+}
+
+/// Locks a mutex of the store. A poisoned one means a task panicked while it held it: its
+/// content may be half-written, so it is never used again (the caller panics too; a critical
+/// task's panic ends the process).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock()
+        .expect("a store lock is poisoned: a task panicked while holding it")
 }

@@ -4,8 +4,10 @@ use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 
 use cortexflow_domain::{self as domain, Action, Mode, NodeConfig};
 use cortexflow_operator::{
-    grpc::AgentConfigService, lease::Leadership, metrics::OperatorMetrics, store::Store,
+    ReplicaReports, grpc::AgentConfigService, lease::Leadership, metrics::OperatorMetrics,
+    store::Store,
 };
+use cortexflow_runtime::drain;
 use cortexflow_operator_core::{
     Change, EngineConfig, ObjKey, Object,
     model::{MeshPolicy, Node, Pod, PolicyPeer, PolicyRule, Ref},
@@ -18,7 +20,7 @@ use tonic::transport::Channel;
 struct Server {
     store: Arc<Store>,
     addr: std::net::SocketAddr,
-    shutdown: watch::Sender<bool>,
+    shutdown: drain::Trigger,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -26,25 +28,27 @@ async fn server() -> Server {
     let telemetry = cortexflow_runtime::Metrics::new("test").unwrap();
     let metrics = OperatorMetrics::new(&telemetry);
     let store = Store::new(EngineConfig::default(), metrics.clone());
-    let (shutdown, rx) = watch::channel(false);
+    let (shutdown, watcher) = drain::channel();
     let leadership = watch::channel(Leadership {
         is_leader: true,
         ..Default::default()
     })
     .1;
-    let (fwd, _fwd_rx) = mpsc::channel(16);
-    let svc = AgentConfigService::new(store.clone(), metrics, rx.clone(), leadership, fwd);
+    let (forward, _fwd_rx) = mpsc::channel(16);
+    let reports = Arc::new(ReplicaReports {
+        store: store.clone(),
+        leadership,
+        forward,
+    });
+    let svc = AgentConfigService::new(store.clone(), reports, metrics, watcher.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut stop = rx;
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(svc.into_server())
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = stop.changed().await;
-                },
+                watcher.into_signaled(),
             )
             .await;
     });
@@ -186,7 +190,7 @@ async fn a_subscriber_gets_a_snapshot_then_exactly_the_changes() {
     assert_eq!(ip.upserts.len(), 1);
     assert_eq!(ip.upserts[0].0, Ipv4Addr::new(10, 244, 0, 4));
 
-    let _ = s.shutdown.send(true);
+    s.shutdown.start();
     let _ = s.task.await;
 }
 
@@ -234,7 +238,7 @@ async fn a_slow_agent_only_sees_the_latest_state() {
         "intermediate versions were skipped, not queued: {received} messages"
     );
     assert!(first.full);
-    let _ = s.shutdown.send(true);
+    s.shutdown.start();
     let _ = s.task.await;
 }
 
@@ -259,7 +263,7 @@ async fn streams_close_cleanly_on_shutdown_and_bad_requests_are_refused() {
         .unwrap()
         .into_inner();
     let _ = next(&mut stream).await;
-    let _ = s.shutdown.send(true);
+    s.shutdown.start();
     let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
         .expect("ends promptly");
@@ -303,7 +307,7 @@ async fn reports_reach_the_store() {
     assert_eq!(reports["n1"].applied_version, 42);
     assert!(reports["n1"].policies.iter().any(|p| p.generation == 3));
     assert!(reports["n1"].programmed.contains("shop/db-0"));
-    let _ = s.shutdown.send(true);
+    s.shutdown.start();
     let _ = s.task.await;
     let _ = Labels::new();
 }

@@ -61,18 +61,57 @@ pub enum Change {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cond {
     pub status: bool,
-    pub reason: String,
+    pub reason: CondReason,
     pub message: String,
 }
 
 impl Cond {
-    fn new(status: bool, reason: &str, message: impl Into<String>) -> Self {
+    fn new(status: bool, reason: CondReason, message: impl Into<String>) -> Self {
         Self {
             status,
-            reason: reason.into(),
+            reason,
             message: message.into(),
         }
     }
+}
+
+/// Why a condition the engine computes has its status. The operator writes each as the reason
+/// string of `cortexflow_crds::conditions::reasons` (one `match`, so none is forgotten).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CondReason {
+    /// MeshPolicy `Accepted=True`.
+    Accepted,
+    /// MeshPolicy `Accepted=False` and `ResolvedRefs=False`: it cannot be compiled.
+    Invalid,
+    /// `ResolvedRefs=True`.
+    ResolvedRefs,
+    /// `ResolvedRefs=False`: references that point at nothing.
+    IdentityNotFound,
+    /// Waiting for a number from the id table.
+    Pending,
+    /// ServiceIdentity `Accepted=True`.
+    Allocated,
+    /// ServiceIdentity `Accepted=False`.
+    InvalidSelector,
+    /// `Conflict=True`.
+    ClaimedByOlderIdentity,
+    /// `Conflict=False`.
+    NoConflict,
+}
+
+impl CondReason {
+    /// Every reason.
+    pub const ALL: [CondReason; 9] = [
+        CondReason::Accepted,
+        CondReason::Invalid,
+        CondReason::ResolvedRefs,
+        CondReason::IdentityNotFound,
+        CondReason::Pending,
+        CondReason::Allocated,
+        CondReason::InvalidSelector,
+        CondReason::ClaimedByOlderIdentity,
+        CondReason::NoConflict,
+    ];
 }
 
 /// What a ServiceIdentity's status should say.
@@ -740,9 +779,9 @@ impl Engine {
                 })
                 .unwrap_or(0);
             let accepted = match (&s.selector, id) {
-                (Err(e), _) => Cond::new(false, "InvalidSelector", e.clone()),
-                (Ok(_), Some(id)) => Cond::new(true, "Allocated", format!("identity {id}")),
-                (Ok(_), None) => Cond::new(false, "Pending", "waiting for an identity number"),
+                (Err(e), _) => Cond::new(false, CondReason::InvalidSelector, e.clone()),
+                (Ok(_), Some(id)) => Cond::new(true, CondReason::Allocated, format!("identity {id}")),
+                (Ok(_), None) => Cond::new(false, CondReason::Pending, "waiting for an identity number"),
             };
             // Pods this identity selects that an older one claims.
             let mut lost: BTreeMap<&ObjKey, Vec<&ObjKey>> = BTreeMap::new();
@@ -754,7 +793,7 @@ impl Engine {
             let conflict = match lost.iter().next() {
                 Some((older, pods)) => Cond::new(
                     true,
-                    "ClaimedByOlderIdentity",
+                    CondReason::ClaimedByOlderIdentity,
                     format!(
                         "{} pod(s) (first {}) carry the older ServiceIdentity {}",
                         lost.values().map(Vec::len).sum::<usize>(),
@@ -764,7 +803,7 @@ impl Engine {
                 ),
                 None => Cond::new(
                     false,
-                    "NoConflict",
+                    CondReason::NoConflict,
                     "no selected pod is claimed by an older ServiceIdentity",
                 ),
             };
@@ -812,11 +851,11 @@ impl Engine {
             Some(number) => match self.compile(&p, number) {
                 Ok((c, deps, missing)) => {
                     let resolved = if missing.is_empty() {
-                        Cond::new(true, "ResolvedRefs", "every reference resolved")
+                        Cond::new(true, CondReason::ResolvedRefs, "every reference resolved")
                     } else {
                         Cond::new(
                             false,
-                            "IdentityNotFound",
+                            CondReason::IdentityNotFound,
                             format!("not found: {}", missing.join(", ")),
                         )
                     };
@@ -825,7 +864,7 @@ impl Engine {
                         deps,
                         Some(Cond::new(
                             true,
-                            "Accepted",
+                            CondReason::Accepted,
                             "the policy is valid and compiled",
                         )),
                         Some(resolved),
@@ -836,12 +875,12 @@ impl Engine {
                     Deps::default(),
                     Some(Cond::new(
                         false,
-                        "Invalid",
+                        CondReason::Invalid,
                         format!("{e}; the policy enforces nothing until it is fixed"),
                     )),
                     Some(Cond::new(
                         false,
-                        "Invalid",
+                        CondReason::Invalid,
                         "the policy could not be compiled",
                     )),
                 ),
@@ -851,9 +890,9 @@ impl Engine {
             generation: p.generation,
             pending: accepted.is_none(),
             accepted: accepted
-                .unwrap_or_else(|| Cond::new(false, "Pending", "waiting for a policy number")),
+                .unwrap_or_else(|| Cond::new(false, CondReason::Pending, "waiting for a policy number")),
             resolved_refs: resolved_refs
-                .unwrap_or_else(|| Cond::new(false, "Pending", "waiting for a policy number")),
+                .unwrap_or_else(|| Cond::new(false, CondReason::Pending, "waiting for a policy number")),
         };
         let enforcement_changed = compiled != old_compiled;
         if enforcement_changed {

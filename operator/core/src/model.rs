@@ -215,6 +215,32 @@ pub enum Kind {
     Node,
 }
 
+impl Kind {
+    /// Every kind, in the order the operator starts its watches.
+    pub const ALL: [Kind; 7] = [
+        Kind::Namespace,
+        Kind::Node,
+        Kind::Pod,
+        Kind::ServiceIdentity,
+        Kind::MeshPolicy,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
+
+    /// The Kubernetes kind name (a metric label value, a task name).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::ServiceIdentity => "ServiceIdentity",
+            Kind::MeshPolicy => "MeshPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+}
+
 impl Object {
     pub fn kind(&self) -> Kind {
         match self {
