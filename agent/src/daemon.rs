@@ -147,7 +147,8 @@ pub(crate) struct Ctx {
     pub(crate) config: watch::Sender<Arc<Received>>,
     pub(crate) report: watch::Sender<Reported>,
     pub(crate) ready: std::sync::Mutex<Option<cortexflow_runtime::ReadyGuard>>,
-    pub(crate) shutdown: drain::Watcher,
+    /// Sees the drain start (without holding it up: every loop is a supervised task).
+    pub(crate) shutdown: drain::Signal,
 }
 
 /// How long the agent drains on SIGTERM (streams end, servers finish).
@@ -216,20 +217,11 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         config: config_tx,
         report: report_tx,
         ready: std::sync::Mutex::new(Some(ready)),
-        shutdown: drain.clone(),
+        shutdown: drain.signal(),
     });
 
-    // The datapath thread: a thread, not a task, so its end is watched here.
-    {
-        let ended = started.ended;
-        let drain = drain.clone();
-        sup.spawn("datapath", async move {
-            tokio::select! {
-                why = ended => anyhow::bail!("the datapath thread {}", why.unwrap_or("is gone")),
-                () = drain.signaled() => Ok(()),
-            }
-        });
-    }
+    // The datapath thread: a thread, not a task, so its end is watched here (the test hook
+    // makes the thread itself panic).
     if let Some(injected) = sup.injected_failure("datapath") {
         let ctx = ctx.clone();
         sup.spawn_startup("datapath failure hook", async move {
@@ -238,6 +230,16 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
                 () = ctx.shutdown.signaled() => {}
             }
             Ok(())
+        });
+    }
+    {
+        let ended = started.ended;
+        let drain = drain.clone();
+        sup.spawn("datapath", async move {
+            tokio::select! {
+                why = ended => anyhow::bail!("the datapath thread {}", why.unwrap_or("is gone")),
+                () = drain.signaled() => Ok(()),
+            }
         });
     }
 
@@ -275,15 +277,22 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     }
 
     // Admin.
-    let (admin_addr, admin) =
-        cortexflow_runtime::serve_admin(args.admin_addr, telemetry.clone(), readiness, drain.clone())
-            .await
-            .with_context(|| format!("bind admin {}", args.admin_addr))?;
+    let (admin_addr, admin) = cortexflow_runtime::serve_admin(
+        args.admin_addr,
+        telemetry.clone(),
+        readiness,
+        drain.clone(),
+    )
+    .await
+    .with_context(|| format!("bind admin {}", args.admin_addr))?;
     tracing::info!(addr = %admin_addr, "serving /metrics, /healthz, /readyz");
     sup.spawn("admin", admin);
 
     sup.spawn("usage", control::usage_loop(ctx.clone()));
-    sup.spawn("notices", control::notices_loop(ctx.clone(), started.notices));
+    sup.spawn(
+        "notices",
+        control::notices_loop(ctx.clone(), started.notices),
+    );
     sup.spawn("reports", control::report_loop(ctx.clone()));
     sup.spawn("subscription", control::subscribe_loop(ctx.clone()));
     drop(drain);

@@ -5,8 +5,8 @@ use std::{net::Ipv4Addr, pin::Pin, sync::Arc};
 use aya::maps::{MapData, RingBuf};
 use cortexflow_common::{DIR_EGRESS, FlowEvent, Reason, verdict_name};
 use cortexflow_proto::flows::v1;
-use futures::Stream;
 use cortexflow_runtime::drain::Watcher;
+use futures::Stream;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 

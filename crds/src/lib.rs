@@ -236,11 +236,18 @@ mod tests {
             .copied()
             .filter(|name| !doc.contains(&format!("`{name}`")))
             .collect();
-        assert!(missing.is_empty(), "docs/policy.md does not name {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "docs/policy.md does not name {missing:?}"
+        );
         let mut unique = conditions::reasons::ALL.to_vec();
         unique.sort();
         unique.dedup();
-        assert_eq!(unique.len(), conditions::reasons::ALL.len(), "a reason listed twice");
+        assert_eq!(
+            unique.len(),
+            conditions::reasons::ALL.len(),
+            "a reason listed twice"
+        );
     }
 
     /// Every property of both schemas carries a description, so `kubectl explain` helps.

@@ -35,6 +35,10 @@ fn main() -> ExitCode {
                 "two_replicas_one_status_writer_and_handover_on_death",
                 two_replicas,
             ),
+            test(
+                "any_dead_task_ends_the_operator_within_a_second",
+                dead_task_ends_the_operator,
+            ),
         ],
         true,
     )
@@ -48,6 +52,7 @@ fn options(ctx: &Ctx, identity: &str, lease_secs: u64) -> OperatorOptions {
         identity: identity.into(),
         lease_duration_secs: lease_secs,
         log_dir: ctx.dir.join("logs"),
+        env: Vec::new(),
     }
 }
 
@@ -455,6 +460,77 @@ async fn two_replicas(ctx: Ctx) -> anyhow::Result<()> {
             .metric("cortexflow_operator_status_writes_total")
             .await?
             > 0.0
+    );
+    Ok(())
+}
+
+/// Every long-running task the supervisor registered, killed one at a time (the supervisor's
+/// test hook panics the named task on SIGUSR2, from inside it, as a bug would): the process
+/// must exit non-zero within a second, naming the task — never stay up answering `/readyz`.
+/// The task list comes from the operator itself, so a task added later is covered too.
+async fn dead_task_ends_the_operator(ctx: Ctx) -> anyhow::Result<()> {
+    let mut probe = start(&ctx, "op-tasks", 15).await?;
+    let tasks = probe.daemon.supervised_tasks();
+    probe.daemon.stop(Duration::from_secs(10));
+    for must in [
+        "engine",
+        "lease",
+        "grpc",
+        "admin",
+        "watch/Pod",
+        "readiness gate",
+    ] {
+        ensure!(
+            tasks.iter().any(|t| t == must),
+            "task {must} is not supervised: {tasks:?}"
+        );
+    }
+    // One operator per task, a few started together (each waits for its initial sync; a
+    // machine busy with many starting operators would measure the load, not the exit).
+    let mut slowest = Duration::ZERO;
+    for batch in tasks.chunks(4) {
+        let mut ops = Vec::new();
+        for task in batch {
+            let mut o = options(
+                &ctx,
+                &format!("op-kill-{}", task.replace(['/', ' '], "-")),
+                15,
+            );
+            o.env.push(("CORTEXFLOW_FAIL_TASK".into(), task.clone()));
+            ops.push((task.clone(), Operator::start(&o)?));
+        }
+        for (_, op) in &mut ops {
+            op.wait_ready(Duration::from_secs(60)).await?;
+        }
+        for (task, op) in &mut ops {
+            let t = std::time::Instant::now();
+            op.daemon.signal(nix::sys::signal::Signal::SIGUSR2)?;
+            let status =
+                tokio::task::block_in_place(|| op.daemon.wait_exit(Duration::from_secs(5)));
+            let took = t.elapsed();
+            let log = op.daemon.log();
+            let status = status
+                .with_context(|| format!("the operator lived on after task {task} died:\n{log}"))?;
+            ensure!(
+                status.code() == Some(1),
+                "task {task}: exit {status} (want 1)\n{log}"
+            );
+            ensure!(
+                took < Duration::from_secs(1),
+                "task {task}: the operator took {took:?} to exit"
+            );
+            ensure!(
+                log.contains(&format!("task {task} panicked: injected failure")),
+                "task {task}: the log does not say which task died:\n{log}"
+            );
+            eprintln!("  {task}: exit 1 after {:.0} ms", took.as_secs_f64() * 1e3);
+            slowest = slowest.max(took);
+        }
+    }
+    eprintln!(
+        "{} tasks killed one by one; slowest exit {:.0} ms",
+        tasks.len(),
+        slowest.as_secs_f64() * 1e3
     );
     Ok(())
 }

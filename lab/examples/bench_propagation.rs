@@ -224,6 +224,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         identity: "bench".into(),
         lease_duration_secs: 15,
         log_dir: cluster.dir().join("logs"),
+        env: Vec::new(),
     })?;
     op.wait_ready(Duration::from_secs(120)).await?;
     let pid = op.daemon.pid().context("operator pid")?;

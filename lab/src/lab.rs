@@ -130,6 +130,7 @@ impl Lab {
             identity: "operator-0".into(),
             lease_duration_secs: 15,
             log_dir: o.state_dir.join("logs"),
+            env: Vec::new(),
         };
         let mut operator = Operator::start(&operator_opts)?;
         operator.wait_ready(Duration::from_secs(60)).await?;

@@ -8,13 +8,13 @@
 use std::sync::Arc;
 
 use cortexflow_operator_core::Allocations;
+use cortexflow_runtime::drain::Watcher;
 use k8s_openapi::{api::core::v1::ConfigMap, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
 use opentelemetry::KeyValue;
-use cortexflow_runtime::drain::Watcher;
 use tokio::sync::watch;
 use tracing::Instrument as _;
 

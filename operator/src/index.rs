@@ -395,7 +395,6 @@ where
     }
 }
 
-
 /// What the watches feed.
 pub struct WatchSinks {
     /// The engine's changes.

@@ -9,13 +9,13 @@
 //! agent reports to it.
 use std::time::{Duration, Instant};
 
+use cortexflow_runtime::drain::Watcher;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
     jiff::Timestamp,
 };
 use kube::{Api, Client, api::PostParams};
-use cortexflow_runtime::drain::Watcher;
 use tokio::sync::watch;
 
 /// Annotation of the Lease carrying the holder's gRPC address.

@@ -12,6 +12,7 @@ use std::{
 use cortexflow_crds::conditions::{self, reasons};
 use cortexflow_domain::PolicyGeneration;
 use cortexflow_operator_core::{Cond, CondReason, Kind, ObjKey};
+use cortexflow_runtime::drain::Watcher;
 use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
 use kube::{
     Api, Client,
@@ -20,7 +21,6 @@ use kube::{
 };
 use opentelemetry::KeyValue;
 use serde_json::{Value, json};
-use cortexflow_runtime::drain::Watcher;
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
@@ -390,10 +390,17 @@ mod tests {
     fn every_engine_reason_is_a_distinct_reason_of_the_api() {
         let mut written: Vec<&str> = CondReason::ALL.iter().map(|r| reason(*r)).collect();
         for r in &written {
-            assert!(reasons::ALL.contains(r), "{r} is not in cortexflow_crds::conditions::reasons");
+            assert!(
+                reasons::ALL.contains(r),
+                "{r} is not in cortexflow_crds::conditions::reasons"
+            );
         }
         written.sort();
         written.dedup();
-        assert_eq!(written.len(), CondReason::ALL.len(), "two engine reasons map to one string");
+        assert_eq!(
+            written.len(),
+            CondReason::ALL.len(),
+            "two engine reasons map to one string"
+        );
     }
 }

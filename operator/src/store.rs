@@ -12,8 +12,8 @@ use std::{
 
 use cortexflow_domain::{AgentStatus, NodeConfig, PolicyGeneration};
 use cortexflow_operator_core::{Change, Cursor, Engine, EngineConfig, Kind, ObjKey};
-use opentelemetry::KeyValue;
 use cortexflow_runtime::drain::Watcher;
+use opentelemetry::KeyValue;
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::OperatorMetrics;

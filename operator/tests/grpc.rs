@@ -7,13 +7,13 @@ use cortexflow_operator::{
     ReplicaReports, grpc::AgentConfigService, lease::Leadership, metrics::OperatorMetrics,
     store::Store,
 };
-use cortexflow_runtime::drain;
 use cortexflow_operator_core::{
     Change, EngineConfig, ObjKey, Object,
     model::{MeshPolicy, Node, Pod, PolicyPeer, PolicyRule, Ref},
     selector::{Labels, Selector},
 };
 use cortexflow_proto::agent::v1::{self, agent_config_client::AgentConfigClient};
+use cortexflow_runtime::drain;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 

@@ -49,6 +49,25 @@ impl Watcher {
     pub fn is_draining(&self) -> bool {
         *self.signal.borrow()
     }
+
+    /// A view of the drain signal that the drain does not wait for: for state that lives as long
+    /// as the process (what the supervised tasks share), where a held watcher would keep every
+    /// drain waiting for its deadline.
+    pub fn signal(&self) -> Signal {
+        Signal(self.signal.clone())
+    }
+}
+
+/// Sees the drain start, without holding it up (see [`Watcher::signal`]).
+#[derive(Clone, Debug)]
+pub struct Signal(watch::Receiver<bool>);
+
+impl Signal {
+    /// Resolves once the drain has started (also when the trigger is gone).
+    pub async fn signaled(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|draining| *draining).await;
+    }
 }
 
 /// Starts the drain.
@@ -104,9 +123,16 @@ mod tests {
         drop(watcher);
         assert!(!done.iter().any(|d| d.is_finished()));
         let t = std::time::Instant::now();
-        assert_eq!(trigger.drain(Duration::from_secs(5)).await, Drained::Graceful);
+        assert_eq!(
+            trigger.drain(Duration::from_secs(5)).await,
+            Drained::Graceful
+        );
         // It waited for the slowest one (40 ms), not for the deadline.
-        assert!(t.elapsed() >= Duration::from_millis(40), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(40),
+            "{:?}",
+            t.elapsed()
+        );
         assert!(t.elapsed() < Duration::from_secs(5));
         for d in done {
             assert!(d.is_finished());
@@ -125,6 +151,22 @@ mod tests {
         );
         assert!(t.elapsed() >= Duration::from_millis(100));
         assert!(held.is_draining());
+    }
+
+    #[tokio::test]
+    async fn a_signal_sees_the_drain_without_holding_it_up() {
+        let (trigger, watcher) = channel();
+        let signal = watcher.signal();
+        drop(watcher);
+        let t = std::time::Instant::now();
+        assert_eq!(
+            trigger.drain(Duration::from_secs(5)).await,
+            Drained::Graceful
+        );
+        assert!(t.elapsed() < Duration::from_secs(1));
+        tokio::time::timeout(Duration::from_secs(1), signal.signaled())
+            .await
+            .expect("the signal saw the drain");
     }
 
     #[tokio::test]

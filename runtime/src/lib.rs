@@ -26,6 +26,6 @@ pub mod supervisor;
 pub use admin::serve_admin;
 pub use logging::{LogFormat, init_logging};
 pub use metrics::Metrics;
-pub use readiness::{ReadyGuard, Readiness};
+pub use readiness::{Readiness, ReadyGuard};
 pub use signal::shutdown_signal;
 pub use supervisor::{Exit, Supervisor};

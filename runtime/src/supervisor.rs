@@ -112,15 +112,33 @@ impl Supervisor {
 
     /// The names of the registered tasks that have not ended yet.
     pub fn names(&self) -> Vec<String> {
-        let mut n: Vec<String> = self.tasks.values().map(|(n, _)| n.clone()).collect();
+        self.names_of(None)
+    }
+
+    fn names_of(&self, kind: Option<Kind>) -> Vec<String> {
+        let mut n: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|(_, k)| kind.is_none_or(|want| *k == want))
+            .map(|(n, _)| n.clone())
+            .collect();
         n.sort();
         n
     }
 
     /// For work that is not a task of this supervisor (a thread): resolves when the test hook
-    /// names `name` and SIGUSR2 arrives; `None` when the hook does not name it.
-    pub fn injected_failure(&self, name: &str) -> Option<impl Future<Output = ()> + Send + use<>> {
-        (self.inject.as_deref() == Some(name)).then(sigusr2)
+    /// names `name` and SIGUSR2 arrives; `None` when the hook does not name it. Claims the hook:
+    /// a task spawned later under that name is not failed by it (the caller injects the failure
+    /// where it belongs, and the task reports it).
+    pub fn injected_failure(
+        &mut self,
+        name: &str,
+    ) -> Option<impl Future<Output = ()> + Send + use<>> {
+        if self.inject.as_deref() != Some(name) {
+            return None;
+        }
+        self.inject = None;
+        Some(sigusr2())
     }
 
     fn add<F>(&mut self, name: String, kind: Kind, task: F)
@@ -128,7 +146,9 @@ impl Supervisor {
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let span = tracing::info_span!("task", task = %name);
-        let injected = self.injected_failure(&name).map(|f| Box::pin(f) as BoxFuture);
+        let injected = self
+            .injected_failure(&name)
+            .map(|f| Box::pin(f) as BoxFuture);
         let hook_name = name.clone();
         let task = async move {
             match injected {
@@ -160,7 +180,11 @@ impl Supervisor {
         grace: Duration,
         mut signal: impl FnMut() -> BoxFuture,
     ) -> Exit {
-        tracing::info!(tasks = ?self.names(), "supervising");
+        tracing::info!(
+            tasks = ?self.names_of(Some(Kind::Service)),
+            startup = ?self.names_of(Some(Kind::Startup)),
+            "supervising"
+        );
         let failure = {
             let mut first = signal();
             loop {
@@ -341,11 +365,16 @@ mod tests {
         });
         let (_tx, signal) = signals();
         let t = Instant::now();
-        let exit = sup.run_until(trigger, Duration::from_secs(30), signal).await;
+        let exit = sup
+            .run_until(trigger, Duration::from_secs(30), signal)
+            .await;
         let Exit::Failed(reason) = &exit else {
             panic!("{exit:?}")
         };
-        assert!(reason.contains("task engine panicked: index out of bounds"), "{reason}");
+        assert!(
+            reason.contains("task engine panicked: index out of bounds"),
+            "{reason}"
+        );
         assert_eq!(exit.code(), 1);
         // The other tasks were drained, within the short grace of a failure.
         assert!(stopped.load(Ordering::SeqCst));
@@ -356,14 +385,20 @@ mod tests {
     async fn a_task_that_returns_or_fails_before_shutdown_is_a_failure() {
         for (result, expected) in [
             (Ok(()), "task grpc ended"),
-            (Err(anyhow::anyhow!("bind: address in use")), "task grpc failed: bind: address in use"),
+            (
+                Err(anyhow::anyhow!("bind: address in use")),
+                "task grpc failed: bind: address in use",
+            ),
         ] {
             let (trigger, watcher) = drain::channel();
             let mut sup = Supervisor::new();
             sup.spawn("grpc", async move { result });
             sup.spawn("admin", service(watcher));
             let (_tx, signal) = signals();
-            match sup.run_until(trigger, Duration::from_secs(30), signal).await {
+            match sup
+                .run_until(trigger, Duration::from_secs(30), signal)
+                .await
+            {
                 Exit::Failed(r) => assert_eq!(r, expected),
                 other => panic!("{other:?}"),
             }
@@ -379,13 +414,18 @@ mod tests {
         let (tx, signal) = signals();
         let run = tokio::spawn(sup.run_until(trigger, Duration::from_secs(5), signal));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!run.is_finished(), "a finished start-up task is not a failure");
+        assert!(
+            !run.is_finished(),
+            "a finished start-up task is not a failure"
+        );
         tx.send(()).expect("signal");
         assert!(matches!(run.await.expect("join"), Exit::Clean));
 
         let (trigger, _watcher) = drain::channel();
         let mut sup = Supervisor::new();
-        sup.spawn_startup("initial sync", async { anyhow::bail!("the id table is invalid") });
+        sup.spawn_startup("initial sync", async {
+            anyhow::bail!("the id table is invalid")
+        });
         let (_tx, signal) = signals();
         match sup.run_until(trigger, Duration::from_secs(5), signal).await {
             Exit::Failed(r) => assert_eq!(r, "task initial sync failed: the id table is invalid"),
@@ -420,7 +460,8 @@ mod tests {
         tx.send(()).expect("signal");
         let t = Instant::now();
         assert!(matches!(
-            sup.run_until(trigger, Duration::from_millis(200), signal).await,
+            sup.run_until(trigger, Duration::from_millis(200), signal)
+                .await,
             Exit::Forced
         ));
         assert!(t.elapsed() >= Duration::from_millis(200));
@@ -436,7 +477,9 @@ mod tests {
         tx.send(()).expect("first signal");
         tx.send(()).expect("second signal");
         let t = Instant::now();
-        let exit = sup.run_until(trigger, Duration::from_secs(60), signal).await;
+        let exit = sup
+            .run_until(trigger, Duration::from_secs(60), signal)
+            .await;
         assert!(matches!(exit, Exit::Interrupted), "{exit:?}");
         assert_eq!(exit.code(), 130);
         assert!(t.elapsed() < Duration::from_secs(1));

@@ -91,6 +91,15 @@ impl Agent {
 
     /// Starts an agent subscribed to `operator` (an `http://` URL).
     pub fn start_agent(&mut self, operator: &str) -> anyhow::Result<()> {
+        self.start_agent_with(operator, &[])
+    }
+
+    /// [`Agent::start_agent`] with more environment (e.g. the supervisor's test hook).
+    pub fn start_agent_with(
+        &mut self,
+        operator: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<()> {
         if self.daemon.is_some() {
             bail!("an agent already runs on {}", self.name);
         }
@@ -119,14 +128,26 @@ impl Agent {
         .map(|s| s.to_string())
         .collect();
         args.extend(self.extra_args.iter().cloned());
+        let mut all_env = vec![("RUST_LOG", "info".to_string())];
+        all_env.extend(env.iter().cloned());
         self.daemon = Some(Daemon::start(
             &format!("agent-{}", self.name),
             &self.pins.agent_bin,
             &args,
-            &[("RUST_LOG", "info".into())],
+            &all_env,
             self.log_path(self.starts),
         )?);
         Ok(())
+    }
+
+    /// The agent process, once started (it may have exited since).
+    pub fn daemon(&mut self) -> Option<&mut Daemon> {
+        self.daemon.as_mut()
+    }
+
+    /// Forgets the agent process (after it exited by itself), so that another can start.
+    pub fn forget_agent(&mut self) {
+        self.daemon = None;
     }
 
     /// The running agent. Panics when none runs.

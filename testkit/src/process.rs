@@ -88,6 +88,52 @@ impl Daemon {
         }
     }
 
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status, or `None`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.child.as_mut()?.try_wait().ok().flatten();
+            if let Some(st) = st {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The long-running tasks its supervisor registered, from the `supervising` line of its log
+    /// (`cortexflow_runtime::Supervisor`); empty when the line is not there (yet).
+    pub fn supervised_tasks(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .find(|l| l.contains("supervising"))
+            .and_then(|l| {
+                let list = l.split("tasks=[").nth(1)?.split(']').next()?;
+                Some(
+                    list.split(", ")
+                        .map(|n| n.trim_matches('"').to_string())
+                        .filter(|n| !n.is_empty())
+                        .collect(),
+                )
+            })
+            .unwrap_or_default()
+    }
+
+    /// Its whole log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Whether it still runs.
     pub fn running(&mut self) -> bool {
         self.child
@@ -127,6 +173,8 @@ pub struct OperatorOptions {
     pub lease_duration_secs: u64,
     /// Directory for the log file.
     pub log_dir: PathBuf,
+    /// More environment (e.g. the supervisor's test hook).
+    pub env: Vec<(String, String)>,
 }
 
 impl Operator {
@@ -151,13 +199,14 @@ impl Operator {
             format!("--identity={}", o.identity),
             format!("--lease-duration-secs={}", o.lease_duration_secs),
         ];
-        let env = [
+        let mut env = vec![
             ("KUBECONFIG", o.kubeconfig.display().to_string()),
             (
                 "RUST_LOG",
                 "info,cortexflow_operator=debug,kube=warn,tower=warn,hyper=warn".to_string(),
             ),
         ];
+        env.extend(o.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
         let log = o.log_dir.join(format!("operator-{}.log", o.identity));
         let daemon = Daemon::start(&o.identity, &bin, &args, &env, log)?;
         Ok(Self {

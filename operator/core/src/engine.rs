@@ -780,8 +780,12 @@ impl Engine {
                 .unwrap_or(0);
             let accepted = match (&s.selector, id) {
                 (Err(e), _) => Cond::new(false, CondReason::InvalidSelector, e.clone()),
-                (Ok(_), Some(id)) => Cond::new(true, CondReason::Allocated, format!("identity {id}")),
-                (Ok(_), None) => Cond::new(false, CondReason::Pending, "waiting for an identity number"),
+                (Ok(_), Some(id)) => {
+                    Cond::new(true, CondReason::Allocated, format!("identity {id}"))
+                }
+                (Ok(_), None) => {
+                    Cond::new(false, CondReason::Pending, "waiting for an identity number")
+                }
             };
             // Pods this identity selects that an older one claims.
             let mut lost: BTreeMap<&ObjKey, Vec<&ObjKey>> = BTreeMap::new();
@@ -889,10 +893,12 @@ impl Engine {
         let status = PolicyStatus {
             generation: p.generation,
             pending: accepted.is_none(),
-            accepted: accepted
-                .unwrap_or_else(|| Cond::new(false, CondReason::Pending, "waiting for a policy number")),
-            resolved_refs: resolved_refs
-                .unwrap_or_else(|| Cond::new(false, CondReason::Pending, "waiting for a policy number")),
+            accepted: accepted.unwrap_or_else(|| {
+                Cond::new(false, CondReason::Pending, "waiting for a policy number")
+            }),
+            resolved_refs: resolved_refs.unwrap_or_else(|| {
+                Cond::new(false, CondReason::Pending, "waiting for a policy number")
+            }),
         };
         let enforcement_changed = compiled != old_compiled;
         if enforcement_changed {

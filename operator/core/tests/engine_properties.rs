@@ -426,7 +426,9 @@ fn an_invalid_policy_is_refused_and_enforces_nothing() {
     assert_eq!(rules(&e), 1);
     e.apply(vec![Change::Apply(policy(2, "10.0.0.0/99"))]);
     let st = e.policy_status(&ObjKey::new("shop", "p")).unwrap();
-    assert!(!st.accepted.status && st.accepted.reason == cortexflow_operator_core::CondReason::Invalid);
+    assert!(
+        !st.accepted.status && st.accepted.reason == cortexflow_operator_core::CondReason::Invalid
+    );
     assert!(
         st.accepted
             .message
