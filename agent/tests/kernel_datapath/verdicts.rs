@@ -1,0 +1,303 @@
+//! `BPF_PROG_TEST_RUN` of every verdict path on crafted packets.
+use super::*;
+
+pub(crate) fn loads_and_passes_the_verifier() {
+    let mut t = TestDatapath::new();
+    for name in [programs::FROM_POD, programs::TO_POD] {
+        t.dp().classifier(name).expect("classifier loaded");
+    }
+    assert!(t.pin_dir.join("maps/CF_POLICY").exists(), "maps are pinned");
+}
+
+pub(crate) struct Case {
+    name: &'static str,
+    policy: EndpointPolicy,
+    prog: &'static str,
+    pkt: Vec<u8>,
+    ret: i32,
+    /// (verdict, reason, rule) of the one event expected, if any.
+    event: Option<(u8, Reason, u32)>,
+}
+
+pub(crate) fn verdict_paths() {
+    let peer = Ipv4Addr::new(10, 0, 0, 20);
+    let node = Ipv4Addr::new(10, 0, 255, 1);
+    let ext = Ipv4Addr::new(192, 168, 7, 7);
+    let ipcache = [(peer, 301), (node, IDENTITY_HOST), (EP_IP, EP_ID)];
+    let allow_301_80 = EndpointPolicy {
+        ingress: vec![allow_tcp(11, 301, 80)],
+        egress: vec![allow_tcp(12, 301, 80)],
+    };
+    let deny_any = EndpointPolicy {
+        ingress: vec![
+            rule(20, Action::Allow, Mode::Enforce, Peers::Any, vec![]),
+            rule(
+                21,
+                Action::Deny,
+                Mode::Enforce,
+                ids(&[301]),
+                vec![tcp_ports(1, 1024)],
+            ),
+        ],
+        egress: vec![],
+    };
+    let audit = EndpointPolicy {
+        ingress: vec![
+            rule(30, Action::Allow, Mode::Audit, ids(&[302]), vec![]),
+            rule(
+                31,
+                Action::Deny,
+                Mode::Audit,
+                ids(&[301]),
+                vec![tcp_ports(443, 443)],
+            ),
+        ],
+        egress: vec![],
+    };
+    let block = EndpointPolicy {
+        ingress: vec![],
+        egress: vec![rule(
+            40,
+            Action::Allow,
+            Mode::Enforce,
+            Peers::Only(vec![Peer::IpBlock {
+                cidr: "192.168.0.0/16".parse().unwrap(),
+                except: vec!["192.168.7.0/24".parse().unwrap()],
+            }]),
+            vec![],
+        )],
+    };
+    let none = EndpointPolicy::default();
+    use common::{arp, bad_ihl, fragment, icmp, ipv6, tcp, udp};
+    let cases = vec![
+        Case {
+            name: "no policy: passes",
+            policy: none.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(peer, 4000, EP_IP, 80),
+            ret: PASS,
+            event: Some((VERDICT_ALLOWED, Reason::NoPolicy, 0)),
+        },
+        Case {
+            name: "allow rule matches",
+            policy: allow_301_80.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(peer, 4001, EP_IP, 80),
+            ret: PASS,
+            event: Some((VERDICT_ALLOWED, Reason::PolicyAllow, 11)),
+        },
+        Case {
+            name: "default deny: other port",
+            policy: allow_301_80.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(peer, 4002, EP_IP, 81),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::DefaultDeny, 0)),
+        },
+        Case {
+            name: "default deny: other protocol",
+            policy: allow_301_80.clone(),
+            prog: programs::TO_POD,
+            pkt: udp(peer, 4003, EP_IP, 80),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::DefaultDeny, 0)),
+        },
+        Case {
+            name: "egress allow",
+            policy: allow_301_80.clone(),
+            prog: programs::FROM_POD,
+            pkt: tcp(EP_IP, 4004, peer, 80),
+            ret: PASS,
+            event: Some((VERDICT_ALLOWED, Reason::PolicyAllow, 12)),
+        },
+        Case {
+            name: "egress default deny: world",
+            policy: allow_301_80.clone(),
+            prog: programs::FROM_POD,
+            pkt: tcp(EP_IP, 4005, ext, 80),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::DefaultDeny, 0)),
+        },
+        Case {
+            name: "host always reaches the pod",
+            policy: allow_301_80.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(node, 4006, EP_IP, 10250),
+            ret: PASS,
+            event: Some((VERDICT_ALLOWED, Reason::Host, 0)),
+        },
+        Case {
+            name: "deny beats allow",
+            policy: deny_any.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(peer, 4007, EP_IP, 22),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::PolicyDeny, 21)),
+        },
+        Case {
+            name: "deny does not cover the port",
+            policy: deny_any.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(peer, 4008, EP_IP, 8080),
+            ret: PASS,
+            event: Some((VERDICT_ALLOWED, Reason::PolicyAllow, 20)),
+        },
+        Case {
+            name: "audit deny reports, passes",
+            policy: audit.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(peer, 4009, EP_IP, 443),
+            ret: PASS,
+            event: Some((VERDICT_AUDIT, Reason::PolicyDeny, 31)),
+        },
+        Case {
+            name: "audit default deny reports, passes",
+            policy: audit.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(peer, 4010, EP_IP, 80),
+            ret: PASS,
+            event: Some((VERDICT_AUDIT, Reason::DefaultDeny, 0)),
+        },
+        Case {
+            name: "ipBlock allows",
+            policy: block.clone(),
+            prog: programs::FROM_POD,
+            pkt: tcp(EP_IP, 4011, Ipv4Addr::new(192, 168, 1, 1), 443),
+            ret: PASS,
+            event: Some((VERDICT_ALLOWED, Reason::PolicyAllow, 40)),
+        },
+        Case {
+            name: "ipBlock except drops",
+            policy: block.clone(),
+            prog: programs::FROM_POD,
+            pkt: tcp(EP_IP, 4012, ext, 443),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::DefaultDeny, 0)),
+        },
+        Case {
+            name: "ipBlock never matches pods",
+            policy: block.clone(),
+            prog: programs::FROM_POD,
+            pkt: tcp(EP_IP, 4013, peer, 443),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::DefaultDeny, 0)),
+        },
+        Case {
+            name: "icmp: matched by a rule without ports",
+            policy: deny_any.clone(),
+            prog: programs::TO_POD,
+            pkt: icmp(peer, EP_IP),
+            ret: PASS,
+            event: None,
+        },
+        Case {
+            name: "icmp: not matched by a port rule",
+            policy: allow_301_80.clone(),
+            prog: programs::TO_POD,
+            pkt: icmp(peer, EP_IP),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::DefaultDeny, 0)),
+        },
+        Case {
+            name: "ipv6 to an enforced endpoint drops",
+            policy: allow_301_80.clone(),
+            prog: programs::TO_POD,
+            pkt: ipv6(),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::Ipv6, 0)),
+        },
+        Case {
+            name: "ipv6 under audit only is reported",
+            policy: audit.clone(),
+            prog: programs::TO_POD,
+            pkt: ipv6(),
+            ret: PASS,
+            event: Some((VERDICT_AUDIT, Reason::Ipv6, 0)),
+        },
+        Case {
+            name: "ipv6 without policy passes",
+            policy: none.clone(),
+            prog: programs::TO_POD,
+            pkt: ipv6(),
+            ret: PASS,
+            event: None,
+        },
+        Case {
+            name: "fragment to an enforced endpoint drops",
+            policy: allow_301_80.clone(),
+            prog: programs::TO_POD,
+            pkt: fragment(peer, EP_IP),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::Fragment, 0)),
+        },
+        Case {
+            name: "fragment without policy passes",
+            policy: none.clone(),
+            prog: programs::TO_POD,
+            pkt: fragment(peer, EP_IP),
+            ret: PASS,
+            event: None,
+        },
+        Case {
+            name: "spoofed source drops",
+            policy: none.clone(),
+            prog: programs::FROM_POD,
+            pkt: tcp(peer, 4014, ext, 80),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::Spoofed, 0)),
+        },
+        Case {
+            name: "malformed drops",
+            policy: none.clone(),
+            prog: programs::TO_POD,
+            pkt: bad_ihl(),
+            ret: DROP,
+            event: None,
+        },
+        Case {
+            name: "arp passes",
+            policy: allow_301_80.clone(),
+            prog: programs::TO_POD,
+            pkt: arp(),
+            ret: PASS,
+            event: None,
+        },
+    ];
+    let (mut t, mut rb) = open();
+    let mut failures = Vec::new();
+    for c in cases {
+        t.dp()
+            .apply(&state(c.policy.clone(), &ipcache))
+            .expect("apply");
+        let _ = events(&mut rb);
+        let ret = test_run(&mut t, c.prog, &c.pkt);
+        let evs = events(&mut rb);
+        let got_event = evs.first().map(|e| {
+            (
+                e.verdict,
+                Reason::from_u8(e.reason).expect("reason"),
+                e.rule,
+            )
+        });
+        if ret != c.ret || got_event != c.event || evs.len() > 1 {
+            failures.push(format!(
+                "{}: ret {ret} (want {}), events {got_event:?} of {} (want {:?})",
+                c.name,
+                c.ret,
+                evs.len(),
+                c.event
+            ));
+        }
+    }
+    // Unmanaged: no endpoint at the interface.
+    t.dp().apply(&DesiredState::default()).expect("apply");
+    let ret = test_run(
+        &mut t,
+        programs::TO_POD,
+        &common::tcp(peer, 4015, EP_IP, 80),
+    );
+    if ret != PASS || !events(&mut rb).is_empty() {
+        failures.push(format!("unmanaged: ret {ret}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

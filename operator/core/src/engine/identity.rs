@@ -1,0 +1,148 @@
+//! Identities: every pod's identity key (the oldest ServiceIdentity of its namespace that
+//! selects it, else its service account's implicit identity), the ServiceIdentity statuses, and
+//! the list of identity names.
+use super::*;
+
+impl Engine {
+    pub(super) fn resolve_namespace(&self, ns: &str) -> NsState {
+        let mut sids: Vec<&ServiceIdentity> = self.sids_of(ns).collect();
+        sids.sort_by(|a, b| (a.created, &a.key.name).cmp(&(b.created, &b.key.name)));
+        let mut st = NsState::default();
+        for pod in self.pods_of(ns) {
+            if !pod.live() {
+                continue;
+            }
+            let key = match sids.iter().find(|s| s.selects(pod)) {
+                Some(s) => AllocKey::Sid(s.key.clone()),
+                None => AllocKey::Sa(ObjKey::new(ns, pod.service_account.clone())),
+            };
+            if let Some(id) = self.alloc.get(&key) {
+                st.identities.insert(id);
+            }
+            st.pod_keys.insert(pod.key.clone(), key);
+        }
+        st
+    }
+
+    pub(super) fn range<'a, V>(
+        map: &'a BTreeMap<ObjKey, V>,
+        ns: &str,
+    ) -> impl Iterator<Item = &'a V> {
+        let start = ObjKey::new(ns, "");
+        map.range(start..)
+            .take_while(move |(k, _)| &*k.namespace == ns)
+            .map(|(_, v)| v)
+    }
+
+    pub(super) fn pods_of<'a>(&'a self, ns: &str) -> impl Iterator<Item = &'a Pod> {
+        Self::range(&self.snap.pods, ns)
+    }
+
+    pub(super) fn sids_of<'a>(&'a self, ns: &str) -> impl Iterator<Item = &'a ServiceIdentity> {
+        Self::range(&self.snap.sids, ns)
+    }
+
+    pub(super) fn sid_statuses(&self, ns: &str) -> Vec<(ObjKey, SidStatus)> {
+        let mut sids: Vec<&ServiceIdentity> = self.sids_of(ns).collect();
+        sids.sort_by(|a, b| (a.created, &a.key.name).cmp(&(b.created, &b.key.name)));
+        let st = self.ns.get(ns);
+        let mut out = Vec::new();
+        for (i, s) in sids.iter().enumerate() {
+            let id = self.alloc.get(&AllocKey::Sid(s.key.clone()));
+            let endpoints = st
+                .map(|st| {
+                    st.pod_keys
+                        .values()
+                        .filter(|k| **k == AllocKey::Sid(s.key.clone()))
+                        .count() as u32
+                })
+                .unwrap_or(0);
+            let accepted = match (&s.selector, id) {
+                (Err(e), _) => Cond::new(false, CondReason::InvalidSelector, e.clone()),
+                (Ok(_), Some(id)) => {
+                    Cond::new(true, CondReason::Allocated, format!("identity {id}"))
+                }
+                (Ok(_), None) => {
+                    Cond::new(false, CondReason::Pending, "waiting for an identity number")
+                }
+            };
+            // Pods this identity selects that an older one claims.
+            let mut lost: BTreeMap<&ObjKey, Vec<&ObjKey>> = BTreeMap::new();
+            for pod in self.pods_of(ns).filter(|p| p.live() && s.selects(p)) {
+                if let Some(older) = sids[..i].iter().find(|o| o.selects(pod)) {
+                    lost.entry(&older.key).or_default().push(&pod.key);
+                }
+            }
+            let conflict = match lost.iter().next() {
+                Some((older, pods)) => Cond::new(
+                    true,
+                    CondReason::ClaimedByOlderIdentity,
+                    format!(
+                        "{} pod(s) (first {}) carry the older ServiceIdentity {}",
+                        lost.values().map(Vec::len).sum::<usize>(),
+                        pods[0],
+                        older
+                    ),
+                ),
+                None => Cond::new(
+                    false,
+                    CondReason::NoConflict,
+                    "no selected pod is claimed by an older ServiceIdentity",
+                ),
+            };
+            out.push((
+                s.key.clone(),
+                SidStatus {
+                    generation: s.generation,
+                    id,
+                    spiffe_id: format!(
+                        "spiffe://{}/ns/{}/sid/{}",
+                        self.cfg.trust_domain, ns, s.key.name
+                    ),
+                    endpoints,
+                    accepted,
+                    conflict,
+                },
+            ));
+        }
+        out
+    }
+
+    pub(super) fn pod_identity(&self, pod: &ObjKey) -> Option<u32> {
+        let key = self.ns.get(&pod.namespace)?.pod_keys.get(pod)?;
+        self.alloc.get(key)
+    }
+
+    pub(super) fn identity_list(&self) -> Vec<IdentityInfo> {
+        let mut keys: BTreeSet<&AllocKey> = BTreeSet::new();
+        for st in self.ns.values() {
+            keys.extend(st.pod_keys.values());
+        }
+        let sid_keys: Vec<AllocKey> = self
+            .snap
+            .sids
+            .keys()
+            .map(|k| AllocKey::Sid(k.clone()))
+            .collect();
+        keys.extend(sid_keys.iter());
+        let mut out: Vec<IdentityInfo> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let id = self.alloc.get(k)?;
+                let (kind, key) = match k {
+                    AllocKey::Sid(key) => ("sid", key),
+                    AllocKey::Sa(key) => ("sa", key),
+                    AllocKey::Policy(_) => return None,
+                };
+                Some(IdentityInfo {
+                    id,
+                    namespace: key.namespace.to_string(),
+                    name: key.name.to_string(),
+                    kind: kind.into(),
+                })
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
