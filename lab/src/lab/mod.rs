@@ -6,23 +6,29 @@
 //!
 //! Dropping a [`Lab`] removes everything it made: agents (and their pins), the operator, pods,
 //! namespaces, cgroups, links, the control plane and its state.
+//!
+//! This module is the life cycle (start, stop, what the lab prints, `exec`); [`probe`] runs
+//! probes inside pods and collects the agents' flow events; [`matrix`] is the demo's matrix.
+mod matrix;
+mod probe;
+
+pub use matrix::{Cell, Expected, Probe, TargetKind, demo_matrix, render};
+pub use probe::{FlowLog, probe_command};
+
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use cortexflow_proto::flows::v1::{self, flows_client::FlowsClient};
-use kube::Client;
-
 use cortexflow_testkit::{
     node::Agent,
     process::{Daemon, Operator, OperatorOptions, binary, free_port, http_get},
     workspace_root,
 };
+use kube::Client;
 
 use crate::{
     cluster::{Cluster, Lifetime},
@@ -248,142 +254,6 @@ impl Lab {
             .with_context(|| format!("service {namespace}/{name} has no ClusterIP ({ip:?})"))
     }
 
-    /// Runs the workload's `probe` inside a pod: `success NAME`, `refused`, `timeout`, ….
-    pub fn probe(
-        &self,
-        namespace: &str,
-        pod: &str,
-        protocol: &str,
-        target: &str,
-    ) -> anyhow::Result<String> {
-        let (netns, cgroup) = sim::locate(&self.state_dir, namespace, pod)?;
-        self.probe_in(&netns, &cgroup, protocol, target)
-    }
-
-    /// Runs the workload's `probe` on simulated node `index` itself (its network namespace and
-    /// cgroup): the source is the node's fabric address, which is `host` on that node and an
-    /// address outside the cluster's pods (`world`, or an `ipBlock`) everywhere else.
-    pub fn probe_from_node(
-        &self,
-        index: usize,
-        protocol: &str,
-        target: &str,
-    ) -> anyhow::Result<String> {
-        let n = self
-            .nodes
-            .get(index)
-            .with_context(|| format!("no node {index}"))?;
-        self.probe_in(&n.ns.name, &n.cgroup, protocol, target)
-    }
-
-    fn probe_in(
-        &self,
-        netns: &str,
-        cgroup: &Path,
-        protocol: &str,
-        target: &str,
-    ) -> anyhow::Result<String> {
-        let out = probe_command(&self.workload_bin, netns, cgroup, protocol, target)
-            .output()
-            .context("run the probe")?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
-    /// The verdict and reason the agents reported for the connection `source` opened with
-    /// `protocol` at `started` (waits for the events to arrive).
-    pub async fn verdict_since(
-        &self,
-        log: &FlowLog,
-        started: Instant,
-        source: Ipv4Addr,
-        protocol: &str,
-    ) -> (String, String) {
-        // Flow events reach the observers within tens of milliseconds.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        decisive(&log.since(started, source, protocol))
-    }
-
-    /// Streams every agent's flows into a shared list until the returned guard drops.
-    pub async fn observe_flows(&self) -> anyhow::Result<FlowLog> {
-        let flows = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for a in &self.agents {
-            let mut c = FlowsClient::connect(format!("http://{}", a.grpc))
-                .await
-                .with_context(|| format!("connect to the Flows API of {}", a.name))?;
-            let mut stream = c.observe(v1::ObserveRequest::default()).await?.into_inner();
-            let flows = flows.clone();
-            tasks.push(tokio::spawn(async move {
-                while let Ok(Some(f)) = stream.message().await {
-                    if let Ok(mut v) = flows.lock() {
-                        v.push((Instant::now(), f));
-                    }
-                }
-            }));
-        }
-        Ok(FlowLog { flows, tasks })
-    }
-
-    /// Probes the demo's matrix (see [`demo_matrix`]), one probe at a time, and describes each
-    /// with the flow events the agents reported for it.
-    pub async fn matrix(&self) -> anyhow::Result<Vec<Cell>> {
-        let log = self.observe_flows().await?;
-        // The streams are open once the agents accept them; give them a moment.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut cells = Vec::new();
-        for p in demo_matrix() {
-            cells.push(self.check(&log, &p).await?);
-        }
-        Ok(cells)
-    }
-
-    /// Runs one probe and describes it with the flow events the agents reported for it (`log`
-    /// must be observing).
-    pub async fn check(&self, log: &FlowLog, p: &Probe) -> anyhow::Result<Cell> {
-        let (from_ns, from_app) = p.from;
-        let (client, client_ip) = self
-            .pods(from_ns, from_app)?
-            .into_iter()
-            .next()
-            .with_context(|| format!("no running {from_ns}/{from_app} pod"))?;
-        let (to_ns, to_name) = p.to;
-        let target_ip = match p.kind {
-            TargetKind::Service => self.cluster_ip(to_ns, to_name)?,
-            TargetKind::Pod => {
-                self.pods(to_ns, to_name)?
-                    .into_iter()
-                    .next()
-                    .with_context(|| format!("no running {to_ns}/{to_name} pod"))?
-                    .1
-            }
-        };
-        let started = Instant::now();
-        let target = format!("{target_ip}:{}", p.port);
-        let result =
-            tokio::task::block_in_place(|| self.probe(from_ns, &client, p.protocol, &target))?;
-        let (verdict, reason) = self
-            .verdict_since(log, started, client_ip, p.protocol)
-            .await;
-        Ok(Cell {
-            from: format!("{from_ns}/{from_app}"),
-            to: format!(
-                "{to_ns}/{to_name}{} {}/{}",
-                if p.kind == TargetKind::Service {
-                    " (svc)"
-                } else {
-                    ""
-                },
-                p.protocol,
-                p.port
-            ),
-            result: result.split_whitespace().next().unwrap_or("").to_string(),
-            responder: result.split_whitespace().nth(1).unwrap_or("").to_string(),
-            verdict,
-            reason,
-            expected: p.expect.clone(),
-        })
-    }
-
     /// `kubectl apply` of a YAML text.
     pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<String> {
         let f = self.state_dir.join(format!(
@@ -489,236 +359,6 @@ fn which(bin: &str) -> Option<PathBuf> {
         .split(':')
         .map(|d| Path::new(d).join(bin))
         .find(|p| p.is_file())
-}
-
-/// Flow events collected from every agent.
-pub struct FlowLog {
-    flows: Arc<Mutex<Vec<(Instant, v1::Flow)>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl FlowLog {
-    /// The flows from `source` of `protocol` seen since `t`.
-    pub fn since(&self, t: Instant, source: Ipv4Addr, protocol: &str) -> Vec<v1::Flow> {
-        self.flows
-            .lock()
-            .map(|v| {
-                v.iter()
-                    .filter(|(at, f)| {
-                        *at >= t
-                            && f.protocol.eq_ignore_ascii_case(protocol)
-                            && f.source.as_ref().map(|s| s.ip) == Some(u32::from(source))
-                    })
-                    .map(|(_, f)| f.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for FlowLog {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-/// The workload's `probe` of `target` (one attempt, 1 s timeout) inside a network namespace and
-/// cgroup; it prints `success NAME` | `refused` | `timeout` | `error WHAT`.
-pub fn probe_command(
-    workload_bin: &Path,
-    netns: &str,
-    cgroup: &Path,
-    protocol: &str,
-    target: &str,
-) -> std::process::Command {
-    sim::exec_command(
-        netns,
-        cgroup,
-        &[
-            workload_bin.to_string_lossy().into_owned(),
-            "probe".into(),
-            protocol.into(),
-            target.into(),
-            "--timeout-ms".into(),
-            "1000".into(),
-        ],
-    )
-}
-
-/// The verdict that decided a connection: a drop if any, else an audit, else the destination's
-/// (ingress) allow, else the source's.
-fn decisive(flows: &[v1::Flow]) -> (String, String) {
-    let pick = flows
-        .iter()
-        .find(|f| f.verdict == "dropped")
-        .or_else(|| flows.iter().find(|f| f.verdict == "audit"))
-        .or_else(|| flows.iter().find(|f| f.direction == "ingress"))
-        .or_else(|| flows.first());
-    match pick {
-        Some(f) => (f.verdict.clone(), f.reason.clone()),
-        None => ("-".into(), "no flow event".into()),
-    }
-}
-
-/// What a probe targets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TargetKind {
-    Service,
-    Pod,
-}
-
-/// One probe of the demo's matrix.
-#[derive(Clone, Debug)]
-pub struct Probe {
-    /// Client: `(namespace, app)`; the first running pod is used.
-    pub from: (&'static str, &'static str),
-    /// A Service `(namespace, name)` or pods `(namespace, app)`.
-    pub to: (&'static str, &'static str),
-    pub kind: TargetKind,
-    pub protocol: &'static str,
-    pub port: u16,
-    pub expect: Expected,
-}
-
-/// The expected outcome of a probe: the workload's result, the verdict and the reason.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Expected {
-    pub result: &'static str,
-    pub verdict: &'static str,
-    pub reason: &'static str,
-}
-
-/// One observed cell of the matrix.
-#[derive(Clone, Debug)]
-pub struct Cell {
-    pub from: String,
-    pub to: String,
-    pub result: String,
-    /// Who answered (the pod name a successful probe printed).
-    pub responder: String,
-    pub verdict: String,
-    pub reason: String,
-    pub expected: Expected,
-}
-
-impl Cell {
-    pub fn as_expected(&self) -> bool {
-        self.result == self.expected.result
-            && self.verdict == self.expected.verdict
-            && self.reason == self.expected.reason
-    }
-}
-
-/// The demo's matrix and what `examples/lab/` makes of it.
-pub fn demo_matrix() -> Vec<Probe> {
-    let e = |result, verdict, reason| Expected {
-        result,
-        verdict,
-        reason,
-    };
-    let allowed = || e("success", "allowed", "policy_allow");
-    let p = |from, to, kind, protocol, port, expect| Probe {
-        from,
-        to,
-        kind,
-        protocol,
-        port,
-        expect,
-    };
-    use TargetKind::{Pod, Service};
-    vec![
-        // The frontend may reach the backend (TCP and UDP), through its Service.
-        p(
-            ("shop", "frontend"),
-            ("shop", "backend"),
-            Service,
-            "tcp",
-            80,
-            allowed(),
-        ),
-        p(
-            ("shop", "frontend"),
-            ("shop", "backend"),
-            Service,
-            "udp",
-            53,
-            allowed(),
-        ),
-        // The batch job may not: the backend's policy makes it default-deny.
-        p(
-            ("batch", "etl"),
-            ("shop", "backend"),
-            Service,
-            "tcp",
-            80,
-            e("timeout", "dropped", "default_deny"),
-        ),
-        p(
-            ("batch", "etl"),
-            ("shop", "backend"),
-            Service,
-            "udp",
-            53,
-            e("timeout", "dropped", "default_deny"),
-        ),
-        // The frontend's Audit policy admits only the backend. No policy enforces anything on
-        // the frontend, so the backend passes as `no_policy`; the batch job passes too, but
-        // reported as "audit": the policy would have dropped it.
-        p(
-            ("shop", "backend"),
-            ("shop", "frontend"),
-            Service,
-            "tcp",
-            80,
-            e("success", "allowed", "no_policy"),
-        ),
-        p(
-            ("batch", "etl"),
-            ("shop", "frontend"),
-            Service,
-            "tcp",
-            80,
-            e("success", "audit", "default_deny"),
-        ),
-        // No policy selects the batch job: everyone reaches it.
-        p(
-            ("shop", "frontend"),
-            ("batch", "etl"),
-            Pod,
-            "tcp",
-            8080,
-            e("success", "allowed", "no_policy"),
-        ),
-    ]
-}
-
-/// The matrix as a table.
-pub fn render(cells: &[Cell]) -> String {
-    let mut out = format!(
-        "{:<15} {:<30} {:<8} {:<8} {:<14} {}\n",
-        "FROM", "TO", "RESULT", "VERDICT", "REASON", "EXPECTED"
-    );
-    for c in cells {
-        out.push_str(&format!(
-            "{:<15} {:<30} {:<8} {:<8} {:<14} {}\n",
-            c.from,
-            c.to,
-            c.result,
-            c.verdict,
-            c.reason,
-            if c.as_expected() {
-                "yes".to_string()
-            } else {
-                format!(
-                    "NO (expected {} {} {})",
-                    c.expected.result, c.expected.verdict, c.expected.reason
-                )
-            }
-        ));
-    }
-    out
 }
 
 /// The state directory of the lab that `cargo xtask lab` runs (one per machine).

@@ -1,0 +1,163 @@
+//! Probes from inside the pods (the workload's `probe` in a pod's network namespace and
+//! cgroup, so the socket load balancer applies) and the agents' flow events that describe them.
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use cortexflow_proto::flows::v1::{self, flows_client::FlowsClient};
+
+use super::Lab;
+use crate::sim;
+
+impl Lab {
+    /// Runs the workload's `probe` inside a pod: `success NAME`, `refused`, `timeout`, ….
+    pub fn probe(
+        &self,
+        namespace: &str,
+        pod: &str,
+        protocol: &str,
+        target: &str,
+    ) -> anyhow::Result<String> {
+        let (netns, cgroup) = sim::locate(&self.state_dir, namespace, pod)?;
+        self.probe_in(&netns, &cgroup, protocol, target)
+    }
+
+    /// Runs the workload's `probe` on simulated node `index` itself (its network namespace and
+    /// cgroup): the source is the node's fabric address, which is `host` on that node and an
+    /// address outside the cluster's pods (`world`, or an `ipBlock`) everywhere else.
+    pub fn probe_from_node(
+        &self,
+        index: usize,
+        protocol: &str,
+        target: &str,
+    ) -> anyhow::Result<String> {
+        let n = self
+            .nodes
+            .get(index)
+            .with_context(|| format!("no node {index}"))?;
+        self.probe_in(&n.ns.name, &n.cgroup, protocol, target)
+    }
+
+    fn probe_in(
+        &self,
+        netns: &str,
+        cgroup: &Path,
+        protocol: &str,
+        target: &str,
+    ) -> anyhow::Result<String> {
+        let out = probe_command(&self.workload_bin, netns, cgroup, protocol, target)
+            .output()
+            .context("run the probe")?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The verdict and reason the agents reported for the connection `source` opened with
+    /// `protocol` at `started` (waits for the events to arrive).
+    pub async fn verdict_since(
+        &self,
+        log: &FlowLog,
+        started: Instant,
+        source: Ipv4Addr,
+        protocol: &str,
+    ) -> (String, String) {
+        // Flow events reach the observers within tens of milliseconds.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        decisive(&log.since(started, source, protocol))
+    }
+
+    /// Streams every agent's flows into a shared list until the returned guard drops.
+    pub async fn observe_flows(&self) -> anyhow::Result<FlowLog> {
+        let flows = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for a in &self.agents {
+            let mut c = FlowsClient::connect(format!("http://{}", a.grpc))
+                .await
+                .with_context(|| format!("connect to the Flows API of {}", a.name))?;
+            let mut stream = c.observe(v1::ObserveRequest::default()).await?.into_inner();
+            let flows = flows.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Ok(Some(f)) = stream.message().await {
+                    if let Ok(mut v) = flows.lock() {
+                        v.push((Instant::now(), f));
+                    }
+                }
+            }));
+        }
+        Ok(FlowLog { flows, tasks })
+    }
+}
+
+/// Flow events collected from every agent.
+pub struct FlowLog {
+    flows: Arc<Mutex<Vec<(Instant, v1::Flow)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl FlowLog {
+    /// The flows from `source` of `protocol` seen since `t`.
+    pub fn since(&self, t: Instant, source: Ipv4Addr, protocol: &str) -> Vec<v1::Flow> {
+        self.flows
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter(|(at, f)| {
+                        *at >= t
+                            && f.protocol.eq_ignore_ascii_case(protocol)
+                            && f.source.as_ref().map(|s| s.ip) == Some(u32::from(source))
+                    })
+                    .map(|(_, f)| f.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for FlowLog {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The workload's `probe` of `target` (one attempt, 1 s timeout) inside a network namespace and
+/// cgroup; it prints `success NAME` | `refused` | `timeout` | `error WHAT`.
+pub fn probe_command(
+    workload_bin: &Path,
+    netns: &str,
+    cgroup: &Path,
+    protocol: &str,
+    target: &str,
+) -> std::process::Command {
+    sim::exec_command(
+        netns,
+        cgroup,
+        &[
+            workload_bin.to_string_lossy().into_owned(),
+            "probe".into(),
+            protocol.into(),
+            target.into(),
+            "--timeout-ms".into(),
+            "1000".into(),
+        ],
+    )
+}
+
+/// The verdict that decided a connection: a drop if any, else an audit, else the destination's
+/// (ingress) allow, else the source's.
+fn decisive(flows: &[v1::Flow]) -> (String, String) {
+    let pick = flows
+        .iter()
+        .find(|f| f.verdict == "dropped")
+        .or_else(|| flows.iter().find(|f| f.verdict == "audit"))
+        .or_else(|| flows.iter().find(|f| f.direction == "ingress"))
+        .or_else(|| flows.first());
+    match pick {
+        Some(f) => (f.verdict.clone(), f.reason.clone()),
+        None => ("-".into(), "no flow event".into()),
+    }
+}
