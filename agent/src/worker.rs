@@ -128,6 +128,11 @@ impl Worker {
             .name("datapath".into())
             .spawn(move || {
                 let _end = EndGuard(Some(ended_tx));
+                let _span = tracing::info_span!(
+                    "datapath thread",
+                    netns = %opts.netns.as_deref().map_or("(own)".into(), |p| p.display().to_string())
+                )
+                .entered();
                 let started = (|| {
                     if let Some(ns) = &opts.netns {
                         crate::netns::enter(ns).map_err(|e| DatapathError::Io {

@@ -7,7 +7,7 @@
 //! all went, `Forced` when the deadline passed first (the caller then stops waiting). The
 //! supervisor adds the second-signal rule: a second SIGTERM or Ctrl-C during a drain exits at
 //! once.
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
@@ -41,8 +41,8 @@ impl Watcher {
 
     /// [`Watcher::signaled`] as a future that owns this watcher (for graceful-shutdown hooks
     /// that want a `'static` future). The watcher is released when it resolves.
-    pub fn into_signaled(self) -> impl Future<Output = ()> + Send + 'static {
-        async move { self.signaled().await }
+    pub async fn into_signaled(self) {
+        self.signaled().await
     }
 
     /// Whether the drain has started.

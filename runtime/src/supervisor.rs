@@ -340,11 +340,9 @@ mod tests {
     }
 
     /// A task that runs until the drain, like every service of a daemon.
-    fn service(w: drain::Watcher) -> impl Future<Output = anyhow::Result<()>> + Send {
-        async move {
-            w.signaled().await;
-            Ok(())
-        }
+    async fn service(w: drain::Watcher) -> anyhow::Result<()> {
+        w.signaled().await;
+        Ok(())
     }
 
     #[tokio::test]

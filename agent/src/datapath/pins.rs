@@ -113,3 +113,34 @@ pub(super) fn check_pinned(maps_dir: &Path, capacity: &Capacity) -> Result<(), D
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/architecture.md's map table states every map's default size: it must be the size
+    /// the kernel object is built with.
+    #[test]
+    fn the_docs_map_table_gives_the_default_sizes() {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/architecture.md"),
+        )
+        .expect("docs/architecture.md");
+        for spec in MAP_SPECS {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", spec.name)))
+                .unwrap_or_else(|| panic!("no row for {} in the map table", spec.name));
+            let size = row.split('|').nth(4).expect("a size column").trim();
+            let entries = match size.strip_suffix(" MiB") {
+                Some(mib) => mib.trim().parse::<u32>().expect("MiB") << 20,
+                None => size.replace(' ', "").parse().expect("a number"),
+            };
+            assert_eq!(
+                entries, spec.default_entries,
+                "{}: the docs say {size}",
+                spec.name
+            );
+        }
+    }
+}
