@@ -260,21 +260,15 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         .await
         .with_context(|| format!("bind gRPC {}", args.grpc_addr))?;
     tracing::info!(addr = %grpc_listener.local_addr()?, "serving Flows.Observe");
-    {
-        let drain = drain.clone();
-        let service = FlowsService::new(hub, drain.clone());
-        sup.spawn("grpc", async move {
+    sup.spawn(
+        "grpc",
+        cortexflow_runtime::serve_grpc(
             tonic::transport::Server::builder()
-                .add_service(service.into_server())
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                    drain.clone().into_signaled(),
-                )
-                .await?;
-            drop(drain);
-            Ok(())
-        });
-    }
+                .add_service(FlowsService::new(hub, drain.clone()).into_server()),
+            grpc_listener,
+            drain.clone(),
+        ),
+    );
 
     // Admin.
     let (admin_addr, admin) = cortexflow_runtime::serve_admin(

@@ -258,21 +258,16 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         .await
         .with_context(|| format!("bind gRPC {}", args.grpc_addr))?;
     tracing::info!(addr = %grpc_listener.local_addr()?, %identity, "serving gRPC");
-    {
-        let drain = drain.clone();
-        sup.spawn("grpc", async move {
+    sup.spawn(
+        "grpc",
+        cortexflow_runtime::serve_grpc(
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                .add_service(service.into_server())
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                    drain.clone().into_signaled(),
-                )
-                .await?;
-            drop(drain);
-            Ok(())
-        });
-    }
+                .add_service(service.into_server()),
+            grpc_listener,
+            drain.clone(),
+        ),
+    );
 
     // Admin.
     let (admin_addr, admin) = cortexflow_runtime::serve_admin(

@@ -10,6 +10,7 @@
 //!   format (opentelemetry-prometheus); metric names carry the `cortexflow_` prefix, counters end
 //!   in `_total`, durations are histograms in seconds.
 //! * [`Readiness`] — ready only once every registered start-up task said it is done.
+//! * [`serve_grpc`] — a tonic server as a supervised task that stops on the drain.
 //! * [`serve_admin`] — the admin HTTP server: `/metrics`, `/healthz`, `/readyz`, on its own port,
 //!   away from the data path.
 //! * [`shutdown_signal`] — resolves on SIGTERM or Ctrl-C.
@@ -17,6 +18,7 @@
 
 mod admin;
 pub mod drain;
+mod grpc;
 mod logging;
 mod metrics;
 mod readiness;
@@ -24,6 +26,7 @@ mod signal;
 pub mod supervisor;
 
 pub use admin::serve_admin;
+pub use grpc::serve_grpc;
 pub use logging::{LogFormat, init_logging};
 pub use metrics::Metrics;
 pub use readiness::{Readiness, ReadyGuard};

@@ -103,18 +103,7 @@ fn main() -> anyhow::Result<()> {
             };
             let mut all = vec!["cluster".to_string()];
             all.extend(args);
-            exec(
-                &[
-                    "run",
-                    "--quiet",
-                    "-p",
-                    "cortexflow-lab",
-                    "--bin",
-                    "cortexflow-lab",
-                    "--",
-                ],
-                &all,
-            )
+            exec(LAB, &all)
         }
         Cmd::Crdgen { check } => exec(
             &[
@@ -148,21 +137,21 @@ fn main() -> anyhow::Result<()> {
             if !exec_in_pod {
                 setup::run()?;
             }
-            exec(
-                &[
-                    "run",
-                    "--quiet",
-                    "-p",
-                    "cortexflow-lab",
-                    "--bin",
-                    "cortexflow-lab",
-                    "--",
-                ],
-                &args,
-            )
+            exec(LAB, &args)
         }
     }
 }
+
+/// `cargo run` of the lab's binary (the lab, `exec`, `cluster`).
+const LAB: &[&str] = &[
+    "run",
+    "--quiet",
+    "-p",
+    "cortexflow-lab",
+    "--bin",
+    "cortexflow-lab",
+    "--",
+];
 
 /// Runs `cargo <cargo_args> <args>` in the workspace and exits with its status.
 fn exec(cargo_args: &[&str], args: &[String]) -> anyhow::Result<()> {

@@ -120,12 +120,7 @@ impl Datapath {
         name: &str,
         hook: TcAttachType,
     ) -> Result<(), DatapathError> {
-        let p: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or_else(|| DatapathError::Other(format!("program {name} missing")))?
-            .try_into()
-            .map_err(prog_err(name))?;
+        let p = self.tc_program(name)?;
         let prog = p.fd().map_err(prog_err(name))?;
         attach_tcx_link(
             prog,

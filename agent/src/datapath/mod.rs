@@ -306,6 +306,15 @@ impl Datapath {
         self.config.generation
     }
 
+    /// A loaded TC program.
+    fn tc_program(&self, name: &str) -> Result<&SchedClassifier, DatapathError> {
+        self.ebpf
+            .program(name)
+            .ok_or_else(|| DatapathError::Other(format!("program {name} missing")))?
+            .try_into()
+            .map_err(prog_err(name))
+    }
+
     /// A loaded program, for `BPF_PROG_TEST_RUN` in tests.
     pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, name)

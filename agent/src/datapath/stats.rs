@@ -1,9 +1,6 @@
 //! What the datapath can tell about itself: packet counters, map usage, conntrack size, the
 //! flow-event ring buffer, the programs' run-time statistics.
-use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::SchedClassifier,
-};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use cortexflow_common::{Counter, POLICY_KEY_BITS, Reason, maps, programs};
 
 use super::{Datapath, DatapathError, map_err, prog_err, take};
@@ -94,12 +91,7 @@ impl Datapath {
     pub fn program_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
         let mut out = Vec::new();
         for name in [programs::FROM_POD, programs::TO_POD] {
-            let p: &SchedClassifier = self
-                .ebpf
-                .program(name)
-                .ok_or_else(|| DatapathError::Other(format!("program {name} missing")))?
-                .try_into()
-                .map_err(prog_err(name))?;
+            let p = self.tc_program(name)?;
             let info = p.info().map_err(prog_err(name))?;
             out.push((name, info.run_time().as_nanos() as u64, info.run_count()));
         }

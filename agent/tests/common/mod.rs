@@ -7,6 +7,39 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use cortexflow_agent::datapath::{Capacity, Datapath, DatapathOptions, TcMode};
 
+/// Runs a kernel suite: each test a function that panics on failure; all reported as ignored
+/// unless [`enabled`]; what killed runs left behind is swept first.
+pub fn run(
+    args: libtest_mimic::Arguments,
+    tests: Vec<(&'static str, fn())>,
+) -> std::process::ExitCode {
+    let enabled = enabled();
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| {
+            libtest_mimic::Trial::test(name, move || {
+                std::panic::catch_unwind(f).map_err(|e| {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into());
+                    libtest_mimic::Failed::from(msg)
+                })
+            })
+            .with_ignored_flag(!enabled)
+        })
+        .collect();
+    if enabled {
+        sweep_stale();
+    } else {
+        eprintln!(
+            "kernel tests need root: run them with CORTEXFLOW_KERNEL_TESTS=1 (cargo xtask test does)"
+        );
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
 /// Whether the kernel tests are switched on (they need root and change the machine).
 pub fn enabled() -> bool {
     std::env::var("CORTEXFLOW_KERNEL_TESTS").is_ok_and(|v| v == "1")

@@ -43,7 +43,7 @@ use cortexflow_proto::{
     flows::v1::{ObserveRequest, flows_client::FlowsClient},
 };
 use cortexflow_testkit::{net::enter, node::AgentNode, scripted_operator::ScriptedOperator};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
@@ -66,31 +66,7 @@ fn main() -> ExitCode {
             dead_task_ends_the_agent,
         ),
     ];
-    let enabled = common::enabled();
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| {
-            Trial::test(name, move || {
-                std::panic::catch_unwind(f).map_err(|e| {
-                    let msg = e
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "panic".into());
-                    Failed::from(msg)
-                })
-            })
-            .with_ignored_flag(!enabled)
-        })
-        .collect();
-    if enabled {
-        common::sweep_stale();
-    } else {
-        eprintln!(
-            "kernel tests need root: run them with CORTEXFLOW_KERNEL_TESTS=1 (cargo xtask test does)"
-        );
-    }
-    libtest_mimic::run(&args, trials).exit_code()
+    common::run(args, tests)
 }
 
 use config::{config_reaches_the_kernel, invalid_and_oversized};

@@ -38,7 +38,7 @@ use cortexflow_common::{
     DIR_EGRESS, DIR_INGRESS, FlowEvent, IDENTITY_HOST, Reason, VERDICT_ALLOWED, VERDICT_AUDIT,
     VERDICT_DROPPED, programs,
 };
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
 use rand::{Rng, SeedableRng, rngs::SmallRng, seq::IndexedRandom};
 
 use conntrack::{
@@ -121,31 +121,7 @@ fn main() -> ExitCode {
             service_udp,
         ),
     ];
-    let enabled = common::enabled();
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| {
-            Trial::test(name, move || {
-                std::panic::catch_unwind(f).map_err(|e| {
-                    let msg = e
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "panic".into());
-                    Failed::from(msg)
-                })
-            })
-            .with_ignored_flag(!enabled)
-        })
-        .collect();
-    if enabled {
-        common::sweep_stale();
-    } else {
-        eprintln!(
-            "kernel tests need root: run them with CORTEXFLOW_KERNEL_TESTS=1 (cargo xtask test does)"
-        );
-    }
-    libtest_mimic::run(&args, trials).exit_code()
+    common::run(args, tests)
 }
 
 // ---- helpers ---------------------------------------------------------------------------------

@@ -28,19 +28,12 @@ impl Engine {
                 continue;
             };
             let Some(ip) = p.ip else { continue };
-            for k in self
-                .pod_policies
-                .get(pod)
-                .into_iter()
-                .flat_map(|l| l.iter())
-            {
-                if let Some(c) = self.policies.get(k).and_then(|st| st.compiled.as_ref()) {
-                    policies.insert(PolicyGeneration {
-                        namespace: k.namespace.to_string(),
-                        name: k.name.to_string(),
-                        generation: c.generation,
-                    });
-                }
+            for (k, c) in self.compiled_policies_of(pod) {
+                policies.insert(PolicyGeneration {
+                    namespace: k.namespace.to_string(),
+                    name: k.name.to_string(),
+                    generation: c.generation,
+                });
             }
             sets.entry(policy.clone()).or_insert(0);
             eps.push((pod.clone(), ip, identity, policy.clone()));

@@ -307,20 +307,25 @@ impl Engine {
         }
     }
 
+    /// The compiled policies selecting `pod`.
+    pub(super) fn compiled_policies_of<'a>(
+        &'a self,
+        pod: &ObjKey,
+    ) -> impl Iterator<Item = (&'a ObjKey, &'a Compiled)> {
+        self.pod_policies
+            .get(pod)
+            .into_iter()
+            .flat_map(|l| l.iter())
+            .filter_map(|k| Some((k, self.policies.get(k)?.compiled.as_ref()?)))
+    }
+
     /// The endpoint policy of a pod; pods with equal policies share one allocation.
     pub(super) fn endpoint_policy(&mut self, pod: &ObjKey) -> Option<Arc<EndpointPolicy>> {
         self.snap.pods.get(pod).filter(|p| p.live())?;
         let mut ep = EndpointPolicy::default();
-        for k in self
-            .pod_policies
-            .get(pod)
-            .into_iter()
-            .flat_map(|l| l.iter())
-        {
-            if let Some(c) = self.policies.get(k).and_then(|st| st.compiled.as_ref()) {
-                ep.ingress.extend(c.ingress.iter().cloned());
-                ep.egress.extend(c.egress.iter().cloned());
-            }
+        for (_, c) in self.compiled_policies_of(pod) {
+            ep.ingress.extend(c.ingress.iter().cloned());
+            ep.egress.extend(c.egress.iter().cloned());
         }
         if let Some(shared) = self.interned.get(&ep) {
             return Some(shared.clone());
