@@ -270,17 +270,14 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         ),
     );
 
-    // Admin.
-    let (admin_addr, admin) = cortexflow_runtime::serve_admin(
+    cortexflow_runtime::spawn_admin(
+        &mut sup,
         args.admin_addr,
         telemetry.clone(),
         readiness,
         drain.clone(),
     )
-    .await
-    .with_context(|| format!("bind admin {}", args.admin_addr))?;
-    tracing::info!(addr = %admin_addr, "serving /metrics, /healthz, /readyz");
-    sup.spawn("admin", admin);
+    .await?;
 
     sup.spawn("usage", control::usage_loop(ctx.clone()));
     sup.spawn(

@@ -5,10 +5,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let exit = cortexflow_operator::run(cortexflow_operator::Args::parse()).await?;
-    if let cortexflow_runtime::Exit::Failed(reason) = &exit {
-        eprintln!("cortexflow-operator: {reason}");
-    }
-    // Exit now, whatever is still running (it was drained or is dead).
-    std::process::exit(exit.code());
+    cortexflow_operator::run(cortexflow_operator::Args::parse())
+        .await?
+        .exit("cortexflow-operator")
 }

@@ -36,6 +36,23 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
+/// Binds the admin server on `addr` and registers it with `sup` as the task `admin`; returns
+/// the address actually bound.
+pub async fn spawn_admin(
+    sup: &mut crate::Supervisor,
+    addr: SocketAddr,
+    metrics: Metrics,
+    readiness: Readiness,
+    drain: Watcher,
+) -> anyhow::Result<SocketAddr> {
+    let (local, server) = serve_admin(addr, metrics, readiness, drain)
+        .await
+        .map_err(|e| anyhow::anyhow!("bind admin {addr}: {e}"))?;
+    tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz");
+    sup.spawn("admin", server);
+    Ok(local)
+}
+
 /// Binds `addr` and returns the address actually bound (useful with port 0) and the server, to
 /// be run as a supervised task: it serves `/metrics`, `/healthz` and `/readyz` until the drain
 /// starts, then finishes the requests in flight.

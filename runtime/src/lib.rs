@@ -25,7 +25,7 @@ mod readiness;
 mod signal;
 pub mod supervisor;
 
-pub use admin::serve_admin;
+pub use admin::{serve_admin, spawn_admin};
 pub use grpc::serve_grpc;
 pub use logging::{LogFormat, init_logging};
 pub use metrics::Metrics;

@@ -57,6 +57,15 @@ impl Exit {
             Exit::Failed(_) => 1,
         }
     }
+
+    /// Ends the process with [`Exit::code`] at once, whatever is still running (it was drained,
+    /// or it is dead), saying why on stderr when it failed.
+    pub fn exit(self, daemon: &str) -> ! {
+        if let Exit::Failed(reason) = &self {
+            eprintln!("{daemon}: {reason}");
+        }
+        std::process::exit(self.code())
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
