@@ -41,6 +41,9 @@ pub mod maps {
     pub const EVENTS: &str = "CF_EVENTS";
     /// Index 0 → [`DatapathConfig`](super::DatapathConfig) (array of one).
     pub const CONFIG: &str = "CF_CONFIG";
+    /// Index 0 → [`AgentState`](super::AgentState) (array of one): the agent's, not the
+    /// programs' (not in [`ALL`] or [`MAP_SPECS`](super::MAP_SPECS)).
+    pub const AGENT_STATE: &str = "CF_AGENT_STATE";
 
     /// Every map the agent pins, in a stable order.
     pub const ALL: [&str; 12] = [
@@ -646,6 +649,20 @@ pub struct DatapathConfig {
 /// Emit flow events for allowed new flows (drops and audit verdicts are always reported).
 pub const CFG_EVENTS_ALLOWED: u32 = 1 << 0;
 
+// ---- the agent's own state -------------------------------------------------------------------
+
+/// What the agent remembers across restarts about the state in the maps (index 0 of the pinned
+/// array [`maps::AGENT_STATE`], which only the agent reads and writes: the kernel programs do not
+/// know it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AgentState {
+    /// The cluster revision of the config programmed last (0: unknown).
+    pub revision: u64,
+    /// Its version on the stream it came from.
+    pub version: u64,
+}
+
 // The layouts both sides rely on, checked wherever this crate compiles (the kernel build too):
 // a field added without its padding fails here, not in the verifier or as misread values.
 const _: () = {
@@ -668,6 +685,7 @@ const _: () = {
     assert!(size_of::<Counter>() == 16);
     assert!(size_of::<FlowEvent>() == 40);
     assert!(size_of::<DatapathConfig>() == 8);
+    assert!(size_of::<AgentState>() == 16);
     assert!(size_of::<LpmKey<PolicyKey>>() == 16);
     assert!(size_of::<LpmKey<CidrKey>>() == 8);
 };
@@ -713,7 +731,8 @@ mod pod {
         RevNatValue,
         Counter,
         FlowEvent,
-        DatapathConfig
+        DatapathConfig,
+        AgentState
     );
 }
 

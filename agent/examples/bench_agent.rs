@@ -214,6 +214,7 @@ fn full_config(node: &AgentNode, ports: &[u16], ipcache: u32) -> domain::NodeCon
     upserts.extend((0..remote).map(|n| (Ipv4Addr::from(0x0a40_0000 + n), 1001 + n % IDENTITIES)));
     domain::NodeConfig {
         version: 0,
+        revision: 0,
         full: true,
         node: Some(domain::NodeInfo {
             name: node.name.clone(),

@@ -2,7 +2,7 @@
 //! (subscribe, validate, merge, program), status reports, the datapath thread's notices, map
 //! usage. Every loop here is a supervised task of the daemon and ends on the drain.
 use std::{
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -167,6 +167,7 @@ async fn session(
     tracing::info!(operator = %ctx.args.operator, "config stream open");
     let mut received = Received::default();
     let mut synced = false;
+    let mut held = false;
     loop {
         let first = tokio::select! {
             m = stream.message() => m?,
@@ -202,6 +203,31 @@ async fn session(
                     "invalid config version {version}"
                 )));
             }
+        }
+        // A stream whose state is older than what the kernel holds (a replica that lags behind
+        // the one this node last heard from) is merged but not programmed: the kernel keeps the
+        // richer state until the stream catches up.
+        let kernel = ctx.programmed_revision.load(Ordering::Relaxed);
+        if received.revision != 0 && kernel != 0 && received.revision < kernel {
+            if !held {
+                held = true;
+                ctx.metrics
+                    .configs
+                    .add(1, &[KeyValue::new("result", "stale")]);
+                tracing::warn!(
+                    stream_revision = received.revision,
+                    kernel_revision = kernel,
+                    "the operator's state is older than the kernel's; keeping the kernel's until it catches up"
+                );
+            }
+            continue;
+        }
+        if held {
+            held = false;
+            tracing::info!(
+                revision = received.revision,
+                "the operator caught up with the kernel's state"
+            );
         }
         let snapshot = Arc::new(received.clone());
         ctx.config.send_replace(snapshot.clone());
@@ -243,6 +269,7 @@ async fn session(
 }
 
 fn applied(ctx: &Ctx, r: &Received, a: Applied) {
+    ctx.programmed_revision.store(a.revision, Ordering::Relaxed);
     let m = &ctx.metrics;
     m.configs.add(1, &[KeyValue::new("result", "applied")]);
     m.apply_duration.record(a.duration.as_secs_f64(), &[]);

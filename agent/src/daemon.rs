@@ -146,6 +146,8 @@ pub(crate) struct Ctx {
     /// The config last merged (the flow pump names identities and pods from it).
     pub(crate) config: watch::Sender<Arc<Received>>,
     pub(crate) report: watch::Sender<Reported>,
+    /// The cluster revision of the config in the kernel (0: unknown), from the pins at start.
+    pub(crate) programmed_revision: std::sync::atomic::AtomicU64,
     pub(crate) ready: std::sync::Mutex<Option<cortexflow_runtime::ReadyGuard>>,
     /// Sees the drain start (without holding it up: every loop is a supervised task).
     pub(crate) shutdown: drain::Signal,
@@ -200,6 +202,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         node = %args.node_name,
         pin_dir = %args.pin_dir.display(),
         tcx = started.tcx,
+        programmed_revision = started.state.revision,
         "datapath open (pinned state, if any, stays enforced until the first config)"
     );
 
@@ -216,6 +219,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         metrics: metrics.clone(),
         config: config_tx,
         report: report_tx,
+        programmed_revision: std::sync::atomic::AtomicU64::new(started.state.revision),
         ready: std::sync::Mutex::new(Some(ready)),
         shutdown: drain.signal(),
     });

@@ -23,6 +23,8 @@ use crate::compile::{Backend, DesiredState, Endpoint, Frontend};
 pub struct Received {
     /// Version of the last merged message (0: nothing yet).
     pub version: u64,
+    /// Its cluster revision (0: unknown; see `cortexflow_domain::NodeConfig::revision`).
+    pub revision: u64,
     pub node: NodeInfo,
     pub endpoints: Endpoints,
     pub ipcache: BTreeMap<Ipv4Addr, u32>,
@@ -54,10 +56,20 @@ impl Received {
         if m.version == 0 {
             return Err(Invalid("version 0".into()));
         }
+        if !m.full && m.revision != 0 && m.revision < self.revision {
+            return Err(Invalid(format!(
+                "version {}: revision {} is older than the stream's {}",
+                m.version, m.revision, self.revision
+            )));
+        }
         if m.full {
             *self = Received::default();
         }
         self.version = m.version;
+        // An update without a revision (0: unknown) is no news about it.
+        if m.full || m.revision != 0 {
+            self.revision = m.revision;
+        }
         if let Some(n) = m.node {
             self.node = n;
         }
@@ -170,6 +182,7 @@ mod tests {
     fn full(version: u64) -> NodeConfig {
         NodeConfig {
             version,
+            revision: 1000,
             full: true,
             node: Some(NodeInfo {
                 name: "n1".into(),
@@ -223,6 +236,37 @@ mod tests {
         // A new stream's snapshot replaces everything, whatever its version.
         r.merge(full(2)).unwrap();
         assert_eq!(r.version, 2);
+    }
+
+    #[test]
+    fn a_stream_revision_never_goes_back() {
+        let mut r = Received::default();
+        r.merge(full(4)).unwrap();
+        assert_eq!(r.revision, 1000);
+        let older = NodeConfig {
+            version: 5,
+            revision: 999,
+            ..Default::default()
+        };
+        let before = r.clone();
+        assert!(
+            r.merge(older).is_err(),
+            "a revision older than the stream's"
+        );
+        assert_eq!(r, before);
+        r.merge(NodeConfig {
+            version: 6,
+            revision: 1000,
+            ..Default::default()
+        })
+        .unwrap();
+        r.merge(NodeConfig {
+            version: 7,
+            revision: 1200,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.revision, 1200);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
+use cortexflow_common::AgentState;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use crate::{
@@ -43,6 +44,8 @@ pub struct WorkerOptions {
 pub struct Applied {
     /// Version of the config now in the kernel.
     pub version: u64,
+    /// Its cluster revision.
+    pub revision: u64,
     pub stats: ApplyStats,
     /// Endpoints in the kernel (`ns/name`), and those whose interface is not there yet.
     pub programmed: Vec<String>,
@@ -113,6 +116,9 @@ pub struct Started {
     pub tcx: bool,
     /// Resolves when the thread is gone: `"panicked"` or `"ended"`.
     pub ended: oneshot::Receiver<&'static str>,
+    /// What the maps held when the datapath opened (after a restart: the previous agent's
+    /// last programmed config).
+    pub state: AgentState,
 }
 
 impl Worker {
@@ -146,12 +152,13 @@ impl Worker {
                     }
                     dp.set_events_allowed(opts.events_allowed)?;
                     let events = dp.take_events()?;
-                    Ok::<_, DatapathError>((dp, events))
+                    let state = dp.agent_state()?;
+                    Ok::<_, DatapathError>((dp, events, state))
                 })();
                 match started {
-                    Ok((dp, events)) => {
+                    Ok((dp, events, state)) => {
                         let tcx = dp.uses_tcx();
-                        if ready_tx.send(Ok((events, tcx))).is_err() {
+                        if ready_tx.send(Ok((events, tcx, state))).is_err() {
                             return;
                         }
                         Thread::new(dp, opts, notice_tx).run(rx);
@@ -165,7 +172,7 @@ impl Worker {
                 context: "spawn the datapath thread".into(),
                 source: e,
             })?;
-        let (events, tcx) = ready_rx
+        let (events, tcx, state) = ready_rx
             .recv()
             .map_err(|_| DatapathError::Other("the datapath thread died".into()))??;
         Ok(Started {
@@ -177,6 +184,7 @@ impl Worker {
             notices,
             tcx,
             ended,
+            state,
         })
     }
 
@@ -304,6 +312,14 @@ impl Thread {
             let capacity = matches!(e, DatapathError::Capacity { .. });
             refused(e.to_string(), capacity)
         })?;
+        // The maps hold this config now: remember which (a restarted agent compares what the
+        // operator offers against it).
+        if let Err(e) = self.dp.record_state(AgentState {
+            revision: r.revision,
+            version: r.version,
+        }) {
+            tracing::warn!(error = %e, "recording the programmed revision failed");
+        }
         // The endpoints are in the maps: attach their interfaces (idempotent), and detach the
         // interfaces of pods that are gone.
         let mut pending: Vec<String> = pending
@@ -349,6 +365,7 @@ impl Thread {
             .collect();
         Ok(Applied {
             version: r.version,
+            revision: r.revision,
             stats,
             programmed,
             pending,

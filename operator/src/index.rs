@@ -1,10 +1,12 @@
 //! Watches: Kubernetes objects in, engine [`Change`]s out.
 //!
-//! Each watched kind runs a kube-runtime `watcher` whose events become changes: `Apply` and
-//! `Delete` one by one, and a (re-)list as one `Reset` of the whole kind, so a restarted watch
-//! never leaves stale objects behind. Objects are read through `DeserializeGuard`: one that does
-//! not deserialize is skipped, logged and counted (`cortexflow_operator_watch_skipped_total`),
-//! never fatal.
+//! Each watched kind runs a list-and-watch ([`crate::listwatch`]) whose events become engine
+//! inputs: `Apply` and `Delete` one by one, and a (re-)list as one `Reset` of the whole kind, so
+//! a restarted watch never leaves stale objects behind; every input carries the revision the
+//! watch stands at (the store's sync gate and the revision on every config are made of them).
+//! Objects are read through `DeserializeGuard`: one that does not deserialize is skipped,
+//! logged and counted (`cortexflow_operator_watch_skipped_total`), never fatal — and its
+//! deletion still deletes.
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use cortexflow_crds::{
@@ -19,7 +21,7 @@ use cortexflow_operator_core::{
     },
     selector::Selector,
 };
-use futures::{Stream, StreamExt};
+use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
         core::v1::{
@@ -31,15 +33,20 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource,
-    core::DeserializeGuard,
-    runtime::watcher::{self, Event},
+    core::{DeserializeGuard, error_boundary::InvalidObject},
 };
 use opentelemetry::KeyValue;
+use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use cortexflow_runtime::{Supervisor, drain::Watcher};
 
-use crate::{metrics::OperatorMetrics, readiness::Gate, store::Store};
+use crate::{
+    listwatch::{self, Seen},
+    metrics::OperatorMetrics,
+    readiness::Gate,
+    store::{Input, Source, Store},
+};
 
 fn key(meta: &ObjectMeta) -> ObjKey {
     ObjKey::new(
@@ -289,119 +296,99 @@ type Observe<K> = Box<dyn Fn(&K, bool) + Send + Sync>;
 
 /// Where a watch sends what it sees.
 struct Sinks {
-    tx: mpsc::Sender<Change>,
+    tx: mpsc::Sender<Input>,
     metrics: OperatorMetrics,
-    synced: mpsc::Sender<Kind>,
     drain: Watcher,
 }
 
-/// Turns one watch stream into engine changes: `convert` maps an object (or `None` to ignore
-/// it), `observe` sees every object too. Ends on the drain; the stream ending before that is a
-/// failure.
-async fn pump<K, S>(
+/// The key of an object that did not deserialize (its metadata did).
+fn invalid_key(e: &InvalidObject) -> ObjKey {
+    key(&e.metadata)
+}
+
+/// Turns one kind's list-and-watch into engine inputs: `convert` maps an object (or `None` to
+/// ignore it), `observe` sees every object too. Each input carries the revision the watch
+/// stands at. Ends on the drain; the watch itself never ends.
+async fn pump<K>(
     kind: Kind,
-    stream: S,
+    api: Api<DeserializeGuard<K>>,
     convert: impl Fn(&K) -> Option<Object> + Send,
     observe: Observe<K>,
     sinks: Sinks,
 ) -> anyhow::Result<()>
 where
-    K: Resource + Clone + Send + 'static,
-    S: Stream<Item = Result<Event<DeserializeGuard<K>>, watcher::Error>> + Send,
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let name = kind.as_str();
-    let Sinks {
-        tx,
-        metrics,
-        synced,
-        drain,
-    } = sinks;
-    let mut stream = std::pin::pin!(stream);
-    let mut buffer: Option<Vec<Object>> = None;
-    let mut first_sync = true;
-    let skip = |e: &kube::core::error_boundary::InvalidObject| {
-        tracing::warn!(error = %e, "skipping an object that does not deserialize");
+    let Sinks { tx, metrics, drain } = sinks;
+    let source = Source::Kind(kind);
+    let mut stream = std::pin::pin!(listwatch::list_watch(api, None));
+    let skip = |e: &InvalidObject| {
+        tracing::warn!(object = %invalid_key(e), error = %e.error, "skipping an object that does not deserialize");
         metrics.watch_skipped.add(1, &[KeyValue::new("kind", name)]);
     };
     loop {
-        let ev = tokio::select! {
-            ev = stream.next() => match ev {
-                Some(ev) => ev,
-                None => anyhow::bail!("the {name} watch stream ended"),
+        let seen = tokio::select! {
+            s = stream.next() => match s {
+                Some(s) => s,
+                None => anyhow::bail!("the {name} watch ended"),
             },
             () = drain.signaled() => return Ok(()),
         };
-        let ev = match ev {
-            Ok(ev) => ev,
-            Err(e) => {
-                tracing::warn!(error = %e, "watch error; the watcher retries with backoff");
+        let (change, revision) = match seen {
+            Seen::Listed(objects, revision) => {
+                let mut out = Vec::with_capacity(objects.len());
+                for o in objects {
+                    match o {
+                        Ok(o) => {
+                            observe(&o, false);
+                            out.extend(convert(&o));
+                        }
+                        Err(e) => skip(&e),
+                    }
+                }
+                tracing::debug!(objects = out.len(), revision, "listed");
+                (Some(Change::Reset(kind, out)), revision)
+            }
+            Seen::Applied(Ok(o), revision) => {
+                observe(&o, false);
+                (convert(&o).map(Change::Apply), revision)
+            }
+            Seen::Applied(Err(e), revision) => {
+                skip(&e);
+                (None, revision)
+            }
+            Seen::Deleted(Ok(o), revision) => {
+                observe(&o, true);
+                (convert(&o).map(|o| Change::Delete(kind, o.key())), revision)
+            }
+            // Gone is gone, readable or not.
+            Seen::Deleted(Err(e), revision) => {
+                (Some(Change::Delete(kind, invalid_key(&e))), revision)
+            }
+            Seen::Progress(revision) => (None, revision),
+            Seen::Failed(e, wait) => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "watch failed; retrying");
                 metrics.watch_errors.add(1, &[KeyValue::new("kind", name)]);
                 continue;
             }
         };
-        let change = match ev {
-            Event::Init => {
-                buffer = Some(Vec::new());
-                None
-            }
-            Event::InitApply(DeserializeGuard(obj)) => {
-                match obj {
-                    Ok(o) => {
-                        observe(&o, false);
-                        if let (Some(b), Some(o)) = (buffer.as_mut(), convert(&o)) {
-                            b.push(o);
-                        }
-                    }
-                    Err(e) => skip(&e),
-                }
-                None
-            }
-            Event::InitDone => {
-                let objs = buffer.take().unwrap_or_default();
-                tracing::debug!(objects = objs.len(), "listed");
-                Some(Change::Reset(kind, objs))
-            }
-            Event::Apply(DeserializeGuard(obj)) => match obj {
-                Ok(o) => {
-                    observe(&o, false);
-                    convert(&o).map(Change::Apply)
-                }
-                Err(e) => {
-                    skip(&e);
-                    None
-                }
-            },
-            Event::Delete(DeserializeGuard(obj)) => match obj {
-                Ok(o) => {
-                    observe(&o, true);
-                    convert(&o).map(|o| Change::Delete(kind, o.key()))
-                }
-                Err(e) => {
-                    skip(&e);
-                    None
-                }
-            },
+        let input = Input {
+            source,
+            revision,
+            change,
         };
-        if let Some(c) = change {
-            let reset = matches!(c, Change::Reset(..));
-            if tx.send(c).await.is_err() {
-                anyhow::bail!("the engine is gone");
-            }
-            if reset && first_sync {
-                first_sync = false;
-                let _ = synced.send(kind).await;
-            }
+        if tx.send(input).await.is_err() {
+            anyhow::bail!("the engine is gone");
         }
     }
 }
 
 /// What the watches feed.
 pub struct WatchSinks {
-    /// The engine's changes.
-    pub changes: mpsc::Sender<Change>,
+    /// The engine's inputs.
+    pub changes: mpsc::Sender<Input>,
     pub metrics: OperatorMetrics,
-    /// Each kind, once, after its first full list.
-    pub synced: mpsc::Sender<Kind>,
     /// The status the CRs carry (the status writer compares against it).
     pub store: Arc<Store>,
     /// Pods waiting for the readiness gate (fed by the same Pod watch as the engine).
@@ -415,7 +402,6 @@ pub fn spawn_watches(sup: &mut Supervisor, client: Client, w: WatchSinks) {
     let sinks = || Sinks {
         tx: w.changes.clone(),
         metrics: w.metrics.clone(),
-        synced: w.synced.clone(),
         drain: w.drain.clone(),
     };
     fn nothing<K>() -> Observe<K> {
@@ -434,10 +420,9 @@ pub fn spawn_watches(sup: &mut Supervisor, client: Client, w: WatchSinks) {
     macro_rules! watch {
         ($k:ty, $kind:expr, $conv:expr, $observe:expr) => {{
             let api: Api<DeserializeGuard<$k>> = Api::all(client.clone());
-            let stream = watcher::watcher(api, watcher::Config::default());
             sup.spawn(
                 format!("watch/{}", $kind.as_str()),
-                pump::<$k, _>($kind, stream, $conv, $observe, sinks()),
+                pump::<$k>($kind, api, $conv, $observe, sinks()),
             );
         }};
     }
@@ -497,17 +482,13 @@ pub fn allocation_watch(
     client: Client,
     namespace: &str,
     name: &str,
-    tx: mpsc::Sender<Change>,
-    synced: mpsc::Sender<()>,
+    tx: mpsc::Sender<Input>,
     drain: Watcher,
 ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + use<> {
-    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
-    let stream = watcher::watcher(
-        api,
-        watcher::Config::default().fields(&format!("metadata.name={name}")),
-    );
+    let api: Api<DeserializeGuard<ConfigMap>> = Api::namespaced(client, namespace);
+    let fields = format!("metadata.name={name}");
     async move {
-        let mut stream = std::pin::pin!(stream);
+        let mut stream = std::pin::pin!(listwatch::list_watch(api, Some(fields)));
         let parse = |cm: ConfigMap| {
             let (a, bad) = Allocations::from_map(&cm.data.unwrap_or_default());
             if !bad.is_empty() {
@@ -515,43 +496,46 @@ pub fn allocation_watch(
             }
             a
         };
-        let mut buffered: Option<Allocations> = None;
-        let mut first = true;
         loop {
-            let ev = tokio::select! {
-                ev = stream.next() => match ev {
-                    Some(ev) => ev,
-                    None => anyhow::bail!("the id table watch stream ended"),
+            let seen = tokio::select! {
+                s = stream.next() => match s {
+                    Some(s) => s,
+                    None => anyhow::bail!("the id table watch ended"),
                 },
                 () = drain.signaled() => return Ok(()),
             };
-            let table = match ev {
-                Ok(Event::Init) => {
-                    buffered = None;
-                    continue;
+            let (change, revision) = match seen {
+                Seen::Listed(objects, revision) => {
+                    let table = objects
+                        .into_iter()
+                        .find_map(Result::ok)
+                        .map(parse)
+                        .unwrap_or_default();
+                    (Some(Change::Allocations(table)), revision)
                 }
-                Ok(Event::InitApply(cm)) => {
-                    buffered = Some(parse(cm));
-                    continue;
+                Seen::Applied(Ok(cm), revision) => (Some(Change::Allocations(parse(cm))), revision),
+                Seen::Applied(Err(e), revision) => {
+                    tracing::warn!(error = %e.error, "the id table does not deserialize; kept what was read before");
+                    (None, revision)
                 }
-                Ok(Event::InitDone) => buffered.take().unwrap_or_default(),
-                Ok(Event::Apply(cm)) => parse(cm),
-                Ok(Event::Delete(_)) => {
+                Seen::Deleted(_, revision) => {
                     // The engine keeps the ids it has; the leader writes the table again.
                     tracing::warn!("the id table ConfigMap was deleted; the leader recreates it");
-                    continue;
+                    (None, revision)
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "id table watch error");
+                Seen::Progress(revision) => (None, revision),
+                Seen::Failed(e, wait) => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "id table watch failed; retrying");
                     continue;
                 }
             };
-            if tx.send(Change::Allocations(table)).await.is_err() {
+            let input = Input {
+                source: Source::IdTable,
+                revision,
+                change,
+            };
+            if tx.send(input).await.is_err() {
                 anyhow::bail!("the engine is gone");
-            }
-            if first {
-                first = false;
-                let _ = synced.send(()).await;
             }
         }
     }

@@ -18,6 +18,7 @@ pub mod allocator;
 pub mod grpc;
 pub mod index;
 pub mod lease;
+pub mod listwatch;
 pub mod metrics;
 pub mod readiness;
 pub mod status;
@@ -29,7 +30,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use cortexflow_domain::AgentStatus;
-use cortexflow_operator_core::{EngineConfig, Kind};
+use cortexflow_operator_core::EngineConfig;
 use cortexflow_runtime::{Exit, LogFormat, Metrics, Readiness, Supervisor, drain};
 use kube::runtime::events::Reporter;
 use tokio::sync::{mpsc, watch};
@@ -117,15 +118,12 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
 
     // Watches → engine.
     let (changes_tx, changes_rx) = mpsc::channel(8192);
-    let (kinds_tx, mut kinds_rx) = mpsc::channel(16);
-    let (table_tx, mut table_rx) = mpsc::channel(1);
     index::spawn_watches(
         &mut sup,
         client.clone(),
         index::WatchSinks {
             changes: changes_tx.clone(),
             metrics: metrics.clone(),
-            synced: kinds_tx,
             store: store.clone(),
             gate: gate.clone(),
             drain: drain.clone(),
@@ -138,7 +136,6 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
             &args.namespace,
             &args.identities_configmap,
             changes_tx,
-            table_tx,
             drain.clone(),
         ),
     );
@@ -147,28 +144,13 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         store::run_engine(store.clone(), changes_rx, drain.clone()),
     );
 
-    // Ready after the first full sync of every kind and of the id table.
-    let (table_synced_tx, table_synced) = watch::channel(false);
+    // Ready once every kind and the id table are listed and applied (the store's sync gate:
+    // no config stream sends anything before, and the allocator waits for it too).
+    let table_synced = store.synced();
     {
-        let store = store.clone();
+        let mut synced = store.synced();
         sup.spawn_startup("initial sync", async move {
-            let mut pending: std::collections::BTreeSet<_> = Kind::ALL.into_iter().collect();
-            while !pending.is_empty() {
-                match kinds_rx.recv().await {
-                    Some(k) => {
-                        pending.remove(&k);
-                    }
-                    None => return Ok(()),
-                }
-            }
-            if table_rx.recv().await.is_none() {
-                return Ok(());
-            }
-            let _ = table_synced_tx.send(true);
-            // The engine applies queued changes in order: wait until it caught up.
-            let mut v = store.versions();
-            let _ = tokio::time::timeout(Duration::from_secs(5), v.changed()).await;
-            tracing::info!("initial sync done");
+            synced.wait_for(|s| *s).await?;
             synced_guard.done();
             Ok(())
         });

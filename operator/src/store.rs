@@ -1,6 +1,7 @@
 //! The state every part of a replica shares: the engine (behind a read-write lock: one writer,
 //! the engine task; many readers, the config streams and the status writer), a notification of
-//! every new version, what agents reported, and the statuses the CRs carry now.
+//! every new version, the revision up to which the replica has applied every source (the sync
+//! gate), what agents reported, and the statuses the CRs carry now.
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     sync::{
@@ -29,6 +30,36 @@ pub struct Report {
     pub at: Instant,
 }
 
+/// Where an input of the engine comes from: the watch of a kind, or the id table's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    Kind(Kind),
+    IdTable,
+}
+
+impl Source {
+    /// Every source: the replica is synced once each has been listed and applied.
+    pub const ALL: [Source; 8] = [
+        Source::Kind(Kind::Namespace),
+        Source::Kind(Kind::Node),
+        Source::Kind(Kind::Pod),
+        Source::Kind(Kind::ServiceIdentity),
+        Source::Kind(Kind::MeshPolicy),
+        Source::Kind(Kind::Service),
+        Source::Kind(Kind::EndpointSlice),
+        Source::IdTable,
+    ];
+}
+
+/// One input of the engine task: what `source` saw at `revision` (a change, or `None` when the
+/// watch only moved on: a bookmark, or an object that did not deserialize).
+#[derive(Clone, Debug)]
+pub struct Input {
+    pub source: Source,
+    pub revision: u64,
+    pub change: Option<Change>,
+}
+
 /// The shared state of a replica.
 pub struct Store {
     engine: RwLock<Engine>,
@@ -44,6 +75,10 @@ pub struct Store {
     observed_status: Mutex<BTreeMap<(Kind, ObjKey), serde_json::Value>>,
     connected: Arc<AtomicU64>,
     metrics: OperatorMetrics,
+    /// The revision up to which each source's events are applied to the engine.
+    revisions: Mutex<BTreeMap<Source, u64>>,
+    /// Flips once every source has been listed and applied.
+    synced: watch::Sender<bool>,
 }
 
 impl Store {
@@ -62,6 +97,8 @@ impl Store {
             observed_status: Mutex::new(BTreeMap::new()),
             connected: Arc::new(AtomicU64::new(0)),
             metrics,
+            revisions: Mutex::new(BTreeMap::new()),
+            synced: watch::channel(false).0,
         })
     }
 
@@ -78,8 +115,45 @@ impl Store {
         f(&e)
     }
 
-    /// Applies a batch to the engine and announces the new version.
-    pub fn apply(&self, changes: Vec<Change>) -> cortexflow_operator_core::Update {
+    /// Applies a batch of inputs: their changes to the engine, then their revisions; announces
+    /// the new version when the engine changed or the replica just became synced.
+    pub fn apply(&self, inputs: Vec<Input>) -> Option<cortexflow_operator_core::Update> {
+        let mut changes = Vec::new();
+        let mut seen: Vec<(Source, u64, bool)> = Vec::new();
+        for i in inputs {
+            // A source counts from its first full list on (a kind's Reset, the id table).
+            let listing = matches!(i.change, Some(Change::Reset(..) | Change::Allocations(_)));
+            seen.push((i.source, i.revision, listing));
+            changes.extend(i.change);
+        }
+        let up = (!changes.is_empty()).then(|| self.apply_changes(changes));
+        let became_synced = {
+            let mut r = lock(&self.revisions);
+            for (source, rev, listing) in seen {
+                if listing || r.contains_key(&source) {
+                    let e = r.entry(source).or_insert(rev);
+                    *e = (*e).max(rev);
+                }
+            }
+            Source::ALL.iter().all(|s| r.contains_key(s)) && !*self.synced.borrow()
+        };
+        if became_synced {
+            self.synced.send_replace(true);
+            tracing::info!(revision = ?self.revision(), "every source listed and applied: serving configs");
+        }
+        match &up {
+            Some(up) => {
+                self.version.send_replace(up.version);
+            }
+            None if became_synced => {
+                self.version.send_modify(|_| {});
+            }
+            None => {}
+        }
+        up
+    }
+
+    fn apply_changes(&self, changes: Vec<Change>) -> cortexflow_operator_core::Update {
         let kinds: BTreeSet<&'static str> = changes.iter().map(change_kind).collect();
         let up = self
             .engine
@@ -104,8 +178,23 @@ impl Store {
         self.metrics
             .config_version
             .record(self.version_base + up.version, &[]);
-        self.version.send_replace(up.version);
         up
+    }
+
+    /// The revision up to which this replica has applied every event of every source: `None`
+    /// until each has been listed (the sync gate: no config stream sends anything before).
+    pub fn revision(&self) -> Option<u64> {
+        let r = lock(&self.revisions);
+        Source::ALL
+            .iter()
+            .map(|s| r.get(s).copied())
+            .collect::<Option<Vec<u64>>>()
+            .map(|v| v.into_iter().min().unwrap_or(0))
+    }
+
+    /// A receiver that flips to `true` once the replica is synced.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
     }
 
     /// A receiver that sees every new engine version.
@@ -181,9 +270,17 @@ impl Store {
             .filter(|v| *v < (1 << 20) * 1024)
     }
 
-    /// The next message for a node's stream (see [`cortexflow_operator_core::stream`]).
+    /// The next message for a node's stream (see [`cortexflow_operator_core::stream`]),
+    /// stamped with the replica's revision; `None` before the replica is synced.
     pub fn next_config(&self, node: &str, cursor: &mut Cursor) -> Option<NodeConfig> {
-        self.read(|e| e.next_config(node, cursor, self.wire_version(e.version())))
+        self.read(|e| {
+            // Read under the engine lock: the revision never claims more than the engine holds
+            // (revisions are raised only after their changes are applied).
+            let revision = self.revision()?;
+            let mut m = e.next_config(node, cursor, self.wire_version(e.version()))?;
+            m.revision = revision;
+            Some(m)
+        })
     }
 }
 
@@ -225,12 +322,12 @@ fn change_kind(c: &Change) -> &'static str {
     }
 }
 
-/// The engine task: takes changes off `rx`, coalesces bursts (everything queued goes into one
+/// The engine task: takes inputs off `rx`, coalesces bursts (everything queued goes into one
 /// batch, up to 4 096) and applies them, one `engine` span per pass. Ends on the drain; the
 /// watches going away before that is a failure.
 pub async fn run_engine(
     store: Arc<Store>,
-    mut rx: mpsc::Receiver<Change>,
+    mut rx: mpsc::Receiver<Input>,
     drain: Watcher,
 ) -> anyhow::Result<()> {
     loop {
@@ -248,24 +345,34 @@ pub async fn run_engine(
                 Err(_) => break,
             }
         }
-        let kinds: BTreeSet<&'static str> = batch.iter().map(change_kind).collect();
+        let kinds: BTreeSet<&'static str> = batch
+            .iter()
+            .filter_map(|i| i.change.as_ref())
+            .map(change_kind)
+            .collect();
         let span = tracing::info_span!(
             "engine",
-            changes = batch.len(),
+            inputs = batch.len(),
             kinds = ?kinds,
-            version = tracing::field::Empty
+            version = tracing::field::Empty,
+            revision = tracing::field::Empty
         );
         let up = span.in_scope(|| store.apply(batch));
-        span.record("version", up.version);
-        span.in_scope(|| {
-            tracing::debug!(
-                nodes = up.nodes.len(),
-                ipcache = up.ipcache,
-                services = up.services,
-                policies = up.policies.len(),
-                "applied"
-            )
-        });
+        if let Some(r) = store.revision() {
+            span.record("revision", r);
+        }
+        if let Some(up) = up {
+            span.record("version", up.version);
+            span.in_scope(|| {
+                tracing::debug!(
+                    nodes = up.nodes.len(),
+                    ipcache = up.ipcache,
+                    services = up.services,
+                    policies = up.policies.len(),
+                    "applied"
+                )
+            });
+        }
     }
 }
 

@@ -1,11 +1,21 @@
 //! The config stream in-process: a real tonic server over the store, real gRPC clients, no API
 //! server — objects change in the engine and the test watches what subscribers receive.
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use cortexflow_domain::{self as domain, Action, Mode, NodeConfig};
 use cortexflow_operator::{
-    ReplicaReports, grpc::AgentConfigService, lease::Leadership, metrics::OperatorMetrics,
-    store::Store,
+    ReplicaReports,
+    grpc::AgentConfigService,
+    lease::Leadership,
+    metrics::OperatorMetrics,
+    store::{Input, Source, Store},
 };
 use cortexflow_operator_core::{
     Change, EngineConfig, ObjKey, Object,
@@ -25,6 +35,13 @@ struct Server {
 }
 
 async fn server() -> Server {
+    let s = server_unsynced().await;
+    sync(&s.store);
+    s
+}
+
+/// A server whose store has not been synced.
+async fn server_unsynced() -> Server {
     let telemetry = cortexflow_runtime::Metrics::new("test").unwrap();
     let metrics = OperatorMetrics::new(&telemetry);
     let store = Store::new(EngineConfig::default(), metrics.clone());
@@ -101,11 +118,52 @@ fn policy(generation: i64, port: u16) -> Change {
     }))
 }
 
+static REVISION: AtomicU64 = AtomicU64::new(100);
+
+/// Changes as the watches would send them, each at the next revision.
+fn inputs(changes: Vec<Change>) -> Vec<Input> {
+    changes
+        .into_iter()
+        .map(|c| Input {
+            source: match &c {
+                Change::Apply(o) => Source::Kind(o.kind()),
+                Change::Delete(k, _) | Change::Reset(k, _) => Source::Kind(*k),
+                Change::Allocations(_) => Source::IdTable,
+            },
+            revision: REVISION.fetch_add(1, Ordering::Relaxed),
+            change: Some(c),
+        })
+        .collect()
+}
+
+/// Every source listed (empty), as a replica's first sync: the store's gate opens.
+fn sync(store: &Store) {
+    sync_but(store, &[]);
+}
+
+/// Every source but `listed` listed (empty).
+fn sync_but(store: &Store, listed: &[Source]) {
+    store.apply(
+        Source::ALL
+            .iter()
+            .filter(|s| !listed.contains(s))
+            .map(|s| Input {
+                source: *s,
+                revision: REVISION.fetch_add(1, Ordering::Relaxed),
+                change: Some(match s {
+                    Source::Kind(k) => Change::Reset(*k, Vec::new()),
+                    Source::IdTable => Change::Allocations(Default::default()),
+                }),
+            })
+            .collect(),
+    );
+}
+
 /// The leader's allocation step, in-process.
 fn allocate(store: &Store) {
     let next = store.read(|e| e.allocations().allocate(&e.needed_allocations()).unwrap());
     if let Some(a) = next {
-        store.apply(vec![Change::Allocations(a)]);
+        store.apply(inputs(vec![Change::Allocations(a)]));
     }
 }
 
@@ -121,14 +179,14 @@ async fn next(stream: &mut tonic::Streaming<v1::NodeConfig>) -> NodeConfig {
 #[tokio::test]
 async fn a_subscriber_gets_a_snapshot_then_exactly_the_changes() {
     let s = server().await;
-    s.store.apply(vec![
+    s.store.apply(inputs(vec![
         Change::Apply(Object::Node(Node {
             name: "n1".into(),
             addresses: vec![Ipv4Addr::new(172, 16, 0, 1)],
             pod_cidr: None,
         })),
         pod("web-1", "web", "n2", 2),
-    ]);
+    ]));
     allocate(&s.store);
     let mut c = client(s.addr).await;
     let mut stream = c
@@ -154,7 +212,7 @@ async fn a_subscriber_gets_a_snapshot_then_exactly_the_changes() {
 
     // A db pod lands on n1, a policy selects it.
     s.store
-        .apply(vec![pod("db-1", "db", "n1", 3), policy(1, 5432)]);
+        .apply(inputs(vec![pod("db-1", "db", "n1", 3), policy(1, 5432)]));
     allocate(&s.store);
     let mut got = next(&mut stream).await;
     while got
@@ -179,7 +237,7 @@ async fn a_subscriber_gets_a_snapshot_then_exactly_the_changes() {
 
     // A change that does not touch n1's endpoints (a pod on n2) reaches n1 as an ipcache delta
     // only.
-    s.store.apply(vec![pod("web-2", "web", "n2", 4)]);
+    s.store.apply(inputs(vec![pod("web-2", "web", "n2", 4)]));
     let delta = next(&mut stream).await;
     assert!(
         delta.endpoints.is_none() && delta.node.is_none() && delta.services.is_none(),
@@ -197,10 +255,10 @@ async fn a_subscriber_gets_a_snapshot_then_exactly_the_changes() {
 #[tokio::test]
 async fn a_slow_agent_only_sees_the_latest_state() {
     let s = server().await;
-    s.store.apply(vec![
+    s.store.apply(inputs(vec![
         pod("db-1", "db", "n1", 3),
         pod("web-1", "web", "n1", 2),
-    ]);
+    ]));
     allocate(&s.store);
     let mut c = client(s.addr).await;
     let mut stream = c
@@ -214,7 +272,8 @@ async fn a_slow_agent_only_sees_the_latest_state() {
     let first = next(&mut stream).await;
     // 200 policy changes while the agent does not read.
     for port in 1..=200u16 {
-        s.store.apply(vec![policy(port as i64, 1000 + port)]);
+        s.store
+            .apply(inputs(vec![policy(port as i64, 1000 + port)]));
         allocate(&s.store);
     }
     let latest = s.store.read(|e| e.version());
@@ -310,4 +369,78 @@ async fn reports_reach_the_store() {
     s.shutdown.start();
     let _ = s.task.await;
     let _ = Labels::new();
+}
+
+/// The sync gate: a replica that has not listed and applied every kind and the id table sends
+/// nothing — not a snapshot lacking the node's pods that would replace the agent's state.
+#[tokio::test]
+async fn nothing_is_sent_before_every_kind_and_the_id_table_are_applied() {
+    let s = server_unsynced().await;
+    let mut c = client(s.addr).await;
+    let mut stream = c
+        .subscribe(v1::SubscribeRequest {
+            node: "n1".into(),
+            agent_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Nodes and pods are listed, policies and the id table are not.
+    s.store.apply(inputs(vec![
+        Change::Reset(
+            cortexflow_operator_core::Kind::Node,
+            vec![Object::Node(Node {
+                name: "n1".into(),
+                addresses: vec![Ipv4Addr::new(172, 16, 0, 1)],
+                pod_cidr: None,
+            })],
+        ),
+        Change::Reset(cortexflow_operator_core::Kind::Pod, Vec::new()),
+        pod("db-1", "db", "n1", 3),
+    ]));
+    assert_eq!(s.store.revision(), None);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stream.message())
+            .await
+            .is_err(),
+        "a message before the sync"
+    );
+    // The rest is listed: the first message is the full snapshot, stamped with the revision.
+    sync_but(
+        &s.store,
+        &[
+            Source::Kind(cortexflow_operator_core::Kind::Node),
+            Source::Kind(cortexflow_operator_core::Kind::Pod),
+        ],
+    );
+    allocate(&s.store);
+    let first = next(&mut stream).await;
+    assert!(first.full);
+    let revision = s.store.revision().expect("synced");
+    assert!(
+        first.revision > 0 && first.revision <= revision,
+        "{first:?}"
+    );
+    assert_eq!(
+        first.node.expect("node").addresses,
+        [Ipv4Addr::new(172, 16, 0, 1)]
+    );
+    // Later messages carry a revision that never goes back.
+    s.store.apply(inputs(vec![pod("db-2", "db", "n1", 4)]));
+    allocate(&s.store);
+    let mut last = first.revision;
+    for _ in 0..2 {
+        let m = next(&mut stream).await;
+        assert!(
+            m.revision >= last,
+            "revision went back: {} after {last}",
+            m.revision
+        );
+        last = m.revision;
+        if m.endpoints.as_ref().is_some_and(|e| e.endpoints.len() == 2) {
+            break;
+        }
+    }
+    s.shutdown.start();
+    let _ = s.task.await;
 }

@@ -305,6 +305,7 @@ impl TryFrom<v1::NodeConfig> for NodeConfig {
         }
         Ok(NodeConfig {
             version: m.version,
+            revision: m.revision,
             full: m.full,
             node,
             endpoints,
@@ -489,6 +490,7 @@ impl From<&NodeConfig> for v1::NodeConfig {
     fn from(c: &NodeConfig) -> Self {
         v1::NodeConfig {
             version: c.version,
+            revision: c.revision,
             full: c.full,
             node: c.node.as_ref().map(v1::NodeInfo::from),
             endpoints: c.endpoints.as_ref().map(v1::Endpoints::from),
@@ -542,6 +544,7 @@ mod tests {
         };
         NodeConfig {
             version: 7,
+            revision: 123,
             full: true,
             node: Some(NodeInfo {
                 name: "n1".into(),

@@ -1,17 +1,14 @@
 //! The checked-in generated code must be what the `.proto` files generate today.
 
-#[path = "../codegen.rs"]
-mod codegen;
-
 use std::path::Path;
 
 #[test]
 fn generated_code_matches_the_proto_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::env::temp_dir().join(format!("cortexflow-protogen-{}", std::process::id()));
-    let result = codegen::generate(root, &out);
+    let result = cortexflow_protogen::generate(root, &out);
     let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-    let stale: Vec<(&str, &str)> = codegen::PROTOS
+    let stale: Vec<(&str, &str)> = cortexflow_protogen::PROTOS
         .iter()
         .filter(|(_, file)| read(&out, file) != read(&root.join("src/gen"), file))
         .copied()
@@ -30,7 +27,10 @@ fn generated_code_matches_the_proto_files() {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
     checked_in.sort();
-    let mut expected: Vec<String> = codegen::PROTOS.iter().map(|(_, f)| f.to_string()).collect();
+    let mut expected: Vec<String> = cortexflow_protogen::PROTOS
+        .iter()
+        .map(|(_, f)| f.to_string())
+        .collect();
     expected.sort();
     assert_eq!(checked_in, expected, "files in proto/src/gen");
 }

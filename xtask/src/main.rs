@@ -12,7 +12,7 @@
 //! xtask itself links no Kubernetes client, gRPC or TLS stack (so that `cargo xtask setup`
 //! compiles in seconds on a fresh clone): whatever needs them is a binary of the crate that
 //! owns it, which xtask builds and runs — `cortexflow-lab` (lab, cluster), the `crdgen` binary
-//! of `cortexflow-crds`, the `protogen` example of `cortexflow-proto`, the benchmarks' examples.
+//! of `cortexflow-crds`, `cortexflow-protogen`, the benchmarks' examples.
 #![forbid(unsafe_code)]
 
 mod bench;
@@ -121,17 +121,7 @@ fn main() -> anyhow::Result<()> {
                 .collect::<Vec<_>>(),
         ),
         Cmd::Bench { what } => bench::run(what),
-        Cmd::Protogen => exec(
-            &[
-                "run",
-                "--quiet",
-                "-p",
-                "cortexflow-proto",
-                "--example",
-                "protogen",
-            ],
-            &[],
-        ),
+        Cmd::Protogen => exec(&["run", "--quiet", "-p", "cortexflow-protogen"], &[]),
         Cmd::Lab { args } => {
             let exec_in_pod = args.first().is_some_and(|a| a == "exec");
             if !exec_in_pod {

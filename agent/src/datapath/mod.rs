@@ -35,8 +35,9 @@ use aya::{
     util::KernelVersion,
 };
 use cortexflow_common::{
-    BackendKey, BackendValue, CidrKey, CidrValue, Counter, DatapathConfig, EndpointInfo,
-    IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, capacity, maps, programs,
+    AgentState, BackendKey, BackendValue, CidrKey, CidrValue, Counter, DatapathConfig,
+    EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, capacity, maps,
+    programs,
 };
 
 pub use self::{
@@ -213,6 +214,8 @@ struct Maps {
     backends: HashMap<MapData, BackendKey, BackendValue>,
     counters: PerCpuArray<MapData, Counter>,
     config: Array<MapData, DatapathConfig>,
+    /// The agent's own record of what the maps hold (not a program map).
+    state: Array<MapData, AgentState>,
 }
 
 /// A loaded, pinned datapath.
@@ -262,6 +265,7 @@ impl Datapath {
             backends: take(&mut ebpf, maps::BACKENDS)?,
             counters: take(&mut ebpf, maps::COUNTERS)?,
             config: take(&mut ebpf, maps::CONFIG)?,
+            state: pins::agent_state(&maps_dir)?,
         };
         let tcx = match opts.tc_mode {
             TcMode::Tcx => true,
@@ -299,6 +303,24 @@ impl Datapath {
     /// What the agent-written maps hold now.
     pub fn installed(&self) -> &MapContents {
         &self.installed
+    }
+
+    /// What the agent recorded about the state in the maps: the revision and version of the
+    /// config programmed last (zeros for new maps).
+    pub fn agent_state(&self) -> Result<AgentState, DatapathError> {
+        self.maps
+            .state
+            .get(&0, 0)
+            .map_err(map_err(maps::AGENT_STATE))
+    }
+
+    /// Records the revision and version of the config now in the maps (it survives restarts
+    /// with the pins).
+    pub fn record_state(&mut self, state: AgentState) -> Result<(), DatapathError> {
+        self.maps
+            .state
+            .set(0, state, 0)
+            .map_err(map_err(maps::AGENT_STATE))
     }
 
     /// The current policy generation.

@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray};
-use cortexflow_common::{Counter, DatapathConfig, EndpointInfo, IpcacheValue, MAP_SPECS, maps};
+use cortexflow_common::{
+    AgentState, Counter, DatapathConfig, EndpointInfo, IpcacheValue, MAP_SPECS, maps,
+};
 
 use super::{Capacity, Counters, DatapathError, map_err, stats::read_counters};
 
@@ -79,6 +81,36 @@ impl Pinned {
 
 /// Pinned maps are reused as they are: refuse to start when their layout or size differs from
 /// what this agent would create, instead of running with other capacities or misreading values.
+/// The agent's state map: the pinned one, or a new one pinned now. Refused when a pin of
+/// another layout is there.
+pub(super) fn agent_state(maps_dir: &Path) -> Result<Array<MapData, AgentState>, DatapathError> {
+    let path = maps_dir.join(maps::AGENT_STATE);
+    if !path.exists() {
+        let new: Array<MapData, AgentState> =
+            Array::create(1, 0).map_err(map_err(format!("create {}", maps::AGENT_STATE)))?;
+        new.pin(&path)
+            .map_err(|e| DatapathError::Other(format!("pin {}: {e}", path.display())))?;
+    }
+    let info =
+        MapInfo::from_pin(&path).map_err(map_err(format!("inspect pinned {}", path.display())))?;
+    let want = std::mem::size_of::<AgentState>() as u32;
+    if info.value_size() != want {
+        return Err(DatapathError::PinnedMismatch {
+            map: maps::AGENT_STATE,
+            path,
+            what: "value size",
+            have: info.value_size(),
+            want,
+        });
+    }
+    let data =
+        MapData::from_pin(&path).map_err(map_err(format!("open pinned {}", path.display())))?;
+    aya::maps::Map::from_map_data(data)
+        .map_err(map_err(maps::AGENT_STATE))?
+        .try_into()
+        .map_err(map_err(maps::AGENT_STATE))
+}
+
 pub(super) fn check_pinned(maps_dir: &Path, capacity: &Capacity) -> Result<(), DatapathError> {
     let sizes = capacity.sizes();
     for spec in MAP_SPECS {

@@ -17,6 +17,7 @@ mod common;
 mod config;
 mod operator_down;
 mod restarts;
+mod revisions;
 mod supervision;
 
 use std::{
@@ -62,6 +63,10 @@ fn main() -> ExitCode {
         ),
         ("operator_down_fails_static_then_resyncs", operator_down),
         (
+            "an_older_snapshot_never_replaces_the_kernels_state",
+            an_older_snapshot_never_replaces_the_kernels_state,
+        ),
+        (
             "any_dead_task_ends_the_agent_within_a_second_and_the_kernel_keeps_enforcing",
             dead_task_ends_the_agent,
         ),
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
 use config::{config_reaches_the_kernel, invalid_and_oversized};
 use operator_down::operator_down;
 use restarts::restarts_under_traffic;
+use revisions::an_older_snapshot_never_replaces_the_kernels_state;
 use supervision::dead_task_ends_the_agent;
 
 // ---- the node ------------------------------------------------------------------------------------
@@ -134,6 +140,7 @@ fn node_config(topo: &Topology, p: &Policy, extra: u32) -> domain::NodeConfig {
     ipcache.extend((0..extra).map(|n| (Ipv4Addr::from(0x0afa_0000 + n), 5000)));
     domain::NodeConfig {
         version: 0,
+        revision: 0,
         full: true,
         node: Some(domain::NodeInfo {
             name: NODE.into(),

@@ -354,6 +354,8 @@ pub struct IdentityInfo {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
     pub version: u64,
+    /// The cluster revision up to which the sender has applied every change (0: unknown).
+    pub revision: u64,
     pub full: bool,
     pub node: Option<NodeInfo>,
     pub endpoints: Option<Endpoints>,

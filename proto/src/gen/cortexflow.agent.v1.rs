@@ -12,8 +12,7 @@ pub struct SubscribeRequest {
 pub struct NodeConfig {
     /// Increases with every message on a stream and across restarts of the operator (it starts
     /// from the start time in milliseconds, shifted left by 20 bits). Replicas number
-    /// independently: the first, full message of a new stream replaces everything whatever its
-    /// version.
+    /// independently: compare `revision`, not versions, across streams.
     #[prost(uint64, tag = "1")]
     pub version: u64,
     /// This message replaces all state (else: only the sections present changed).
@@ -34,6 +33,12 @@ pub struct NodeConfig {
     /// Names of identities, for flow reports. Present = replaces all.
     #[prost(message, optional, tag = "7")]
     pub identities: ::core::option::Option<Identities>,
+    /// The cluster revision (etcd revision, as resourceVersions give it) up to which the sender
+    /// has applied every change of every kind it watches. Comparable across replicas and restarts:
+    /// an agent does not program a stream's state while its revision is older than that of the
+    /// state in its kernel. Never 0 on a message of a synced operator (0: unknown).
+    #[prost(uint64, tag = "8")]
+    pub revision: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NodeInfo {

@@ -1,6 +1,9 @@
 //! Generates the Rust code of the `.proto` files (pure Rust: protox parses, tonic-prost-build
-//! generates; no `protoc`). Used by `cargo xtask protogen` (through the `protogen` example of
-//! this crate) and by the drift test, so that both generate exactly the same way.
+//! generates; no `protoc`). Used by `cargo xtask protogen` (this crate's binary) and by the
+//! drift test of `cortexflow-proto`, so that both generate exactly the same way. A crate of its
+//! own: generating must not need the code it generates (a new field would not compile before
+//! its code exists).
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 
