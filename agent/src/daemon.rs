@@ -97,8 +97,9 @@ pub struct Args {
     /// Seconds between status reports when nothing changes.
     #[arg(long, env = "CORTEXFLOW_REPORT_INTERVAL_SECS", default_value_t = 30)]
     pub report_interval_secs: u64,
-    /// Longest wait between reconnection attempts, in milliseconds.
-    #[arg(long, env = "CORTEXFLOW_MAX_BACKOFF_MS", default_value_t = 10_000)]
+    /// Longest wait between reconnection attempts, in milliseconds (jittered; short, so that
+    /// a restarted operator has its agents back within about this long).
+    #[arg(long, env = "CORTEXFLOW_MAX_BACKOFF_MS", default_value_t = 2_000)]
     pub max_backoff_ms: u64,
     /// Log filter (overridden by RUST_LOG).
     #[arg(long, env = "CORTEXFLOW_LOG", default_value = "info")]

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         t!(scaling_keeps_the_service_and_new_pods_wait_for_their_policy),
         t!(agent_restart_under_traffic_drops_nothing),
         t!(operator_down_for_a_minute_changes_nothing),
+        t!(operator_restarts_and_rollouts_change_no_verdict),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -681,7 +682,7 @@ async fn agent_restart_under_traffic_drops_nothing(lab: &mut Lab) -> anyhow::Res
 /// Restarts every agent `n` times (SIGTERM, then a new process on the same pins and ports);
 /// returns the restart-to-ready times.
 async fn restart_agents(lab: &mut Lab, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let url = format!("http://{}", lab.operator.grpc);
+    let url = lab.operator_service.url();
     let mut times = Vec::new();
     for _ in 0..n {
         for a in &mut lab.agents {
@@ -748,6 +749,66 @@ async fn operator_down_for_a_minute_changes_nothing(lab: &mut Lab) -> anyhow::Re
 }
 
 /// Nothing of this process is left: network namespaces, pins, cgroups, processes.
+/// Operator rollouts under load change no verdict: ten `kill -9` and immediate restarts, then a
+/// second replica behind the operator Service and a rolling restart of both, while the frontend
+/// opens 100 new connections a second to the backend Service (allowed) and the batch job 100
+/// (denied). A replica serves nothing before it is synced, and no agent programs a state older
+/// than its kernel's: no allowed connection fails, no denied one gets through.
+async fn operator_restarts_and_rollouts_change_no_verdict(lab: &mut Lab) -> anyhow::Result<()> {
+    let target = format!("{}:80", lab.cluster_ip("shop", "backend")?);
+    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    let allowed = lab.load("shop", &frontend, "tcp", &target, 100)?;
+    let denied = lab.load("batch", &etl, "tcp", &target, 100)?;
+    let t = Instant::now();
+    let mut restarts = Vec::new();
+    let run = async {
+        for _ in 0..10 {
+            let r = Instant::now();
+            lab.kill_and_restart_operator().await?;
+            restarts.push(r.elapsed());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let mut second = lab.start_replica("operator-1").await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // One replica at a time, as a Deployment rolls.
+        lab.restart_operator().await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lab.restart_replica(&mut second, false).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Back to one replica.
+        lab.operator_service.remove(second.grpc);
+        second.daemon.stop(Duration::from_secs(15));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        anyhow::Ok(())
+    };
+    let result = run.await;
+    let secs = t.elapsed().as_secs_f64();
+    let (allowed, denied) = (allowed.finish()?, denied.finish()?);
+    result?;
+    let ms: Vec<String> = restarts
+        .iter()
+        .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+        .collect();
+    eprintln!(
+        "10 kill -9 restarts and a two-replica rolling restart in {secs:.1} s: allowed {} ok, {} failed; denied {} got through, {} blocked; kill→ready ms: {}",
+        allowed.ok,
+        allowed.failed(),
+        denied.ok,
+        denied.failed(),
+        ms.join(" ")
+    );
+    ensure!(
+        allowed.failed() == 0 && allowed.ok as f64 >= 80.0 * secs,
+        "allowed: {allowed:?} over {secs:.1} s"
+    );
+    ensure!(
+        denied.ok == 0 && denied.failed() as f64 >= 50.0 * secs,
+        "denied: {denied:?} over {secs:.1} s"
+    );
+    Ok(())
+}
+
 fn leftovers() -> anyhow::Result<()> {
     let pid = std::process::id();
     let mut left: Vec<String> = cortexflow_testkit::net::owned_by(pid)

@@ -11,6 +11,11 @@
 //! cortexflow-workload probe tcp|udp HOST:PORT [--timeout-ms MS]
 //!     One attempt; prints one line and exits 0 on success:
 //!     "success NAME" | "refused" | "timeout" | "error WHAT".
+//! cortexflow-workload load tcp|udp HOST:PORT [--rate N] [--timeout-ms MS]
+//!     N new attempts per second (default 100), each a probe as above in its own thread, on a
+//!     fixed schedule whatever the answers take, until SIGTERM or SIGINT; then waits for the
+//!     attempts in flight and prints "ok=N refused=N timeout=N error=N" and up to ten failure
+//!     lines, and exits 0.
 //! ```
 #![forbid(unsafe_code)]
 
@@ -26,6 +31,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("probe") => probe(&args[1..]),
+        Some("load") => load(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cortexflow-workload serve [--tcp PORT]... [--udp PORT]... [--name NAME]\n       cortexflow-workload probe tcp|udp HOST:PORT [--timeout-ms MS]"
@@ -145,6 +151,84 @@ fn probe(args: &[String]) -> ExitCode {
         other => return usage(&format!("unknown protocol {other}")),
     };
     report(result)
+}
+
+fn load(args: &[String]) -> ExitCode {
+    let (Some(proto), Some(target)) = (args.first(), args.get(1)) else {
+        return usage("load needs tcp|udp and HOST:PORT");
+    };
+    let mut rate = 100u32;
+    let mut timeout = Duration::from_millis(1000);
+    let mut it = args[2..].iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next().map(|v| v.parse::<u64>())) {
+            ("--rate", Some(Ok(n))) if n > 0 => rate = n.min(10_000) as u32,
+            ("--timeout-ms", Some(Ok(ms))) => timeout = Duration::from_millis(ms),
+            _ => return usage(&format!("unexpected argument {a}")),
+        }
+    }
+    let addr = match target.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => return usage(&format!("{target} is not an address")),
+    };
+    let attempt: fn(SocketAddr, Duration) -> Result<String, String> = match proto.as_str() {
+        "tcp" => probe_tcp,
+        "udp" => probe_udp,
+        other => return usage(&format!("unknown protocol {other}")),
+    };
+    // SIGTERM and SIGINT end the run: blocked here and in every thread, awaited by a waiter.
+    let mut term = nix::sys::signal::SigSet::empty();
+    term.add(nix::sys::signal::Signal::SIGTERM);
+    term.add(nix::sys::signal::Signal::SIGINT);
+    if let Err(e) = term.thread_block() {
+        return fail(&format!("block SIGTERM: {e}"));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let _ = term.wait();
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Result<String, String>>();
+    let every = Duration::from_secs(1) / rate;
+    let start = std::time::Instant::now();
+    let mut n: u32 = 0;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(attempt(addr, timeout));
+        });
+        n = n.saturating_add(1);
+        let next = start + every * n;
+        if let Some(wait) = next.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    drop(tx);
+    let (mut ok, mut refused, mut timed_out, mut error) = (0u64, 0u64, 0u64, 0u64);
+    let mut failures = Vec::new();
+    for r in rx {
+        match r {
+            Ok(_) => ok += 1,
+            Err(what) => {
+                match what.as_str() {
+                    "refused" => refused += 1,
+                    "timeout" => timed_out += 1,
+                    _ => error += 1,
+                }
+                if failures.len() < 10 {
+                    failures.push(what);
+                }
+            }
+        }
+    }
+    println!("ok={ok} refused={refused} timeout={timed_out} error={error}");
+    for f in failures {
+        println!("{f}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {

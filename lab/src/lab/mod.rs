@@ -11,9 +11,11 @@
 //! probes inside pods and collects the agents' flow events; [`matrix`] is the demo's matrix.
 mod matrix;
 mod probe;
+mod service;
 
 pub use matrix::{Cell, Expected, Probe, TargetKind, demo_matrix, render};
-pub use probe::{FlowLog, probe_command};
+pub use probe::{FlowLog, Load, LoadCount, probe_command};
+pub use service::OperatorService;
 
 use std::{
     collections::BTreeMap,
@@ -67,6 +69,8 @@ pub struct Lab {
     pub prometheus_addr: std::net::SocketAddr,
     pub agents: Vec<Agent>,
     pub operator: Operator,
+    /// The operator's Service: what the agents subscribe to.
+    pub operator_service: OperatorService,
     pub nodes: Vec<SimNode>,
     pub fabric: Fabric,
     pub cluster: Cluster,
@@ -140,10 +144,11 @@ impl Lab {
         };
         let mut operator = Operator::start(&operator_opts)?;
         operator.wait_ready(Duration::from_secs(60)).await?;
+        let operator_service = OperatorService::start(vec![operator.grpc]).await?;
         let mut agents = Vec::new();
         for n in &nodes {
             let mut a = Agent::new(&agent_bin, &n.name, &n.ns.path(), &n.cgroup, &[])?;
-            a.start_agent(&format!("http://{}", operator.grpc))?;
+            a.start_agent(&operator_service.url())?;
             agents.push(a);
         }
         for a in &mut agents {
@@ -157,6 +162,7 @@ impl Lab {
             prometheus_addr,
             agents,
             operator,
+            operator_service,
             nodes,
             fabric,
             cluster,
@@ -195,6 +201,34 @@ impl Lab {
         self.operator =
             Operator::start_at(&self.operator_opts, self.operator.grpc, self.operator.admin)?;
         self.operator.wait_ready(Duration::from_secs(60)).await
+    }
+
+    /// Kills the operator (SIGKILL: no drain, no Lease release) and starts it again at once
+    /// where the agents expect it; waits until it is ready.
+    pub async fn kill_and_restart_operator(&mut self) -> anyhow::Result<()> {
+        restart(&self.operator_opts, &mut self.operator, true).await
+    }
+
+    /// Starts another operator replica (`identity`) behind the operator Service; waits until
+    /// it is ready.
+    pub async fn start_replica(&self, identity: &str) -> anyhow::Result<Operator> {
+        let mut o = self.operator_opts.clone();
+        o.identity = identity.into();
+        let mut op = Operator::start(&o)?;
+        op.wait_ready(Duration::from_secs(60)).await?;
+        self.operator_service.add(op.grpc);
+        Ok(op)
+    }
+
+    /// Restarts replica `op` where it was (same identity, same addresses): SIGTERM, or SIGKILL
+    /// when `kill`; waits until the new process is ready.
+    pub async fn restart_replica(&self, op: &mut Operator, kill: bool) -> anyhow::Result<()> {
+        restart(&self.operator_opts, op, kill).await
+    }
+
+    /// Restarts the first replica gracefully (SIGTERM), where it was.
+    pub async fn restart_operator(&mut self) -> anyhow::Result<()> {
+        restart(&self.operator_opts, &mut self.operator, false).await
     }
 
     /// `kubectl` against the lab.
@@ -320,6 +354,20 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(self.state_dir.join("owner.pid"));
     }
+}
+
+/// Stops `op` (SIGTERM, or SIGKILL when `kill`) and starts it again with its identity and
+/// addresses; waits until it is ready.
+async fn restart(opts: &OperatorOptions, op: &mut Operator, kill: bool) -> anyhow::Result<()> {
+    if kill {
+        op.daemon.kill();
+    } else {
+        op.daemon.stop(Duration::from_secs(15));
+    }
+    let mut o = opts.clone();
+    o.identity = op.identity.clone();
+    *op = Operator::start_at(&o, op.grpc, op.admin)?;
+    op.wait_ready(Duration::from_secs(60)).await
 }
 
 /// Starts the Debian `prometheus` with the operator and the agents as static targets.

@@ -147,6 +147,108 @@ pub fn probe_command(
     )
 }
 
+/// A load generator running inside a pod (the workload's `load`): new connections at a fixed
+/// rate until [`Load::finish`]. Killed on drop.
+pub struct Load {
+    child: Option<std::process::Child>,
+    what: String,
+}
+
+/// What a [`Load`] counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadCount {
+    pub ok: u64,
+    pub refused: u64,
+    pub timeout: u64,
+    pub error: u64,
+    /// Up to ten failure lines.
+    pub failures: Vec<String>,
+}
+
+impl LoadCount {
+    /// Attempts that did not succeed.
+    pub fn failed(&self) -> u64 {
+        self.refused + self.timeout + self.error
+    }
+}
+
+impl Load {
+    /// Stops the generator (SIGTERM), waits for the attempts in flight, and reads the counts.
+    pub fn finish(mut self) -> anyhow::Result<LoadCount> {
+        let child = self.child.take().context("finished twice")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let head = lines
+            .next()
+            .with_context(|| format!("{}: no summary ({text:?})", self.what))?;
+        let mut count = LoadCount::default();
+        for field in head.split_whitespace() {
+            let (k, v) = field.split_once('=').context("a field")?;
+            let v: u64 = v.parse()?;
+            match k {
+                "ok" => count.ok = v,
+                "refused" => count.refused = v,
+                "timeout" => count.timeout = v,
+                "error" => count.error = v,
+                _ => {}
+            }
+        }
+        count.failures = lines.map(str::to_string).collect();
+        Ok(count)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Lab {
+    /// Starts `rate` new `protocol` connections per second from pod `namespace/pod` to `target`
+    /// (`ip:port`).
+    pub fn load(
+        &self,
+        namespace: &str,
+        pod: &str,
+        protocol: &str,
+        target: &str,
+        rate: u32,
+    ) -> anyhow::Result<Load> {
+        let (netns, cgroup) = sim::locate(&self.state_dir, namespace, pod)?;
+        let child = sim::exec_command(
+            &netns,
+            &cgroup,
+            &[
+                self.workload_bin.to_string_lossy().into_owned(),
+                "load".into(),
+                protocol.into(),
+                target.into(),
+                "--rate".into(),
+                rate.to_string(),
+                "--timeout-ms".into(),
+                "1000".into(),
+            ],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start the load generator")?;
+        Ok(Load {
+            child: Some(child),
+            what: format!("load from {namespace}/{pod} to {target}"),
+        })
+    }
+}
+
 /// The verdict that decided a connection: a drop if any, else an audit, else the destination's
 /// (ingress) allow, else the source's.
 fn decisive(flows: &[v1::Flow]) -> (String, String) {
