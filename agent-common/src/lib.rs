@@ -174,8 +174,12 @@ pub mod programs {
 
 // ---- identities ------------------------------------------------------------------------------
 
-/// In a [`PolicyKey`]: any identity. Never the identity of a packet.
+/// In a [`PolicyKey`]: any identity.
 pub const IDENTITY_ANY: u32 = 0;
+/// A cluster pod whose identity number is not known yet (its key has no number yet, and it
+/// had none before). The same value as [`IDENTITY_ANY`] on purpose: as a peer such a pod
+/// matches only the entries of rules that admit any peer, never a rule naming identities.
+pub const IDENTITY_UNKNOWN: u32 = 0;
 /// The node itself (kubelet probes). Always reaches local pods.
 pub const IDENTITY_HOST: u32 = 1;
 /// An address that is neither a cluster pod nor inside any CIDR used by a policy.

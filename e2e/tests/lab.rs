@@ -43,6 +43,7 @@ fn main() -> ExitCode {
         t!(agent_restart_under_traffic_drops_nothing),
         t!(operator_down_for_a_minute_changes_nothing),
         t!(operator_restarts_and_rollouts_change_no_verdict),
+        t!(identity_changes_under_load_change_no_verdict),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -755,11 +756,7 @@ async fn operator_down_for_a_minute_changes_nothing(lab: &mut Lab) -> anyhow::Re
 /// (denied). A replica serves nothing before it is synced, and no agent programs a state older
 /// than its kernel's: no allowed connection fails, no denied one gets through.
 async fn operator_restarts_and_rollouts_change_no_verdict(lab: &mut Lab) -> anyhow::Result<()> {
-    let target = format!("{}:80", lab.cluster_ip("shop", "backend")?);
-    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
-    let (etl, _) = first_pod(lab, "batch", "etl")?;
-    let allowed = lab.load("shop", &frontend, "tcp", &target, 100)?;
-    let denied = lab.load("batch", &etl, "tcp", &target, 100)?;
+    let (allowed, denied) = start_load(lab)?;
     let t = Instant::now();
     let mut restarts = Vec::new();
     let run = async {
@@ -790,13 +787,42 @@ async fn operator_restarts_and_rollouts_change_no_verdict(lab: &mut Lab) -> anyh
         .iter()
         .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
         .collect();
+    ensure_no_verdict_changed(
+        &format!(
+            "10 kill -9 restarts (kill→ready ms: {}) and a two-replica rolling restart",
+            ms.join(" ")
+        ),
+        secs,
+        &allowed,
+        &denied,
+    )
+}
+
+/// Starts 100 new connections a second from the frontend (allowed) and from the batch job
+/// (denied) to the backend Service.
+fn start_load(lab: &Lab) -> anyhow::Result<(lab::Load, lab::Load)> {
+    let target = format!("{}:80", lab.cluster_ip("shop", "backend")?);
+    let (frontend, _) = first_pod(lab, "shop", "frontend")?;
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    Ok((
+        lab.load("shop", &frontend, "tcp", &target, 100)?,
+        lab.load("batch", &etl, "tcp", &target, 100)?,
+    ))
+}
+
+/// No allowed connection failed, no denied one got through, and both ran at rate.
+fn ensure_no_verdict_changed(
+    what: &str,
+    secs: f64,
+    allowed: &lab::LoadCount,
+    denied: &lab::LoadCount,
+) -> anyhow::Result<()> {
     eprintln!(
-        "10 kill -9 restarts and a two-replica rolling restart in {secs:.1} s: allowed {} ok, {} failed; denied {} got through, {} blocked; kill→ready ms: {}",
+        "{what} in {secs:.1} s: allowed {} ok, {} failed; denied {} got through, {} blocked",
         allowed.ok,
         allowed.failed(),
         denied.ok,
-        denied.failed(),
-        ms.join(" ")
+        denied.failed()
     );
     ensure!(
         allowed.failed() == 0 && allowed.ok as f64 >= 80.0 * secs,
@@ -807,6 +833,73 @@ async fn operator_restarts_and_rollouts_change_no_verdict(lab: &mut Lab) -> anyh
         "denied: {denied:?} over {secs:.1} s"
     );
     Ok(())
+}
+
+/// The id of a ServiceIdentity as its status says (once allocated).
+fn sid_id(lab: &Lab, ns: &str, name: &str) -> anyhow::Result<Option<u32>> {
+    let out = lab.kubectl(&["get", "sid", "-n", ns, name, "-o", "jsonpath={.status.id}"])?;
+    Ok(out.trim().parse().ok())
+}
+
+/// Identity changes under load change no verdict: pods under default-deny whose identity
+/// number is not known for a moment keep the number they had, or are enforced as "unknown" —
+/// never left out of their node's maps. (1) The backend's ServiceIdentity is deleted (its pods
+/// fall to their service account's identity, which has no number yet) and created again (a
+/// new identity taking the pods over: it gets a new number); (2) the backend rolls to pods of a
+/// new service account (a new implicit identity) and back.
+async fn identity_changes_under_load_change_no_verdict(lab: &mut Lab) -> anyhow::Result<()> {
+    let before = sid_id(lab, "shop", "backend")?.context("the backend identity has an id")?;
+    let (allowed, denied) = start_load(lab)?;
+    let t = Instant::now();
+    let run = async {
+        lab.kubectl(&["delete", "sid", "-n", "shop", "backend"])?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let identities = workspace_root().join("examples/lab/20-identities.yaml");
+        lab.kubectl(&["apply", "-f", &identities.to_string_lossy()])?;
+        let t = Instant::now();
+        let after = loop {
+            if let Some(id) = sid_id(lab, "shop", "backend")? {
+                break id;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "no id for the new backend identity"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        ensure!(after != before, "identity {before} was reused");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        lab.kubectl(&["create", "serviceaccount", "-n", "shop", "backend-v2"])?;
+        for sa in ["backend-v2", "backend"] {
+            let patch =
+                format!(r#"{{"spec":{{"template":{{"spec":{{"serviceAccountName":"{sa}"}}}}}}}}"#);
+            lab.kubectl(&["patch", "deployment", "-n", "shop", "backend", "-p", &patch])?;
+            lab.kubectl(&[
+                "rollout",
+                "status",
+                "deployment",
+                "-n",
+                "shop",
+                "backend",
+                "--timeout=90s",
+            ])?;
+            ready_replicas(lab, "shop", "backend", 2).await?;
+            // Replaced pods drain for 2 s after SIGTERM.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        lab.kubectl(&["delete", "serviceaccount", "-n", "shop", "backend-v2"])?;
+        anyhow::Ok(())
+    };
+    let result = run.await;
+    let secs = t.elapsed().as_secs_f64();
+    let (allowed, denied) = (allowed.finish()?, denied.finish()?);
+    result?;
+    ensure_no_verdict_changed(
+        "the backend's ServiceIdentity deleted and re-created, the backend rolled to a new service account and back",
+        secs,
+        &allowed,
+        &denied,
+    )
 }
 
 fn leftovers() -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ use std::{
 use cortexflow_domain::{
     Action, AgentStatus, Backend, Cidr, Direction, Endpoint, EndpointPolicy, Endpoints,
     IdentityInfo, Invalid, Ipcache, Mode, NodeConfig, NodeInfo, Peer, Peers, PolicyGeneration,
-    PortRange, Protocol, Rule, RuleRef, Service, invalid,
+    PortRange, Protocol, Rule, RuleRef, Service, identity, invalid,
 };
 
 use crate::agent::v1;
@@ -174,8 +174,11 @@ impl TryFrom<v1::Endpoints> for Endpoints {
             if ip.is_unspecified() || !ips.insert(ip) {
                 return invalid(format!("{who}: address {ip} is unspecified or used twice"));
             }
-            if ep.identity == 0 {
-                return invalid(format!("{who}: identity 0"));
+            if !identity::is_pod_identity(ep.identity) {
+                return invalid(format!(
+                    "{who}: identity {} is neither allocated nor unknown (0)",
+                    ep.identity
+                ));
             }
             if !policy_sets.contains_key(&ep.policy_set) {
                 return invalid(format!("{who}: unknown policy set {}", ep.policy_set));
@@ -240,7 +243,9 @@ impl TryFrom<v1::NodeConfig> for NodeConfig {
                 }
                 let mut upserts = Vec::with_capacity(c.upserts.len());
                 for e in c.upserts {
-                    if e.identity == 0 || e.ip == 0 {
+                    let pod_or_host =
+                        identity::is_pod_identity(e.identity) || e.identity == identity::HOST;
+                    if !pod_or_host || e.ip == 0 {
                         return invalid(format!(
                             "ipcache entry {} → {}",
                             Ipv4Addr::from(e.ip),
@@ -666,8 +671,11 @@ mod tests {
             ("unknown policy set", |m| {
                 m.endpoints.as_mut().unwrap().endpoints[0].policy_set = 9
             }),
-            ("identity 0", |m| {
-                m.endpoints.as_mut().unwrap().endpoints[0].identity = 0
+            ("neither allocated nor unknown", |m| {
+                m.endpoints.as_mut().unwrap().endpoints[0].identity = 2
+            }),
+            ("neither allocated nor unknown", |m| {
+                m.endpoints.as_mut().unwrap().endpoints[0].identity = 0xFF00_0001
             }),
             ("used twice", |m| {
                 let e = m.endpoints.as_mut().unwrap();
@@ -684,7 +692,10 @@ mod tests {
                 m.ipcache.as_mut().unwrap().removals.push(1)
             }),
             ("ipcache entry", |m| {
-                m.ipcache.as_mut().unwrap().upserts[0].identity = 0
+                m.ipcache.as_mut().unwrap().upserts[0].identity = 2
+            }),
+            ("ipcache entry", |m| {
+                m.ipcache.as_mut().unwrap().upserts[0].identity = 0xFF00_0000
             }),
             ("backend port", |m| {
                 m.services.as_mut().unwrap().services[0].backends[0].port = 0

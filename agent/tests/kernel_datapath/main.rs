@@ -51,7 +51,9 @@ use pins::{
 };
 use property::property_kernel_matches_model;
 use services::{helper, service_no_backend, service_udp, service_weights};
-use verdicts::{loads_and_passes_the_verifier, verdict_paths};
+use verdicts::{
+    an_endpoint_of_unknown_identity_is_enforced, loads_and_passes_the_verifier, verdict_paths,
+};
 
 const PASS: i32 = -1;
 const DROP: i32 = 2;
@@ -67,6 +69,10 @@ fn main() -> ExitCode {
             loads_and_passes_the_verifier,
         ),
         ("verdict_paths", verdict_paths),
+        (
+            "an_endpoint_of_unknown_identity_is_enforced",
+            an_endpoint_of_unknown_identity_is_enforced,
+        ),
         (
             "conntrack_passes_later_packets_and_replies_without_events",
             conntrack,

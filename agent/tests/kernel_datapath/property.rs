@@ -2,6 +2,9 @@
 use super::*;
 
 pub(crate) const POD_IDS: [u32; 4] = [301, 302, 303, 304];
+/// What a pod's address may resolve to: an allocated identity, or unknown (a pod whose number
+/// is not known yet; rules never name it).
+const PEER_IDS: [u32; 5] = [301, 302, 303, 304, cortexflow_common::IDENTITY_UNKNOWN];
 
 pub(crate) fn random_policy(rng: &mut SmallRng, cidrs: &[Cidr]) -> EndpointPolicy {
     let mut next_id = 1u32;
@@ -137,7 +140,7 @@ pub(crate) fn property_kernel_matches_model() {
         // Pod identities are shuffled per policy.
         let mut ipcache: Vec<(Ipv4Addr, u32)> = pods
             .iter()
-            .map(|p| (*p, *POD_IDS.choose(&mut rng).expect("id")))
+            .map(|p| (*p, *PEER_IDS.choose(&mut rng).expect("id")))
             .collect();
         ipcache.push((node, IDENTITY_HOST));
         ipcache.push((EP_IP, EP_ID));

@@ -23,7 +23,14 @@ pub(crate) fn verdict_paths() {
     let peer = Ipv4Addr::new(10, 0, 0, 20);
     let node = Ipv4Addr::new(10, 0, 255, 1);
     let ext = Ipv4Addr::new(192, 168, 7, 7);
-    let ipcache = [(peer, 301), (node, IDENTITY_HOST), (EP_IP, EP_ID)];
+    // A pod whose identity number is not known yet.
+    let unknown = Ipv4Addr::new(10, 0, 0, 21);
+    let ipcache = [
+        (peer, 301),
+        (node, IDENTITY_HOST),
+        (EP_IP, EP_ID),
+        (unknown, cortexflow_common::IDENTITY_UNKNOWN),
+    ];
     let allow_301_80 = EndpointPolicy {
         ingress: vec![allow_tcp(11, 301, 80)],
         egress: vec![allow_tcp(12, 301, 80)],
@@ -101,6 +108,22 @@ pub(crate) fn verdict_paths() {
             pkt: udp(peer, 4003, EP_IP, 80),
             ret: DROP,
             event: Some((VERDICT_DROPPED, Reason::DefaultDeny, 0)),
+        },
+        Case {
+            name: "unknown identity: a rule naming identities does not admit it",
+            policy: allow_301_80.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(unknown, 4012, EP_IP, 80),
+            ret: DROP,
+            event: Some((VERDICT_DROPPED, Reason::DefaultDeny, 0)),
+        },
+        Case {
+            name: "unknown identity: a rule admitting any peer does, a Deny naming others does not drop it",
+            policy: deny_any.clone(),
+            prog: programs::TO_POD,
+            pkt: tcp(unknown, 4013, EP_IP, 80),
+            ret: PASS,
+            event: Some((VERDICT_ALLOWED, Reason::PolicyAllow, 20)),
         },
         Case {
             name: "egress allow",
@@ -300,4 +323,57 @@ pub(crate) fn verdict_paths() {
         failures.push(format!("unmanaged: ret {ret}"));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A pod whose identity number is not known yet is an endpoint like any other: its own policies
+/// apply (here: default-deny but for identity 301 on port 80), and its flows name it unknown.
+pub(crate) fn an_endpoint_of_unknown_identity_is_enforced() {
+    let peer = Ipv4Addr::new(10, 0, 0, 20);
+    let mut s = state(
+        EndpointPolicy {
+            ingress: vec![allow_tcp(11, 301, 80)],
+            egress: vec![],
+        },
+        &[(peer, 301)],
+    );
+    if let Some(ep) = s.endpoints.get_mut(&1) {
+        ep.identity = cortexflow_common::IDENTITY_UNKNOWN;
+    }
+    s.ipcache.insert(EP_IP, cortexflow_common::IDENTITY_UNKNOWN);
+    let (mut t, mut rb) = open();
+    t.dp().apply(&s).expect("apply");
+    let _ = events(&mut rb);
+    assert_eq!(
+        test_run(
+            &mut t,
+            programs::TO_POD,
+            &common::tcp(peer, 4100, EP_IP, 80)
+        ),
+        PASS
+    );
+    let ev = events(&mut rb);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (
+            ev[0].verdict,
+            ev[0].rule,
+            ev[0].src_identity,
+            ev[0].dst_identity
+        ),
+        (VERDICT_ALLOWED, 11, 301, 0)
+    );
+    assert_eq!(
+        test_run(
+            &mut t,
+            programs::TO_POD,
+            &common::tcp(peer, 4101, EP_IP, 81)
+        ),
+        DROP,
+        "default-deny holds for a pod whose number is not known"
+    );
+    let ev = events(&mut rb);
+    assert_eq!(
+        ev.first().map(|e| (e.verdict, Reason::from_u8(e.reason))),
+        Some((VERDICT_DROPPED, Some(Reason::DefaultDeny)))
+    );
 }

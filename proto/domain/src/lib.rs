@@ -32,8 +32,13 @@ pub mod identity {
         IDENTITY_ANY as ANY, IDENTITY_CIDR_BASE as CIDR_BASE,
         IDENTITY_FIRST_ALLOCATED as FIRST_ALLOCATED, IDENTITY_HOST as HOST,
         IDENTITY_LAST_ALLOCATED as LAST_ALLOCATED, IDENTITY_RESERVED_MAX as RESERVED_MAX,
-        IDENTITY_WORLD as WORLD,
+        IDENTITY_UNKNOWN as UNKNOWN, IDENTITY_WORLD as WORLD,
     };
+
+    /// Whether `id` may be a cluster pod's identity: an allocated one, or [`UNKNOWN`].
+    pub const fn is_pod_identity(id: u32) -> bool {
+        id == UNKNOWN || (id >= FIRST_ALLOCATED && id <= LAST_ALLOCATED)
+    }
 }
 
 /// Rule ids: `policy number << 6 | direction << 5 | index`. The id is what the kernel stores

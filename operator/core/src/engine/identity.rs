@@ -1,6 +1,16 @@
 //! Identities: every pod's identity key (the oldest ServiceIdentity of its namespace that
-//! selects it, else its service account's implicit identity), the ServiceIdentity statuses, and
-//! the list of identity names.
+//! selects it, else its service account's implicit identity) and the number it is enforced
+//! with, the ServiceIdentity statuses, and the list of identity names.
+//!
+//! **A pod is never left unenforced for want of a number.** Until its key has a number (a new
+//! ServiceIdentity, a new service account, no leader, a full table) a pod keeps the number it
+//! had — that of another ServiceIdentity selecting it, oldest first, else its service account's —
+//! and a pod that had none is enforced as `identity::UNKNOWN` (0): its own policies apply to it
+//! (default-deny where they say so), and as a peer it matches only rules that admit any peer.
+//! This is computed from the current objects and table alone, so it is the same whatever order
+//! changes arrived in.
+use cortexflow_domain::identity;
+
 use super::*;
 
 impl Engine {
@@ -12,14 +22,24 @@ impl Engine {
             if !pod.live() {
                 continue;
             }
-            let key = match sids.iter().find(|s| s.selects(pod)) {
-                Some(s) => AllocKey::Sid(s.key.clone()),
-                None => AllocKey::Sa(ObjKey::new(ns, pod.service_account.clone())),
-            };
-            if let Some(id) = self.alloc.get(&key) {
+            let sa = AllocKey::Sa(ObjKey::new(ns, pod.service_account.clone()));
+            let mut candidates: Vec<AllocKey> = sids
+                .iter()
+                .filter(|s| s.selects(pod))
+                .map(|s| AllocKey::Sid(s.key.clone()))
+                .collect();
+            candidates.push(sa);
+            // The first candidate is the pod's key; the first one with a number is what it is
+            // enforced with until its key has one.
+            let id = candidates
+                .iter()
+                .find_map(|k| self.alloc.get(k))
+                .unwrap_or(identity::UNKNOWN);
+            if id != identity::UNKNOWN {
                 st.identities.insert(id);
             }
-            st.pod_keys.insert(pod.key.clone(), key);
+            st.pod_ids.insert(pod.key.clone(), id);
+            st.pod_keys.insert(pod.key.clone(), candidates.remove(0));
         }
         st
     }
@@ -108,9 +128,10 @@ impl Engine {
         out
     }
 
+    /// The number a live pod is enforced with (`identity::UNKNOWN` while none is known);
+    /// `None` for a pod that is not live.
     pub(super) fn pod_identity(&self, pod: &ObjKey) -> Option<u32> {
-        let key = self.ns.get(&pod.namespace)?.pod_keys.get(pod)?;
-        self.alloc.get(key)
+        self.ns.get(&pod.namespace)?.pod_ids.get(pod).copied()
     }
 
     pub(super) fn identity_list(&self) -> Vec<IdentityInfo> {

@@ -104,6 +104,9 @@ struct PolicyState {
 struct NsState {
     /// The identity key of every live pod of the namespace.
     pod_keys: BTreeMap<ObjKey, AllocKey>,
+    /// The identity number every live pod is enforced with: its key's, or while that has none
+    /// yet the one it had before, or `identity::UNKNOWN` (see `resolve_namespace`).
+    pod_ids: BTreeMap<ObjKey, u32>,
     /// The allocated identities present in the namespace.
     identities: BTreeSet<u32>,
 }
@@ -333,7 +336,9 @@ impl Engine {
             }
             identities_changed = true;
             for p in old.pod_keys.keys().chain(new.pod_keys.keys()) {
-                if old.pod_keys.get(p) != new.pod_keys.get(p) {
+                if old.pod_keys.get(p) != new.pod_keys.get(p)
+                    || old.pod_ids.get(p) != new.pod_ids.get(p)
+                {
                     d.addresses.insert(p.clone());
                     d.pods.insert(p.clone());
                 }

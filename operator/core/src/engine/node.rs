@@ -19,6 +19,7 @@ impl Engine {
         let mut sets: BTreeMap<Arc<EndpointPolicy>, u32> = BTreeMap::new();
         let mut eps = Vec::new();
         let mut policies = BTreeSet::new();
+        let mut addresses = BTreeSet::new();
         for pod in self.pods_by_node.get(node).into_iter().flatten() {
             let (Some(p), Some(policy), Some(identity)) = (
                 self.snap.pods.get(pod),
@@ -28,6 +29,11 @@ impl Engine {
                 continue;
             };
             let Some(ip) = p.ip else { continue };
+            // Two live pods with one address (a recycled IP): the first by namespace/name owns
+            // it, as in the ipcache; a node config never lists an address twice.
+            if !addresses.insert(ip) {
+                continue;
+            }
             for (k, c) in self.compiled_policies_of(pod) {
                 policies.insert(PolicyGeneration {
                     namespace: k.namespace.to_string(),
