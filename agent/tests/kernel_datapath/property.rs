@@ -1,7 +1,6 @@
 //! 100 000 random (policy, packet) cases through the kernel and the reference model.
 use super::*;
 
-pub(crate) const POD_IDS: [u32; 4] = [301, 302, 303, 304];
 /// What a pod's address may resolve to: an allocated identity, or unknown (a pod whose number
 /// is not known yet; rules never name it).
 const PEER_IDS: [u32; 5] = [301, 302, 303, 304, cortexflow_common::IDENTITY_UNKNOWN];
