@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         t!(operator_down_for_a_minute_changes_nothing),
         t!(operator_restarts_and_rollouts_change_no_verdict),
         t!(identity_changes_under_load_change_no_verdict),
+        t!(a_lost_id_table_renumbers_nothing_under_load),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -896,6 +897,81 @@ async fn identity_changes_under_load_change_no_verdict(lab: &mut Lab) -> anyhow:
     result?;
     ensure_no_verdict_changed(
         "the backend's ServiceIdentity deleted and re-created, the backend rolled to a new service account and back",
+        secs,
+        &allowed,
+        &denied,
+    )
+}
+
+/// The id ConfigMap deleted, then edited to garbage, then the operator killed and restarted,
+/// under load: the leader writes the numbers it holds back each time, no identity number
+/// changes, no verdict changes.
+async fn a_lost_id_table_renumbers_nothing_under_load(lab: &mut Lab) -> anyhow::Result<()> {
+    const TABLE: &str = "cortexflow-identities";
+    let ns = lab::SYSTEM_NAMESPACE;
+    let ids = |lab: &Lab| -> anyhow::Result<(Option<u32>, Option<u32>)> {
+        Ok((
+            sid_id(lab, "shop", "frontend")?,
+            sid_id(lab, "shop", "backend")?,
+        ))
+    };
+    let table = |lab: &Lab| {
+        lab.kubectl(&[
+            "get",
+            "configmap",
+            "-n",
+            ns,
+            TABLE,
+            "-o",
+            "jsonpath={.data}",
+        ])
+    };
+    let before = ids(lab)?;
+    let good = table(lab)?;
+    ensure!(before.0.is_some() && before.1.is_some(), "ids: {before:?}");
+    let (allowed, denied) = start_load(lab)?;
+    let t = Instant::now();
+    let written_back = async |lab: &Lab, what: &str| -> anyhow::Result<()> {
+        let t = Instant::now();
+        while table(lab).ok().as_deref() != Some(good.as_str()) {
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "{what}: the table was not written back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    };
+    let run = async {
+        lab.kubectl(&["delete", "configmap", "-n", ns, TABLE])?;
+        written_back(lab, "deleted").await?;
+        lab.kubectl(&[
+            "patch",
+            "configmap",
+            "-n",
+            ns,
+            TABLE,
+            "--type=merge",
+            "-p",
+            r#"{"data":{"next-identity":"256","sa_shop_frontend":"garbage"}}"#,
+        ])?;
+        written_back(lab, "garbage").await?;
+        lab.kill_and_restart_operator().await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        written_back(lab, "after the restart").await?;
+        anyhow::Ok(())
+    };
+    let result = run.await;
+    let secs = t.elapsed().as_secs_f64();
+    let (allowed, denied) = (allowed.finish()?, denied.finish()?);
+    result?;
+    ensure!(
+        ids(lab)? == before,
+        "identity numbers changed: {before:?} → {:?}",
+        ids(lab)?
+    );
+    ensure_no_verdict_changed(
+        "the id table deleted, garbled, the operator killed and restarted",
         secs,
         &allowed,
         &denied,

@@ -39,6 +39,10 @@ fn main() -> ExitCode {
                 "any_dead_task_ends_the_operator_within_a_second",
                 dead_task_ends_the_operator,
             ),
+            test(
+                "a_deleted_or_garbled_id_table_renumbers_nothing",
+                id_table_lost_renumbers_nothing,
+            ),
         ],
         true,
     )
@@ -342,10 +346,18 @@ async fn ids_survive_restart(ctx: Ctx) -> anyhow::Result<()> {
     .await?;
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     let table = |cm: ConfigMap| cm.data.unwrap_or_default();
-    let before = eventually(t, "id table with the implicit identity of db", || async {
-        let t = table(cms.get("cortexflow-identities").await?);
-        Ok(t.keys().any(|k| k.starts_with("sa_")).then_some(t))
-    })
+    let before = eventually(
+        t,
+        "id table with db's implicit identity and both policies",
+        || async {
+            let t = table(cms.get("cortexflow-identities").await?);
+            let ns = &ctx.ns;
+            let complete = t.contains_key(&format!("sa_{ns}_db"))
+                && t.contains_key(&format!("mp_{ns}_db-in"))
+                && t.contains_key(&format!("mp_{ns}_ghostly"));
+            Ok(complete.then_some(t))
+        },
+    )
     .await?;
     let config_before = subscribe_until_policy(op.grpc, "node-b", "db-in").await?;
 
@@ -531,6 +543,153 @@ async fn dead_task_ends_the_operator(ctx: Ctx) -> anyhow::Result<()> {
         "{} tasks killed one by one; slowest exit {:.0} ms",
         tasks.len(),
         slowest.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// The id ConfigMap deleted, garbled, renumbered, given a reused number: the leader keeps the
+/// numbers it holds and writes them back each time; nothing is renumbered. An operator that
+/// starts while the table is lost (and objects carry statuses) serves nothing and allocates
+/// nothing until it is restored — then every number is the old one.
+async fn id_table_lost_renumbers_nothing(ctx: Ctx) -> anyhow::Result<()> {
+    const NAME: &str = "cortexflow-identities";
+    let mut op = start(&ctx, "op-t", 15).await?;
+    scene(&ctx, "node-t", 56).await?;
+    let t = Duration::from_secs(30);
+    let id = eventually(t, "identity allocated", || async {
+        Ok(sid_status(&ctx, "web")
+            .await?
+            .and_then(|s| s["id"].as_u64()))
+    })
+    .await?;
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let data = |cm: ConfigMap| cm.data.unwrap_or_default();
+    let good = eventually(
+        t,
+        "a table with db's implicit identity and both policies",
+        || async {
+            let d = data(cms.get(NAME).await?);
+            let ns = &ctx.ns;
+            let complete = d.contains_key(&format!("sa_{ns}_db"))
+                && d.contains_key(&format!("mp_{ns}_db-in"))
+                && d.contains_key(&format!("mp_{ns}_ghostly"));
+            Ok(complete.then_some(d))
+        },
+    )
+    .await?;
+    let written_back = |what: &'static str| {
+        let (cms, good) = (cms.clone(), good.clone());
+        async move {
+            eventually(t, what, || async {
+                Ok(cms.get_opt(NAME).await?.map(data).filter(|d| *d == good))
+            })
+            .await
+        }
+    };
+    // Deleted: written back from memory.
+    cms.delete(NAME, &Default::default()).await?;
+    written_back("the table written back after its deletion").await?;
+    // Garbage, a renumbering, a reused number, counters going back: each refused and
+    // overwritten with the numbers in use.
+    let sa_key = good
+        .keys()
+        .find(|k| k.starts_with("sa_"))
+        .cloned()
+        .context("an sa key")?;
+    type Edit = Box<dyn Fn(&mut std::collections::BTreeMap<String, String>) + Send + Sync>;
+    let edits: Vec<(&str, Edit)> = vec![
+        (
+            "garbage",
+            Box::new(|d| {
+                d.clear();
+                d.insert("oops".into(), "not a table".into());
+            }),
+        ),
+        (
+            "u32::MAX",
+            Box::new({
+                let k = sa_key.clone();
+                move |d| {
+                    d.insert(k.clone(), u32::MAX.to_string());
+                }
+            }),
+        ),
+        (
+            "renumbered",
+            Box::new({
+                let k = sa_key.clone();
+                move |d| {
+                    let n: u32 = d[&k].parse().unwrap_or(0);
+                    d.insert(k.clone(), (n + 1000).to_string());
+                    d.insert("next-identity".into(), (n + 2000).to_string());
+                }
+            }),
+        ),
+        (
+            "counters back",
+            Box::new(|d| {
+                d.insert("next-identity".into(), "256".into());
+            }),
+        ),
+    ];
+    for (what, edit) in edits {
+        let mut cm = cms.get(NAME).await?;
+        let mut d = cm.data.take().unwrap_or_default();
+        edit(&mut d);
+        cm.data = Some(d);
+        cms.replace(NAME, &Default::default(), &cm).await?;
+        written_back(what).await?;
+    }
+    ensure!(
+        sid_status(&ctx, "web")
+            .await?
+            .and_then(|s| s["id"].as_u64())
+            == Some(id),
+        "the ServiceIdentity's id changed"
+    );
+    ensure!(op.daemon.running(), "{}", op.daemon.log_tail(30));
+
+    // The operator down, the table deleted meanwhile: the next one must not number afresh.
+    op.daemon.stop(Duration::from_secs(10));
+    cms.delete(NAME, &Default::default()).await?;
+    let mut held = Operator::start(&options(&ctx, "op-t", 15))?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (code, body) = held.admin_get("/readyz").await?;
+    ensure!(code == 503, "ready with a lost table: {code} {body}");
+    ensure!(
+        held.daemon.log().contains("the id table is lost"),
+        "{}",
+        held.daemon.log_tail(20)
+    );
+    ensure!(
+        cms.get_opt(NAME).await?.is_none(),
+        "a new table was written while the old one is lost"
+    );
+    // Restored (as from a backup): the same numbers come back; the replica syncs.
+    cms.create(
+        &Default::default(),
+        &ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(NAME.into()),
+                ..Default::default()
+            },
+            data: Some(good.clone()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    held.wait_ready(Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        data(cms.get(NAME).await?) == good,
+        "the restored table changed"
+    );
+    ensure!(
+        sid_status(&ctx, "web")
+            .await?
+            .and_then(|s| s["id"].as_u64())
+            == Some(id),
+        "the ServiceIdentity's id changed after the restore"
     );
     Ok(())
 }

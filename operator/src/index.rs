@@ -24,6 +24,7 @@ use cortexflow_operator_core::{
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
+        coordination::v1::Lease,
         core::v1::{
             ConfigMap, Namespace as NamespaceK, Node as NodeK, Pod as PodK, Service as ServiceK,
         },
@@ -477,24 +478,42 @@ pub fn spawn_watches(sup: &mut Supervisor, client: Client, w: WatchSinks) {
     );
 }
 
-/// Watches the id table ConfigMap and sends its content as [`Change::Allocations`].
+/// Watches the id table ConfigMap and sends its content as [`Change::Allocations`], or
+/// [`Change::TableUnreadable`] when it is missing or does not parse (the engine then keeps the
+/// numbers it has, and the leader writes the table again).
 pub fn allocation_watch(
     client: Client,
     namespace: &str,
     name: &str,
+    lease: &str,
     tx: mpsc::Sender<Input>,
     drain: Watcher,
 ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + use<> {
-    let api: Api<DeserializeGuard<ConfigMap>> = Api::namespaced(client, namespace);
+    let api: Api<DeserializeGuard<ConfigMap>> = Api::namespaced(client.clone(), namespace);
+    let leases: Api<Lease> = Api::namespaced(client, namespace);
+    let lease = lease.to_string();
     let fields = format!("metadata.name={name}");
     async move {
         let mut stream = std::pin::pin!(listwatch::list_watch(api, Some(fields)));
-        let parse = |cm: ConfigMap| {
-            let (a, bad) = Allocations::from_map(&cm.data.unwrap_or_default());
-            if !bad.is_empty() {
-                tracing::warn!(?bad, "id table entries that do not parse were skipped");
+        // Whether the Lease records counters: then a table existed (it is lost, not new).
+        let watermark = || async {
+            let l = tokio::time::timeout(listwatch::LIST_TIMEOUT, leases.get_opt(&lease)).await;
+            match l {
+                // Counters past their first values: numbers were handed out.
+                Ok(Ok(Some(l))) => crate::lease::counters_of(&l)
+                    .filter(|c| *c != (cortexflow_domain::identity::FIRST_ALLOCATED, 1)),
+                _ => None,
             }
-            a
+        };
+        let unreadable = |why: String, watermark: Option<(u32, u32)>| {
+            tracing::error!(%why, ?watermark, "the id table is unreadable; keeping the numbers in use (the leader writes them back)");
+            Change::TableUnreadable { why, watermark }
+        };
+        let parse = |cm: ConfigMap| {
+            let version = cm.metadata.resource_version.clone().unwrap_or_default();
+            Allocations::from_map(&cm.data.unwrap_or_default(), &version)
+                .map(Change::Allocations)
+                .map_err(|e| format!("the id table ConfigMap is invalid: {e}"))
         };
         loop {
             let seen = tokio::select! {
@@ -506,23 +525,45 @@ pub fn allocation_watch(
             };
             let (change, revision) = match seen {
                 Seen::Listed(objects, revision) => {
-                    let table = objects
-                        .into_iter()
-                        .find_map(Result::ok)
-                        .map(parse)
-                        .unwrap_or_default();
-                    (Some(Change::Allocations(table)), revision)
+                    let read = match objects.into_iter().next() {
+                        Some(Ok(cm)) => parse(cm),
+                        Some(Err(e)) => Err(format!(
+                            "the id table ConfigMap does not deserialize: {}",
+                            e.error
+                        )),
+                        None => Err("there is no id table ConfigMap".into()),
+                    };
+                    let change = match read {
+                        Ok(c) => c,
+                        Err(why) => match watermark().await {
+                            Some(w) => unreadable(why, Some(w)),
+                            // Nothing says a table existed: a new installation.
+                            None => Change::TableUnreadable {
+                                why,
+                                watermark: None,
+                            },
+                        },
+                    };
+                    (Some(change), revision)
                 }
-                Seen::Applied(Ok(cm), revision) => (Some(Change::Allocations(parse(cm))), revision),
-                Seen::Applied(Err(e), revision) => {
-                    tracing::warn!(error = %e.error, "the id table does not deserialize; kept what was read before");
-                    (None, revision)
-                }
-                Seen::Deleted(_, revision) => {
-                    // The engine keeps the ids it has; the leader writes the table again.
-                    tracing::warn!("the id table ConfigMap was deleted; the leader recreates it");
-                    (None, revision)
-                }
+                Seen::Applied(Ok(cm), revision) => (
+                    Some(parse(cm).unwrap_or_else(|why| unreadable(why, None))),
+                    revision,
+                ),
+                Seen::Applied(Err(e), revision) => (
+                    Some(unreadable(
+                        format!("the id table ConfigMap does not deserialize: {}", e.error),
+                        None,
+                    )),
+                    revision,
+                ),
+                Seen::Deleted(_, revision) => (
+                    Some(unreadable(
+                        "the id table ConfigMap was deleted".into(),
+                        None,
+                    )),
+                    revision,
+                ),
                 Seen::Progress(revision) => (None, revision),
                 Seen::Failed(e, wait) => {
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "id table watch failed; retrying");

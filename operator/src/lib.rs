@@ -45,10 +45,16 @@ pub struct Args {
     /// Address the gRPC server (agents) listens on.
     #[arg(long, env = "CORTEXFLOW_GRPC_ADDR", default_value = "0.0.0.0:8090")]
     pub grpc_addr: SocketAddr,
-    /// Address agents and other replicas reach this replica's gRPC server at (published in the
-    /// leader Lease); defaults to the listen address.
+    /// Address other replicas reach this replica's gRPC server at (published in the leader
+    /// Lease, for report forwarding); defaults to the listen address, or `$POD_IP` with its
+    /// port when it listens on every address (never `0.0.0.0`).
     #[arg(long, env = "CORTEXFLOW_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
+    /// Start a new id table when the one in the cluster is missing or unreadable although
+    /// CortexFlow objects carry statuses (every identity is numbered afresh). Without it such a
+    /// replica serves nothing until the table is restored.
+    #[arg(long, env = "CORTEXFLOW_ID_TABLE_RECREATE", default_value_t = false)]
+    pub id_table_recreate: bool,
     /// Address of the admin server (/metrics, /healthz, /readyz).
     #[arg(long, env = "CORTEXFLOW_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: SocketAddr,
@@ -107,12 +113,13 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     let (trigger, drain) = drain::channel();
     let mut sup = Supervisor::new();
 
-    let store = store::Store::new(
+    let store = store::Store::with_table_policy(
         EngineConfig {
             trust_domain: args.trust_domain.clone(),
             ..EngineConfig::default()
         },
         metrics.clone(),
+        args.id_table_recreate,
     );
     let gate = Arc::new(readiness::Gate::default());
 
@@ -135,6 +142,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
             client.clone(),
             &args.namespace,
             &args.identities_configmap,
+            &args.lease_name,
             changes_tx,
             drain.clone(),
         ),
@@ -158,10 +166,8 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
 
     // Leadership.
     let (lead_tx, leadership) = watch::channel(lease::Leadership::default());
-    let advertise = args
-        .advertise_addr
-        .clone()
-        .unwrap_or_else(|| args.grpc_addr.to_string());
+    let renew_now = Arc::new(tokio::sync::Notify::new());
+    let advertise = advertise_address(&args)?;
     sup.spawn(
         "lease",
         lease::run(
@@ -170,8 +176,13 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
                 namespace: args.namespace.clone(),
                 name: args.lease_name.clone(),
                 identity: identity.clone(),
-                address: advertise,
+                address: advertise.clone(),
                 duration: Duration::from_secs(args.lease_duration_secs.max(3)),
+                renew_now: renew_now.clone(),
+                counters: {
+                    let store = store.clone();
+                    Arc::new(move || store.known_counters())
+                },
             },
             lead_tx,
             drain.clone(),
@@ -184,6 +195,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
                 client: client.clone(),
                 namespace: args.namespace.clone(),
                 name: args.identities_configmap.clone(),
+                written: renew_now,
             },
             store.clone(),
             metrics.clone(),
@@ -223,9 +235,16 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         let leadership = leadership.clone();
         sup.spawn(
             "report forwarding",
-            grpc::forward_reports(fwd_rx, move || {
-                let l = leadership.borrow();
-                (!l.is_leader).then(|| l.leader_address.clone()).flatten()
+            grpc::forward_reports(fwd_rx, {
+                let ours = advertise.clone();
+                move || {
+                    let l = leadership.borrow();
+                    // Never to ourselves (a leader that just lost its lease still names us).
+                    (!l.is_leader)
+                        .then(|| l.leader_address.clone())
+                        .flatten()
+                        .filter(|a| *a != ours)
+                }
             }),
         );
     }
@@ -264,6 +283,22 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     let exit = sup.run(trigger, GRACE).await;
     telemetry.shutdown();
     Ok(exit)
+}
+
+/// Where other replicas reach this one: `--advertise-addr`, else the listen address, else (when
+/// that is every address) `$POD_IP` with the listen port.
+fn advertise_address(args: &Args) -> anyhow::Result<String> {
+    if let Some(a) = &args.advertise_addr {
+        return Ok(a.clone());
+    }
+    if !args.grpc_addr.ip().is_unspecified() {
+        return Ok(args.grpc_addr.to_string());
+    }
+    let ip: std::net::IpAddr = std::env::var("POD_IP")
+        .context("--grpc-addr listens on every address: set --advertise-addr or POD_IP")?
+        .parse()
+        .context("POD_IP")?;
+    Ok(SocketAddr::new(ip, args.grpc_addr.port()).to_string())
 }
 
 /// Agent reports as this replica takes them: recorded, and forwarded to the leader when this

@@ -15,6 +15,13 @@ pub struct OperatorMetrics {
     pub watch_errors: Counter<u64>,
     /// Allocated identities.
     pub identities: Gauge<u64>,
+    /// Bytes of the id table ConfigMap's data (the apiserver's limit is 1 MiB).
+    pub id_table_bytes: Gauge<u64>,
+    /// Keys waiting for a number (the table is full or a range exhausted).
+    pub id_table_waiting: Gauge<u64>,
+    /// 1 while the id table in the cluster is the one in use, 0 while it is missing, unreadable
+    /// or refused (the leader writes it back).
+    pub id_table_ok: Gauge<u64>,
     /// Agents with an open config stream to this replica.
     pub connected_agents: Gauge<u64>,
     /// Current config version.
@@ -53,6 +60,18 @@ impl OperatorMetrics {
                 .u64_gauge("operator_identities")
                 .with_description("Allocated workload identities")
                 .build(),
+            id_table_bytes: meter
+                .u64_gauge("operator_id_table_bytes")
+                .with_description("Bytes of the id table ConfigMap's data (the limit is 1 MiB)")
+                .build(),
+            id_table_waiting: meter
+                .u64_gauge("operator_id_table_waiting")
+                .with_description("Keys waiting for a number: the id table is full or a range is exhausted")
+                .build(),
+            id_table_ok: meter
+                .u64_gauge("operator_id_table_ok")
+                .with_description("1 while the id table in the cluster is the one in use, 0 while it is missing, unreadable or refused")
+                .build(),
             connected_agents: meter
                 .u64_gauge("operator_connected_agents")
                 .with_description("Agents with an open config stream to this replica")
@@ -86,6 +105,9 @@ impl OperatorMetrics {
             me.watch_skipped.add(0, &k);
             me.watch_errors.add(0, &k);
         }
+        me.id_table_waiting.record(0, &[]);
+        me.id_table_bytes.record(0, &[]);
+        me.id_table_ok.record(0, &[]);
         for kind in ["Allocations", "MeshPolicy", "ServiceIdentity"] {
             me.reconcile_errors
                 .add(0, &[opentelemetry::KeyValue::new("kind", kind)]);

@@ -107,7 +107,7 @@ pub async fn run(
             _ = tick.tick() => {}
             () = shutdown.signaled() => return Ok(()),
         }
-        if !leadership.borrow().is_leader {
+        if !leadership.borrow().acting() {
             continue;
         }
         let waiting = gate.waiting();

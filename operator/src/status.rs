@@ -234,7 +234,7 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
             () = shutdown.signaled() => return Ok(()),
         }
-        if !leadership.borrow().is_leader {
+        if !leadership.borrow().acting() {
             propagating.clear();
             first_round = true;
             continue;
@@ -245,7 +245,7 @@ pub async fn run(
         track_propagation(&store, &metrics, &mut propagating, first_round);
         first_round = false;
         for d in round {
-            if !leadership.borrow().is_leader {
+            if !leadership.borrow().acting() {
                 break;
             }
             let span = tracing::info_span!("status write", kind = d.kind.as_str(), object = %d.key);

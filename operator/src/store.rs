@@ -79,10 +79,28 @@ pub struct Store {
     revisions: Mutex<BTreeMap<Source, u64>>,
     /// Flips once every source has been listed and applied.
     synced: watch::Sender<bool>,
+    /// Whether a missing or unreadable id table may be started afresh although CortexFlow
+    /// objects carry statuses (which an operator wrote with numbers from a table).
+    recreate_table: bool,
+    /// Whether the sync is held for a lost table (logged once).
+    held_for_table: std::sync::atomic::AtomicBool,
+    /// The counters of the last table this replica wrote (the watch may not have brought it
+    /// back yet).
+    written_counters: Mutex<(u32, u32)>,
 }
 
 impl Store {
     pub fn new(cfg: EngineConfig, metrics: OperatorMetrics) -> Arc<Self> {
+        Self::with_table_policy(cfg, metrics, false)
+    }
+
+    /// [`Store::new`]; `recreate_table` lets a replica that finds the id table missing or
+    /// unreadable start a new one even though CortexFlow objects carry statuses.
+    pub fn with_table_policy(
+        cfg: EngineConfig,
+        metrics: OperatorMetrics,
+        recreate_table: bool,
+    ) -> Arc<Self> {
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -99,6 +117,9 @@ impl Store {
             metrics,
             revisions: Mutex::new(BTreeMap::new()),
             synced: watch::channel(false).0,
+            recreate_table,
+            held_for_table: std::sync::atomic::AtomicBool::new(false),
+            written_counters: Mutex::new((0, 0)),
         })
     }
 
@@ -122,7 +143,10 @@ impl Store {
         let mut seen: Vec<(Source, u64, bool)> = Vec::new();
         for i in inputs {
             // A source counts from its first full list on (a kind's Reset, the id table).
-            let listing = matches!(i.change, Some(Change::Reset(..) | Change::Allocations(_)));
+            let listing = matches!(
+                i.change,
+                Some(Change::Reset(..) | Change::Allocations(_) | Change::TableUnreadable { .. })
+            );
             seen.push((i.source, i.revision, listing));
             changes.extend(i.change);
         }
@@ -136,7 +160,7 @@ impl Store {
                 }
             }
             Source::ALL.iter().all(|s| r.contains_key(s)) && !*self.synced.borrow()
-        };
+        } && self.table_allows_sync();
         if became_synced {
             self.synced.send_replace(true);
             tracing::info!(revision = ?self.revision(), "every source listed and applied: serving configs");
@@ -174,11 +198,45 @@ impl Store {
             self.metrics
                 .identities
                 .record(e.allocations().ids.len() as u64, &[]);
+            self.metrics
+                .id_table_ok
+                .record(u64::from(e.table_problem().is_none()), &[]);
+            self.metrics
+                .id_table_bytes
+                .record(e.allocations().encoded_size() as u64, &[]);
         });
         self.metrics
             .config_version
             .record(self.version_base + up.version, &[]);
         up
+    }
+
+    /// Whether the id table lets this replica become synced: it was read, or there is none yet
+    /// and nothing says there was one. A **lost** table (missing or unreadable while the
+    /// leader's Lease records counters it reached) holds the sync: starting a new table would
+    /// renumber every identity. It is released when a readable table appears, or at once with
+    /// `--id-table-recreate` (numbering afresh, beyond every number handed out before).
+    fn table_allows_sync(&self) -> bool {
+        let lost = self.read(|e| {
+            e.table_lost()
+                .then(|| e.table_problem().unwrap_or("").to_string())
+        });
+        let Some(problem) = lost else {
+            return true;
+        };
+        if self.recreate_table {
+            if !self.held_for_table.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%problem, "the id table is lost: numbering afresh (--id-table-recreate), beyond every number handed out before");
+            }
+            return true;
+        }
+        if !self.held_for_table.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                %problem,
+                "the id table is lost: not serving configs and not allocating, so that no identity is renumbered; restore the ConfigMap, or start the operator with --id-table-recreate to number afresh"
+            );
+        }
+        false
     }
 
     /// The revision up to which this replica has applied every event of every source: `None`
@@ -190,6 +248,26 @@ impl Store {
             .map(|s| r.get(s).copied())
             .collect::<Option<Vec<u64>>>()
             .map(|v| v.into_iter().min().unwrap_or(0))
+    }
+
+    /// Records the counters of a table this replica wrote.
+    pub fn wrote_counters(&self, identities: u32, policies: u32) {
+        let mut c = lock(&self.written_counters);
+        *c = (c.0.max(identities), c.1.max(policies));
+    }
+
+    /// How far the id table's counters have gone as far as this replica knows: those of the
+    /// table in use (once synced and readable) and of the last table it wrote.
+    pub fn known_counters(&self) -> Option<(u32, u32)> {
+        self.revision()?;
+        let engine = self.read(|e| {
+            let a = e.allocations();
+            e.table_problem()
+                .is_none()
+                .then_some((a.next_identity, a.next_policy))
+        })?;
+        let w = *lock(&self.written_counters);
+        Some((engine.0.max(w.0), engine.1.max(w.1)))
     }
 
     /// A receiver that flips to `true` once the replica is synced.
@@ -318,7 +396,7 @@ fn change_kind(c: &Change) -> &'static str {
     match c {
         Change::Apply(o) => o.kind().as_str(),
         Change::Delete(k, _) | Change::Reset(k, _) => k.as_str(),
-        Change::Allocations(_) => "Allocations",
+        Change::Allocations(_) | Change::TableUnreadable { .. } => "Allocations",
     }
 }
 

@@ -128,7 +128,7 @@ fn inputs(changes: Vec<Change>) -> Vec<Input> {
             source: match &c {
                 Change::Apply(o) => Source::Kind(o.kind()),
                 Change::Delete(k, _) | Change::Reset(k, _) => Source::Kind(*k),
-                Change::Allocations(_) => Source::IdTable,
+                Change::Allocations(_) | Change::TableUnreadable { .. } => Source::IdTable,
             },
             revision: REVISION.fetch_add(1, Ordering::Relaxed),
             change: Some(c),
@@ -161,7 +161,7 @@ fn sync_but(store: &Store, listed: &[Source]) {
 
 /// The leader's allocation step, in-process.
 fn allocate(store: &Store) {
-    let next = store.read(|e| e.allocations().allocate(&e.needed_allocations()).unwrap());
+    let next = store.read(|e| e.allocations().allocate(&e.needed_allocations()).table);
     if let Some(a) = next {
         store.apply(inputs(vec![Change::Allocations(a)]));
     }

@@ -17,7 +17,28 @@ impl Engine {
                     self.upsert(o, d);
                 }
             }
-            Change::Allocations(a) => {
+            Change::TableUnreadable { why, watermark } => {
+                // Keep every number in use: the leader writes the table again from them.
+                self.table_problem = Some(why);
+                if let Some((identities, policies)) = watermark {
+                    // Counters never go below what was handed out, whatever happens next.
+                    self.alloc.next_identity = self.alloc.next_identity.max(identities);
+                    self.alloc.next_policy = self.alloc.next_policy.max(policies);
+                    self.table_lost = self.alloc.ids.is_empty();
+                }
+            }
+            Change::Allocations(mut a) => {
+                if self.table_lost {
+                    // A restored table: its numbers are the old ones; the counters stay at
+                    // least where the watermark put them.
+                    a.next_identity = a.next_identity.max(self.alloc.next_identity);
+                    a.next_policy = a.next_policy.max(self.alloc.next_policy);
+                } else if let Err(why) = a.check_successor(&self.alloc) {
+                    self.table_problem = Some(format!("the id table read was refused: {why}"));
+                    return;
+                }
+                self.table_problem = None;
+                self.table_lost = false;
                 let old = std::mem::replace(&mut self.alloc, a);
                 let changed: BTreeSet<&AllocKey> = old
                     .ids

@@ -68,8 +68,18 @@ pub enum Change {
     Delete(Kind, ObjKey),
     /// All objects of a kind, as a watch re-list gives them: replaces what the engine had.
     Reset(Kind, Vec<Object>),
-    /// The persisted id table changed.
+    /// The persisted id table changed. Taken only if it follows from the table in use
+    /// (`Allocations::check_successor`); else refused, and the problem recorded.
     Allocations(Allocations),
+    /// The persisted id table is missing or does not parse: the numbers in use are kept, and
+    /// the problem recorded (the leader writes the table again). `watermark` is what the
+    /// counters had reached by another record (the leader's Lease) — the table existed, so it is
+    /// **lost**: counters never go below the watermark, and the operator waits for the table to
+    /// be restored before it serves or allocates (docs/architecture.md).
+    TableUnreadable {
+        why: String,
+        watermark: Option<(u32, u32)>,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -160,6 +170,11 @@ pub struct Engine {
     cfg: EngineConfig,
     snap: Snapshot,
     alloc: Allocations,
+    /// Why the id table in the cluster is not the one in use (missing, unreadable, or refused
+    /// as no successor of it); `None` while they agree.
+    table_problem: Option<String>,
+    /// See [`Engine::table_lost`].
+    table_lost: bool,
     version: u64,
     ns: BTreeMap<Arc<str>, NsState>,
     policies: BTreeMap<ObjKey, PolicyState>,
@@ -196,6 +211,8 @@ impl Engine {
             cfg,
             snap: Snapshot::default(),
             alloc: Allocations::default(),
+            table_problem: None,
+            table_lost: false,
             version: 0,
             ns: BTreeMap::new(),
             policies: BTreeMap::new(),
@@ -286,6 +303,18 @@ impl Engine {
     /// The id table in use.
     pub fn allocations(&self) -> &Allocations {
         &self.alloc
+    }
+
+    /// Why the id table in the cluster is not the one in use, if it is not (see
+    /// [`Change::TableUnreadable`]).
+    pub fn table_problem(&self) -> Option<&str> {
+        self.table_problem.as_deref()
+    }
+
+    /// Whether the id table is lost: missing or unreadable while another record says it
+    /// existed, and this engine holds no numbers from it.
+    pub fn table_lost(&self) -> bool {
+        self.table_lost
     }
 
     /// Every key that needs an id: each ServiceIdentity, the implicit identity of each
