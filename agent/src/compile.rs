@@ -15,8 +15,13 @@
 //!
 //! Ids of policy sets, CIDR identities and backend tables are allocated by [`Allocator`]; a
 //! changed set or table gets a new id so that the kernel switches to it in one write.
+//!
+//! The expansion is bounded by [`Limits`] (the maps' capacities): compiling stops at the first
+//! entry a map could not hold, so a config far too large for the kernel (a rule with every
+//! identity of the cluster and dozens of port ranges) costs at most as much memory as the maps
+//! themselves and is refused with the map it overflows.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, btree_map},
     net::Ipv4Addr,
 };
 
@@ -79,6 +84,23 @@ pub struct MapContents {
     pub backends: BTreeMap<(u32, u32), BackendValue>,
 }
 
+impl MapContents {
+    /// The entries of `self` whose keys `a` or `b` has: what a write from `a` to `b` may have
+    /// changed, leaving alone anything another writer put into the maps.
+    pub fn restricted_to(mut self, a: &MapContents, b: &MapContents) -> MapContents {
+        fn keep<K: Ord, V>(m: &mut BTreeMap<K, V>, a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) {
+            m.retain(|k, _| a.contains_key(k) || b.contains_key(k));
+        }
+        keep(&mut self.endpoints, &a.endpoints, &b.endpoints);
+        keep(&mut self.ipcache, &a.ipcache, &b.ipcache);
+        keep(&mut self.cidrs, &a.cidrs, &b.cidrs);
+        keep(&mut self.policy, &a.policy, &b.policy);
+        keep(&mut self.services, &a.services, &b.services);
+        keep(&mut self.backends, &a.backends, &b.backends);
+        self
+    }
+}
+
 /// A [`PolicyKey`] as an ordered tuple (the shared type does not derive `Ord`).
 pub type PolicyKeyBytes = ([u8; 4], [u8; 4], u8, u8, [u8; 2]);
 /// A [`ServiceKey`] as an ordered tuple: (vip, port, protocol), network order.
@@ -117,6 +139,72 @@ pub fn net_port(port: u16) -> u16 {
 
 /// Most slots one Service's backend table may have; weights finer than 1/1024 are rounded.
 pub const MAX_SLOTS: u32 = 1024;
+
+/// Most entries [`compile`] may produce for each map whose contents it expands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub cidrs: usize,
+    pub policy: usize,
+    pub policy_exact: usize,
+    pub backends: usize,
+}
+
+impl Limits {
+    /// No bound (tests and tools that compile what is already known to fit).
+    pub const NONE: Limits = Limits {
+        cidrs: usize::MAX,
+        policy: usize::MAX,
+        policy_exact: usize::MAX,
+        backends: usize::MAX,
+    };
+}
+
+/// A config that expands to more entries than a map can hold; compiling stopped there.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "map {map}: the config needs more than {limit} entries (compiling stopped there); nothing was applied"
+)]
+pub struct Overflow {
+    pub map: &'static str,
+    pub limit: usize,
+}
+
+/// What is left of the [`Limits`] of the policy maps while sets are compiled.
+#[derive(Clone, Copy, Debug)]
+struct Room {
+    policy: usize,
+    policy_exact: usize,
+    limits: Limits,
+}
+
+impl Room {
+    fn new(limits: Limits) -> Self {
+        Self {
+            policy: limits.policy,
+            policy_exact: limits.policy_exact,
+            limits,
+        }
+    }
+
+    /// Takes room for one more entry whose port prefix has `bits`, or says which map is full.
+    fn take(&mut self, bits: u32) -> Result<(), Overflow> {
+        let (left, map, limit) = if bits == 16 {
+            (
+                &mut self.policy_exact,
+                cortexflow_common::maps::POLICY_EXACT,
+                self.limits.policy_exact,
+            )
+        } else {
+            (
+                &mut self.policy,
+                cortexflow_common::maps::POLICY,
+                self.limits.policy,
+            )
+        };
+        *left = left.checked_sub(1).ok_or(Overflow { map, limit })?;
+        Ok(())
+    }
+}
 
 /// Stable ids for policy sets, CIDR identities and backend tables across successive compiles.
 #[derive(Clone, Debug, Default)]
@@ -206,15 +294,20 @@ impl Allocator {
         a
     }
 
-    fn set_id(&mut self, p: &EndpointPolicy, universe: &[(Cidr, u32)]) -> u32 {
+    fn set_id(
+        &mut self,
+        p: &EndpointPolicy,
+        universe: &[(Cidr, u32)],
+        limits: Limits,
+    ) -> Result<u32, Overflow> {
         if let Some(id) = self.sets.get(p) {
-            return *id;
+            return Ok(*id);
         }
         let id = if self.installed_sets.is_empty() {
             None
         } else {
             let mut entries = BTreeMap::new();
-            compile_set(0, p, universe, &mut entries);
+            compile_set(0, p, universe, &mut Room::new(limits), &mut entries)?;
             let entries = set_entries(&entries).remove(&0).unwrap_or_default();
             self.installed_sets.get(&entries).copied()
         };
@@ -223,7 +316,7 @@ impl Allocator {
             self.next_set
         });
         self.sets.insert(p.clone(), id);
-        id
+        Ok(id)
     }
 
     fn cidr_id(&mut self, c: Cidr) -> u32 {
@@ -287,10 +380,23 @@ fn prefixes(state: &DesiredState) -> BTreeSet<Cidr> {
 /// uses plus every prefix the allocator still knows (those may still be in the kernel while the
 /// switch happens), so that each policy set has entries for every identity an address may
 /// resolve to during the update.
-pub fn compile(state: &DesiredState, alloc: &mut Allocator) -> MapContents {
+///
+/// Refused with the map it overflows when the contents would exceed `limits`.
+pub fn compile(
+    state: &DesiredState,
+    alloc: &mut Allocator,
+    limits: Limits,
+) -> Result<MapContents, Overflow> {
     let mut out = MapContents::default();
-    for c in prefixes(state) {
-        alloc.cidr_id(c);
+    let used = prefixes(state);
+    if used.len() > limits.cidrs {
+        return Err(Overflow {
+            map: cortexflow_common::maps::CIDRS,
+            limit: limits.cidrs,
+        });
+    }
+    for c in &used {
+        alloc.cidr_id(*c);
     }
     let universe: Vec<(Cidr, u32)> = alloc.cidrs.iter().map(|(c, id)| (*c, *id)).collect();
     for (c, id) in &universe {
@@ -301,14 +407,14 @@ pub fn compile(state: &DesiredState, alloc: &mut Allocator) -> MapContents {
     }
     // Only prefixes the current state uses go into the CIDR map; the others stay in the kernel
     // until the caller removes them after switching.
-    let used = prefixes(state);
     out.cidrs.retain(|(len, addr), _| {
         Cidr::new(Ipv4Addr::from(*addr), *len as u8).is_ok_and(|c| used.contains(&c))
     });
 
+    let mut room = Room::new(limits);
     let mut compiled_sets: HashMap<u32, ()> = HashMap::new();
     for (ifindex, ep) in &state.endpoints {
-        let set = alloc.set_id(&ep.policy, &universe);
+        let set = alloc.set_id(&ep.policy, &universe, limits)?;
         out.endpoints.insert(
             *ifindex,
             EndpointInfo {
@@ -319,7 +425,7 @@ pub fn compile(state: &DesiredState, alloc: &mut Allocator) -> MapContents {
             },
         );
         if compiled_sets.insert(set, ()).is_none() {
-            compile_set(set, &ep.policy, &universe, &mut out.policy);
+            compile_set(set, &ep.policy, &universe, &mut room, &mut out.policy)?;
         }
     }
     let local: BTreeMap<Ipv4Addr, u32> = state
@@ -345,6 +451,12 @@ pub fn compile(state: &DesiredState, alloc: &mut Allocator) -> MapContents {
                 _pad: 0,
             })
             .collect();
+        if out.backends.len() + slots.len() > limits.backends {
+            return Err(Overflow {
+                map: cortexflow_common::maps::BACKENDS,
+                limit: limits.backends,
+            });
+        }
         let table = alloc.table_id(*f, backends, &slots);
         out.services.insert(
             (net_u32(f.vip), net_port(f.port), f.protocol.number()),
@@ -357,7 +469,7 @@ pub fn compile(state: &DesiredState, alloc: &mut Allocator) -> MapContents {
             out.backends.insert((table, slot as u32), b);
         }
     }
-    out
+    Ok(out)
 }
 
 /// The `EP_*` flags of a policy.
@@ -444,26 +556,30 @@ fn rule_identities(r: &Rule, universe: &[(Cidr, u32)]) -> BTreeSet<u32> {
     }
 }
 
-/// `(protocol key, port base, port prefix bits)` blocks of a rule's ports.
-fn rule_port_blocks(r: &Rule) -> Vec<(u8, u16, u32)> {
+/// `(protocol key, port base, port prefix bits)` blocks of a rule's ports, each once.
+fn rule_port_blocks(r: &Rule) -> BTreeSet<(u8, u16, u32)> {
     if r.ports.is_empty() {
-        return vec![(PROTO_TCP, 0, 0), (PROTO_UDP, 0, 0), (PROTO_OTHER, 0, 0)];
+        return BTreeSet::from([(PROTO_TCP, 0, 0), (PROTO_UDP, 0, 0), (PROTO_OTHER, 0, 0)]);
     }
-    let mut out = Vec::new();
+    let mut out = BTreeSet::new();
     for pr in &r.ports {
         for (base, bits) in port_blocks(pr.first, pr.last) {
-            out.push((pr.protocol.number(), base, bits));
+            out.insert((pr.protocol.number(), base, bits));
         }
     }
     out
 }
 
+/// The entries of one policy set. Every distinct entry takes [`Room`] as soon as it appears,
+/// so a set too large stops before it is materialised: memory stays bounded by the limits,
+/// and work by them times the number of rules (blocks repeat across rules, never within one).
 fn compile_set(
     set: u32,
     policy: &EndpointPolicy,
     universe: &[(Cidr, u32)],
+    room: &mut Room,
     out: &mut BTreeMap<(u32, PolicyKeyBytes), PolicyValue>,
-) {
+) -> Result<(), Overflow> {
     // (identity, dir, proto) → (port base, bits) → value, before inheritance.
     type Group = BTreeMap<(u16, u32), PolicyValue>;
     let mut raw: BTreeMap<(u32, u8, u8), Group> = BTreeMap::new();
@@ -475,11 +591,14 @@ fn compile_set(
             let blocks = rule_port_blocks(r);
             for identity in rule_identities(r, universe) {
                 for (proto, base, bits) in &blocks {
-                    let v = raw
-                        .entry((identity, dir, *proto))
-                        .or_default()
-                        .entry((*base, *bits))
-                        .or_default();
+                    let group = raw.entry((identity, dir, *proto)).or_default();
+                    let v = match group.entry((*base, *bits)) {
+                        btree_map::Entry::Occupied(e) => e.into_mut(),
+                        btree_map::Entry::Vacant(e) => {
+                            room.take(*bits)?;
+                            e.insert(PolicyValue::default())
+                        }
+                    };
                     merge(v, flag, &ids);
                 }
             }
@@ -504,6 +623,7 @@ fn compile_set(
             out.insert((POLICY_KEY_FIXED_BITS + bits, policy_key_bytes(&key)), v);
         }
     }
+    Ok(())
 }
 
 /// Fills up to `max` slots with backends in proportion to their weights (largest remainder).
@@ -611,7 +731,7 @@ mod tests {
             egress: vec![],
         };
         let mut out = BTreeMap::new();
-        compile_set(1, &policy, &[], &mut out);
+        compile_set(1, &policy, &[], &mut Room::new(Limits::NONE), &mut out).unwrap();
         let k80 = PolicyKey::new(1, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 80);
         let v = out[&(96, policy_key_bytes(&k80))];
         assert_eq!(v.flags, POLICY_ALLOW | POLICY_DENY);
@@ -648,7 +768,7 @@ mod tests {
             ..Default::default()
         };
         let mut alloc = Allocator::default();
-        let m = compile(&state, &mut alloc);
+        let m = compile(&state, &mut alloc, Limits::NONE).unwrap();
         assert_eq!(m.cidrs.len(), 2);
         let id8 = m.cidrs[&(8, [10, 0, 0, 0])].identity;
         let id16 = m.cidrs[&(16, [10, 1, 0, 0])].identity;
@@ -659,7 +779,7 @@ mod tests {
             .collect();
         assert!(idents.contains(&id8) && !idents.contains(&id16));
         // Recompiling the same state allocates nothing new.
-        assert_eq!(compile(&state, &mut alloc), m);
+        assert_eq!(compile(&state, &mut alloc, Limits::NONE).unwrap(), m);
     }
 
     #[test]
@@ -686,9 +806,149 @@ mod tests {
             endpoints: BTreeMap::from([(2, ep(2, &open)), (3, ep(3, &guarded)), (4, ep(4, &open))]),
             ..Default::default()
         };
-        let installed = compile(&state, &mut Allocator::default());
+        let installed = compile(&state, &mut Allocator::default(), Limits::NONE).unwrap();
         // Another process (a restarted agent) resumes from what the maps hold.
         let mut resumed = Allocator::resume(&installed);
-        assert_eq!(compile(&state, &mut resumed), installed);
+        assert_eq!(
+            compile(&state, &mut resumed, Limits::NONE).unwrap(),
+            installed
+        );
+    }
+
+    fn one_endpoint(policy: EndpointPolicy) -> DesiredState {
+        DesiredState {
+            endpoints: BTreeMap::from([(
+                1,
+                Endpoint {
+                    ip: Ipv4Addr::new(10, 244, 0, 1),
+                    identity: 300,
+                    policy,
+                },
+            )]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn limits_count_distinct_entries_exactly() {
+        // Two rules with the same peers and ports: 3 identities x 2 blocks (80-81 is one
+        // 15-bit block, 443 an exact port), counted once whatever the number of rules.
+        let r = |id| Rule {
+            id,
+            action: Action::Allow,
+            mode: Mode::Enforce,
+            peers: Peers::Only(vec![
+                Peer::Identity(1001),
+                Peer::Identity(1002),
+                Peer::Identity(1003),
+            ]),
+            ports: vec![
+                PortRange {
+                    protocol: Protocol::Tcp,
+                    first: 80,
+                    last: 81,
+                },
+                PortRange {
+                    protocol: Protocol::Tcp,
+                    first: 443,
+                    last: 443,
+                },
+                // Repeated within the rule: still the same entries.
+                PortRange {
+                    protocol: Protocol::Tcp,
+                    first: 443,
+                    last: 443,
+                },
+            ],
+        };
+        let state = one_endpoint(EndpointPolicy {
+            ingress: vec![r(1), r(2)],
+            egress: vec![],
+        });
+        let exact_fit = Limits {
+            policy: 3,
+            policy_exact: 3,
+            ..Limits::NONE
+        };
+        let m = compile(&state, &mut Allocator::default(), exact_fit).expect("fits exactly");
+        assert_eq!(m.policy.len(), 6);
+        for (limits, map) in [
+            (
+                Limits {
+                    policy: 2,
+                    ..exact_fit
+                },
+                cortexflow_common::maps::POLICY,
+            ),
+            (
+                Limits {
+                    policy_exact: 2,
+                    ..exact_fit
+                },
+                cortexflow_common::maps::POLICY_EXACT,
+            ),
+        ] {
+            let err = compile(&state, &mut Allocator::default(), limits).expect_err("one over");
+            assert_eq!(err.map, map);
+            assert_eq!(err.limit, 2);
+        }
+    }
+
+    #[test]
+    fn backend_slots_and_prefixes_are_bounded_too() {
+        let b = |n: u8, weight| Backend {
+            ip: Ipv4Addr::new(10, 1, 0, n),
+            port: 8080,
+            weight,
+        };
+        let f = |port| Frontend {
+            vip: Ipv4Addr::new(10, 96, 0, 1),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let state = DesiredState {
+            services: BTreeMap::from([(f(80), vec![b(1, 3), b(2, 1)]), (f(81), vec![b(3, 2)])]),
+            ..Default::default()
+        };
+        let fit = Limits {
+            backends: 6,
+            ..Limits::NONE
+        };
+        assert_eq!(
+            compile(&state, &mut Allocator::default(), fit)
+                .expect("6 slots fit")
+                .backends
+                .len(),
+            6
+        );
+        let err = compile(
+            &state,
+            &mut Allocator::default(),
+            Limits { backends: 5, ..fit },
+        )
+        .expect_err("6 slots in 5");
+        assert_eq!(err.map, cortexflow_common::maps::BACKENDS);
+
+        let block = |n: u8| Peer::IpBlock {
+            cidr: Cidr::new(Ipv4Addr::new(192, 168, n, 0), 24).unwrap(),
+            except: vec![],
+        };
+        let state = one_endpoint(EndpointPolicy {
+            ingress: vec![Rule {
+                id: 1,
+                action: Action::Allow,
+                mode: Mode::Enforce,
+                peers: Peers::Only((0..5).map(block).collect()),
+                ports: vec![],
+            }],
+            egress: vec![],
+        });
+        let limits = |cidrs| Limits {
+            cidrs,
+            ..Limits::NONE
+        };
+        assert!(compile(&state, &mut Allocator::default(), limits(5)).is_ok());
+        let err = compile(&state, &mut Allocator::default(), limits(4)).expect_err("5 in 4");
+        assert_eq!(err.map, cortexflow_common::maps::CIDRS);
     }
 }

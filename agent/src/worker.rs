@@ -232,6 +232,9 @@ struct Thread {
     /// The last config asked for, and the interfaces it was programmed with.
     current: Option<Arc<Received>>,
     resolved: BTreeMap<Ipv4Addr, Iface>,
+    /// The last apply failed for a reason other than size (a write the kernel refused): it is
+    /// tried again at every tick, the maps holding the previous config meanwhile.
+    failed: bool,
 }
 
 impl Thread {
@@ -242,6 +245,7 @@ impl Thread {
             notices,
             current: None,
             resolved: BTreeMap::new(),
+            failed: false,
         }
     }
 
@@ -276,7 +280,8 @@ impl Thread {
             .unwrap_or_default()
     }
 
-    /// Re-resolves the interfaces; programs again when any changed.
+    /// Re-resolves the interfaces; programs again when any changed, or when the last write
+    /// failed.
     fn retry(&mut self) {
         if self.current.is_none() {
             return;
@@ -284,7 +289,7 @@ impl Thread {
         let Ok(now) = ifaces::resolve(self.ips()) else {
             return;
         };
-        if now != self.resolved {
+        if self.failed || now != self.resolved {
             let r = self.program();
             let _ = self.notices.try_send(Notice::Reapplied(r));
         }
@@ -309,9 +314,11 @@ impl Thread {
             .map_err(|e| refused(format!("read the node's routes: {e}"), false))?;
         let (desired, pending) = r.desired(|e| resolved.get(&e.ip).map(|i| i.index));
         let stats = self.dp.apply(&desired).map_err(|e| {
-            let capacity = matches!(e, DatapathError::Capacity { .. });
+            let capacity = e.full_map().is_some();
+            self.failed = !capacity;
             refused(e.to_string(), capacity)
         })?;
+        self.failed = false;
         // The maps hold this config now: remember which (a restarted agent compares what the
         // operator offers against it).
         if let Err(e) = self.dp.record_state(AgentState {

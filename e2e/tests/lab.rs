@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         t!(operator_restarts_and_rollouts_change_no_verdict),
         t!(identity_changes_under_load_change_no_verdict),
         t!(a_lost_id_table_renumbers_nothing_under_load),
+        t!(an_oversized_policy_is_refused_whole_under_load),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -972,6 +973,132 @@ async fn a_lost_id_table_renumbers_nothing_under_load(lab: &mut Lab) -> anyhow::
     );
     ensure_no_verdict_changed(
         "the id table deleted, garbled, the operator killed and restarted",
+        secs,
+        &allowed,
+        &denied,
+    )
+}
+
+/// `(status, reason, message)` of condition `type_` of MeshPolicy `shop/name`.
+fn policy_condition(
+    lab: &Lab,
+    name: &str,
+    type_: &str,
+) -> anyhow::Result<(String, String, String)> {
+    let out = lab.kubectl(&[
+        "get",
+        "meshpolicy",
+        "-n",
+        "shop",
+        name,
+        "-o",
+        &format!(
+            "jsonpath={{.status.conditions[?(@.type==\"{type_}\")].status}}|{{.status.conditions[?(@.type==\"{type_}\")].reason}}|{{.status.conditions[?(@.type==\"{type_}\")].message}}"
+        ),
+    ])?;
+    let mut parts = out.splitn(3, '|').map(str::to_string);
+    Ok((
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    ))
+}
+
+/// Waits until condition `type_` of `shop/name` satisfies `ok`; returns it.
+async fn wait_condition(
+    lab: &Lab,
+    name: &str,
+    type_: &str,
+    ok: impl Fn(&(String, String, String)) -> bool,
+) -> anyhow::Result<(String, String, String)> {
+    let t = Instant::now();
+    loop {
+        let c = policy_condition(lab, name, type_)?;
+        if ok(&c) {
+            return Ok(c);
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "{name} {type_}: still {c:?} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A policy far too large for the nodes' maps, under load: 32 ingress rules on the backend
+/// pods, each with 32 port ranges (all covering the backend's port) and peers
+/// `namespaceSelector: {}` plus 28 address blocks (which multiply the identities as a large
+/// cluster's namespaces would) — about 500 000 policy entries for a 65 536-entry map. Were any
+/// of it in force, the batch job's denied connections would get through. The nodes refuse it
+/// whole (compiling stops at the map's capacity): `Programmed=False` naming the map, not one
+/// verdict changes; once it is deleted the nodes apply configs again.
+async fn an_oversized_policy_is_refused_whole_under_load(lab: &mut Lab) -> anyhow::Result<()> {
+    let mut spec = String::from("  selector: {matchLabels: {app: backend}}\n  ingress:\n");
+    for r in 0..32u32 {
+        spec.push_str("    - from:\n        - namespaceSelector: {}\n");
+        for b in 0..28u32 {
+            let i = r * 28 + b;
+            spec.push_str(&format!(
+                "        - ipBlock: {{cidr: 198.{}.{}.0/24}}\n",
+                18 + i / 256,
+                i % 256
+            ));
+        }
+        spec.push_str("      ports:\n");
+        for p in 0..32u32 {
+            let (first, last) = (1 + p * 2000 + r, 1998 + p * 2000 - r);
+            spec.push_str(&format!(
+                "        - {{port: {first}, endPort: {last}, protocol: TCP}}\n"
+            ));
+        }
+    }
+    let (allowed, denied) = start_load(lab)?;
+    let t = Instant::now();
+    let run = async {
+        let refused = with_policy(lab, "oversized", &spec, async || {
+            let c = wait_condition(lab, "oversized", "Programmed", |c| {
+                c.0 == "False" && c.1 == "Failed"
+            })
+            .await?;
+            let since = t.elapsed();
+            ensure!(
+                c.2.contains("CF_POLICY") && c.2.contains("0/2 nodes"),
+                "Programmed names the map on both nodes: {c:?}"
+            );
+            let accepted = policy_condition(lab, "oversized", "Accepted")?;
+            ensure!(accepted.0 == "True", "Accepted: {accepted:?}");
+            // The demo's policy is untouched and still in force.
+            let demo = policy_condition(lab, "allow-frontend-to-backend", "Programmed")?;
+            ensure!(demo.0 == "True", "the demo policy: {demo:?}");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            anyhow::Ok((since, c.2))
+        })
+        .await?;
+        // Recovery: a (harmless) new policy on the same pods is programmed on both nodes.
+        let recovered = with_policy(
+            lab,
+            "after-oversized",
+            "  selector: {matchLabels: {app: backend}}\n  ingress:\n    - from: [{identity: frontend}]\n      ports: [{port: 8080, protocol: TCP}]\n",
+            async || {
+                let t = Instant::now();
+                wait_condition(lab, "after-oversized", "Programmed", |c| c.0 == "True").await?;
+                anyhow::Ok(t.elapsed())
+            },
+        )
+        .await?;
+        anyhow::Ok((refused, recovered))
+    };
+    let result = run.await;
+    let secs = t.elapsed().as_secs_f64();
+    let (allowed, denied) = (allowed.finish()?, denied.finish()?);
+    let ((since, message), recovered) = result?;
+    eprintln!(
+        "oversized policy: Programmed=False {:.0} ms after the apply: {message}; then a new policy programmed on both nodes {:.0} ms after its apply",
+        since.as_secs_f64() * 1e3,
+        recovered.as_secs_f64() * 1e3
+    );
+    ensure_no_verdict_changed(
+        "an oversized policy applied, refused and deleted",
         secs,
         &allowed,
         &denied,

@@ -1,6 +1,8 @@
 //! Writing the desired state: compile it into exact map contents, check that everything fits
 //! (refused whole, naming the map, when it does not), then write the difference in an order
 //! that never shows a packet a half-applied policy (docs/architecture.md, "Applying a config").
+use std::collections::BTreeMap;
+
 use aya::maps::lpm_trie::Key;
 use cortexflow_common::{BackendKey, CFG_EVENTS_ALLOWED, CidrKey, POLICY_KEY_BITS, maps};
 
@@ -60,44 +62,59 @@ impl Datapath {
         Ok(m)
     }
 
-    /// Checks that `want` fits every map; nothing is written when it does not.
+    /// Checks that `want` fits every map at the peak of the update; nothing is written when it
+    /// does not. New entries are written before old ones are deleted (so that no packet sees a
+    /// half-applied state), so every map briefly holds what it keeps, what is new, and what
+    /// goes.
     fn check_capacity(&self, want: &MapContents) -> Result<(), DatapathError> {
-        let c = &self.opts.capacity;
-        // During an update old and new policy sets and backend tables coexist.
-        let peak = |exact: bool| {
-            let is = |k: &&(u32, compile::PolicyKeyBytes)| (k.0 == POLICY_KEY_BITS) == exact;
-            want.policy.keys().filter(is).count()
-                + self
-                    .installed
-                    .policy
+        fn all<K>(_: &K) -> bool {
+            true
+        }
+        fn peak<K: Ord, V>(
+            want: &BTreeMap<K, V>,
+            have: &BTreeMap<K, V>,
+            of: impl Fn(&K) -> bool,
+        ) -> usize {
+            want.keys().filter(|k| of(k)).count()
+                + have
                     .keys()
-                    .filter(is)
-                    .filter(|k| !want.policy.contains_key(k))
+                    .filter(|k| of(k) && !want.contains_key(k))
                     .count()
-        };
-        let (policy_peak, exact_peak) = (peak(false), peak(true));
-        let backends_peak = want.backends.len()
-            + self
-                .installed
-                .backends
-                .keys()
-                .filter(|k| !want.backends.contains_key(k))
-                .count();
-        let cidr_peak = want.cidrs.len()
-            + self
-                .installed
-                .cidrs
-                .keys()
-                .filter(|k| !want.cidrs.contains_key(k))
-                .count();
+        }
+        let (c, have) = (&self.opts.capacity, &self.installed);
+        let exact = |k: &(u32, compile::PolicyKeyBytes)| k.0 == POLICY_KEY_BITS;
         for (map, needed, capacity) in [
-            (maps::ENDPOINTS, want.endpoints.len(), c.endpoints),
-            (maps::IPCACHE, want.ipcache.len(), c.ipcache),
-            (maps::CIDRS, cidr_peak, c.cidrs),
-            (maps::POLICY, policy_peak, c.policy),
-            (maps::POLICY_EXACT, exact_peak, c.policy_exact),
-            (maps::SERVICES, want.services.len(), c.services),
-            (maps::BACKENDS, backends_peak, c.backends),
+            (
+                maps::ENDPOINTS,
+                peak(&want.endpoints, &have.endpoints, all),
+                c.endpoints,
+            ),
+            (
+                maps::IPCACHE,
+                peak(&want.ipcache, &have.ipcache, all),
+                c.ipcache,
+            ),
+            (maps::CIDRS, peak(&want.cidrs, &have.cidrs, all), c.cidrs),
+            (
+                maps::POLICY,
+                peak(&want.policy, &have.policy, |k| !exact(k)),
+                c.policy,
+            ),
+            (
+                maps::POLICY_EXACT,
+                peak(&want.policy, &have.policy, exact),
+                c.policy_exact,
+            ),
+            (
+                maps::SERVICES,
+                peak(&want.services, &have.services, all),
+                c.services,
+            ),
+            (
+                maps::BACKENDS,
+                peak(&want.backends, &have.backends, all),
+                c.backends,
+            ),
         ] {
             if needed > capacity as usize {
                 return Err(DatapathError::Capacity {
@@ -110,23 +127,53 @@ impl Datapath {
         Ok(())
     }
 
-    /// Makes the maps hold `desired`. Refused whole (nothing written) when it does not fit.
+    /// Makes the maps hold `desired`, or leaves them holding what they held: refused whole
+    /// (nothing written) when it does not fit, and rolled back to the previous contents when a
+    /// write fails half-way (another writer, kernel memory).
     pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyStats, DatapathError> {
         let mut alloc = self.alloc.clone();
-        let want = compile::compile(desired, &mut alloc);
+        let c = &self.opts.capacity;
+        let limits = compile::Limits {
+            cidrs: c.cidrs as usize,
+            policy: c.policy as usize,
+            policy_exact: c.policy_exact as usize,
+            backends: c.backends as usize,
+        };
+        let want = compile::compile(desired, &mut alloc, limits)?;
         self.check_capacity(&want)?;
-        let have = std::mem::take(&mut self.installed);
+        let have = self.installed.clone();
         let mut stats = ApplyStats::default();
-        if let Err(e) = self.write_diff(&have, &want, &mut stats) {
-            // Partly written: learn what the kernel holds now.
-            self.installed = self.read_installed()?;
-            return Err(e);
+        let Err(write) = self.write_diff(&have, &want, &mut stats) else {
+            // Only the agent writes these maps: they hold what it wrote.
+            self.installed = want;
+            alloc.retain_used(desired);
+            self.alloc = alloc;
+            return Ok(stats);
+        };
+        // Half written: write the previous contents back, in the same safe order (the
+        // generation is bumped again, so flows accepted meanwhile are decided again).
+        let undo = self.read_installed().and_then(|now| {
+            let now = now.restricted_to(&have, &want);
+            self.write_diff(&now, &have, &mut ApplyStats::default())
+        });
+        match undo {
+            Ok(()) => {
+                self.installed = have;
+                Err(DatapathError::RolledBack {
+                    write: Box::new(write),
+                })
+            }
+            Err(undo) => {
+                // Both partly in the kernel: keep every id either may use, so that no id is
+                // given to something else while entries of it remain.
+                self.installed = self.read_installed().unwrap_or_default();
+                self.alloc = alloc;
+                Err(DatapathError::RollbackFailed {
+                    write: Box::new(write),
+                    undo: Box::new(undo),
+                })
+            }
         }
-        // Only the agent writes these maps: they hold what it wrote.
-        self.installed = want;
-        alloc.retain_used(desired);
-        self.alloc = alloc;
-        Ok(stats)
     }
 
     fn write_diff(

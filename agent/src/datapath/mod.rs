@@ -174,8 +174,32 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(transparent)]
+    Overflow(#[from] crate::compile::Overflow),
+    #[error("{write}; the previous config was written back, nothing of this one is in force")]
+    RolledBack { write: Box<DatapathError> },
+    #[error(
+        "{write}; writing the previous config back failed too ({undo}): the maps hold parts of both \
+         until the next apply"
+    )]
+    RollbackFailed {
+        write: Box<DatapathError>,
+        undo: Box<DatapathError>,
+    },
     #[error("{0}")]
     Other(String),
+}
+
+impl DatapathError {
+    /// The map a config does not fit, when that is why it was refused.
+    pub fn full_map(&self) -> Option<&'static str> {
+        match self {
+            Self::Capacity { map, .. } | Self::Overflow(crate::compile::Overflow { map, .. }) => {
+                Some(map)
+            }
+            _ => None,
+        }
+    }
 }
 
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {

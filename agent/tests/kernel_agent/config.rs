@@ -184,7 +184,8 @@ pub(crate) fn invalid_and_oversized() {
             pinned.generation().expect("generation"),
         );
 
-        // An invalid message: an endpoint with identity 0 (and a policy change with it).
+        // An invalid message: an endpoint of a policy set the message does not carry (and a
+        // policy change with it).
         let subs = op.subscriptions();
         let mut bad = v1::NodeConfig::from(&node_config(
             &node.topo,
@@ -197,7 +198,7 @@ pub(crate) fn invalid_and_oversized() {
         ));
         bad.full = false;
         if let Some(e) = bad.endpoints.as_mut() {
-            e.endpoints[2].identity = 0;
+            e.endpoints[2].policy_set = 999;
         }
         let vbad = op.push_raw(bad);
         let r = op
@@ -205,7 +206,11 @@ pub(crate) fn invalid_and_oversized() {
                 r.failed_version == vbad
             })
             .await;
-        assert!(r.error.contains("identity 0"), "error: {}", r.error);
+        assert!(
+            r.error.contains("unknown policy set 999"),
+            "error: {}",
+            r.error
+        );
         assert_eq!(r.applied_version, v1, "the last good version stays applied");
         // The agent starts over with a new snapshot, which it applies (again v1's content).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -278,6 +283,65 @@ pub(crate) fn invalid_and_oversized() {
         assert_eq!(r.failed_version, 0, "the refusal is cleared");
         assert_eq!(pinned.ipcache().expect("ipcache").len(), 44);
         assert_enforces(&node, &next, &[8080, 9090]);
+
+        // A write the kernel refuses half-way (another writer filled the ipcache: the agent's
+        // own count says it fits) is rolled back, and retried without a new config until it
+        // goes through once there is room.
+        let mut foreign: aya::maps::HashMap<
+            aya::maps::MapData,
+            u32,
+            cortexflow_common::IpcacheValue,
+        > = aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(node.pin_dir().join("maps/CF_IPCACHE")).expect("pin"),
+        )
+        .try_into()
+        .expect("hash map");
+        let (eps, ipc) = (
+            pinned.endpoints().expect("endpoints"),
+            pinned.ipcache().expect("ipcache"),
+        );
+        let foreign_keys: Vec<u32> = (1..=6u32)
+            .map(|n| u32::from_ne_bytes([10, 251, 0, n as u8]))
+            .collect();
+        for k in &foreign_keys {
+            foreign
+                .insert(k, cortexflow_common::IpcacheValue::default(), 0)
+                .expect("fill from outside");
+        }
+        let wider = Policy {
+            from: vec![0, 2],
+            port: 9090,
+            generation: 5,
+        };
+        let vfail = op.set(&node_config(&node.topo, &wider, 45));
+        let r = op
+            .report("write failure", Duration::from_secs(10), |r| {
+                r.failed_version == vfail
+            })
+            .await;
+        assert!(
+            r.error.contains("CF_IPCACHE") && r.error.contains("written back"),
+            "error: {}",
+            r.error
+        );
+        assert_eq!(r.applied_version, vok);
+        let mut now = pinned.ipcache().expect("ipcache");
+        now.retain(|a, _| a.octets()[..2] != [10, 251]);
+        assert_eq!(now, ipc, "the ipcache as it was");
+        assert_eq!(pinned.endpoints().expect("endpoints"), eps);
+        assert_enforces(&node, &next, &[8080, 9090]);
+        eprintln!("half-written config v{vfail} rolled back: {}", r.error);
+        for k in &foreign_keys {
+            foreign.remove(k).expect("remove");
+        }
+        let r = op
+            .report("retried once there is room", Duration::from_secs(10), |r| {
+                r.applied_version == vfail
+            })
+            .await;
+        assert_eq!(r.failed_version, 0);
+        assert_eq!(pinned.ipcache().expect("ipcache").len(), 49);
+        assert_enforces(&node, &wider, &[8080, 9090]);
         op.stop().await;
     });
 }

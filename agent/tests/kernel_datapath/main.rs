@@ -4,6 +4,7 @@
 //!
 //! Switched on by `CORTEXFLOW_KERNEL_TESTS=1` (what `cargo xtask test` sets in its kernel
 //! stage); otherwise every test is reported as ignored.
+mod capacity;
 #[path = "../common/mod.rs"]
 mod common;
 mod conntrack;
@@ -39,7 +40,11 @@ use cortexflow_common::{
     VERDICT_DROPPED, programs,
 };
 use libtest_mimic::Arguments;
-use rand::{Rng, SeedableRng, rngs::SmallRng, seq::IndexedRandom};
+use rand::{
+    Rng, SeedableRng,
+    rngs::SmallRng,
+    seq::{IndexedRandom, SliceRandom},
+};
 
 use conntrack::{
     conntrack, conntrack_frees_closed_tcp_flows, counters, policy_change_re_evaluates,
@@ -98,6 +103,14 @@ fn main() -> ExitCode {
             property_kernel_matches_model,
         ),
         ("config_too_large_is_refused_whole", capacity_refused_whole),
+        (
+            "a_write_that_fails_half_way_is_rolled_back",
+            capacity::a_write_that_fails_half_way_is_rolled_back,
+        ),
+        (
+            "maps_near_capacity_under_churn_apply_whole_or_refuse_whole",
+            capacity::maps_near_capacity_under_churn_apply_whole_or_refuse_whole,
+        ),
         (
             "pinned_maps_with_other_capacity_are_refused",
             pinned_capacity_mismatch,
