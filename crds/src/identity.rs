@@ -64,6 +64,7 @@ use serde::{Deserialize, Serialize};
 pub struct ServiceIdentitySpec {
     /// Pods of this namespace that carry the identity. An empty selector selects every pod of
     /// the namespace.
+    #[schemars(schema_with = "crate::label_selector_schema")]
     pub selector: LabelSelector,
 
     /// If set, a pod must also run as one of these service accounts (of this namespace) to
@@ -117,8 +118,9 @@ pub struct ServiceIdentityStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// `Accepted` (the identity is allocated) and `Conflict` (True when some selected pods are
-    /// claimed by an older ServiceIdentity; the message names it).
+    /// `Accepted` (the identity is allocated), `Conflict` (True when some selected pods are
+    /// claimed by an older ServiceIdentity; the message names it) and `MTLS` (whether
+    /// `spec.mtls` is honoured).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::conditions_schema")]
     pub conditions: Vec<Condition>,

@@ -17,7 +17,7 @@ mod policy;
 
 pub use identity::{MtlsMode, ServiceIdentity, ServiceIdentitySpec, ServiceIdentityStatus};
 pub use policy::{
-    EgressRule, IngressRule, IpBlock, MeshPolicy, MeshPolicySpec, MeshPolicyStatus, Peer,
+    EgressRule, InForce, IngressRule, IpBlock, MeshPolicy, MeshPolicySpec, MeshPolicyStatus, Peer,
     PolicyAction, PolicyMode, PortSpec, Protocol,
 };
 
@@ -41,9 +41,11 @@ pub mod conditions {
     pub const PROGRAMMED: &str = "Programmed";
     /// Some pods selected by a ServiceIdentity are claimed by an older ServiceIdentity.
     pub const CONFLICT: &str = "Conflict";
+    /// Whether a ServiceIdentity's `spec.mtls` is honoured (False while the mesh cannot).
+    pub const MTLS: &str = "MTLS";
 
     /// Every condition type.
-    pub const ALL: [&str; 4] = [ACCEPTED, RESOLVED_REFS, PROGRAMMED, CONFLICT];
+    pub const ALL: [&str; 5] = [ACCEPTED, RESOLVED_REFS, PROGRAMMED, CONFLICT, MTLS];
 
     /// The pod condition (listed in a pod's `spec.readinessGates`) that the operator sets to True
     /// once the pod's node enforces its policy.
@@ -53,7 +55,8 @@ pub mod conditions {
     pub mod reasons {
         /// `Accepted=True` (MeshPolicy): valid and compiled.
         pub const ACCEPTED: &str = "Accepted";
-        /// `Accepted=False`, `ResolvedRefs=False` (MeshPolicy): it cannot be compiled.
+        /// `Accepted=False`, `ResolvedRefs=False`, `Programmed=False` (MeshPolicy): this
+        /// generation cannot be compiled (the last accepted one, if any, stays in force).
         pub const INVALID: &str = "Invalid";
         /// `ResolvedRefs=True`: every reference resolved.
         pub const RESOLVED_REFS: &str = "ResolvedRefs";
@@ -74,9 +77,14 @@ pub mod conditions {
         pub const CLAIMED_BY_OLDER_IDENTITY: &str = "ClaimedByOlderIdentity";
         /// `Conflict=False`.
         pub const NO_CONFLICT: &str = "NoConflict";
+        /// `MTLS=True`: `spec.mtls` is `Disabled`, which is what the mesh does.
+        pub const MTLS_DISABLED: &str = "Disabled";
+        /// `MTLS=False`: `spec.mtls` asks for mTLS, which this version cannot provide yet (no
+        /// proxy): traffic is plaintext, L3/L4 policy still applies.
+        pub const PROXY_NOT_AVAILABLE: &str = "ProxyNotAvailable";
 
         /// Every reason.
-        pub const ALL: [&str; 11] = [
+        pub const ALL: [&str; 13] = [
             ACCEPTED,
             INVALID,
             RESOLVED_REFS,
@@ -88,6 +96,8 @@ pub mod conditions {
             INVALID_SELECTOR,
             CLAIMED_BY_OLDER_IDENTITY,
             NO_CONFLICT,
+            MTLS_DISABLED,
+            PROXY_NOT_AVAILABLE,
         ];
     }
 }
@@ -168,6 +178,90 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_saphyr::ser::Error> {
         .iter()
         .map(|crd| Ok((crd_file_name(crd), crd_yaml(crd)?)))
         .collect()
+}
+
+/// Pattern of a label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// characters (alphanumerics, `-`, `_`, `.`; alphanumeric at both ends). The prefix's length
+/// (at most 253) is checked apart (`indexOf('/') <= 253`).
+pub const LABEL_KEY_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+/// Pattern of a label value: empty, or at most 63 characters (alphanumerics, `-`, `_`, `.`;
+/// alphanumeric at both ends).
+pub const LABEL_VALUE_PATTERN: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$";
+
+/// Schema of a label selector (`selector`, `namespaceSelector`): Kubernetes' `LabelSelector`
+/// with what the apiserver does not check on its own for custom resources — label key and
+/// value syntax, the four operators, values exactly for `In`/`NotIn` — so that a typo is an
+/// admission error naming the field, not a selector the operator has to refuse.
+pub(crate) fn label_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let key_rule = format!(
+        "self.all(k, k.matches('{}') && k.indexOf('/') <= 253)",
+        LABEL_KEY_PATTERN.replace('\\', "\\\\")
+    );
+    schemars::json_schema!({
+        "type": "object",
+        "description": "A label query: matchLabels and matchExpressions are ANDed; an empty selector matches everything.",
+        "properties": {
+            "matchLabels": {
+                "type": "object",
+                "description": "Labels that must all be present with these values.",
+                "maxProperties": 64,
+                "additionalProperties": {
+                    "type": "string",
+                    "maxLength": 63,
+                    "pattern": LABEL_VALUE_PATTERN,
+                },
+                "x-kubernetes-validations": [{
+                    "rule": key_rule,
+                    "message": "label keys must be a name of at most 63 characters (alphanumerics, '-', '_', '.'; alphanumeric at both ends), optionally prefixed by a DNS subdomain of at most 253 characters and '/'",
+                }],
+            },
+            "matchExpressions": {
+                "type": "array",
+                "description": "Requirements that must all hold.",
+                "maxItems": 32,
+                "items": {
+                    "type": "object",
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": {
+                            "type": "string",
+                            "description": "The label key.",
+                            "maxLength": 317,
+                            "pattern": LABEL_KEY_PATTERN,
+                        },
+                        "operator": {
+                            "type": "string",
+                            "description": "In, NotIn, Exists or DoesNotExist.",
+                            "enum": ["In", "NotIn", "Exists", "DoesNotExist"],
+                        },
+                        "values": {
+                            "type": "array",
+                            "description": "For In and NotIn: the values (at least one). Exists and DoesNotExist take none.",
+                            "maxItems": 128,
+                            "items": {
+                                "type": "string",
+                                "maxLength": 63,
+                                "pattern": LABEL_VALUE_PATTERN,
+                            },
+                        },
+                    },
+                    "x-kubernetes-validations": [
+                        {
+                            "rule": "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : (!has(self.values) || size(self.values) == 0)",
+                            "message": "In and NotIn need values; Exists and DoesNotExist take none",
+                            "fieldPath": ".values",
+                        },
+                        {
+                            "rule": "self.key.indexOf('/') <= 253",
+                            "message": "the prefix of a label key is at most 253 characters",
+                            "fieldPath": ".key",
+                        },
+                    ],
+                },
+            },
+        },
+        "x-kubernetes-map-type": "atomic",
+    })
 }
 
 /// Pattern of a Kubernetes object name (DNS-1123 subdomain).

@@ -69,6 +69,7 @@ pub struct MeshPolicySpec {
     /// Pods of this namespace the policy protects (applies to). An empty selector selects every
     /// pod of the namespace.
     #[serde(default)]
+    #[schemars(schema_with = "crate::label_selector_schema")]
     pub selector: LabelSelector,
 
     /// What a matching connection gets: `Allow` (default) or `Deny`. A connection that matches
@@ -172,6 +173,7 @@ pub struct Peer {
     /// Every identity of the pods in the namespaces whose labels match. An empty selector
     /// matches every namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::label_selector_schema")]
     pub namespace_selector: Option<LabelSelector>,
 
     /// Addresses outside the cluster's pods (the `world` identity), by IPv4 CIDR. Pod addresses
@@ -249,8 +251,24 @@ pub struct MeshPolicyStatus {
 
     /// `Accepted` (False with a reason for semantic errors), `ResolvedRefs` (False naming each
     /// reference that points at nothing) and `Programmed` ("programmed on N/M nodes", from the
-    /// agents' reports).
+    /// agents' reports; never True for a generation that is not in force).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::conditions_schema")]
     pub conditions: Vec<Condition>,
+
+    /// The generation the mesh enforces and its spec: the last generation the operator
+    /// accepted. While a newer generation is invalid, this one stays in force (also across
+    /// operator restarts, which is why it is recorded here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_force: Option<InForce>,
+}
+
+/// The generation of a MeshPolicy in force, with its spec.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InForce {
+    /// Its `metadata.generation`.
+    pub generation: i64,
+    /// The spec of that generation.
+    pub spec: MeshPolicySpec,
 }

@@ -25,6 +25,10 @@ fn main() -> ExitCode {
             "invalid_resources_are_rejected_naming_the_field",
             invalid_resources_are_rejected,
         ),
+        test(
+            "selector_typos_are_errors_and_valid_edge_cases_pass",
+            selector_edges,
+        ),
         test("kubectl_explain_prints_field_descriptions", kubectl_explain),
         test(
             "kubectl_get_shows_printer_columns_and_defaults",
@@ -142,7 +146,117 @@ fn invalid_cases() -> Vec<Invalid> {
     let sid = "ServiceIdentity";
     let ingress_peer = |peer: Value| json!({"ingress": [{"from": [peer]}]});
     let ingress_port = |port: Value| json!({"ingress": [{"ports": [port]}]});
+    let selector = |s: Value| json!({"selector": s});
+    let expr = |e: Value| json!({"selector": {"matchExpressions": [e]}});
+    let long_prefix = format!("{}/app", "p".repeat(254));
     vec![
+        Invalid {
+            what: "unknown selector operator (a typo)",
+            kind: mp,
+            spec: expr(json!({"key": "app", "operator": "Inn", "values": ["db"]})),
+            field: "spec.selector.matchExpressions[0].operator",
+            says: "Unsupported value",
+        },
+        Invalid {
+            what: "In without values",
+            kind: mp,
+            spec: expr(json!({"key": "app", "operator": "In"})),
+            field: "spec.selector.matchExpressions[0].values",
+            says: "In and NotIn need values",
+        },
+        Invalid {
+            what: "NotIn with an empty list",
+            kind: mp,
+            spec: expr(json!({"key": "app", "operator": "NotIn", "values": []})),
+            field: "spec.selector.matchExpressions[0].values",
+            says: "In and NotIn need values",
+        },
+        Invalid {
+            what: "Exists with values",
+            kind: mp,
+            spec: expr(json!({"key": "app", "operator": "Exists", "values": ["db"]})),
+            field: "spec.selector.matchExpressions[0].values",
+            says: "Exists and DoesNotExist take none",
+        },
+        Invalid {
+            what: "expression without operator",
+            kind: mp,
+            spec: expr(json!({"key": "app"})),
+            field: "spec.selector.matchExpressions[0].operator",
+            says: "Required value",
+        },
+        Invalid {
+            what: "expression key with a space",
+            kind: mp,
+            spec: expr(json!({"key": "my app", "operator": "Exists"})),
+            field: "spec.selector.matchExpressions[0].key",
+            says: "should match",
+        },
+        Invalid {
+            what: "expression value that is no label value",
+            kind: mp,
+            spec: expr(json!({"key": "app", "operator": "In", "values": ["-db"]})),
+            field: "spec.selector.matchExpressions[0].values[0]",
+            says: "should match",
+        },
+        Invalid {
+            what: "expression key prefix over 253 characters",
+            kind: mp,
+            spec: expr(json!({"key": long_prefix, "operator": "Exists"})),
+            field: "spec.selector.matchExpressions[0].key",
+            says: "at most 253 characters",
+        },
+        Invalid {
+            what: "matchLabels key that is no label key",
+            kind: mp,
+            spec: selector(json!({"matchLabels": {"app/name/x": "db"}})),
+            field: "spec.selector.matchLabels",
+            says: "label keys must be",
+        },
+        Invalid {
+            what: "matchLabels value with a slash",
+            kind: mp,
+            spec: selector(json!({"matchLabels": {"app": "db/1"}})),
+            field: "spec.selector.matchLabels.app",
+            says: "should match",
+        },
+        Invalid {
+            what: "matchLabels value over 63 characters",
+            kind: mp,
+            spec: selector(json!({"matchLabels": {"app": "v".repeat(64)}})),
+            field: "spec.selector.matchLabels.app",
+            says: "may not be more than 63",
+        },
+        Invalid {
+            what: "namespaceSelector with an unknown operator",
+            kind: mp,
+            spec: ingress_peer(
+                json!({"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Equals", "values": ["a"]}]}}),
+            ),
+            field: "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].operator",
+            says: "Unsupported value",
+        },
+        Invalid {
+            what: "namespaceSelector label key with a space",
+            kind: mp,
+            spec: json!({"egress": [{"to": [{"namespaceSelector": {"matchLabels": {"team name": "a"}}}]}]}),
+            field: "spec.egress[0].to[0].namespaceSelector.matchLabels",
+            says: "label keys must be",
+        },
+        Invalid {
+            what: "ServiceIdentity selector with a bad operator",
+            kind: sid,
+            spec: json!({"selector": {"matchExpressions": [{"key": "app", "operator": "exists"}]}}),
+            field: "spec.selector.matchExpressions[0].operator",
+            says: "Unsupported value",
+        },
+        Invalid {
+            what: "ServiceIdentity selector value that is no label value",
+            kind: sid,
+            spec: json!({"selector": {"matchLabels": {"app": "web app"}}}),
+            field: "spec.selector.matchLabels.app",
+            says: "should match",
+        },
         Invalid {
             what: "port 0",
             kind: mp,
@@ -283,7 +397,7 @@ fn invalid_cases() -> Vec<Invalid> {
 
 async fn invalid_resources_are_rejected(ctx: Ctx) -> anyhow::Result<()> {
     let cases = invalid_cases();
-    ensure!(cases.len() >= 12);
+    ensure!(cases.len() >= 30, "{} cases", cases.len());
     let mut problems = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let ar = match case.kind {
@@ -330,6 +444,58 @@ async fn invalid_resources_are_rejected(ctx: Ctx) -> anyhow::Result<()> {
             cases.len(),
             problems.join("\n")
         );
+    }
+    Ok(())
+}
+
+/// What kubectl users type: a misspelled field is an error (kubectl validates strictly; the
+/// schema would otherwise prune it — `matchLabel` dropped means "every pod"), and selectors at
+/// the edges of the label syntax are accepted.
+async fn selector_edges(ctx: Ctx) -> anyhow::Result<()> {
+    let typo = ctx.dir.join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: typo}\nspec:\n  selector:\n    matchLabel: {app: db}\n  ingress:\n    - from: [{identity: web}]\n",
+    )?;
+    let r = ctx.kubectl(&["apply", "-n", &ctx.ns, "-f", &typo.to_string_lossy()]);
+    let msg = format!(
+        "{:#}",
+        r.as_ref()
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+    );
+    ensure!(
+        r.is_err() && msg.contains("unknown field") && msg.contains("matchLabel"),
+        "a misspelled field must be an error: {r:?}"
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &ctx.ns,
+        &ApiResource::erase::<MeshPolicy>(&()),
+    );
+    ensure!(api.get_opt("typo").await?.is_none(), "nothing was stored");
+    let ar = ApiResource::erase::<MeshPolicy>(&());
+    for (i, selector) in [
+        json!({"matchLabels": {"app.kubernetes.io/name": "db", "tier": ""}}),
+        json!({"matchLabels": {"k": "v".repeat(63)}}),
+        json!({"matchExpressions": [{"key": "example.com/team", "operator": "Exists"}]}),
+        json!({"matchExpressions": [{"key": "app", "operator": "DoesNotExist", "values": []}]}),
+        json!({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["a", "B_c.d-1", ""]}]}),
+        json!({}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": ar.api_version,
+            "kind": ar.kind,
+            "metadata": {"name": format!("edge-{i}")},
+            "spec": {"selector": selector, "ingress": [{"from": [{"namespaceSelector": selector}]}]},
+        }))?;
+        api.create(&PostParams::default(), &obj)
+            .await
+            .with_context(|| format!("selector {selector} must be accepted"))?;
     }
     Ok(())
 }

@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         t!(identity_changes_under_load_change_no_verdict),
         t!(a_lost_id_table_renumbers_nothing_under_load),
         t!(an_oversized_policy_is_refused_whole_under_load),
+        t!(a_pod_reaches_itself_whatever_its_policy),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1103,6 +1104,60 @@ async fn an_oversized_policy_is_refused_whole_under_load(lab: &mut Lab) -> anyho
         &allowed,
         &denied,
     )
+}
+
+/// A pod reaching itself — its own address, or its own Service balanced to itself — passes
+/// whatever its policy, with no flow (docs/policy.md): the backend is default-deny for
+/// everyone but the frontend, yet reaches itself; the same connection to the other backend is
+/// dropped and reported.
+async fn a_pod_reaches_itself_whatever_its_policy(lab: &mut Lab) -> anyhow::Result<()> {
+    let backends = lab.pods("shop", "backend")?;
+    ensure!(backends.len() == 2, "{backends:?}");
+    let (me, my_ip) = backends[0].clone();
+    let (other, other_ip) = backends[1].clone();
+    let log = lab.observe_flows().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let probe =
+        |target: String| tokio::task::block_in_place(|| lab.probe("shop", &me, "tcp", &target));
+    for _ in 0..3 {
+        let out = probe(format!("{my_ip}:8080"))?;
+        ensure!(out == format!("success {me}"), "to itself: {out}");
+    }
+    let out = probe(format!("{other_ip}:8080"))?;
+    ensure!(out == "timeout", "to {other}: {out}");
+    // Through its own Service: itself or the other backend, at random.
+    let vip = lab.cluster_ip("shop", "backend")?;
+    let (mut itself, mut denied) = (0, 0);
+    for _ in 0..12 {
+        match probe(format!("{vip}:80"))?.as_str() {
+            s if s == format!("success {me}") => itself += 1,
+            "timeout" => denied += 1,
+            s => bail!("through the Service: {s}"),
+        }
+    }
+    ensure!(
+        itself > 0 && denied > 0,
+        "12 connects: {itself} to itself, {denied} denied"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flows = log.since(t, my_ip, "tcp");
+    let to = |ip: std::net::Ipv4Addr| {
+        flows
+            .iter()
+            .filter(|f| f.destination.as_ref().map(|d| d.ip) == Some(u32::from(ip)))
+            .collect::<Vec<_>>()
+    };
+    ensure!(
+        to(other_ip).iter().any(|f| f.verdict == "dropped"),
+        "the denied connections are reported: {flows:?}"
+    );
+    ensure!(to(my_ip).is_empty(), "no flow to itself: {:?}", to(my_ip));
+    eprintln!(
+        "a backend to itself: 3/3 direct, {itself}/12 through its Service (the other {denied} balanced to {other}, dropped); {} flows to the other backend, 0 to itself",
+        to(other_ip).len()
+    );
+    Ok(())
 }
 
 fn leftovers() -> anyhow::Result<()> {

@@ -16,8 +16,8 @@ use cortexflow_domain::{Action, Mode, PortRange, Protocol};
 use cortexflow_operator_core::{
     Allocations, Change, Kind, ObjKey, Object,
     model::{
-        Created, EndpointSlice, MeshPolicy, Namespace, Node, Pod, PolicyPeer, PolicyRule, Ref,
-        Service, ServiceIdentity, ServicePort, SliceEndpoint, SlicePort,
+        Created, EndpointSlice, MeshPolicy, Mtls, Namespace, Node, Pod, PolicyPeer, PolicyRule,
+        Ref, Service, ServiceIdentity, ServicePort, SliceEndpoint, SlicePort,
     },
     selector::Selector,
 };
@@ -207,10 +207,32 @@ pub fn service_identity(s: &SidCr) -> ServiceIdentity {
         generation: s.metadata.generation.unwrap_or(0),
         selector: selector(&s.spec.selector),
         service_accounts: s.spec.service_accounts.clone(),
+        mtls: match s.spec.mtls {
+            cortexflow_crds::MtlsMode::Disabled => Mtls::Disabled,
+            cortexflow_crds::MtlsMode::Permissive => Mtls::Permissive,
+            cortexflow_crds::MtlsMode::Strict => Mtls::Strict,
+        },
     }
 }
 
 pub fn mesh_policy(p: &MeshPolicyCr) -> MeshPolicy {
+    let generation = p.metadata.generation.unwrap_or(0);
+    let mut m = policy_spec(&p.metadata, generation, &p.spec);
+    m.in_force = p
+        .status
+        .as_ref()
+        .and_then(|s| s.in_force.as_ref())
+        .map(|f| Box::new(policy_spec(&p.metadata, f.generation, &f.spec)));
+    m
+}
+
+/// One generation of a MeshPolicy (`in_force` left empty).
+fn policy_spec(
+    meta: &ObjectMeta,
+    generation: i64,
+    spec: &cortexflow_crds::MeshPolicySpec,
+) -> MeshPolicy {
+    let p = spec;
     let mut invalid = None;
     let mut rules = |rules: Vec<(Vec<cortexflow_crds::Peer>, Vec<cortexflow_crds::PortSpec>)>| -> Vec<PolicyRule> {
         rules
@@ -260,34 +282,34 @@ pub fn mesh_policy(p: &MeshPolicyCr) -> MeshPolicy {
             .collect()
     };
     let ingress = rules(
-        p.spec
-            .ingress
+        p.ingress
             .iter()
             .map(|r| (r.from.clone(), r.ports.clone()))
             .collect(),
     );
     let egress = rules(
-        p.spec
-            .egress
+        p.egress
             .iter()
             .map(|r| (r.to.clone(), r.ports.clone()))
             .collect(),
     );
     MeshPolicy {
-        key: key(&p.metadata),
-        generation: p.metadata.generation.unwrap_or(0),
-        selector: selector(&p.spec.selector),
-        action: match p.spec.action {
+        key: key(meta),
+        generation,
+        selector: selector(&p.selector),
+        action: match p.action {
             PolicyAction::Allow => Action::Allow,
             PolicyAction::Deny => Action::Deny,
         },
-        mode: match p.spec.mode {
+        mode: match p.mode {
             PolicyMode::Enforce => Mode::Enforce,
             PolicyMode::Audit => Mode::Audit,
         },
         ingress,
         egress,
         invalid,
+        spec_json: serde_json::to_string(spec).unwrap_or_default().into(),
+        in_force: None,
     }
 }
 
@@ -579,5 +601,178 @@ pub fn allocation_watch(
                 anyhow::bail!("the engine is gone");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cortexflow_crds::{
+        InForce, IngressRule, MeshPolicySpec, MeshPolicyStatus, MtlsMode, Peer as PeerCr, PortSpec,
+        ServiceIdentitySpec,
+    };
+    use cortexflow_operator_core::selector::{label_key, label_value};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn policy(generation: i64, spec: MeshPolicySpec) -> MeshPolicyCr {
+        let mut p = MeshPolicyCr::new("p", spec);
+        p.metadata.namespace = Some("shop".into());
+        p.metadata.generation = Some(generation);
+        p
+    }
+
+    fn spec(port: i32, operator: &str) -> MeshPolicySpec {
+        MeshPolicySpec {
+            selector: LabelSelector {
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "app".into(),
+                    operator: operator.into(),
+                    values: Some(vec!["db".into()]),
+                }]),
+                ..Default::default()
+            },
+            ingress: vec![IngressRule {
+                from: vec![PeerCr {
+                    identity: Some("web".into()),
+                    ..Default::default()
+                }],
+                ports: vec![PortSpec {
+                    port,
+                    end_port: None,
+                    protocol: cortexflow_crds::Protocol::Tcp,
+                }],
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_policy_converts_with_its_spec_and_the_generation_in_force() {
+        let mut p = policy(3, spec(5432, "NotIn"));
+        let m = mesh_policy(&p);
+        assert_eq!(m.key, ObjKey::new("shop", "p"));
+        assert_eq!(m.generation, 3);
+        assert!(m.selector.is_ok());
+        assert_eq!(m.ingress[0].ports[0].first, 5432);
+        assert_eq!(m.invalid, None);
+        assert_eq!(m.in_force, None);
+        let json: serde_json::Value = serde_json::from_str(&m.spec_json).unwrap();
+        assert_eq!(json, serde_json::to_value(&p.spec).unwrap());
+
+        // A typo the schema would reject, with the last accepted generation in the status.
+        p.spec = spec(5432, "Inn");
+        p.status = Some(MeshPolicyStatus {
+            in_force: Some(InForce {
+                generation: 2,
+                spec: spec(6432, "In"),
+            }),
+            ..Default::default()
+        });
+        let m = mesh_policy(&p);
+        let e = m.selector.as_ref().unwrap_err();
+        assert!(e.contains("Inn"), "{e}");
+        let f = m.in_force.as_deref().expect("in force");
+        assert_eq!((f.generation, f.key.clone()), (2, m.key.clone()));
+        assert!(f.selector.is_ok());
+        assert_eq!(f.ingress[0].ports[0].first, 6432);
+        assert_eq!(f.in_force, None);
+    }
+
+    #[test]
+    fn bad_references_and_ports_make_the_policy_invalid() {
+        let mut s = spec(80, "In");
+        s.ingress[0].from[0].identity = Some("a/b/c".into());
+        assert!(mesh_policy(&policy(1, s)).invalid.is_some());
+        let s = spec(0, "In");
+        let m = mesh_policy(&policy(1, s));
+        assert!(
+            m.invalid.as_deref().is_some_and(|e| e.contains("port 0")),
+            "{:?}",
+            m.invalid
+        );
+        let mut s = spec(80, "In");
+        s.ingress[0].from[0].service_account = Some("web".into());
+        let m = mesh_policy(&policy(1, s));
+        assert!(
+            m.invalid
+                .as_deref()
+                .is_some_and(|e| e.contains("exactly one")),
+            "{:?}",
+            m.invalid
+        );
+    }
+
+    #[test]
+    fn a_service_identity_converts_with_its_mtls_mode() {
+        for (mode, want) in [
+            (MtlsMode::Disabled, Mtls::Disabled),
+            (MtlsMode::Permissive, Mtls::Permissive),
+            (MtlsMode::Strict, Mtls::Strict),
+        ] {
+            let mut s = SidCr::new(
+                "web",
+                ServiceIdentitySpec {
+                    selector: LabelSelector::default(),
+                    service_accounts: vec!["web".into()],
+                    mtls: mode,
+                },
+            );
+            s.metadata.namespace = Some("shop".into());
+            let m = service_identity(&s);
+            assert_eq!(m.mtls, want);
+            assert_eq!(m.service_accounts, vec!["web".to_string()]);
+        }
+    }
+
+    /// The operator's label syntax (for objects the schema did not check) is the schema's:
+    /// compared on many strings over the characters that matter.
+    #[test]
+    fn label_syntax_matches_the_crd_schema() {
+        let key_re = regex::Regex::new(cortexflow_crds::LABEL_KEY_PATTERN).unwrap();
+        let value_re = regex::Regex::new(cortexflow_crds::LABEL_VALUE_PATTERN).unwrap();
+        let alphabet: Vec<char> = "aZ09-_./ .A".chars().collect();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut checked = 0;
+        for _ in 0..200_000 {
+            let len = (next() % 12) as usize;
+            let s: String = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let schema_key = key_re.is_match(&s) && s.find('/').is_none_or(|i| i <= 253);
+            assert_eq!(label_key(&s).is_ok(), schema_key, "key {s:?}");
+            assert_eq!(
+                label_value(&s).is_ok(),
+                value_re.is_match(&s),
+                "value {s:?}"
+            );
+            checked += 1;
+        }
+        // Lengths at the limits.
+        for s in [
+            "k".repeat(63),
+            "k".repeat(64),
+            format!("{}/k", "p".repeat(253)),
+            format!("{}/k", "p".repeat(254)),
+            format!("{}.{}/k", "p".repeat(63), "q".repeat(63)),
+        ] {
+            let schema_key = key_re.is_match(&s) && s.find('/').is_none_or(|i| i <= 253);
+            assert_eq!(
+                label_key(&s).is_ok(),
+                schema_key,
+                "key of {} chars",
+                s.len()
+            );
+            assert_eq!(
+                label_value(&s).is_ok(),
+                value_re.is_match(&s) && s.len() <= 63
+            );
+        }
+        assert_eq!(checked, 200_000);
     }
 }

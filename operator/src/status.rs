@@ -11,7 +11,7 @@ use std::{
 
 use cortexflow_crds::conditions::{self, reasons};
 use cortexflow_domain::PolicyGeneration;
-use cortexflow_operator_core::{Cond, CondReason, Kind, ObjKey};
+use cortexflow_operator_core::{Cond, CondReason, Kind, ObjKey, PolicyStatus};
 use cortexflow_runtime::drain::Watcher;
 use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
 use kube::{
@@ -38,6 +38,8 @@ fn reason(r: CondReason) -> &'static str {
         CondReason::InvalidSelector => reasons::INVALID_SELECTOR,
         CondReason::ClaimedByOlderIdentity => reasons::CLAIMED_BY_OLDER_IDENTITY,
         CondReason::NoConflict => reasons::NO_CONFLICT,
+        CondReason::MtlsDisabled => reasons::MTLS_DISABLED,
+        CondReason::ProxyNotAvailable => reasons::PROXY_NOT_AVAILABLE,
     }
 }
 
@@ -155,6 +157,35 @@ fn programmed(store: &Store, key: &ObjKey, generation: i64) -> (Condition, usize
     (c, done, total)
 }
 
+/// The `Programmed` condition of a policy: about its generation when that is accepted; when it
+/// is not, always False (`Invalid`), saying which generation is in force and where, or that
+/// none is.
+fn policy_programmed(store: &Store, key: &ObjKey, s: &PolicyStatus) -> Condition {
+    if s.accepted.status {
+        return programmed(store, key, s.generation).0;
+    }
+    let message = match &s.in_force {
+        Some(f) => {
+            let (c, _, _) = programmed(store, key, f.generation);
+            format!(
+                "generation {} is not in force (not accepted); generation {}, the last accepted, is {}",
+                s.generation, f.generation, c.message
+            )
+        }
+        None => format!(
+            "generation {} is not in force (not accepted), nor is any other: no generation of this policy was accepted",
+            s.generation
+        ),
+    };
+    Condition {
+        type_: conditions::PROGRAMMED,
+        status: false,
+        reason: reasons::INVALID,
+        message,
+        generation: s.generation,
+    }
+}
+
 fn desired(store: &Store) -> Vec<Desired> {
     let mut out = Vec::new();
     let (sids, policies) = store.read(|e| {
@@ -181,6 +212,7 @@ fn desired(store: &Store) -> Vec<Desired> {
             conditions: vec![
                 Condition::from(conditions::ACCEPTED, &s.accepted, s.generation),
                 Condition::from(conditions::CONFLICT, &s.conflict, s.generation),
+                Condition::from(conditions::MTLS, &s.mtls, s.generation),
             ],
         });
     }
@@ -188,9 +220,17 @@ fn desired(store: &Store) -> Vec<Desired> {
         if s.pending {
             continue;
         }
-        let (prog, _, _) = programmed(store, &key, s.generation);
+        let prog = policy_programmed(store, &key, &s);
         let mut fields = serde_json::Map::new();
         fields.insert("observedGeneration".into(), json!(s.generation));
+        if let Some(f) = &s.in_force
+            && let Ok(spec) = serde_json::from_str::<Value>(&f.spec_json)
+        {
+            fields.insert(
+                "inForce".into(),
+                json!({"generation": f.generation, "spec": spec}),
+            );
+        }
         out.push(Desired {
             kind: Kind::MeshPolicy,
             key,
@@ -298,6 +338,9 @@ fn track_propagation(
     }
 }
 
+/// Status fields the writer sets only sometimes.
+const OPTIONAL_FIELDS: [&str; 1] = ["inForce"];
+
 async fn write(
     client: &Client,
     store: &Store,
@@ -310,6 +353,10 @@ async fn write(
         .fields
         .iter()
         .all(|(k, v)| observed.as_ref().and_then(|o| o.get(k)) == Some(v))
+        // A field the writer owns that the desired status leaves out is removed.
+        && OPTIONAL_FIELDS
+            .iter()
+            .all(|f| d.fields.contains_key(*f) || observed.as_ref().and_then(|o| o.get(*f)).is_none())
         && d.conditions
             .iter()
             .all(|c| c.same_as(observed_condition(observed.as_ref(), c.type_)));
@@ -385,6 +432,56 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cond(status: bool, message: &str) -> Condition {
+        Condition {
+            type_: conditions::PROGRAMMED,
+            status,
+            reason: if status {
+                reasons::PROGRAMMED
+            } else {
+                reasons::PENDING
+            },
+            message: message.into(),
+            generation: 3,
+        }
+    }
+
+    #[test]
+    fn a_condition_is_the_same_only_when_everything_but_the_time_is() {
+        let c = cond(true, "programmed on 2/2 nodes");
+        let written = c.to_json(None);
+        assert!(c.same_as(Some(&written)));
+        let mut other_time = written.clone();
+        other_time["lastTransitionTime"] = json!("2020-01-01T00:00:00Z");
+        assert!(c.same_as(Some(&other_time)), "timestamps do not count");
+        for (field, value) in [
+            ("status", json!("False")),
+            ("reason", json!("Pending")),
+            ("message", json!("programmed on 1/2 nodes")),
+            ("observedGeneration", json!(2)),
+        ] {
+            let mut o = written.clone();
+            o[field] = value;
+            assert!(!c.same_as(Some(&o)), "{field} differs");
+        }
+        assert!(!c.same_as(None));
+    }
+
+    #[test]
+    fn the_transition_time_changes_only_with_the_status() {
+        let old = json!({"type": "Programmed", "status": "True", "reason": "Programmed",
+                         "message": "x", "observedGeneration": 2,
+                         "lastTransitionTime": "2020-01-01T00:00:00Z"});
+        // Same status, new message and generation: the time is kept.
+        let kept = cond(true, "programmed on 3/3 nodes").to_json(Some(&old));
+        assert_eq!(kept["lastTransitionTime"], "2020-01-01T00:00:00Z");
+        assert_eq!(kept["message"], "programmed on 3/3 nodes");
+        // Flipped: a new time.
+        let flipped = cond(false, "programmed on 1/3 nodes").to_json(Some(&old));
+        assert_ne!(flipped["lastTransitionTime"], "2020-01-01T00:00:00Z");
+        assert_eq!(flipped["status"], "False");
+    }
 
     #[test]
     fn every_engine_reason_is_a_distinct_reason_of_the_api() {

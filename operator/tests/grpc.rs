@@ -115,6 +115,8 @@ fn policy(generation: i64, port: u16) -> Change {
         }],
         egress: vec![],
         invalid: None,
+        spec_json: "{}".into(),
+        in_force: None,
     }))
 }
 

@@ -68,6 +68,26 @@ pub struct ServiceIdentity {
     /// `Err` with the reason when the selector is invalid.
     pub selector: Result<Selector, String>,
     pub service_accounts: Vec<String>,
+    pub mtls: Mtls,
+}
+
+/// A ServiceIdentity's `spec.mtls`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mtls {
+    #[default]
+    Disabled,
+    Permissive,
+    Strict,
+}
+
+impl Mtls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mtls::Disabled => "Disabled",
+            Mtls::Permissive => "Permissive",
+            Mtls::Strict => "Strict",
+        }
+    }
 }
 
 impl ServiceIdentity {
@@ -145,6 +165,12 @@ pub struct MeshPolicy {
     /// Set when the object could not be read (a field of the wrong shape): the policy is
     /// refused with this reason.
     pub invalid: Option<String>,
+    /// The spec as the API holds it (JSON), opaque to the core: recorded in `status.inForce`
+    /// when this generation is accepted.
+    pub spec_json: Arc<str>,
+    /// `status.inForce`: the last accepted generation as the object's status records it (its
+    /// own `in_force` is `None`) — what stays in force while this generation is invalid.
+    pub in_force: Option<Box<MeshPolicy>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,6 +21,60 @@ pub struct Requirement {
     pub values: BTreeSet<String>,
 }
 
+/// Whether `s` is a label name: 1-63 characters, alphanumerics, `-`, `_`, `.`, alphanumeric at
+/// both ends (also the syntax of a non-empty label value).
+fn label_name(s: &str) -> Result<(), &'static str> {
+    let b = s.as_bytes();
+    let edge = |c: &u8| c.is_ascii_alphanumeric();
+    if b.is_empty() || b.len() > 63 {
+        return Err("must be 1 to 63 characters");
+    }
+    if !b
+        .iter()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return Err("may hold only alphanumerics, '-', '_' and '.'");
+    }
+    if !edge(&b[0]) || !edge(&b[b.len() - 1]) {
+        return Err("must start and end with an alphanumeric");
+    }
+    Ok(())
+}
+
+/// A label key: an optional DNS-subdomain prefix (at most 253 characters, lower-case
+/// alphanumeric labels joined by dots) and `/`, then a label name. The same rule as the CRD
+/// schema's (`cortexflow_crds::LABEL_KEY_PATTERN`), for objects admitted without it.
+pub fn label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        let label_ok = |l: &str| {
+            let b = l.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        };
+        if p.len() > 253 || !p.split('.').all(label_ok) {
+            return Err(format!(
+                "prefix {p:?} is not a DNS subdomain of at most 253 characters"
+            ));
+        }
+    }
+    label_name(name).map_err(|e| format!("name {name:?} {e}"))
+}
+
+/// A label value: empty, or a label name.
+pub fn label_value(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    label_name(v).map_err(str::to_string)
+}
+
 /// A validated label selector. The empty selector matches everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Selector {
@@ -36,8 +90,17 @@ impl Selector {
         match_labels: Labels,
         expressions: Vec<(String, String, Vec<String>)>,
     ) -> Result<Self, String> {
+        for (k, v) in &match_labels {
+            label_key(k).map_err(|e| format!("matchLabels: key {k:?}: {e}"))?;
+            label_value(v).map_err(|e| format!("matchLabels: {k}: value {v:?}: {e}"))?;
+        }
         let mut match_expressions = Vec::with_capacity(expressions.len());
         for (i, (key, op, values)) in expressions.into_iter().enumerate() {
+            label_key(&key).map_err(|e| format!("matchExpressions[{i}]: key {key:?}: {e}"))?;
+            for v in &values {
+                label_value(v)
+                    .map_err(|e| format!("matchExpressions[{i}] ({key}): value {v:?}: {e}"))?;
+            }
             let op = match op.as_str() {
                 "In" => Op::In,
                 "NotIn" => Op::NotIn,
@@ -121,6 +184,52 @@ mod tests {
         assert!(!s.matches(&labels(&[("app", "web"), ("tier", "a"), ("canary", "1")])));
         assert!(!s.matches(&labels(&[("app", "web"), ("tier", "a"), ("zone", "x")])));
         assert!(s.matches(&labels(&[("app", "web"), ("tier", "b"), ("zone", "y")])));
+    }
+
+    #[test]
+    fn label_syntax_is_checked() {
+        for ok in [
+            "app",
+            "a",
+            "app.kubernetes.io/name",
+            "x/y",
+            "A_b-c.9",
+            &"k".repeat(63),
+        ] {
+            assert!(label_key(ok).is_ok(), "{ok}");
+        }
+        let long_prefix = format!("{}/a", "p".repeat(254));
+        for bad in [
+            "",
+            "app name",
+            "-app",
+            "app-",
+            "a/b/c",
+            "Upper.Case/app",
+            "/app",
+            "app/",
+            long_prefix.as_str(),
+            &"k".repeat(64),
+        ] {
+            assert!(label_key(bad).is_err(), "{bad:?}");
+        }
+        for ok in ["", "v", "web-1", "A.b_c"] {
+            assert!(label_value(ok).is_ok(), "{ok}");
+        }
+        for bad in ["-v", "v-", "a b", "x/y", &"v".repeat(64)] {
+            assert!(label_value(bad).is_err(), "{bad:?}");
+        }
+        let e = Selector::parse(labels(&[("app", "-web")]), vec![]).unwrap_err();
+        assert!(e.contains("matchLabels") && e.contains("-web"), "{e}");
+        let e = Selector::parse(
+            Labels::new(),
+            vec![("bad key".into(), "Exists".into(), vec![])],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("matchExpressions[0]") && e.contains("bad key"),
+            "{e}"
+        );
     }
 
     #[test]

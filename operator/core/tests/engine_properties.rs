@@ -10,8 +10,8 @@ use cortexflow_domain::{Action, Mode, PortRange, Protocol};
 use cortexflow_operator_core::{
     Allocations, Change, Engine, EngineConfig, Kind, ObjKey, Object,
     model::{
-        Created, EndpointSlice, MeshPolicy, Namespace, Node, Pod, PolicyPeer, PolicyRule, Ref,
-        Service, ServiceIdentity, ServicePort, SliceEndpoint, SlicePort,
+        Created, EndpointSlice, MeshPolicy, Mtls, Namespace, Node, Pod, PolicyPeer, PolicyRule,
+        Ref, Service, ServiceIdentity, ServicePort, SliceEndpoint, SlicePort,
     },
     selector::{Labels, Selector},
 };
@@ -48,6 +48,78 @@ fn labels(kv: &[(&str, &str)]) -> Labels {
     kv.iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// One generation of a MeshPolicy (`in_force` left empty).
+fn policy(g: &mut G, ns: &str, name: &str, generation: i64) -> MeshPolicy {
+    let rules = |g: &mut G| -> Vec<PolicyRule> {
+        (0..g.below(3))
+            .map(|_| PolicyRule {
+                peers: (0..g.below(3))
+                    .map(|_| match g.below(5) {
+                        0 => PolicyPeer::Identity(Ref {
+                            namespace: g.chance(30).then(|| g.pick(&NS).to_string()),
+                            name: format!("sid{}", g.below(4)),
+                        }),
+                        1 => PolicyPeer::ServiceAccount(Ref {
+                            namespace: g.chance(30).then(|| g.pick(&NS).to_string()),
+                            name: g.pick(&["default", "s1", "nobody"]).into(),
+                        }),
+                        2 => PolicyPeer::NamespaceSelector(Ok(Selector {
+                            match_labels: labels(&[("team", g.pick(&["a", "b"]))]),
+                            match_expressions: vec![],
+                        })),
+                        _ => PolicyPeer::IpBlock {
+                            cidr: g
+                                .pick(&["10.0.0.0/8", "192.168.0.0/16", "0.0.0.0/0", "bad"])
+                                .into(),
+                            except: if g.chance(30) {
+                                vec!["10.1.0.0/16".into()]
+                            } else {
+                                vec![]
+                            },
+                        },
+                    })
+                    .collect(),
+                ports: (0..g.below(2))
+                    .map(|_| {
+                        let first = g.below(2000) as u16 + 1;
+                        PortRange {
+                            protocol: if g.chance(50) {
+                                Protocol::Tcp
+                            } else {
+                                Protocol::Udp
+                            },
+                            first,
+                            last: first + g.below(10) as u16,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    let ingress = rules(g);
+    let egress = rules(g);
+    MeshPolicy {
+        key: ObjKey::new(ns, name),
+        generation,
+        selector: selector(g),
+        action: if g.chance(70) {
+            Action::Allow
+        } else {
+            Action::Deny
+        },
+        mode: if g.chance(75) {
+            Mode::Enforce
+        } else {
+            Mode::Audit
+        },
+        ingress,
+        egress,
+        invalid: None,
+        spec_json: format!("{{\"g\":{generation}}}").into(),
+        in_force: None,
+    }
 }
 
 fn selector(g: &mut G) -> Result<Selector, String> {
@@ -107,74 +179,19 @@ fn object(kind: u8, seed: u64) -> Object {
             } else {
                 vec![]
             },
+            mtls: [Mtls::Disabled, Mtls::Permissive, Mtls::Strict][g.below(3) as usize],
         }),
         4 => {
-            let rules = |g: &mut G| -> Vec<PolicyRule> {
-                (0..g.below(3))
-                    .map(|_| PolicyRule {
-                        peers: (0..g.below(3))
-                            .map(|_| match g.below(5) {
-                                0 => PolicyPeer::Identity(Ref {
-                                    namespace: g.chance(30).then(|| g.pick(&NS).to_string()),
-                                    name: format!("sid{}", g.below(4)),
-                                }),
-                                1 => PolicyPeer::ServiceAccount(Ref {
-                                    namespace: g.chance(30).then(|| g.pick(&NS).to_string()),
-                                    name: g.pick(&["default", "s1", "nobody"]).into(),
-                                }),
-                                2 => PolicyPeer::NamespaceSelector(Ok(Selector {
-                                    match_labels: labels(&[("team", g.pick(&["a", "b"]))]),
-                                    match_expressions: vec![],
-                                })),
-                                _ => PolicyPeer::IpBlock {
-                                    cidr: g
-                                        .pick(&["10.0.0.0/8", "192.168.0.0/16", "0.0.0.0/0", "bad"])
-                                        .into(),
-                                    except: if g.chance(30) {
-                                        vec!["10.1.0.0/16".into()]
-                                    } else {
-                                        vec![]
-                                    },
-                                },
-                            })
-                            .collect(),
-                        ports: (0..g.below(2))
-                            .map(|_| {
-                                let first = g.below(2000) as u16 + 1;
-                                PortRange {
-                                    protocol: if g.chance(50) {
-                                        Protocol::Tcp
-                                    } else {
-                                        Protocol::Udp
-                                    },
-                                    first,
-                                    last: first + g.below(10) as u16,
-                                }
-                            })
-                            .collect(),
-                    })
-                    .collect()
-            };
-            let ingress = rules(g);
-            let egress = rules(g);
-            Object::MeshPolicy(MeshPolicy {
-                key: ObjKey::new(ns, format!("mp{}", g.below(4))),
-                generation: g.below(5) as i64 + 1,
-                selector: selector(g),
-                action: if g.chance(70) {
-                    Action::Allow
-                } else {
-                    Action::Deny
-                },
-                mode: if g.chance(75) {
-                    Mode::Enforce
-                } else {
-                    Mode::Audit
-                },
-                ingress,
-                egress,
-                invalid: None,
-            })
+            let name = format!("mp{}", g.below(4));
+            let generation = g.below(5) as i64 + 1;
+            let mut p = policy(g, &ns, &name, generation);
+            // The last accepted generation as a status records it (maybe invalid itself: a
+            // status the operator did not write).
+            if generation > 1 && g.chance(40) {
+                let older = g.below(generation as u64 - 1) as i64 + 1;
+                p.in_force = Some(Box::new(policy(g, &ns, &name, older)));
+            }
+            Object::MeshPolicy(p)
         }
         5 => {
             if g.chance(50) {
@@ -396,6 +413,7 @@ fn policies_select_pods_and_compile_identities() {
                 match_expressions: vec![],
             }),
             service_accounts: vec![],
+            mtls: Mtls::Disabled,
         })),
         Change::Apply(Object::MeshPolicy(MeshPolicy {
             key: ObjKey::new("shop", "db-in"),
@@ -419,6 +437,8 @@ fn policies_select_pods_and_compile_identities() {
             }],
             egress: vec![],
             invalid: None,
+            spec_json: "{}".into(),
+            in_force: None,
         })),
     ]);
     allocate(&mut e);
@@ -453,64 +473,125 @@ fn policies_select_pods_and_compile_identities() {
 }
 
 #[test]
-fn an_invalid_policy_is_refused_and_enforces_nothing() {
-    let mut e = Engine::new(EngineConfig::default());
-    let policy = |generation: i64, cidr: &str| {
-        Object::MeshPolicy(MeshPolicy {
-            key: ObjKey::new("shop", "p"),
-            generation,
-            selector: Ok(Selector::default()),
-            action: Action::Deny,
-            mode: Mode::Enforce,
-            ingress: vec![PolicyRule {
-                peers: vec![PolicyPeer::IpBlock {
-                    cidr: cidr.into(),
-                    except: vec![],
-                }],
-                ports: vec![],
+fn an_invalid_generation_keeps_the_last_accepted_in_force() {
+    let policy_at = |generation: i64, cidr: &str| MeshPolicy {
+        key: ObjKey::new("shop", "p"),
+        generation,
+        selector: Ok(Selector::default()),
+        action: Action::Deny,
+        mode: Mode::Enforce,
+        ingress: vec![PolicyRule {
+            peers: vec![PolicyPeer::IpBlock {
+                cidr: cidr.into(),
+                except: vec![],
             }],
-            egress: vec![],
-            invalid: None,
-        })
+            ports: vec![],
+        }],
+        egress: vec![],
+        invalid: None,
+        spec_json: format!("{{\"cidr\":\"{cidr}\"}}").into(),
+        in_force: None,
     };
-    e.apply(vec![
-        Change::Apply(Object::Pod(Pod {
-            key: ObjKey::new("shop", "a"),
-            labels: Arc::default(),
-            service_account: "default".into(),
-            node: Some("n1".into()),
-            ip: Some(Ipv4Addr::new(10, 0, 0, 9)),
-            host_network: false,
-            terminated: false,
-        })),
-        Change::Apply(policy(1, "10.0.0.0/8")),
-    ]);
-    allocate(&mut e);
-    let rules = |e: &Engine| {
+    // Generation `g` of the object, with `status.inForce` recording `recorded` (if any).
+    let object = |g: i64, cidr: &str, recorded: Option<MeshPolicy>| {
+        let mut p = policy_at(g, cidr);
+        p.in_force = recorded.map(Box::new);
+        Change::Apply(Object::MeshPolicy(p))
+    };
+    let pod = Change::Apply(Object::Pod(Pod {
+        key: ObjKey::new("shop", "a"),
+        labels: Arc::default(),
+        service_account: "default".into(),
+        node: Some("n1".into()),
+        ip: Some(Ipv4Addr::new(10, 0, 0, 9)),
+        host_network: false,
+        terminated: false,
+    }));
+    // (rules in force on n1, the generation n1's config lists).
+    let in_force = |e: &Engine| {
         let n = e.node("n1").unwrap();
-        n.endpoints
+        let rules = n
+            .endpoints
             .policy_sets
             .values()
             .map(|p| p.ingress.len())
-            .sum::<usize>()
+            .sum::<usize>();
+        let generation = n.endpoints.policies.iter().map(|p| p.generation).next();
+        (rules, generation)
     };
-    assert_eq!(rules(&e), 1);
-    e.apply(vec![Change::Apply(policy(2, "10.0.0.0/99"))]);
-    let st = e.policy_status(&ObjKey::new("shop", "p")).unwrap();
+    let key = ObjKey::new("shop", "p");
+    let mut e = Engine::new(EngineConfig::default());
+    e.apply(vec![pod.clone(), object(1, "10.0.0.0/8", None)]);
+    allocate(&mut e);
+    assert_eq!(in_force(&e), (1, Some(1)));
+    let st = e.policy_status(&key).unwrap();
+    assert!(st.accepted.status);
+    assert_eq!(st.in_force.as_ref().map(|f| f.generation), Some(1));
+    assert_eq!(
+        st.in_force.as_ref().map(|f| f.spec_json.to_string()),
+        Some(r#"{"cidr":"10.0.0.0/8"}"#.to_string()),
+        "status.inForce records the accepted spec"
+    );
+
+    // Generation 2 is invalid, and the status records generation 1: it stays in force.
+    let gen1 = policy_at(1, "10.0.0.0/8");
+    e.apply(vec![object(2, "10.0.0.0/99", Some(gen1.clone()))]);
+    let st = e.policy_status(&key).unwrap();
     assert!(
         !st.accepted.status && st.accepted.reason == cortexflow_operator_core::CondReason::Invalid
     );
     assert!(
         st.accepted
             .message
-            .contains("spec.ingress[0].from[0].ipBlock.cidr"),
+            .contains("spec.ingress[0].from[0].ipBlock.cidr")
+            && st
+                .accepted
+                .message
+                .contains("generation 1 (the last accepted) stays in force"),
         "{}",
         st.accepted.message
     );
     assert_eq!(st.generation, 2);
+    assert_eq!(st.in_force.as_ref().map(|f| f.generation), Some(1));
+    assert_eq!(in_force(&e), (1, Some(1)), "generation 1 still enforced");
+
+    // A restarted operator sees only the objects: the same.
+    let mut fresh = Engine::new(EngineConfig::default());
+    fresh.apply(vec![
+        pod.clone(),
+        object(2, "10.0.0.0/99", Some(gen1.clone())),
+    ]);
+    allocate(&mut fresh);
+    assert_eq!(in_force(&fresh), (1, Some(1)));
+
+    // Fixed: generation 3 is in force and recorded.
+    e.apply(vec![object(3, "10.0.0.0/16", Some(gen1))]);
+    assert_eq!(in_force(&e), (1, Some(3)));
     assert_eq!(
-        rules(&e),
-        0,
-        "an invalid policy enforces nothing (the same after a restart)"
+        e.policy_status(&key)
+            .unwrap()
+            .in_force
+            .as_ref()
+            .map(|f| f.generation),
+        Some(3)
     );
+
+    // Never accepted (nothing recorded, or a record that is itself invalid): nothing in force,
+    // and the status says so.
+    for recorded in [None, Some(policy_at(1, "bad"))] {
+        let mut e = Engine::new(EngineConfig::default());
+        e.apply(vec![pod.clone(), object(2, "10.0.0.0/99", recorded)]);
+        allocate(&mut e);
+        let st = e.policy_status(&key).unwrap();
+        assert!(!st.accepted.status);
+        assert!(
+            st.accepted
+                .message
+                .contains("nothing of this policy is in force"),
+            "{}",
+            st.accepted.message
+        );
+        assert_eq!(st.in_force, None);
+        assert_eq!(in_force(&e), (0, None));
+    }
 }

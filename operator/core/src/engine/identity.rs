@@ -122,6 +122,21 @@ impl Engine {
                     endpoints,
                     accepted,
                     conflict,
+                    mtls: match s.mtls {
+                        Mtls::Disabled => Cond::new(
+                            true,
+                            CondReason::MtlsDisabled,
+                            "mTLS is disabled: traffic to these pods is plaintext; L3/L4 policy applies",
+                        ),
+                        m => Cond::new(
+                            false,
+                            CondReason::ProxyNotAvailable,
+                            format!(
+                                "spec.mtls {} is not honoured: this version of CortexFlow has no mTLS proxy, so traffic to these pods stays plaintext and none is dropped for lack of mTLS; L3/L4 policy applies",
+                                m.as_str()
+                            ),
+                        ),
+                    },
                 },
             ));
         }

@@ -38,7 +38,7 @@ use crate::{
     selector::{Labels, Selector},
 };
 
-pub use status::{Cond, CondReason, PolicyStatus, SidStatus};
+pub use status::{Cond, CondReason, InForce, PolicyStatus, SidStatus};
 
 /// Settings of the engine.
 #[derive(Clone, Debug)]
@@ -102,8 +102,12 @@ struct Deps {
 
 #[derive(Clone, Debug)]
 struct PolicyState {
-    /// The compilation (`None` while invalid or waiting for its number).
+    /// The compilation of the generation in force (`None` when none is, or while waiting for
+    /// its number).
     compiled: Option<Compiled>,
+    /// The generation `compiled` is of: the object's, or while that is invalid the last
+    /// accepted one (`status.inForce`). Its selector decides which pods it selects.
+    spec: Option<MeshPolicy>,
     deps: Deps,
     status: PolicyStatus,
     /// Engine version at which what the policy enforces last changed.

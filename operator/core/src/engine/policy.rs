@@ -20,12 +20,13 @@ impl Engine {
             return;
         };
         let number = self.alloc.get(&AllocKey::Policy(key.clone()));
-        let (compiled, deps, accepted, resolved_refs) = match number {
+        let (compiled, deps, accepted, resolved_refs, spec) = match number {
             None => (
                 old_compiled.clone(),
                 old.as_ref().map(|o| o.deps.clone()).unwrap_or_default(),
                 None,
                 None,
+                old.as_ref().and_then(|o| o.spec.clone()),
             ),
             Some(number) => match self.compile(&p, number) {
                 Ok((c, deps, missing)) => {
@@ -47,24 +48,58 @@ impl Engine {
                             "the policy is valid and compiled",
                         )),
                         Some(resolved),
+                        Some(p.clone()),
                     )
                 }
-                Err(e) => (
-                    None,
-                    Deps::default(),
-                    Some(Cond::new(
-                        false,
-                        CondReason::Invalid,
-                        format!("{e}; the policy enforces nothing until it is fixed"),
-                    )),
-                    Some(Cond::new(
+                Err(e) => {
+                    // The last accepted generation, as the status records it, stays in force
+                    // (it compiled once: what makes a spec invalid is the spec alone).
+                    let last = p
+                        .in_force
+                        .as_deref()
+                        .filter(|f| f.generation < p.generation)
+                        .and_then(|f| Some((f, self.compile(f, number).ok()?)));
+                    let not_compiled = Cond::new(
                         false,
                         CondReason::Invalid,
                         "the policy could not be compiled",
-                    )),
-                ),
+                    );
+                    match last {
+                        Some((f, (c, deps, _))) => (
+                            Some(c),
+                            deps,
+                            Some(Cond::new(
+                                false,
+                                CondReason::Invalid,
+                                format!(
+                                    "{e}; generation {} (the last accepted) stays in force until this is fixed",
+                                    f.generation
+                                ),
+                            )),
+                            Some(not_compiled),
+                            Some(f.clone()),
+                        ),
+                        None => (
+                            None,
+                            Deps::default(),
+                            Some(Cond::new(
+                                false,
+                                CondReason::Invalid,
+                                format!(
+                                    "{e}; nothing of this policy is in force (no generation of it was accepted)"
+                                ),
+                            )),
+                            Some(not_compiled),
+                            None,
+                        ),
+                    }
+                }
             },
         };
+        let in_force = compiled.as_ref().and(spec.as_ref()).map(|s| InForce {
+            generation: s.generation,
+            spec_json: s.spec_json.clone(),
+        });
         let status = PolicyStatus {
             generation: p.generation,
             pending: accepted.is_none(),
@@ -74,6 +109,7 @@ impl Engine {
             resolved_refs: resolved_refs.unwrap_or_else(|| {
                 Cond::new(false, CondReason::Pending, "waiting for a policy number")
             }),
+            in_force,
         };
         let enforcement_changed = compiled != old_compiled;
         if enforcement_changed {
@@ -111,6 +147,7 @@ impl Engine {
             key.clone(),
             PolicyState {
                 compiled,
+                spec,
                 deps,
                 status,
                 changed_at,
@@ -282,7 +319,8 @@ impl Engine {
             .map(|(k, _)| k.clone())
             .collect();
         for k in keys {
-            let selects = match (&live, self.snap.policies.get(&k)) {
+            let in_force = self.policies.get(&k).and_then(|st| st.spec.as_ref());
+            let selects = match (&live, in_force) {
                 (Some(p), Some(pol)) => pol.selector.as_ref().is_ok_and(|s| s.matches(&p.labels)),
                 _ => false,
             };

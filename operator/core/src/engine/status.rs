@@ -40,11 +40,15 @@ pub enum CondReason {
     ClaimedByOlderIdentity,
     /// `Conflict=False`.
     NoConflict,
+    /// ServiceIdentity `MTLS=True`: `spec.mtls` is `Disabled`.
+    MtlsDisabled,
+    /// ServiceIdentity `MTLS=False`: mTLS asked for, and no proxy to provide it yet.
+    ProxyNotAvailable,
 }
 
 impl CondReason {
     /// Every reason.
-    pub const ALL: [CondReason; 9] = [
+    pub const ALL: [CondReason; 11] = [
         CondReason::Accepted,
         CondReason::Invalid,
         CondReason::ResolvedRefs,
@@ -54,6 +58,8 @@ impl CondReason {
         CondReason::InvalidSelector,
         CondReason::ClaimedByOlderIdentity,
         CondReason::NoConflict,
+        CondReason::MtlsDisabled,
+        CondReason::ProxyNotAvailable,
     ];
 }
 
@@ -68,6 +74,7 @@ pub struct SidStatus {
     pub endpoints: u32,
     pub accepted: Cond,
     pub conflict: Cond,
+    pub mtls: Cond,
 }
 
 /// What a MeshPolicy's status should say (`Programmed` is the operator's, from agent reports).
@@ -78,4 +85,15 @@ pub struct PolicyStatus {
     pub resolved_refs: Cond,
     /// Waiting for its policy number: no status is written yet.
     pub pending: bool,
+    /// The generation in force and its spec (`status.inForce`): this generation when it is
+    /// accepted, else the last accepted one the status records, else nothing.
+    pub in_force: Option<InForce>,
+}
+
+/// A generation of a MeshPolicy in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InForce {
+    pub generation: i64,
+    /// The spec as the API holds it (JSON).
+    pub spec_json: std::sync::Arc<str>,
 }
