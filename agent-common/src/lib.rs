@@ -529,14 +529,18 @@ pub enum Reason {
     NoBackend = 14,
     /// A Service connect translated to a backend.
     ServiceTranslated = 15,
+    /// An ICMP error (unreachable, fragmentation needed, time exceeded, parameter problem)
+    /// about a packet of a tracked flow: passed like its replies.
+    Related = 16,
 }
 
-/// Number of reason slots (reasons are `1..REASONS`).
-pub const REASONS: u32 = 16;
+/// Number of reason slots (reasons are `1..REASONS`). Room for reasons to come, so that adding
+/// one does not change the size of the pinned counters map.
+pub const REASONS: u32 = 32;
 
 impl Reason {
     /// Every reason, in order.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::NoPolicy,
         Reason::PolicyAllow,
         Reason::Host,
@@ -552,6 +556,7 @@ impl Reason {
         Reason::Malformed,
         Reason::NoBackend,
         Reason::ServiceTranslated,
+        Reason::Related,
     ];
 
     /// The reason with this number.
@@ -584,6 +589,7 @@ impl Reason {
             Reason::Malformed => "malformed",
             Reason::NoBackend => "no_backend",
             Reason::ServiceTranslated => "service_translated",
+            Reason::Related => "related",
         }
     }
 }

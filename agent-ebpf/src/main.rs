@@ -79,6 +79,12 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const IP_MF_OR_OFFSET: u16 = 0x3fff;
+const PROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+/// Type, code, checksum and 4 bytes of the ICMP header before the quoted datagram.
+const ICMP_HLEN: usize = 8;
 const ECONNREFUSED: i32 = 111;
 
 /// tcx: let the next program (or the stack) decide; clsact direct-action: continue.
@@ -396,20 +402,13 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     p.saddr = ip.saddr;
     p.daddr = ip.daddr;
     p.protocol = ip.protocol;
-    if dir == DIR_EGRESS && ip.saddr != ep.ip {
-        event(&p, &ep, IDENTITY_ANY, VERDICT_DROPPED, Reason::Spoofed, 0);
-        count(VERDICT_DROPPED, Reason::Spoofed, len);
-        return DROP;
-    }
     if dir == DIR_INGRESS && ip.daddr != ep.ip {
         // Broadcast and the like: not addressed to the pod.
         count(VERDICT_ALLOWED, Reason::NotIp, len);
         return PASS;
     }
-    if u16::from_be(ip.frag_off) & IP_MF_OR_OFFSET != 0 {
-        return untrackable(&p, &ep, Reason::Fragment);
-    }
-    if ip.protocol == PROTO_TCP || ip.protocol == PROTO_UDP {
+    let fragment = u16::from_be(ip.frag_off) & IP_MF_OR_OFFSET != 0;
+    if !fragment && (ip.protocol == PROTO_TCP || ip.protocol == PROTO_UDP) {
         let Some(ports) = header::<[u16; 2]>(ctx, ETH_HLEN + ihl) else {
             return malformed(&p);
         };
@@ -427,6 +426,20 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
             // SAFETY: as above.
             p.tcp_flags = unsafe { word.read_unaligned() }[1];
         }
+    }
+    // Before anything else can pass the packet (a fragment of a pod without policy would);
+    // checked once the ports are read, so that the flow names them.
+    if dir == DIR_EGRESS && ip.saddr != ep.ip {
+        event(&p, &ep, IDENTITY_ANY, VERDICT_DROPPED, Reason::Spoofed, 0);
+        count(VERDICT_DROPPED, Reason::Spoofed, len);
+        return DROP;
+    }
+    if fragment {
+        return untrackable(&p, &ep, Reason::Fragment);
+    }
+    if ip.protocol == PROTO_ICMP && icmp_error_of_tracked_flow(ctx, &ep, dir, ihl) {
+        count(VERDICT_ALLOWED, Reason::Related, len);
+        return PASS;
     }
     let cfg = config();
     let v = verdict(&p, &ep, &cfg);
@@ -450,6 +463,61 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: helper with plain arguments; it returns TC_ACT_REDIRECT (or TC_ACT_SHOT when
     // the flags are invalid, which they are not).
     unsafe { bpf_redirect_peer(dst_ifindex, 0) as i32 }
+}
+
+/// Whether an ICMP packet is an error (destination unreachable — which carries "fragmentation
+/// needed" for path-MTU discovery —, time exceeded, parameter problem) about a TCP or UDP
+/// packet of a flow the endpoint has in its connection table: such errors pass like the
+/// flow's replies, whatever router sends them. The quoted datagram is the packet the error is
+/// about: one the endpoint sent (ingress) or received (egress).
+#[inline(always)]
+fn icmp_error_of_tracked_flow(ctx: &TcContext, ep: &EndpointInfo, dir: u8, ihl: usize) -> bool {
+    let icmp = ETH_HLEN + ihl;
+    let Some(tc) = header::<[u8; 2]>(ctx, icmp) else {
+        return false;
+    };
+    // SAFETY: `header` checked the bounds; packet data has no alignment guarantee.
+    let kind = unsafe { tc.read_unaligned() }[0];
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETERPROB {
+        return false;
+    }
+    let Some(inner) = header::<Ipv4Hdr>(ctx, icmp + ICMP_HLEN) else {
+        return false;
+    };
+    // SAFETY: as above.
+    let inner = unsafe { inner.read_unaligned() };
+    let inner_ihl = usize::from(inner.ver_ihl & 0x0f) * 4;
+    if inner.ver_ihl >> 4 != 4
+        || inner_ihl < 20
+        || (inner.protocol != PROTO_TCP && inner.protocol != PROTO_UDP)
+    {
+        return false;
+    }
+    let Some(ports) = header::<[u16; 2]>(ctx, icmp + ICMP_HLEN + inner_ihl) else {
+        return false;
+    };
+    // SAFETY: as above.
+    let ports = unsafe { ports.read_unaligned() };
+    // Into the pod: about a packet it sent (source: the pod). Out of it: about one it
+    // received (destination: the pod).
+    let (ep_side, peer_addr, ep_port, peer_port) = if dir == DIR_INGRESS {
+        (inner.saddr, inner.daddr, ports[0], ports[1])
+    } else {
+        (inner.daddr, inner.saddr, ports[1], ports[0])
+    };
+    if ep_side != ep.ip {
+        return false;
+    }
+    let key = CtKey {
+        ep_addr: ep.ip,
+        peer_addr,
+        ep_port,
+        peer_port,
+        protocol: inner.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is only tested for presence.
+    unsafe { CONNTRACK.get(key) }.is_some()
 }
 
 /// A pod on this node with address `addr`: its host-side ifindex and endpoint, when the

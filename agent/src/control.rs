@@ -280,6 +280,8 @@ fn applied(ctx: &Ctx, r: &Received, a: Applied) {
     );
     m.endpoints
         .record(a.pending.len() as u64, &[KeyValue::new("state", "pending")]);
+    m.endpoints
+        .record(a.guarded.len() as u64, &[KeyValue::new("state", "guarded")]);
     if a.pending.is_empty() {
         tracing::info!(
             version = a.version,

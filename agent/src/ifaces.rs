@@ -52,7 +52,14 @@ pub fn host_routes() -> io::Result<BTreeMap<Ipv4Addr, String>> {
 
 /// The interface of each address that has a host route to an existing device.
 pub fn resolve(ips: impl IntoIterator<Item = Ipv4Addr>) -> io::Result<BTreeMap<Ipv4Addr, Iface>> {
-    let routes = host_routes()?;
+    Ok(resolve_in(&host_routes()?, ips))
+}
+
+/// [`resolve`] against routes already read.
+pub fn resolve_in(
+    routes: &BTreeMap<Ipv4Addr, String>,
+    ips: impl IntoIterator<Item = Ipv4Addr>,
+) -> BTreeMap<Ipv4Addr, Iface> {
     let mut out = BTreeMap::new();
     for ip in ips {
         let Some(name) = routes.get(&ip) else {
@@ -68,7 +75,120 @@ pub fn resolve(ips: impl IntoIterator<Item = Ipv4Addr>) -> io::Result<BTreeMap<I
             );
         }
     }
-    Ok(out)
+    out
+}
+
+/// Every IPv4 address of the calling thread's network namespace but loopback ones: the node's
+/// addresses, all of which are the host (a kubelet probe comes from whichever the route picks,
+/// not only from those `Node.status.addresses` lists).
+pub fn local_addresses() -> io::Result<std::collections::BTreeSet<Ipv4Addr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(addrs
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .collect())
+}
+
+/// The interfaces of pods the config does not name (yet): a `/32` host route is the only route
+/// to its device, and the device holds no address of the node (an uplink with a `/32` route to
+/// a gateway is not a pod). They are guarded from their first packet — anti-spoofing, no
+/// policy — until the config names the pod.
+pub fn unknown_pods(
+    routes: &BTreeMap<Ipv4Addr, String>,
+    known: &std::collections::BTreeSet<Ipv4Addr>,
+    local: &std::collections::BTreeSet<Ipv4Addr>,
+    addressed_devices: &std::collections::BTreeSet<String>,
+) -> BTreeMap<Ipv4Addr, String> {
+    let mut per_device: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
+    for (ip, dev) in routes {
+        per_device.entry(dev.as_str()).or_default().push(*ip);
+    }
+    per_device
+        .into_iter()
+        .filter(|(dev, ips)| ips.len() == 1 && !addressed_devices.contains(*dev))
+        .map(|(dev, ips)| (ips[0], dev.to_string()))
+        .filter(|(ip, _)| !known.contains(ip) && !local.contains(ip))
+        .collect()
+}
+
+/// The names of the devices that hold an IPv4 address.
+pub fn addressed_devices() -> io::Result<std::collections::BTreeSet<String>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(addrs
+        .filter(|a| {
+            a.address
+                .as_ref()
+                .and_then(|s| s.as_sockaddr_in())
+                .is_some()
+        })
+        .map(|a| a.interface_name)
+        .collect())
+}
+
+/// Wakes the datapath thread when links, addresses or routes change in its network namespace
+/// (netlink multicast), so that a new pod's interface is guarded within milliseconds of its
+/// route appearing rather than at the next periodic look. Created on the calling thread (in
+/// its namespace); the listening thread it starts ends when `stop` is set (it checks every
+/// second) and sets `dead` if the socket fails.
+pub struct ChangeWatch {
+    pub changed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ChangeWatch {
+    pub fn start() -> io::Result<Self> {
+        use nix::sys::socket::{
+            AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv,
+            setsockopt, socket, sockopt::ReceiveTimeout,
+        };
+        use std::{os::fd::AsRawFd, sync::atomic::Ordering};
+        const RTMGRP_LINK: u32 = 0x1;
+        const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+        const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        bind(
+            fd.as_raw_fd(),
+            &NetlinkAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE),
+        )?;
+        setsockopt(&fd, ReceiveTimeout, &nix::sys::time::TimeVal::new(1, 0))?;
+        let w = Self {
+            changed: Default::default(),
+            dead: Default::default(),
+            stop: Default::default(),
+        };
+        let (changed, dead, stop) = (w.changed.clone(), w.dead.clone(), w.stop.clone());
+        std::thread::Builder::new()
+            .name("netlink".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                        Ok(_) => changed.store(true, Ordering::Release),
+                        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+                        // ENOBUFS: messages were lost — something changed.
+                        Err(nix::errno::Errno::ENOBUFS) => changed.store(true, Ordering::Release),
+                        Err(e) => {
+                            tracing::error!(error = %e, "netlink watch failed");
+                            dead.store(true, Ordering::Release);
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(w)
+    }
+}
+
+impl Drop for ChangeWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -98,6 +218,32 @@ mod tests {
             [(Ipv4Addr::new(10, 0, 0, 2), "cali1".to_string())]
                 .into_iter()
                 .collect()
+        );
+    }
+
+    #[test]
+    fn unknown_pods_are_single_routes_to_unaddressed_devices() {
+        let a = |n: u8| Ipv4Addr::new(10, 0, 0, n);
+        let routes: BTreeMap<Ipv4Addr, String> = [
+            (a(2), "cali1"), // a pod the config names
+            (a(3), "cali2"), // a pod it does not name
+            (a(4), "tap0"),  // two /32 routes to one device: not a pod
+            (a(5), "tap0"),
+            (a(6), "uplink"), // a device with an address of the node
+            (Ipv4Addr::new(10, 9, 9, 9), "cali3"), // the node's own address: not a pod
+        ]
+        .into_iter()
+        .map(|(ip, d)| (ip, d.to_string()))
+        .collect();
+        let known = [a(2)].into_iter().collect();
+        let local = [Ipv4Addr::new(10, 9, 9, 9)].into_iter().collect();
+        let addressed = ["uplink".to_string()].into_iter().collect();
+        let got = unknown_pods(&routes, &known, &local, &addressed);
+        assert_eq!(
+            got,
+            [(a(3), "cali2".to_string())]
+                .into_iter()
+                .collect::<BTreeMap<_, _>>()
         );
     }
 }

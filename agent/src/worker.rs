@@ -50,6 +50,8 @@ pub struct Applied {
     /// Endpoints in the kernel (`ns/name`), and those whose interface is not there yet.
     pub programmed: Vec<String>,
     pub pending: Vec<String>,
+    /// Interfaces of pods the config does not name, guarded (anti-spoofing, no policy).
+    pub guarded: Vec<String>,
     pub duration: Duration,
 }
 
@@ -232,6 +234,11 @@ struct Thread {
     /// The last config asked for, and the interfaces it was programmed with.
     current: Option<Arc<Received>>,
     resolved: BTreeMap<Ipv4Addr, Iface>,
+    /// The node's host routes and addresses the last program saw.
+    routes: BTreeMap<Ipv4Addr, String>,
+    local: BTreeSet<Ipv4Addr>,
+    /// Netlink notifications of changes (`None` when they cannot be had: periodic looks only).
+    watch: Option<ifaces::ChangeWatch>,
     /// The last apply failed for a reason other than size (a write the kernel refused): it is
     /// tried again at every tick, the maps holding the previous config meanwhile.
     failed: bool,
@@ -245,6 +252,15 @@ impl Thread {
             notices,
             current: None,
             resolved: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            local: BTreeSet::new(),
+            watch: match ifaces::ChangeWatch::start() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no netlink notifications; interfaces are looked up every second only");
+                    None
+                }
+            },
             failed: false,
         }
     }
@@ -255,8 +271,24 @@ impl Thread {
         } else {
             self.opts.retry_interval
         };
+        // Commands are waited for in short slices, so that a netlink notification (a new pod's
+        // route) is acted on within one; the full look happens every `interval` regardless.
+        let slice = Duration::from_millis(20).min(interval);
+        let mut last_look = Instant::now();
         loop {
-            match rx.recv_timeout(interval) {
+            if let Some(w) = &self.watch {
+                if w.dead.load(std::sync::atomic::Ordering::Acquire) {
+                    panic!("the netlink watch of the node's interfaces died");
+                }
+                if w.changed.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                    self.retry();
+                }
+            }
+            if last_look.elapsed() >= interval {
+                last_look = Instant::now();
+                self.retry();
+            }
+            match rx.recv_timeout(slice) {
                 Ok(Cmd::Apply(r, reply)) => {
                     self.current = Some(r);
                     let _ = reply.send(self.program());
@@ -267,7 +299,7 @@ impl Thread {
                 Ok(Cmd::Panic) => {
                     panic!("injected failure of the datapath thread (CORTEXFLOW_FAIL_TASK)")
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => self.retry(),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
@@ -286,10 +318,12 @@ impl Thread {
         if self.current.is_none() {
             return;
         }
-        let Ok(now) = ifaces::resolve(self.ips()) else {
+        let Ok(routes) = ifaces::host_routes() else {
             return;
         };
-        if self.failed || now != self.resolved {
+        let local = ifaces::local_addresses().unwrap_or_default();
+        let now = ifaces::resolve_in(&routes, self.ips());
+        if self.failed || now != self.resolved || routes != self.routes || local != self.local {
             let r = self.program();
             let _ = self.notices.try_send(Notice::Reapplied(r));
         }
@@ -310,9 +344,34 @@ impl Thread {
             error,
             capacity,
         };
-        let resolved = ifaces::resolve(self.ips())
+        let routes = ifaces::host_routes()
             .map_err(|e| refused(format!("read the node's routes: {e}"), false))?;
-        let (desired, pending) = r.desired(|e| resolved.get(&e.ip).map(|i| i.index));
+        let local = ifaces::local_addresses()
+            .map_err(|e| refused(format!("read the node's addresses: {e}"), false))?;
+        let addressed = ifaces::addressed_devices()
+            .map_err(|e| refused(format!("read the node's addresses: {e}"), false))?;
+        let resolved = ifaces::resolve_in(&routes, self.ips());
+        let (mut desired, pending) = r.desired(|e| resolved.get(&e.ip).map(|i| i.index));
+        // Every address of the node is the host, whichever the config lists.
+        for a in &local {
+            desired.ipcache.insert(*a, cortexflow_common::IDENTITY_HOST);
+        }
+        // Pods the config does not name yet: guarded from their first packet.
+        let known: BTreeSet<Ipv4Addr> = r.endpoints.endpoints.iter().map(|e| e.ip).collect();
+        let mut guarded = BTreeSet::new();
+        for (ip, dev) in ifaces::unknown_pods(&routes, &known, &local, &addressed) {
+            let Ok(index) = nix::net::if_::if_nametoindex(dev.as_str()) else {
+                continue;
+            };
+            if let std::collections::btree_map::Entry::Vacant(e) = desired.endpoints.entry(index) {
+                e.insert(crate::compile::Endpoint {
+                    ip,
+                    identity: cortexflow_common::IDENTITY_UNKNOWN,
+                    policy: crate::policy::EndpointPolicy::default(),
+                });
+                guarded.insert(dev);
+            }
+        }
         let stats = self.dp.apply(&desired).map_err(|e| {
             let capacity = e.full_map().is_some();
             self.failed = !capacity;
@@ -342,15 +401,17 @@ impl Thread {
                 Some((i.name.clone(), format!("{}/{}", e.namespace, e.name)))
             })
             .collect();
-        let names: Vec<String> = pods.keys().cloned().collect();
+        let names: Vec<String> = pods.keys().chain(&guarded).cloned().collect();
         let mut attached = BTreeSet::new();
         let mut programmed = Vec::new();
         for (name, result) in self.dp.attach_interfaces(&names) {
             let pod = pods.get(&name).cloned().unwrap_or_default();
             match result {
                 Ok(()) => {
-                    attached.insert(name);
-                    programmed.push(pod);
+                    attached.insert(name.clone());
+                    if !guarded.contains(&name) {
+                        programmed.push(pod);
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(%pod, interface = %name, error = %err, "attach failed; retrying");
@@ -370,12 +431,22 @@ impl Thread {
             .into_iter()
             .filter(|(_, i)| attached.contains(&i.name))
             .collect();
+        self.routes = routes;
+        self.local = local;
+        let guarded: Vec<String> = guarded
+            .into_iter()
+            .filter(|g| attached.contains(g))
+            .collect();
+        if !guarded.is_empty() {
+            tracing::info!(interfaces = ?guarded, "guarding the interfaces of pods the config does not name yet (anti-spoofing, no policy)");
+        }
         Ok(Applied {
             version: r.version,
             revision: r.revision,
             stats,
             programmed,
             pending,
+            guarded,
             duration: start.elapsed(),
         })
     }

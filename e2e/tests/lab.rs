@@ -47,6 +47,9 @@ fn main() -> ExitCode {
         t!(a_lost_id_table_renumbers_nothing_under_load),
         t!(an_oversized_policy_is_refused_whole_under_load),
         t!(a_pod_reaches_itself_whatever_its_policy),
+        t!(path_mtu_discovery_works_under_default_deny),
+        t!(every_address_of_the_node_is_the_host),
+        t!(a_forged_source_address_gets_nothing),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1156,6 +1159,159 @@ async fn a_pod_reaches_itself_whatever_its_policy(lab: &mut Lab) -> anyhow::Resu
     eprintln!(
         "a backend to itself: 3/3 direct, {itself}/12 through its Service (the other {denied} balanced to {other}, dropped); {} flows to the other backend, 0 to itself",
         to(other_ip).len()
+    );
+    Ok(())
+}
+
+/// The index of simulated node `name`.
+fn node_index(lab: &Lab, name: &str) -> anyhow::Result<usize> {
+    lab.nodes
+        .iter()
+        .position(|n| n.name == name)
+        .with_context(|| format!("no node {name}"))
+}
+
+/// Path-MTU discovery under default-deny: the frontend's node gets a smaller MTU on the last
+/// hop (its veth to the frontend, 1200), and the frontend pulls 4 MB through a backend on the
+/// other node (its echo). The backend's segments are too big for that hop; the frontend's node
+/// answers "fragmentation needed" from its own address — `world` to the backend's node, where
+/// the backend is default-deny — and the error passes there as related to the tracked
+/// connection, so the backend lowers its segments and the transfer completes (without that it
+/// stalls: a PMTU black hole).
+async fn path_mtu_discovery_works_under_default_deny(lab: &mut Lab) -> anyhow::Result<()> {
+    let frontends = lab.placed_pods("shop", "frontend")?;
+    let (fe, fe_ip, fe_node) = frontends.first().cloned().context("a frontend")?;
+    let (be, be_ip, _) = lab
+        .placed_pods("shop", "backend")?
+        .into_iter()
+        .find(|(_, _, n)| *n != fe_node)
+        .context("a backend on the other node")?;
+    let node = &lab.nodes[node_index(lab, &fe_node)?];
+    let route = node.ns.ip(&["-o", "route", "get", &fe_ip.to_string()]);
+    let dev = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .with_context(|| format!("no device in {route:?}"))?
+        .to_string();
+    node.ns.ip(&["link", "set", &dev, "mtu", "1200"]);
+    let t = Instant::now();
+    let out = tokio::task::block_in_place(|| {
+        lab.workload(
+            "shop",
+            &fe,
+            &[
+                "probe",
+                "tcp",
+                &format!("{be_ip}:8080"),
+                "--bytes",
+                "4000000",
+                "--timeout-ms",
+                "5000",
+            ],
+        )
+    });
+    let node = &lab.nodes[node_index(lab, &fe_node)?];
+    node.ns.ip(&["link", "set", &dev, "mtu", "1500"]);
+    let out = out?;
+    ensure!(
+        out.starts_with(&format!("success {be} bytes=4000000")),
+        "4 MB through a 1200-byte hop: {out}"
+    );
+    eprintln!(
+        "4 MB echoed through a 1200-byte last hop under default-deny in {:.0} ms ({out})",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// Every address of a node is the host there, not only those `Node.status.addresses` lists: a
+/// connection from node 0's second address (on its loopback) reaches a default-deny backend on
+/// node 0 as `host`; from node 1's second address it is `world` to node 0 and denied.
+async fn every_address_of_the_node_is_the_host(lab: &mut Lab) -> anyhow::Result<()> {
+    let (_, be_ip, _) = lab
+        .placed_pods("shop", "backend")?
+        .into_iter()
+        .find(|(_, _, n)| *n == lab.nodes[0].name)
+        .context("a backend on node 0")?;
+    let log = lab.observe_flows().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let target = format!("{be_ip}:8080");
+    let mut got = Vec::new();
+    for i in 0..2 {
+        let extra = lab.nodes[i].extra_ip.to_string();
+        let t = Instant::now();
+        let out = tokio::task::block_in_place(|| {
+            lab.workload_on_node(i, &["probe", "tcp", &target, "--source", &extra])
+        })?;
+        let verdict = lab
+            .verdict_since(&log, t, lab.nodes[i].extra_ip, "tcp")
+            .await;
+        got.push((out, verdict));
+    }
+    ensure!(
+        got[0].0.starts_with("success") && got[0].1 == ("allowed".into(), "host".into()),
+        "from node 0's second address: {:?}",
+        got[0]
+    );
+    ensure!(
+        got[1].0 == "timeout" && got[1].1 == ("dropped".into(), "default_deny".into()),
+        "from node 1's second address: {:?}",
+        got[1]
+    );
+    Ok(())
+}
+
+/// A pod forging another pod's source address (a raw socket: the batch job sends UDP to each
+/// backend's port 5353 — which the frontend may reach — as the frontend) gets nothing: each
+/// datagram is dropped at the batch job's own veth with a `spoofed` flow, and no backend
+/// accepts one; the frontend's own datagram gets its answer.
+async fn a_forged_source_address_gets_nothing(lab: &mut Lab) -> anyhow::Result<()> {
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    let (fe, fe_ip) = first_pod(lab, "shop", "frontend")?;
+    let backends = lab.pods("shop", "backend")?;
+    let log = lab.observe_flows().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    for (_, be_ip) in &backends {
+        let out = tokio::task::block_in_place(|| {
+            lab.workload(
+                "batch",
+                &etl,
+                &["forge", "udp", &fe_ip.to_string(), &format!("{be_ip}:5353")],
+            )
+        })?;
+        ensure!(out == "sent", "forge: {out}");
+        let own = tokio::task::block_in_place(|| {
+            lab.probe("shop", &fe, "udp", &format!("{be_ip}:5353"))
+        })?;
+        ensure!(
+            own.starts_with("success"),
+            "the frontend's own datagram: {own}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flows = log.since(t, fe_ip, "udp");
+    let forged: Vec<_> = flows
+        .iter()
+        .filter(|f| f.source.as_ref().is_some_and(|s| s.port == 40000))
+        .collect();
+    let spoofed = forged
+        .iter()
+        .filter(|f| f.verdict == "dropped" && f.reason == "spoofed" && f.direction == "egress")
+        .count();
+    ensure!(
+        spoofed == backends.len(),
+        "one spoofed drop per forged datagram: {forged:?}"
+    );
+    ensure!(
+        forged.iter().all(|f| f.verdict == "dropped"),
+        "no forged datagram was accepted anywhere: {forged:?}"
+    );
+    eprintln!(
+        "{} forged datagrams (the batch job as the frontend): {spoofed} dropped at the sender's veth as spoofed, 0 accepted; the frontend's own {} answered",
+        backends.len(),
+        backends.len()
     );
     Ok(())
 }

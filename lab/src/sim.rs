@@ -125,6 +125,9 @@ pub struct SimNode {
     pub ns: Netns,
     /// The node's address on the fabric (its InternalIP).
     pub ip: Ipv4Addr,
+    /// A second address of the node, on its loopback, that `Node.status.addresses` does not
+    /// list (as a real node has addresses on other interfaces): still the host.
+    pub extra_ip: Ipv4Addr,
     /// The pod CIDR, 10.244.<index>.0/24.
     pub pod_cidr: String,
     /// The node's cgroup; every pod's cgroup is below it.
@@ -162,6 +165,8 @@ impl SimNode {
         fabric.ns.ip(&["link", "set", &uplink, "master", "br0"]);
         fabric.ns.ip(&["link", "set", &uplink, "up"]);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "uplink"]);
+        let extra_ip = Ipv4Addr::new(192, 168, 250, index + 1);
+        ns.ip(&["addr", "add", &format!("{extra_ip}/32"), "dev", "lo"]);
         ns.ip(&["link", "set", "uplink", "up"]);
         let cgroup = Path::new(CGROUP_ROOT).join(cortexflow_testkit::net::unique("cftest-"));
         std::fs::create_dir_all(&cgroup)
@@ -171,6 +176,7 @@ impl SimNode {
             index,
             ns,
             ip,
+            extra_ip,
             pod_cidr: format!("10.244.{index}.0/24"),
             cgroup,
             state: Arc::new(Mutex::new(NodeState {

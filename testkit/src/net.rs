@@ -415,3 +415,40 @@ pub fn udp_try(ns: &Netns, dst: Ipv4Addr, port: u16) -> Option<(String, Ipv4Addr
         Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
     })
 }
+
+/// Sends one UDP datagram with a source address of the caller's choosing, through a raw socket
+/// (`IPPROTO_RAW`, the header written by hand: what a pod with `CAP_NET_RAW` can do). The
+/// kernel fills in the IP checksum and length; the UDP checksum is left 0 (none).
+pub fn forge_udp(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Raw,
+    )?;
+    let udp_len = 8 + payload.len();
+    let total = (20 + udp_len) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    let to = SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
+    sendto(fd.as_raw_fd(), &p, &to, MsgFlags::empty())?;
+    Ok(())
+}

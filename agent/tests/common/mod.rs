@@ -158,6 +158,13 @@ pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     p
 }
 
+/// An Ethernet header and an IPv4 header for `payload_len` bytes of protocol `protocol`.
+pub fn eth_ip_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload_len: usize) -> Vec<u8> {
+    let mut p = eth(ETH_IP);
+    p.extend(ipv4(src, dst, protocol, 0, payload_len));
+    p
+}
+
 /// An Ethernet + IPv4 + ICMP echo request.
 pub fn icmp(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let mut p = eth(ETH_IP);

@@ -18,6 +18,7 @@ mod config;
 mod operator_down;
 mod restarts;
 mod revisions;
+mod spoofing;
 mod supervision;
 
 use std::{
@@ -65,6 +66,10 @@ fn main() -> ExitCode {
         (
             "an_older_snapshot_never_replaces_the_kernels_state",
             an_older_snapshot_never_replaces_the_kernels_state,
+        ),
+        (
+            "forged_sources_are_dropped_at_the_senders_veth_also_for_pods_not_in_the_config",
+            spoofing::forged_sources_are_dropped_at_the_senders_veth,
         ),
         (
             "any_dead_task_ends_the_agent_within_a_second_and_the_kernel_keeps_enforcing",

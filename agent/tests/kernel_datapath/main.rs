@@ -79,6 +79,10 @@ fn main() -> ExitCode {
             an_endpoint_of_unknown_identity_is_enforced,
         ),
         (
+            "icmp_errors_of_tracked_flows_pass",
+            verdicts::icmp_errors_of_tracked_flows_pass,
+        ),
+        (
             "conntrack_passes_later_packets_and_replies_without_events",
             conntrack,
         ),

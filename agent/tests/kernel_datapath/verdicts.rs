@@ -377,3 +377,133 @@ pub(crate) fn an_endpoint_of_unknown_identity_is_enforced() {
         Some((VERDICT_DROPPED, Some(Reason::DefaultDeny)))
     );
 }
+
+/// An ICMP error (type, code) from `router` to `dst` quoting `inner` (an IPv4 packet without
+/// its Ethernet header; the first 28 bytes are quoted, as routers do).
+fn icmp_error(router: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, inner: &[u8]) -> Vec<u8> {
+    let quoted = &inner[..inner.len().min(28)];
+    let mut p = common::eth_ip_header(router, dst, 1, 8 + quoted.len());
+    p.extend_from_slice(&[kind, code, 0, 0, 0, 0, 0x05, 0xdc]);
+    p.extend_from_slice(quoted);
+    p
+}
+
+/// ICMP errors about a tracked flow pass like its replies — "fragmentation needed" for path-MTU
+/// discovery under default-deny, time exceeded, unreachable, parameter problem — from whichever
+/// router sends them, in both directions; errors about no tracked flow, and ICMP that is not an
+/// error, meet the policy (here: default-deny, dropped).
+pub(crate) fn icmp_errors_of_tracked_flows_pass() {
+    let peer = Ipv4Addr::new(10, 0, 0, 20);
+    let router = Ipv4Addr::new(192, 168, 99, 1);
+    let s = state(
+        EndpointPolicy {
+            ingress: vec![rule(
+                11,
+                Action::Allow,
+                Mode::Enforce,
+                ids(&[301]),
+                vec![PortRange {
+                    protocol: Protocol::Udp,
+                    first: 53,
+                    last: 53,
+                }],
+            )],
+            egress: vec![allow_tcp(12, 301, 80)],
+        },
+        &[(peer, 301)],
+    );
+    let (mut t, mut rb) = open();
+    t.dp().apply(&s).expect("apply");
+    // The pod opens TCP to the peer (egress), the peer sends UDP to the pod (ingress).
+    let syn = common::tcp(EP_IP, 40000, peer, 80);
+    assert_eq!(test_run(&mut t, programs::FROM_POD, &syn), PASS);
+    let dns = common::udp(peer, 5300, EP_IP, 53);
+    assert_eq!(test_run(&mut t, programs::TO_POD, &dns), PASS);
+    let _ = events(&mut rb);
+    let before = t.dp().counters().expect("counters");
+
+    let syn_ip = &syn[14..];
+    let dns_ip = &dns[14..];
+    let other_flow = common::tcp(EP_IP, 40001, peer, 80);
+    let cases: Vec<(&str, &str, Vec<u8>, i32)> = vec![
+        (
+            "fragmentation needed for the pod's TCP flow",
+            programs::TO_POD,
+            icmp_error(router, EP_IP, 3, 4, syn_ip),
+            PASS,
+        ),
+        (
+            "time exceeded for the pod's TCP flow",
+            programs::TO_POD,
+            icmp_error(router, EP_IP, 11, 0, syn_ip),
+            PASS,
+        ),
+        (
+            "host unreachable for the pod's TCP flow",
+            programs::TO_POD,
+            icmp_error(router, EP_IP, 3, 1, syn_ip),
+            PASS,
+        ),
+        (
+            "parameter problem for the pod's TCP flow",
+            programs::TO_POD,
+            icmp_error(router, EP_IP, 12, 0, syn_ip),
+            PASS,
+        ),
+        (
+            "the pod's port unreachable about a UDP flow it received",
+            programs::FROM_POD,
+            icmp_error(EP_IP, peer, 3, 3, dns_ip),
+            PASS,
+        ),
+        (
+            "fragmentation needed for a flow that is not tracked",
+            programs::TO_POD,
+            icmp_error(router, EP_IP, 3, 4, &other_flow[14..]),
+            DROP,
+        ),
+        (
+            "an error quoting a packet of another pod",
+            programs::TO_POD,
+            icmp_error(
+                router,
+                EP_IP,
+                3,
+                4,
+                &common::tcp(Ipv4Addr::new(10, 0, 0, 77), 40000, peer, 80)[14..],
+            ),
+            DROP,
+        ),
+        (
+            "an error the pod sends about a flow it never received",
+            programs::FROM_POD,
+            icmp_error(EP_IP, peer, 3, 3, &common::udp(peer, 5301, EP_IP, 53)[14..]),
+            DROP,
+        ),
+        (
+            "echo request (not an error) under default-deny",
+            programs::TO_POD,
+            common::icmp(router, EP_IP),
+            DROP,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, prog, pkt, want) in &cases {
+        let got = test_run(&mut t, prog, pkt);
+        if got != *want {
+            failures.push(format!("{name}: {got}, want {want}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let after = t.dp().counters().expect("counters");
+    let related = after.packets(VERDICT_ALLOWED, Reason::Related)
+        - before.packets(VERDICT_ALLOWED, Reason::Related);
+    assert_eq!(related, 5, "the five related errors are counted as related");
+    let ev = events(&mut rb);
+    assert!(
+        ev.iter()
+            .all(|e| e.verdict == VERDICT_DROPPED && e.protocol == 1),
+        "related errors make no event, the others are drops: {ev:?}"
+    );
+    assert_eq!(ev.len(), 4, "{ev:?}");
+}

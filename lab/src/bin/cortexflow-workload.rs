@@ -8,9 +8,14 @@
 //!     NAME defaults to $POD_NAME, then $HOSTNAME. On SIGTERM it goes on serving for MS
 //!     (default 2000) — long enough for the Service to stop sending it new connections — then
 //!     exits 0.
-//! cortexflow-workload probe tcp|udp HOST:PORT [--timeout-ms MS]
+//! cortexflow-workload probe tcp|udp HOST:PORT [--timeout-ms MS] [--source IP] [--bytes N]
 //!     One attempt; prints one line and exits 0 on success:
-//!     "success NAME" | "refused" | "timeout" | "error WHAT".
+//!     "success NAME" | "refused" | "timeout" | "error WHAT". `--source` binds the socket to
+//!     that local address first. `--bytes` (TCP): after the greeting, sends N bytes and reads
+//!     the echo back, each read and write within the timeout ("success NAME bytes=N ms=T").
+//! cortexflow-workload forge udp SOURCE HOST:PORT [--tag TAG]
+//!     Sends one UDP datagram (payload TAG) with the source address SOURCE through a raw
+//!     socket, as a pod with CAP_NET_RAW can; prints "sent".
 //! cortexflow-workload load tcp|udp HOST:PORT [--rate N] [--timeout-ms MS]
 //!     N new attempts per second (default 100), each a probe as above in its own thread, on a
 //!     fixed schedule whatever the answers take, until SIGTERM or SIGINT; then waits for the
@@ -32,6 +37,7 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("probe") => probe(&args[1..]),
         Some("load") => load(&args[1..]),
+        Some("forge") => forge(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cortexflow-workload serve [--tcp PORT]... [--udp PORT]... [--name NAME]\n       cortexflow-workload probe tcp|udp HOST:PORT [--timeout-ms MS]"
@@ -133,10 +139,23 @@ fn probe(args: &[String]) -> ExitCode {
         return usage("probe needs a protocol and HOST:PORT");
     };
     let mut timeout = Duration::from_millis(1000);
+    let mut opts = TcpOptions::default();
     let mut it = args[2..].iter();
     while let Some(a) = it.next() {
-        match (a.as_str(), it.next().map(|v| v.parse::<u64>())) {
-            ("--timeout-ms", Some(Ok(ms))) => timeout = Duration::from_millis(ms),
+        let v = it.next();
+        match (a.as_str(), v) {
+            ("--timeout-ms", Some(v)) => match v.parse() {
+                Ok(ms) => timeout = Duration::from_millis(ms),
+                Err(e) => return usage(&format!("--timeout-ms {v}: {e}")),
+            },
+            ("--source", Some(v)) => match v.parse() {
+                Ok(ip) => opts.source = Some(ip),
+                Err(e) => return usage(&format!("--source {v}: {e}")),
+            },
+            ("--bytes", Some(v)) => match v.parse() {
+                Ok(n) => opts.bytes = n,
+                Err(e) => return usage(&format!("--bytes {v}: {e}")),
+            },
             _ => return usage(&format!("unexpected argument {a}")),
         }
     }
@@ -146,7 +165,7 @@ fn probe(args: &[String]) -> ExitCode {
         Err(e) => return report(Err(format!("error {target}: {e}"))),
     };
     let result = match proto.as_str() {
-        "tcp" => probe_tcp(addr, timeout),
+        "tcp" => probe_tcp_with(addr, timeout, &opts),
         "udp" => probe_udp(addr, timeout),
         other => return usage(&format!("unknown protocol {other}")),
     };
@@ -232,11 +251,99 @@ fn load(args: &[String]) -> ExitCode {
 }
 
 fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let s = TcpStream::connect_timeout(&addr, timeout).map_err(classify)?;
+    probe_tcp_with(addr, timeout, &TcpOptions::default())
+}
+
+#[derive(Default)]
+struct TcpOptions {
+    source: Option<std::net::Ipv4Addr>,
+    bytes: usize,
+}
+
+fn probe_tcp_with(addr: SocketAddr, timeout: Duration, o: &TcpOptions) -> Result<String, String> {
+    let s = match o.source {
+        None => TcpStream::connect_timeout(&addr, timeout).map_err(classify)?,
+        Some(ip) => {
+            let sock = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .map_err(classify)?;
+            sock.bind(&SocketAddr::from((ip, 0)).into())
+                .map_err(classify)?;
+            sock.connect_timeout(&addr.into(), timeout)
+                .map_err(classify)?;
+            sock.into()
+        }
+    };
     s.set_read_timeout(Some(timeout)).map_err(classify)?;
+    s.set_write_timeout(Some(timeout)).map_err(classify)?;
+    let mut reader = BufReader::new(s.try_clone().map_err(classify)?);
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(classify)?;
-    Ok(line.trim().to_string())
+    reader.read_line(&mut line).map_err(classify)?;
+    let name = line.trim().to_string();
+    if o.bytes == 0 {
+        return Ok(name);
+    }
+    // Send and read back concurrently: the echo comes back while we send.
+    let start = std::time::Instant::now();
+    let n = o.bytes;
+    let mut w = s;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(chunk.len());
+            w.write_all(&chunk[..k])?;
+            left -= k;
+        }
+        Ok(())
+    });
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < n {
+        match reader.read(&mut buf) {
+            Ok(0) => return Err(format!("error closed after {got} of {n} bytes")),
+            Ok(k) => got += k,
+            Err(e) => return Err(format!("{} after {got} of {n} bytes", classify(e))),
+        }
+    }
+    writer
+        .join()
+        .map_err(|_| "error the writer panicked".to_string())?
+        .map_err(classify)?;
+    Ok(format!(
+        "{name} bytes={n} ms={}",
+        start.elapsed().as_millis()
+    ))
+}
+
+fn forge(args: &[String]) -> ExitCode {
+    let (Some(proto), Some(source), Some(target)) = (args.first(), args.get(1), args.get(2)) else {
+        return usage("forge needs udp, a source address and HOST:PORT");
+    };
+    if proto != "udp" {
+        return usage(&format!("forge: unknown protocol {proto}"));
+    }
+    let tag = match (args.get(3).map(String::as_str), args.get(4)) {
+        (Some("--tag"), Some(t)) => t.clone(),
+        (None, _) => "forged".into(),
+        _ => return usage("forge: unexpected arguments"),
+    };
+    let Ok(source) = source.parse() else {
+        return usage(&format!("forge: {source} is not an IPv4 address"));
+    };
+    let Ok(Some(SocketAddr::V4(to))) = target.to_socket_addrs().map(|mut a| a.next()) else {
+        return usage(&format!("forge: {target} is not an IPv4 address and port"));
+    };
+    match cortexflow_testkit::net::forge_udp(source, 40000, *to.ip(), to.port(), tag.as_bytes()) {
+        Ok(()) => {
+            println!("sent");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("forge: {e}")),
+    }
 }
 
 fn probe_udp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {

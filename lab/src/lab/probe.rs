@@ -42,6 +42,31 @@ impl Lab {
         self.probe_in(&n.ns.name, &n.cgroup, protocol, target)
     }
 
+    /// Runs the workload with `args` inside a pod (its network namespace and cgroup); returns
+    /// what it printed.
+    pub fn workload(&self, namespace: &str, pod: &str, args: &[&str]) -> anyhow::Result<String> {
+        let (netns, cgroup) = sim::locate(&self.state_dir, namespace, pod)?;
+        self.workload_in(&netns, &cgroup, args)
+    }
+
+    /// Runs the workload with `args` on simulated node `index` itself.
+    pub fn workload_on_node(&self, index: usize, args: &[&str]) -> anyhow::Result<String> {
+        let n = self
+            .nodes
+            .get(index)
+            .with_context(|| format!("no node {index}"))?;
+        self.workload_in(&n.ns.name, &n.cgroup, args)
+    }
+
+    fn workload_in(&self, netns: &str, cgroup: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let mut argv = vec![self.workload_bin.to_string_lossy().into_owned()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let out = sim::exec_command(netns, cgroup, &argv)
+            .output()
+            .context("run the workload")?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     fn probe_in(
         &self,
         netns: &str,
