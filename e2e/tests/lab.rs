@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         t!(path_mtu_discovery_works_under_default_deny),
         t!(every_address_of_the_node_is_the_host),
         t!(a_forged_source_address_gets_nothing),
+        t!(agents_on_a_follower_and_leader_loss_under_load),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1314,6 +1315,126 @@ async fn a_forged_source_address_gets_nothing(lab: &mut Lab) -> anyhow::Result<(
         backends.len()
     );
     Ok(())
+}
+
+/// The holder of the operator's Lease.
+fn lease_holder(lab: &Lab) -> anyhow::Result<String> {
+    Ok(lab
+        .kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            lab::SYSTEM_NAMESPACE,
+            "cortexflow-operator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])?
+        .trim()
+        .to_string())
+}
+
+/// Two operator replicas, every agent attached to the follower, under load: the follower
+/// forwards the agents' reports to the leader, which writes `Programmed` (a new policy reads
+/// "programmed on 2/2 nodes") and sets the readiness gate (a new frontend pod becomes Ready).
+/// Then the leader is killed (`kill -9`): the follower takes the Lease over (the lease is
+/// 15 s) and goes on serving the agents it has; no verdict changes, and a policy applied after
+/// the handover is programmed too. The first replica is brought back at the end.
+async fn agents_on_a_follower_and_leader_loss_under_load(lab: &mut Lab) -> anyhow::Result<()> {
+    let leader = lab.operator.identity.clone();
+    ensure!(lease_holder(lab)? == leader, "the first replica leads");
+    let mut follower = lab.start_replica("operator-follower").await?;
+    let (allowed, denied) = start_load(lab)?;
+    let t = Instant::now();
+    let harmless = |name: &str| {
+        format!(
+            "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: backend}}}}\n  ingress:\n    - from: [{{identity: frontend}}]\n      ports: [{{port: 8080, protocol: TCP}}]\n"
+        )
+    };
+    let programmed = async |lab: &Lab, name: &str| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        wait_condition(lab, name, "Programmed", |c| {
+            c.0 == "True" && c.2 == "programmed on 2/2 nodes"
+        })
+        .await?;
+        Ok(t.elapsed())
+    };
+    let run = async {
+        // Every agent onto the follower.
+        lab.operator_service.remove(lab.operator.grpc);
+        restart_agents(lab, 1).await?;
+        let on_follower = follower
+            .metric("cortexflow_operator_connected_agents")
+            .await?;
+        ensure!(on_follower == 2.0, "agents on the follower: {on_follower}");
+        lab.apply_yaml(&harmless("via-follower"))?;
+        let via_follower = programmed(lab, "via-follower").await?;
+        // A new pod's readiness gate, from a report the follower forwarded.
+        lab.kubectl(&[
+            "scale",
+            "deployment",
+            "-n",
+            "shop",
+            "frontend",
+            "--replicas=2",
+        ])?;
+        let t_ready = Instant::now();
+        ready_replicas(lab, "shop", "frontend", 2).await?;
+        let ready = t_ready.elapsed();
+        lab.kubectl(&[
+            "scale",
+            "deployment",
+            "-n",
+            "shop",
+            "frontend",
+            "--replicas=1",
+        ])?;
+        ready_replicas(lab, "shop", "frontend", 1).await?;
+
+        // The leader dies.
+        lab.operator.daemon.kill();
+        let t_kill = Instant::now();
+        while lease_holder(lab)? != follower.identity {
+            ensure!(
+                t_kill.elapsed() < Duration::from_secs(40),
+                "the follower did not take the Lease over"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let handover = t_kill.elapsed();
+        lab.apply_yaml(&harmless("after-handover"))?;
+        let after = programmed(lab, "after-handover").await?;
+        for p in ["via-follower", "after-handover"] {
+            lab.kubectl(&["delete", "meshpolicy", "-n", "shop", p])?;
+        }
+        anyhow::Ok((via_follower, ready, handover, after))
+    };
+    let result = run.await;
+    let secs = t.elapsed().as_secs_f64();
+    // Back to one replica, the first, where the agents expect it.
+    let restored = async {
+        lab.start_operator().await?;
+        lab.operator_service.add(lab.operator.grpc);
+        lab.operator_service.remove(follower.grpc);
+        follower.daemon.stop(Duration::from_secs(15));
+        anyhow::Ok(())
+    }
+    .await;
+    let (allowed, denied) = (allowed.finish()?, denied.finish()?);
+    let (via_follower, ready, handover, after) = result?;
+    restored?;
+    eprintln!(
+        "agents on the follower: a policy Programmed 2/2 in {:.0} ms, a new pod Ready in {:.0} ms; leader killed, the follower leads after {:.1} s, a policy Programmed 2/2 in {:.0} ms",
+        via_follower.as_secs_f64() * 1e3,
+        ready.as_secs_f64() * 1e3,
+        handover.as_secs_f64(),
+        after.as_secs_f64() * 1e3
+    );
+    ensure_no_verdict_changed(
+        "two replicas, agents on the follower, the leader killed",
+        secs,
+        &allowed,
+        &denied,
+    )
 }
 
 fn leftovers() -> anyhow::Result<()> {

@@ -92,6 +92,10 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// Timeouts of every Kubernetes request but watches and lists.
+pub const REQUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How long a replica drains on SIGTERM: streams end, the Lease is released, servers finish.
 const GRACE: Duration = Duration::from_secs(10);
 
@@ -103,9 +107,22 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("cortexflow-operator-{}", std::process::id()));
-    let client = kube::Client::try_default()
+    // Two clients: watches and lists (long-lived reads; `listwatch` bounds them with its own
+    // deadlines), and every other request — Lease, id table, status, readiness gates, events —
+    // with a connect, read and write timeout, so that no request can hang a task.
+    let config = kube::Config::infer()
         .await
-        .context("connect to the Kubernetes API")?;
+        .context("find the Kubernetes API (in-cluster or a kubeconfig)")?;
+    let watch_client =
+        kube::Client::try_from(config.clone()).context("a client of the Kubernetes API")?;
+    let mut request_config = config;
+    request_config.connect_timeout = Some(REQUEST_CONNECT_TIMEOUT);
+    request_config.read_timeout = Some(REQUEST_TIMEOUT);
+    request_config.write_timeout = Some(REQUEST_TIMEOUT);
+    // The read timeout counts from the request, not from when a pooled connection went idle.
+    request_config.reset_reader_on_write = true;
+    let client =
+        kube::Client::try_from(request_config).context("a client of the Kubernetes API")?;
     let telemetry = Metrics::new("operator")?;
     let metrics = metrics::OperatorMetrics::new(&telemetry);
     let readiness = Readiness::default();
@@ -127,7 +144,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     let (changes_tx, changes_rx) = mpsc::channel(8192);
     index::spawn_watches(
         &mut sup,
-        client.clone(),
+        watch_client.clone(),
         index::WatchSinks {
             changes: changes_tx.clone(),
             metrics: metrics.clone(),
@@ -139,7 +156,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     sup.spawn(
         "watch/id-table",
         index::allocation_watch(
-            client.clone(),
+            watch_client.clone(),
             &args.namespace,
             &args.identities_configmap,
             &args.lease_name,

@@ -165,6 +165,9 @@ impl Store {
             self.synced.send_replace(true);
             tracing::info!(revision = ?self.revision(), "every source listed and applied: serving configs");
         }
+        if up.is_some() || became_synced {
+            self.prune_reports();
+        }
         match &up {
             Some(up) => {
                 self.version.send_replace(up.version);
@@ -286,8 +289,28 @@ impl Store {
         t.iter().rev().find(|(ver, _)| *ver <= v).map(|(_, at)| *at)
     }
 
-    /// Records an agent's report.
+    /// Forgets the reports of nodes that left (no Node object any more), once the Nodes are
+    /// listed: a departed node's last report must not speak for pods of the same name later.
+    fn prune_reports(&self) {
+        if !*self.synced.borrow() {
+            return;
+        }
+        let names: Vec<String> = lock(&self.reports).keys().cloned().collect();
+        let gone: Vec<String> =
+            self.read(|e| names.into_iter().filter(|n| !e.has_node(n)).collect());
+        if !gone.is_empty() {
+            tracing::info!(nodes = ?gone, "forgetting the reports of nodes that left");
+            lock(&self.reports).retain(|n, _| !gone.contains(n));
+        }
+    }
+
+    /// Records an agent's report (not from a node that does not exist, once the Nodes are
+    /// listed).
     pub fn report(&self, s: AgentStatus) {
+        if *self.synced.borrow() && !self.read(|e| e.has_node(&s.node)) {
+            tracing::debug!(node = %s.node, "a report from a node that does not exist: not kept");
+            return;
+        }
         lock(&self.reports).insert(
             s.node.clone(),
             Report {

@@ -336,10 +336,23 @@ async fn streams_close_cleanly_on_shutdown_and_bad_requests_are_refused() {
 }
 
 #[tokio::test]
-async fn reports_reach_the_store() {
+async fn reports_reach_the_store_and_leave_with_their_node() {
     let s = server().await;
+    s.store.apply(inputs(vec![Change::Apply(Object::Node(Node {
+        name: "n1".into(),
+        addresses: vec![Ipv4Addr::new(172, 16, 0, 1)],
+        pod_cidr: None,
+    }))]));
     let mut c = client(s.addr).await;
     let (tx, rx) = mpsc::channel(4);
+    // From a node that does not exist: not kept.
+    tx.send(v1::AgentStatus {
+        node: "ghost".into(),
+        applied_version: 7,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     tx.send(v1::AgentStatus {
         node: "n1".into(),
         applied_version: 42,
@@ -368,6 +381,17 @@ async fn reports_reach_the_store() {
     assert_eq!(reports["n1"].applied_version, 42);
     assert!(reports["n1"].policies.iter().any(|p| p.generation == 3));
     assert!(reports["n1"].programmed.contains("shop/db-0"));
+    assert!(!reports.contains_key("ghost"), "{:?}", reports.keys());
+    // The node leaves: its report goes with it.
+    s.store.apply(inputs(vec![Change::Delete(
+        cortexflow_operator_core::Kind::Node,
+        ObjKey::new("", "n1"),
+    )]));
+    assert!(
+        s.store.reports().is_empty(),
+        "{:?}",
+        s.store.reports().keys()
+    );
     s.shutdown.start();
     let _ = s.task.await;
     let _ = Labels::new();

@@ -471,6 +471,11 @@ impl Engine {
         self.nodes.get(name)
     }
 
+    /// Whether a Node object of that name exists.
+    pub fn has_node(&self, name: &str) -> bool {
+        self.snap.nodes.contains_key(name)
+    }
+
     /// Every node with a config.
     pub fn nodes(&self) -> impl Iterator<Item = (&Arc<str>, &NodeState)> {
         self.nodes.iter()
