@@ -306,6 +306,7 @@ fn applied(ctx: &Ctx, r: &Received, a: Applied) {
         rep.status.failed = None;
         rep.status.policies = r.policies();
         rep.status.programmed = a.programmed.into_iter().collect();
+        rep.status.programmed_at = a.programmed_at;
     });
 }
 

@@ -49,6 +49,8 @@ pub struct Applied {
     pub stats: ApplyStats,
     /// Endpoints in the kernel (`ns/name`), and those whose interface is not there yet.
     pub programmed: Vec<String>,
+    /// The address each of `programmed` has in the kernel.
+    pub programmed_at: BTreeMap<String, Ipv4Addr>,
     pub pending: Vec<String>,
     /// Interfaces of pods the config does not name, guarded (anti-spoofing, no policy).
     pub guarded: Vec<String>,
@@ -401,6 +403,12 @@ impl Thread {
                 Some((i.name.clone(), format!("{}/{}", e.namespace, e.name)))
             })
             .collect();
+        let addresses: BTreeMap<String, Ipv4Addr> = r
+            .endpoints
+            .endpoints
+            .iter()
+            .map(|e| (format!("{}/{}", e.namespace, e.name), e.ip))
+            .collect();
         let names: Vec<String> = pods.keys().chain(&guarded).cloned().collect();
         let mut attached = BTreeSet::new();
         let mut programmed = Vec::new();
@@ -444,6 +452,10 @@ impl Thread {
             version: r.version,
             revision: r.revision,
             stats,
+            programmed_at: programmed
+                .iter()
+                .filter_map(|p| Some((p.clone(), *addresses.get(p)?)))
+                .collect(),
             programmed,
             pending,
             guarded,

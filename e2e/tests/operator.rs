@@ -218,6 +218,16 @@ async fn report(addr: SocketAddr, node: &str, config: &NodeConfig) -> anyhow::Re
             .flat_map(|e| &e.endpoints)
             .map(|e| format!("{}/{}", e.namespace, e.name))
             .collect(),
+        programmed_endpoints: config
+            .endpoints
+            .iter()
+            .flat_map(|e| &e.endpoints)
+            .map(|e| v1::ProgrammedEndpoint {
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                ip: u32::from(e.ip),
+            })
+            .collect(),
     };
     client
         .report_status(tokio_stream::iter(vec![status]))

@@ -29,11 +29,32 @@ use tracing::Instrument as _;
 
 use crate::{lease::Leadership, store::Store};
 
-/// The pods waiting for the gate: `namespace/name` → node.
+/// A pod waiting for the gate: its node and address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waiting {
+    pub node: String,
+    pub ip: Option<std::net::Ipv4Addr>,
+}
+
+/// The pods waiting for the gate, by `namespace/name`.
 #[derive(Default)]
 pub struct Gate {
-    waiting: Mutex<BTreeMap<String, String>>,
+    waiting: Mutex<BTreeMap<String, Waiting>>,
     changed: Notify,
+}
+
+/// Whether `report` (of the pod's node) says the pod `key` at address `ip` is enforced: it
+/// lists the pod, at that address — a report about an earlier pod of the same name (a
+/// StatefulSet pod re-created on the node, with a new address) does not count. Reports of
+/// agents that predate addresses are taken by name.
+pub fn programmed_here(
+    report: &crate::store::Report,
+    key: &str,
+    ip: Option<std::net::Ipv4Addr>,
+) -> bool {
+    report.programmed.contains(key)
+        && (report.programmed_at.is_empty()
+            || ip.is_some_and(|ip| report.programmed_at.get(key) == Some(&ip)))
 }
 
 impl Gate {
@@ -43,7 +64,17 @@ impl Gate {
         let node = if deleted { None } else { waiting(p) };
         let mut w = self.lock();
         let changed = match node {
-            Some(node) => w.insert(key, node.clone()).as_ref() != Some(&node),
+            Some(node) => {
+                let entry = Waiting {
+                    node,
+                    ip: p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.as_deref())
+                        .and_then(|ip| ip.parse().ok()),
+                };
+                w.insert(key, entry.clone()).as_ref() != Some(&entry)
+            }
             None => w.remove(&key).is_some(),
         };
         drop(w);
@@ -53,7 +84,7 @@ impl Gate {
     }
 
     /// The waiting pods.
-    pub fn waiting(&self) -> BTreeMap<String, String> {
+    pub fn waiting(&self) -> BTreeMap<String, Waiting> {
         self.lock().clone()
     }
 
@@ -61,7 +92,7 @@ impl Gate {
         self.lock().remove(key);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Waiting>> {
         self.waiting
             .lock()
             .expect("the readiness gate lock is poisoned: a task panicked while holding it")
@@ -115,10 +146,11 @@ pub async fn run(
             continue;
         }
         let reports = store.reports();
-        for (key, node) in waiting {
+        for (key, w) in waiting {
+            let node = w.node;
             let programmed = reports
                 .get(node.as_str())
-                .is_some_and(|r| r.programmed.contains(key.as_str()));
+                .is_some_and(|r| programmed_here(r, &key, w.ip));
             if !programmed {
                 continue;
             }
@@ -151,5 +183,54 @@ async fn set_gate(client: &Client, gate: &Gate, key: &str, ns: &str, name: &str,
         }
         Err(kube::Error::Api(e)) if e.code == 404 => gate.done(key),
         Err(e) => tracing::warn!(error = %e, "setting the readiness gate failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{collections::BTreeSet, net::Ipv4Addr, time::Instant};
+
+    fn report(programmed: &[(&str, Option<[u8; 4]>)]) -> crate::store::Report {
+        crate::store::Report {
+            applied_version: 1,
+            failed: None,
+            policies: BTreeSet::new(),
+            programmed: programmed.iter().map(|(k, _)| k.to_string()).collect(),
+            programmed_at: programmed
+                .iter()
+                .filter_map(|(k, ip)| Some((k.to_string(), Ipv4Addr::from((*ip)?))))
+                .collect(),
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_report_counts_for_the_pod_at_the_address_it_names_only() {
+        let r = report(&[("db/web-0", Some([10, 0, 0, 5]))]);
+        assert!(programmed_here(
+            &r,
+            "db/web-0",
+            Some(Ipv4Addr::new(10, 0, 0, 5))
+        ));
+        // The pod re-created with the same name and a new address: not yet.
+        assert!(!programmed_here(
+            &r,
+            "db/web-0",
+            Some(Ipv4Addr::new(10, 0, 0, 9))
+        ));
+        assert!(!programmed_here(&r, "db/web-0", None));
+        assert!(!programmed_here(
+            &r,
+            "db/web-1",
+            Some(Ipv4Addr::new(10, 0, 0, 5))
+        ));
+        // An agent that predates addresses: by name.
+        let old = report(&[("db/web-0", None)]);
+        assert!(programmed_here(
+            &old,
+            "db/web-0",
+            Some(Ipv4Addr::new(10, 0, 0, 9))
+        ));
     }
 }

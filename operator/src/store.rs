@@ -27,6 +27,8 @@ pub struct Report {
     pub policies: BTreeSet<PolicyGeneration>,
     /// Endpoints (`namespace/name`) whose policy is in the node's kernel.
     pub programmed: BTreeSet<String>,
+    /// The address each has in the kernel (empty from agents that predate it).
+    pub programmed_at: BTreeMap<String, std::net::Ipv4Addr>,
     pub at: Instant,
 }
 
@@ -318,6 +320,7 @@ impl Store {
                 failed: s.failed,
                 policies: s.policies,
                 programmed: s.programmed,
+                programmed_at: s.programmed_at,
                 at: Instant::now(),
             },
         );

@@ -364,6 +364,11 @@ async fn reports_reach_the_store_and_leave_with_their_node() {
             generation: 3,
         }],
         programmed: vec!["shop/db-0".into()],
+        programmed_endpoints: vec![v1::ProgrammedEndpoint {
+            namespace: "shop".into(),
+            name: "db-0".into(),
+            ip: u32::from(Ipv4Addr::new(10, 0, 0, 3)),
+        }],
     })
     .await
     .unwrap();
@@ -381,6 +386,11 @@ async fn reports_reach_the_store_and_leave_with_their_node() {
     assert_eq!(reports["n1"].applied_version, 42);
     assert!(reports["n1"].policies.iter().any(|p| p.generation == 3));
     assert!(reports["n1"].programmed.contains("shop/db-0"));
+    assert_eq!(
+        reports["n1"].programmed_at.get("shop/db-0"),
+        Some(&Ipv4Addr::new(10, 0, 0, 3)),
+        "the address of each programmed endpoint reaches the store"
+    );
     assert!(!reports.contains_key("ghost"), "{:?}", reports.keys());
     // The node leaves: its report goes with it.
     s.store.apply(inputs(vec![Change::Delete(

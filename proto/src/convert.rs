@@ -334,6 +334,11 @@ impl TryFrom<v1::AgentStatus> for AgentStatus {
                 .then_some((s.failed_version, s.error)),
             policies: s.policies.into_iter().map(PolicyGeneration::from).collect(),
             programmed: s.programmed.into_iter().collect(),
+            programmed_at: s
+                .programmed_endpoints
+                .into_iter()
+                .map(|e| (format!("{}/{}", e.namespace, e.name), Ipv4Addr::from(e.ip)))
+                .collect(),
         })
     }
 }
@@ -520,6 +525,18 @@ impl From<&AgentStatus> for v1::AgentStatus {
             error,
             policies: s.policies.iter().map(v1::PolicyGeneration::from).collect(),
             programmed: s.programmed.iter().cloned().collect(),
+            programmed_endpoints: s
+                .programmed_at
+                .iter()
+                .filter_map(|(key, ip)| {
+                    let (namespace, name) = key.split_once('/')?;
+                    Some(v1::ProgrammedEndpoint {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                        ip: u32::from(*ip),
+                    })
+                })
+                .collect(),
         }
     }
 }
@@ -619,6 +636,25 @@ mod tests {
         let bytes = prost::Message::encode_to_vec(&wire);
         let back: v1::NodeConfig = prost::Message::decode(bytes.as_slice()).unwrap();
         assert_eq!(NodeConfig::try_from(back).unwrap(), c);
+    }
+
+    #[test]
+    fn a_status_round_trips_with_the_addresses_of_its_endpoints() {
+        let s = AgentStatus {
+            node: "n1".into(),
+            applied_version: 9,
+            failed: Some((10, "map CF_POLICY: full".into())),
+            policies: BTreeSet::from([PolicyGeneration {
+                namespace: "shop".into(),
+                name: "db".into(),
+                generation: 2,
+            }]),
+            programmed: BTreeSet::from(["shop/db-0".to_string()]),
+            programmed_at: BTreeMap::from([("shop/db-0".to_string(), Ipv4Addr::new(10, 0, 0, 7))]),
+        };
+        let bytes = prost::Message::encode_to_vec(&v1::AgentStatus::from(&s));
+        let back: v1::AgentStatus = prost::Message::decode(bytes.as_slice()).unwrap();
+        assert_eq!(AgentStatus::try_from(back).unwrap(), s);
     }
 
     /// Every way a message can be wrong is refused with a message that says what.

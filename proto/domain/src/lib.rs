@@ -380,6 +380,8 @@ pub struct AgentStatus {
     pub policies: BTreeSet<PolicyGeneration>,
     /// Endpoints (`namespace/name`) whose policy is in the kernel.
     pub programmed: BTreeSet<String>,
+    /// The address each of `programmed` has in the kernel (empty from older agents).
+    pub programmed_at: BTreeMap<String, Ipv4Addr>,
 }
 
 #[cfg(test)]

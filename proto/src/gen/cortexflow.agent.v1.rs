@@ -248,6 +248,20 @@ pub struct AgentStatus {
     /// operator sets the readiness-gate condition `mesh.cortexflow.io/programmed` from it.
     #[prost(string, repeated, tag = "6")]
     pub programmed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Each of `programmed` with the address its endpoint has in the kernel, so that a report
+    /// about an earlier pod of the same name (a StatefulSet pod re-created on this node) never
+    /// counts for the new one. Empty from agents older than this field.
+    #[prost(message, repeated, tag = "7")]
+    pub programmed_endpoints: ::prost::alloc::vec::Vec<ProgrammedEndpoint>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ProgrammedEndpoint {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(fixed32, tag = "3")]
+    pub ip: u32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportStatusResponse {}
