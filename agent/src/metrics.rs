@@ -114,7 +114,7 @@ impl AgentMetrics {
                 .build(),
             endpoints: meter
                 .u64_gauge("agent_endpoints")
-                .with_description("Local endpoints, by state: programmed, or pending (interface not found yet)")
+                .with_description("Local endpoints, by state: programmed, pending (interface not found yet), or guarded (an interface of a pod the config does not name)")
                 .build(),
             map_entries: meter
                 .u64_gauge("agent_map_entries")

@@ -379,7 +379,7 @@ async fn matrix_matches_the_demo(lab: &mut Lab) -> anyhow::Result<()> {
 }
 
 async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> anyhow::Result<()> {
-    let doc = std::fs::read_to_string(workspace_root().join("docs/architecture.md"))?;
+    let doc = std::fs::read_to_string(workspace_root().join("docs/metrics.md"))?;
     // Every `cortexflow_…` name in the first column of a metrics table, with its type.
     let mut metrics = Vec::new();
     for line in doc.lines().filter(|l| l.starts_with("| `cortexflow_")) {
@@ -397,7 +397,7 @@ async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> any
     }
     ensure!(
         metrics.len() >= 20,
-        "found only {metrics:?} in docs/architecture.md"
+        "found only {metrics:?} in docs/metrics.md"
     );
     let t = Instant::now();
     loop {
