@@ -91,6 +91,11 @@ pub struct Args {
     pub map_services: u32,
     #[arg(long, env = "CORTEXFLOW_MAP_BACKENDS", default_value_t = Capacity::default().backends)]
     pub map_backends: u32,
+    /// Unix socket of the CNI hook (`cortexflow-cni`, chained after the pod network's plugin,
+    /// asks the agent to guard a new pod's interface before its container starts); none when
+    /// unset.
+    #[arg(long, env = "CORTEXFLOW_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
     /// Largest config message accepted from the operator, in bytes.
     #[arg(long, env = "CORTEXFLOW_MAX_CONFIG_BYTES", default_value_t = 64 << 20)]
     pub max_config_bytes: usize,
@@ -284,6 +289,14 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     )
     .await?;
 
+    if let Some(path) = &args.cni_socket {
+        let listener = crate::cni::bind(path)?;
+        tracing::info!(socket = %path.display(), "serving the CNI hook");
+        sup.spawn(
+            "cni",
+            crate::cni::serve(listener, path.clone(), ctx.clone()),
+        );
+    }
     sup.spawn("usage", control::usage_loop(ctx.clone()));
     sup.spawn(
         "notices",

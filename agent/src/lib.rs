@@ -21,6 +21,7 @@
 //!
 //! This crate is kernel-facing: `sys` holds the only `unsafe` (three `bpf(2)` commands).
 
+pub mod cni;
 pub mod compile;
 pub mod control;
 pub mod daemon;

@@ -84,6 +84,8 @@ pub enum Notice {
 enum Cmd {
     Apply(Arc<Received>, oneshot::Sender<Result<Applied, Refused>>),
     Usage(bool, oneshot::Sender<Usage>),
+    /// The CNI hook: guard this pod interface (name, address) before its container starts.
+    Guard(String, Ipv4Addr, oneshot::Sender<Result<(), String>>),
     /// The supervisor's test hook: panic, as a bug in the thread would.
     Panic,
 }
@@ -210,6 +212,17 @@ impl Worker {
         rx.await.map_err(|_| gone())?
     }
 
+    /// Guards a new pod's interface now (the CNI hook): returns once packets from it are
+    /// checked for spoofing.
+    pub async fn guard(&self, ifname: String, ip: Ipv4Addr) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || "the datapath thread is gone".to_string();
+        self.tx
+            .send(Cmd::Guard(ifname, ip, tx))
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
     /// Map usage and counters (`conntrack`: also walk the conntrack map).
     pub async fn usage(&self, conntrack: bool) -> Option<Usage> {
         let (tx, rx) = oneshot::channel();
@@ -241,6 +254,8 @@ struct Thread {
     local: BTreeSet<Ipv4Addr>,
     /// Netlink notifications of changes (`None` when they cannot be had: periodic looks only).
     watch: Option<ifaces::ChangeWatch>,
+    /// Interfaces the CNI hook guarded, with their addresses.
+    cni_guarded: BTreeMap<String, Ipv4Addr>,
     /// The last apply failed for a reason other than size (a write the kernel refused): it is
     /// tried again at every tick, the maps holding the previous config meanwhile.
     failed: bool,
@@ -256,6 +271,7 @@ impl Thread {
             resolved: BTreeMap::new(),
             routes: BTreeMap::new(),
             local: BTreeSet::new(),
+            cni_guarded: BTreeMap::new(),
             watch: match ifaces::ChangeWatch::start() {
                 Ok(w) => Some(w),
                 Err(e) => {
@@ -298,6 +314,9 @@ impl Thread {
                 Ok(Cmd::Usage(ct, reply)) => {
                     let _ = reply.send(self.usage(ct));
                 }
+                Ok(Cmd::Guard(ifname, ip, reply)) => {
+                    let _ = reply.send(self.guard(&ifname, ip));
+                }
                 Ok(Cmd::Panic) => {
                     panic!("injected failure of the datapath thread (CORTEXFLOW_FAIL_TASK)")
                 }
@@ -312,6 +331,23 @@ impl Thread {
             .as_ref()
             .map(|r| r.endpoints.endpoints.iter().map(|e| e.ip).collect())
             .unwrap_or_default()
+    }
+
+    /// The CNI hook: the interface's endpoint entry written and its programs attached before
+    /// this returns; remembered (while the interface exists) so that later configs keep it
+    /// guarded even where no host route names it.
+    fn guard(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), String> {
+        let index = nix::net::if_::if_nametoindex(ifname)
+            .map_err(|e| format!("interface {ifname}: {e}"))?;
+        self.dp
+            .guard_endpoint(index, ip)
+            .map_err(|e| e.to_string())?;
+        for (_, r) in self.dp.attach_interfaces(&[ifname.to_string()]) {
+            r.map_err(|e| format!("attach {ifname}: {e}"))?;
+        }
+        self.cni_guarded.insert(ifname.to_string(), ip);
+        tracing::info!(interface = ifname, %ip, "guarded by the CNI hook");
+        Ok(())
     }
 
     /// Re-resolves the interfaces; programs again when any changed, or when the last write
@@ -361,7 +397,19 @@ impl Thread {
         // Pods the config does not name yet: guarded from their first packet.
         let known: BTreeSet<Ipv4Addr> = r.endpoints.endpoints.iter().map(|e| e.ip).collect();
         let mut guarded = BTreeSet::new();
-        for (ip, dev) in ifaces::unknown_pods(&routes, &known, &local, &addressed) {
+        // Interfaces the CNI hook guarded that still exist, then those found by their route.
+        self.cni_guarded
+            .retain(|dev, _| nix::net::if_::if_nametoindex(dev.as_str()).is_ok());
+        let from_cni: Vec<(Ipv4Addr, String)> = self
+            .cni_guarded
+            .iter()
+            .filter(|(_, ip)| !known.contains(ip))
+            .map(|(dev, ip)| (*ip, dev.clone()))
+            .collect();
+        for (ip, dev) in from_cni
+            .into_iter()
+            .chain(ifaces::unknown_pods(&routes, &known, &local, &addressed))
+        {
             let Ok(index) = nix::net::if_::if_nametoindex(dev.as_str()) else {
                 continue;
             };

@@ -69,6 +69,54 @@ impl Images {
     }
 }
 
+/// The CNI hook: the plugin the simulator runs for every new pod (as a container runtime does
+/// after the pod network's plugin), and the agent's socket it talks to.
+#[derive(Clone, Debug)]
+pub struct Cni {
+    pub plugin: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Cni {
+    /// `ADD` for a pod whose host-side interface is `host_if` with address `ip`: returns once
+    /// the node's agent guards the interface.
+    fn add(&self, host_if: &str, ip: Ipv4Addr, netns: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "lab",
+            "type": "cortexflow-cni",
+            "socket": self.socket,
+            "timeoutSeconds": 30,
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": host_if}, {"name": "eth0", "sandbox": format!("/var/run/netns/{netns}")}],
+                "ips": [{"address": format!("{ip}/32"), "interface": 1}]
+            }
+        });
+        let mut child = Command::new(&self.plugin)
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", netns)
+            .env("CNI_NETNS", format!("/var/run/netns/{netns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("run {}", self.plugin.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(conf.to_string().as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "CNI ADD for {host_if}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        Ok(())
+    }
+}
+
 /// A pod the node runs.
 struct SimPod {
     /// Held for its drop: deleting the namespace removes the veth too.
@@ -209,6 +257,7 @@ impl SimNode {
         client: &Client,
         images: Images,
         state_dir: &Path,
+        cni: Option<Cni>,
     ) -> anyhow::Result<()> {
         register(client, &self.name, self.ip, &self.pod_cidr).await?;
         std::fs::create_dir_all(state_dir.join("pods"))?;
@@ -222,6 +271,7 @@ impl SimNode {
             images,
             state_dir: state_dir.to_path_buf(),
             state: self.state.clone(),
+            cni,
         });
         let mut stop = self.stop.subscribe();
         let (c, name, ip, cidr) = (
@@ -369,6 +419,7 @@ struct PodCtx {
     images: Images,
     state_dir: PathBuf,
     state: Arc<Mutex<NodeState>>,
+    cni: Option<Cni>,
 }
 
 impl PodCtx {
@@ -490,6 +541,12 @@ impl PodCtx {
         std::mem::forget(node_ns);
         if wired.is_err() {
             anyhow::bail!("wiring {host_if} failed");
+        }
+        // The pod's interface is guarded before anything of the pod runs.
+        // (On this thread, not `block_in_place`: the pod's process dies with the thread that
+        // started it — `--pdeathsig` — and a thread given to the blocking pool ends when idle.)
+        if let Some(cni) = &self.cni {
+            cni.add(&host_if, ip, &pod_ns.name)?;
         }
         let cgroup = self.cgroup.join(cortexflow_testkit::net::unique("cfpod"));
         std::fs::create_dir_all(&cgroup)?;

@@ -24,6 +24,38 @@ impl Datapath {
             .map_err(map_err("write config"))
     }
 
+    /// Guards one pod interface at once, outside a config (the CNI hook, before the pod's
+    /// container starts): an endpoint of identity `unknown` with no policy — anti-spoofing
+    /// only — unless the interface already has an endpoint. The next [`Datapath::apply`] takes
+    /// it over like any other entry. An entry of another address (an interface index that
+    /// belonged to a gone pod) is replaced.
+    pub fn guard_endpoint(
+        &mut self,
+        ifindex: u32,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<(), DatapathError> {
+        if self
+            .installed
+            .endpoints
+            .get(&ifindex)
+            .is_some_and(|e| e.ip == compile::net_u32(ip))
+        {
+            return Ok(());
+        }
+        let info = cortexflow_common::EndpointInfo {
+            ip: compile::net_u32(ip),
+            identity: cortexflow_common::IDENTITY_UNKNOWN,
+            policy_set: 0,
+            flags: 0,
+        };
+        self.maps
+            .endpoints
+            .insert(ifindex, info, 0)
+            .map_err(map_err(maps::ENDPOINTS))?;
+        self.installed.endpoints.insert(ifindex, info);
+        Ok(())
+    }
+
     /// Reads what the agent-written maps hold.
     pub fn read_installed(&self) -> Result<MapContents, DatapathError> {
         let mut m = MapContents::default();

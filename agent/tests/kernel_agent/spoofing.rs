@@ -31,6 +31,45 @@ fn listen(ns: &Netns, port: u16, wait: Duration) -> std::thread::JoinHandle<Vec<
     h
 }
 
+/// Runs `cortexflow-cni` as a container runtime does after the pod network's plugin: ADD, the
+/// previous plugin's result on stdin. Returns (success, output).
+fn run_cni_add(socket: &std::path::Path, host_if: &str, ip: Ipv4Addr) -> (bool, String) {
+    use std::io::Write as _;
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "lab",
+        "type": "cortexflow-cni",
+        "socket": socket,
+        "timeoutSeconds": 5,
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": host_if}, {"name": "eth0", "sandbox": "/var/run/netns/x"}],
+            "ips": [{"address": format!("{ip}/32"), "interface": 1}]
+        }
+    });
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cortexflow-cni"))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "test")
+        .env("CNI_NETNS", "/var/run/netns/x")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cortexflow-cni");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("write the config");
+    let out = child.wait_with_output().expect("cortexflow-cni");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// Sends from `ns` one datagram per `(source, tag)` to `dst:port`.
 fn send_all(ns: &Netns, dst: Ipv4Addr, port: u16, sends: Vec<(Ipv4Addr, String)>) {
     ns.run(move || {
@@ -43,7 +82,9 @@ fn send_all(ns: &Netns, dst: Ipv4Addr, port: u16, sends: Vec<(Ipv4Addr, String)>
 pub(crate) fn forged_sources_are_dropped_at_the_senders_veth() {
     runtime().block_on(async {
         let op = ScriptedOperator::start("127.0.0.1:0".parse().expect("addr"), 1).await;
-        let mut node = node(3, 74, &[]);
+        let cni_dir = std::env::temp_dir().join(cortexflow_testkit::net::unique("cftest-cni-"));
+        let socket = cni_dir.join("cni.sock");
+        let mut node = node(3, 74, &["--cni-socket", &socket.to_string_lossy()]);
         let open = Policy {
             from: vec![0],
             port: 8080,
@@ -106,7 +147,32 @@ pub(crate) fn forged_sources_are_dropped_at_the_senders_veth() {
 
         // p1 (programmed) and the stranger each send to p2 (which anyone may reach) with
         // their own address, with p0's, with the node's, and with an outside address.
+        // A pod the runtime sets up with the CNI hook: the plugin returns once its interface is
+        // guarded, and the pod sends at once — no wait.
+        let newcomer = Netns::new("cfp");
+        let newcomer_ip = Ipv4Addr::new(10, 74, 0, 98);
+        wire_pod(&node.topo.node, &newcomer, newcomer_ip, "cfvy");
+        let t_cni = Instant::now();
+        let cni = run_cni_add(&socket, "cfvy", newcomer_ip);
+        let cni_ms = t_cni.elapsed().as_secs_f64() * 1e3;
+        assert!(cni.0, "the CNI ADD succeeds: {}", cni.1);
         let outside = Ipv4Addr::new(203, 0, 113, 7);
+        let rx_first = listen(&node.topo.pods[2].ns, port + 1, Duration::from_millis(800));
+        send_all(
+            &newcomer,
+            p2,
+            port + 1,
+            vec![
+                (p0, "newcomer-as-p0".into()),
+                (newcomer_ip, "newcomer-own".into()),
+            ],
+        );
+        let first = tokio::task::block_in_place(|| rx_first.join().expect("listener"));
+        assert_eq!(
+            first,
+            vec!["newcomer-own".to_string()],
+            "right after the CNI ADD, the forged first packet is dropped and the own one passes"
+        );
         let rx = listen(&node.topo.pods[2].ns, port, Duration::from_millis(1500));
         let from = |who: &str, own: Ipv4Addr| {
             vec![
@@ -130,7 +196,7 @@ pub(crate) fn forged_sources_are_dropped_at_the_senders_veth() {
         // Six spoofed drops, each with a flow naming the sender's interface's address.
         let mut spoofed = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while spoofed.len() < 6 && Instant::now() < deadline {
+        while spoofed.len() < 7 && Instant::now() < deadline {
             let Ok(Ok(Some(f))) =
                 tokio::time::timeout(Duration::from_millis(500), stream.message()).await
             else {
@@ -144,7 +210,7 @@ pub(crate) fn forged_sources_are_dropped_at_the_senders_veth() {
             }
         }
         spoofed.sort();
-        let mut want: Vec<(Ipv4Addr, String)> = [p0, p0, node_ip, node_ip, outside, outside]
+        let mut want: Vec<(Ipv4Addr, String)> = [p0, p0, p0, node_ip, node_ip, outside, outside]
             .into_iter()
             .map(|ip| (ip, "egress".to_string()))
             .collect();
@@ -157,14 +223,16 @@ pub(crate) fn forged_sources_are_dropped_at_the_senders_veth() {
                 "cortexflow_agent_endpoints",
                 "state=\"guarded\""
             ),
-            Some(1.0),
-            "the stranger's interface is counted as guarded"
+            Some(2.0),
+            "the stranger's and the newcomer's interfaces are counted as guarded"
         );
         eprintln!(
-            "forged sources: 6/6 dropped at the sender's veth (a programmed pod and one the config does not name, guarded {:.1} ms after its route appeared); own addresses 2/2 delivered",
+            "forged sources: 7/7 dropped at the sender's veth (a programmed pod; one the config does not name, guarded {:.1} ms after its route appeared; one set up by the CNI hook, whose ADD took {cni_ms:.1} ms, its first packet checked); own addresses 3/3 delivered",
             guarded_after.as_secs_f64() * 1e3
         );
         drop(stranger);
+        drop(newcomer);
+        let _ = std::fs::remove_dir_all(&cni_dir);
         op.stop().await;
     });
 }

@@ -99,6 +99,7 @@ impl Lab {
             std::process::id().to_string(),
         )?;
         let agent_bin = binary("cortexflow-agent", "cortexflow-agent")?;
+        let cni_bin = binary("cortexflow-agent", "cortexflow-cni")?;
         let workload_bin = binary("cortexflow-lab", "cortexflow-workload")?;
         binary("cortexflow-operator", "cortexflow-operator")?;
         lap("build", &mut timings);
@@ -129,8 +130,16 @@ impl Lab {
             "cortexflow/workload".to_string(),
             workload_bin.clone(),
         )]));
+        // Each node's agent serves the CNI hook; the node simulator runs the plugin for every
+        // pod, as a container runtime would after the pod network's plugin.
+        let cni_socket = |n: &SimNode| o.state_dir.join("cni").join(format!("{}.sock", n.name));
         for n in &mut nodes {
-            n.run(&client, images.clone(), &o.state_dir).await?;
+            let cni = crate::sim::Cni {
+                plugin: cni_bin.clone(),
+                socket: cni_socket(n),
+            };
+            n.run(&client, images.clone(), &o.state_dir, Some(cni))
+                .await?;
         }
         lap("nodes", &mut timings);
 
@@ -147,7 +156,14 @@ impl Lab {
         let operator_service = OperatorService::start(vec![operator.grpc]).await?;
         let mut agents = Vec::new();
         for n in &nodes {
-            let mut a = Agent::new(&agent_bin, &n.name, &n.ns.path(), &n.cgroup, &[])?;
+            let socket = cni_socket(n).to_string_lossy().into_owned();
+            let mut a = Agent::new(
+                &agent_bin,
+                &n.name,
+                &n.ns.path(),
+                &n.cgroup,
+                &["--cni-socket", &socket],
+            )?;
             a.start_agent(&operator_service.url())?;
             agents.push(a);
         }
