@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail, ensure};
 use cortexflow_crds::{MeshPolicy, ServiceIdentity};
-use cortexflow_lab::harness::{Ctx, run_suite, test};
+use cortexflow_lab::{
+    chart,
+    harness::{Ctx, run_suite, test},
+};
 use cortexflow_testkit::tools;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
@@ -34,7 +37,14 @@ fn main() -> ExitCode {
             "kubectl_get_shows_printer_columns_and_defaults",
             kubectl_get_columns,
         ),
-        test("helm_chart_lints_and_carries_the_crds", helm_chart),
+        test(
+            "helm_chart_lints_renders_what_the_apiserver_accepts_and_refuses_bad_values",
+            helm_chart,
+        ),
+        test(
+            "operator_rbac_is_exactly_what_the_docs_list",
+            operator_rbac_is_exactly_what_the_docs_list,
+        ),
     ])
 }
 
@@ -598,23 +608,9 @@ async fn kubectl_get_columns(ctx: Ctx) -> anyhow::Result<()> {
 }
 
 async fn helm_chart(ctx: Ctx) -> anyhow::Result<()> {
-    let chart = ctx.workspace.join("charts/cortexflow");
-    let helm = |args: &[&str]| -> anyhow::Result<String> {
-        let out = std::process::Command::new(tools::helm_bin())
-            .args(args)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "helm {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let chart = chart.display().to_string();
-    helm(&["lint", "--strict", &chart])?;
-    let rendered = helm(&["template", "cortexflow", &chart, "--include-crds"])?;
+    let chart = chart::chart_dir().display().to_string();
+    chart::helm(&["lint", "--strict", &chart])?;
+    let rendered = chart::helm(&["template", "cortexflow", &chart, "--include-crds"])?;
     for crd in [
         "meshpolicies.mesh.cortexflow.io",
         "serviceidentities.mesh.cortexflow.io",
@@ -624,5 +620,223 @@ async fn helm_chart(ctx: Ctx) -> anyhow::Result<()> {
             "chart lacks CRD {crd}"
         );
     }
+    // Every object of the rendering is accepted by the real apiserver (server-side dry run:
+    // schema, admission, RBAC objects, the PodDisruptionBudget, the DaemonSet's priority).
+    let release = "dry";
+    let rendered = chart::render(release, &ctx.ns, &[])?;
+    let file = ctx.dir.join("rendered.yaml");
+    std::fs::write(&file, &rendered)?;
+    let out = ctx.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        &file.display().to_string(),
+    ])?;
+    let docs = chart::documents(&rendered)?;
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for want in [
+        "Deployment",
+        "DaemonSet",
+        "Service",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ] {
+        ensure!(kinds.contains(&want), "no {want} in the chart: {kinds:?}");
+    }
+    ensure!(
+        out.lines()
+            .filter(|l| l.contains("(server dry run)"))
+            .count()
+            == docs.len(),
+        "every object accepted:\n{out}"
+    );
+    // Least privilege: nothing privileged; every container drops every capability and may not
+    // escalate; the agent adds exactly BPF, NET_ADMIN and PERFMON.
+    ensure!(
+        !rendered.contains("privileged: true"),
+        "privileged in the chart"
+    );
+    for d in &docs {
+        let Some(containers) = d["spec"]["template"]["spec"]["containers"].as_array() else {
+            continue;
+        };
+        for c in containers {
+            let sc = &c["securityContext"];
+            let who = format!("{} {}", d["kind"], c["name"]);
+            ensure!(sc["allowPrivilegeEscalation"] == false, "{who}: {sc}");
+            ensure!(sc["readOnlyRootFilesystem"] == true, "{who}: {sc}");
+            ensure!(sc["capabilities"]["drop"] == json!(["ALL"]), "{who}: {sc}");
+            let added = sc["capabilities"]["add"].clone();
+            match d["kind"].as_str() {
+                Some("DaemonSet") => ensure!(
+                    added == json!(["BPF", "NET_ADMIN", "PERFMON"]),
+                    "{who} adds {added}"
+                ),
+                _ => ensure!(added.is_null(), "{who} adds {added}"),
+            }
+        }
+    }
+    // values.schema.json refuses wrong values, naming them.
+    let bad: [(&str, &str); 12] = [
+        ("operator.replicas=0", "/operator/replicas"),
+        ("operator.replicas=two", "/operator/replicas"),
+        ("operator.grpcPort=70000", "/operator/grpcPort"),
+        ("operator.logFormat=xml", "/operator/logFormat"),
+        ("operator.trustDomain=Bad_Domain", "/operator/trustDomain"),
+        (
+            "operator.leaseDurationSeconds=1",
+            "/operator/leaseDurationSeconds",
+        ),
+        ("agent.pinDir=relative/pins", "/agent/pinDir"),
+        ("agent.maps.policy=0", "/agent/maps/policy"),
+        ("agent.seccompProfile=Privileged", "/agent/seccompProfile"),
+        ("agent.bogus=1", "bogus"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        (
+            "metrics.serviceMonitor.interval=soon",
+            "/metrics/serviceMonitor/interval",
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (set, names) in bad {
+        match chart::render("bad", &ctx.ns, &[set]) {
+            Ok(_) => problems.push(format!("{set}: accepted")),
+            Err(e) if !format!("{e:#}").contains(names) => {
+                problems.push(format!("{set}: the error does not name {names}: {e:#}"))
+            }
+            Err(_) => {}
+        }
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}
+
+/// The operator's ServiceAccount may do exactly what docs/security.md lists, nothing else:
+/// `kubectl auth can-i` as that account, after applying the chart's RBAC.
+async fn operator_rbac_is_exactly_what_the_docs_list(ctx: Ctx) -> anyhow::Result<()> {
+    let release = "rbac";
+    let kubeconfig = ctx.dir.join("operator.kubeconfig");
+    let created = chart::operator_kubeconfig(&ctx.kubeconfig, release, &ctx.ns, &kubeconfig)?;
+    let sa = format!(
+        "system:serviceaccount:{}:{}",
+        ctx.ns,
+        chart::operator_account(release)
+    );
+    let ns = ctx.ns.clone();
+    // (verb, resource, namespace: None for every namespace, allowed)
+    let table: Vec<(&str, &str, Option<&str>, bool)> = vec![
+        ("list", "pods", None, true),
+        ("watch", "pods", None, true),
+        ("list", "namespaces", None, true),
+        ("watch", "nodes", None, true),
+        ("list", "services", None, true),
+        ("watch", "endpointslices.discovery.k8s.io", None, true),
+        ("list", "meshpolicies.mesh.cortexflow.io", None, true),
+        ("watch", "serviceidentities.mesh.cortexflow.io", None, true),
+        (
+            "patch",
+            "meshpolicies.mesh.cortexflow.io/status",
+            None,
+            true,
+        ),
+        (
+            "patch",
+            "serviceidentities.mesh.cortexflow.io/status",
+            None,
+            true,
+        ),
+        ("patch", "pods/status", None, true),
+        ("create", "events.events.k8s.io", None, true),
+        ("patch", "events.events.k8s.io", None, true),
+        ("create", "leases.coordination.k8s.io", Some(&ns), true),
+        (
+            "get",
+            "leases.coordination.k8s.io/cortexflow-operator",
+            Some(&ns),
+            true,
+        ),
+        (
+            "update",
+            "leases.coordination.k8s.io/cortexflow-operator",
+            Some(&ns),
+            true,
+        ),
+        ("create", "configmaps", Some(&ns), true),
+        ("watch", "configmaps", Some(&ns), true),
+        ("get", "configmaps/cortexflow-identities", Some(&ns), true),
+        (
+            "update",
+            "configmaps/cortexflow-identities",
+            Some(&ns),
+            true,
+        ),
+        // Refused.
+        ("get", "secrets", None, false),
+        ("list", "secrets", Some(&ns), false),
+        ("get", "pods", None, false),
+        ("patch", "pods", None, false),
+        ("delete", "pods", None, false),
+        ("create", "pods/exec", None, false),
+        ("update", "meshpolicies.mesh.cortexflow.io", None, false),
+        (
+            "delete",
+            "serviceidentities.mesh.cortexflow.io",
+            None,
+            false,
+        ),
+        ("get", "configmaps/other", Some(&ns), false),
+        ("update", "configmaps/other", Some(&ns), false),
+        ("list", "configmaps", Some("default"), false),
+        ("get", "leases.coordination.k8s.io/other", Some(&ns), false),
+        (
+            "create",
+            "leases.coordination.k8s.io",
+            Some("default"),
+            false,
+        ),
+        (
+            "delete",
+            "leases.coordination.k8s.io/cortexflow-operator",
+            Some(&ns),
+            false,
+        ),
+        ("patch", "nodes", None, false),
+        (
+            "create",
+            "clusterrolebindings.rbac.authorization.k8s.io",
+            None,
+            false,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (verb, resource, namespace, allowed) in &table {
+        // `X/status` is the status subresource; other `X/name` are object names.
+        let (res, sub) = match resource.strip_suffix("/status") {
+            Some(r) => (r, Some("--subresource=status")),
+            None => (*resource, None),
+        };
+        let mut args = vec!["auth", "can-i", verb, res, "--as", &sa];
+        args.extend(sub);
+        match namespace {
+            Some(n) => args.extend(["-n", n]),
+            None => args.push("--all-namespaces"),
+        }
+        let out = cortexflow_lab::kubectl::run(&ctx.kubeconfig, &args)?;
+        let yes = out.stdout.trim() == "yes";
+        if yes != *allowed {
+            wrong.push(format!(
+                "{verb} {resource} in {}: {} (want {})",
+                namespace.unwrap_or("every namespace"),
+                out.stdout.trim(),
+                if *allowed { "yes" } else { "no" }
+            ));
+        }
+    }
+    chart::remove_cluster_rbac(&ctx.kubeconfig, &created);
+    ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! The tests run one at a time: each runs its own operator(s), which watch the whole cluster.
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -52,9 +53,25 @@ fn main() -> ExitCode {
     )
 }
 
+/// A kubeconfig of the operator's ServiceAccount with the chart's RBAC, for this test's
+/// namespace (made once per test): the operator never runs with the admin's credentials.
+fn operator_kubeconfig(ctx: &Ctx) -> PathBuf {
+    let path = ctx.dir.join(format!("operator-{}.kubeconfig", ctx.ns));
+    if !path.exists() {
+        // A release name per test (the ClusterRole is cluster-wide), short enough for Helm.
+        let h = ctx.ns.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let release = format!("op{:08x}", h as u32);
+        cortexflow_lab::chart::operator_kubeconfig(&ctx.kubeconfig, &release, &ctx.ns, &path)
+            .unwrap_or_else(|e| panic!("the operator's kubeconfig: {e:#}"));
+    }
+    path
+}
+
 fn options(ctx: &Ctx, identity: &str, lease_secs: u64) -> OperatorOptions {
     OperatorOptions {
-        kubeconfig: ctx.kubeconfig.clone(),
+        kubeconfig: operator_kubeconfig(ctx),
         // The test's namespace holds the Lease and the id table: every test starts afresh.
         namespace: ctx.ns.clone(),
         identity: identity.into(),

@@ -14,6 +14,7 @@
 //! daemons as processes come from `cortexflow-testkit`.
 #![forbid(unsafe_code)]
 
+pub mod chart;
 pub mod cluster;
 pub mod harness;
 pub mod kubectl;
