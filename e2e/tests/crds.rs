@@ -45,6 +45,14 @@ fn main() -> ExitCode {
             "operator_rbac_is_exactly_what_the_docs_list",
             operator_rbac_is_exactly_what_the_docs_list,
         ),
+        test(
+            "the_daemons_accept_every_flag_the_chart_passes",
+            the_daemons_accept_every_flag_the_chart_passes,
+        ),
+        test(
+            "cargo_xtask_images_builds_the_images_the_chart_runs",
+            cargo_xtask_images_builds_the_images_the_chart_runs,
+        ),
     ])
 }
 
@@ -727,53 +735,36 @@ async fn operator_rbac_is_exactly_what_the_docs_list(ctx: Ctx) -> anyhow::Result
         chart::operator_account(release)
     );
     let ns = ctx.ns.clone();
+    // What docs/security.md lists: the chart renders exactly these rules, and each is allowed.
+    let documented = documented_rbac(&ctx.workspace.join("docs/security.md"))?;
+    let docs = chart::documents(&chart::render(release, &ctx.ns, &[])?)?;
+    let rendered = rendered_rbac(&docs);
+    let extra: Vec<_> = rendered.difference(&documented).collect();
+    let missing: Vec<_> = documented.difference(&rendered).collect();
+    ensure!(
+        extra.is_empty() && missing.is_empty(),
+        "the chart's operator RBAC and docs/security.md differ: in the chart only {extra:?}, in the docs only {missing:?}"
+    );
     // (verb, resource, namespace: None for every namespace, allowed)
-    let table: Vec<(&str, &str, Option<&str>, bool)> = vec![
-        ("list", "pods", None, true),
-        ("watch", "pods", None, true),
-        ("list", "namespaces", None, true),
-        ("watch", "nodes", None, true),
-        ("list", "services", None, true),
-        ("watch", "endpointslices.discovery.k8s.io", None, true),
-        ("list", "meshpolicies.mesh.cortexflow.io", None, true),
-        ("watch", "serviceidentities.mesh.cortexflow.io", None, true),
-        (
-            "patch",
-            "meshpolicies.mesh.cortexflow.io/status",
-            None,
-            true,
-        ),
-        (
-            "patch",
-            "serviceidentities.mesh.cortexflow.io/status",
-            None,
-            true,
-        ),
-        ("patch", "pods/status", None, true),
-        ("create", "events.events.k8s.io", None, true),
-        ("patch", "events.events.k8s.io", None, true),
-        ("create", "leases.coordination.k8s.io", Some(&ns), true),
-        (
-            "get",
-            "leases.coordination.k8s.io/cortexflow-operator",
-            Some(&ns),
-            true,
-        ),
-        (
-            "update",
-            "leases.coordination.k8s.io/cortexflow-operator",
-            Some(&ns),
-            true,
-        ),
-        ("create", "configmaps", Some(&ns), true),
-        ("watch", "configmaps", Some(&ns), true),
-        ("get", "configmaps/cortexflow-identities", Some(&ns), true),
-        (
-            "update",
-            "configmaps/cortexflow-identities",
-            Some(&ns),
-            true,
-        ),
+    let mut table: Vec<(String, String, Option<String>, bool)> = documented
+        .iter()
+        .map(|r| {
+            let resource = match &r.group[..] {
+                "" => r.resource.clone(),
+                g => match r.resource.split_once('/') {
+                    Some((res, sub)) => format!("{res}.{g}/{sub}"),
+                    None => format!("{}.{g}", r.resource),
+                },
+            };
+            let resource = match &r.name {
+                Some(n) => format!("{resource}/{n}"),
+                None => resource,
+            };
+            let ns = (!r.cluster).then(|| ns.clone());
+            (r.verb.clone(), resource, ns, true)
+        })
+        .collect();
+    let refused: Vec<(&str, &str, Option<&str>, bool)> = vec![
         // Refused.
         ("get", "secrets", None, false),
         ("list", "secrets", Some(&ns), false),
@@ -812,17 +803,22 @@ async fn operator_rbac_is_exactly_what_the_docs_list(ctx: Ctx) -> anyhow::Result
             false,
         ),
     ];
+    table.extend(
+        refused
+            .into_iter()
+            .map(|(v, r, n, a)| (v.to_string(), r.to_string(), n.map(str::to_string), a)),
+    );
     let mut wrong = Vec::new();
     for (verb, resource, namespace, allowed) in &table {
         // `X/status` is the status subresource; other `X/name` are object names.
         let (res, sub) = match resource.strip_suffix("/status") {
             Some(r) => (r, Some("--subresource=status")),
-            None => (*resource, None),
+            None => (resource.as_str(), None),
         };
         let mut args = vec!["auth", "can-i", verb, res, "--as", &sa];
         args.extend(sub);
         match namespace {
-            Some(n) => args.extend(["-n", n]),
+            Some(n) => args.extend(["-n", n.as_str()]),
             None => args.push("--all-namespaces"),
         }
         let out = cortexflow_lab::kubectl::run(&ctx.kubeconfig, &args)?;
@@ -830,7 +826,7 @@ async fn operator_rbac_is_exactly_what_the_docs_list(ctx: Ctx) -> anyhow::Result
         if yes != *allowed {
             wrong.push(format!(
                 "{verb} {resource} in {}: {} (want {})",
-                namespace.unwrap_or("every namespace"),
+                namespace.as_deref().unwrap_or("every namespace"),
                 out.stdout.trim(),
                 if *allowed { "yes" } else { "no" }
             ));
@@ -838,5 +834,280 @@ async fn operator_rbac_is_exactly_what_the_docs_list(ctx: Ctx) -> anyhow::Result
     }
     chart::remove_cluster_rbac(&ctx.kubeconfig, &created);
     ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
+    Ok(())
+}
+
+/// One permission: `verb` on `group`/`resource` (`resource` may be `x/status`), limited to the
+/// object `name` or not, cluster-wide or in the release namespace.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Permission {
+    group: String,
+    resource: String,
+    name: Option<String>,
+    verb: String,
+    cluster: bool,
+}
+
+/// The operator's permissions as docs/security.md's table lists them.
+fn documented_rbac(
+    path: &std::path::Path,
+) -> anyhow::Result<std::collections::BTreeSet<Permission>> {
+    let text = std::fs::read_to_string(path)?;
+    let table = text
+        .split_once("<!-- rbac-table:begin -->")
+        .and_then(|(_, t)| t.split_once("<!-- rbac-table:end -->"))
+        .context("docs/security.md has no rbac-table")?
+        .0;
+    let mut out = std::collections::BTreeSet::new();
+    for line in table.lines().filter(|l| l.starts_with('|')).skip(2) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        ensure!(cells.len() == 5, "docs/security.md rbac-table row {line:?}");
+        let group = if cells[0] == "core" { "" } else { cells[0] };
+        let cluster = match cells[3] {
+            "cluster" => true,
+            "release namespace" => false,
+            w => bail!("docs/security.md rbac-table: where {w:?}"),
+        };
+        for res in cells[1].split(',').map(|r| r.trim().trim_matches('`')) {
+            let (resource, name) = match res.split_once("/name/") {
+                Some((r, n)) => (r.to_string(), Some(n.to_string())),
+                None => (res.to_string(), None),
+            };
+            for verb in cells[2].split(',').map(str::trim) {
+                out.insert(Permission {
+                    group: group.into(),
+                    resource: resource.clone(),
+                    name: name.clone(),
+                    verb: verb.into(),
+                    cluster,
+                });
+            }
+        }
+    }
+    ensure!(!out.is_empty(), "docs/security.md rbac-table is empty");
+    Ok(out)
+}
+
+/// The permissions the rendered chart's ClusterRoles and Roles grant.
+fn rendered_rbac(docs: &[Value]) -> std::collections::BTreeSet<Permission> {
+    let mut out = std::collections::BTreeSet::new();
+    for d in docs {
+        let cluster = match d["kind"].as_str() {
+            Some("ClusterRole") => true,
+            Some("Role") => false,
+            _ => continue,
+        };
+        let strs = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        };
+        for rule in d["rules"].as_array().into_iter().flatten() {
+            let names = strs(&rule["resourceNames"]);
+            let names: Vec<Option<String>> = if names.is_empty() {
+                vec![None]
+            } else {
+                names.into_iter().map(Some).collect()
+            };
+            for group in strs(&rule["apiGroups"]) {
+                for resource in strs(&rule["resources"]) {
+                    for verb in strs(&rule["verbs"]) {
+                        for name in &names {
+                            out.insert(Permission {
+                                group: group.clone(),
+                                resource: resource.clone(),
+                                name: name.clone(),
+                                verb: verb.clone(),
+                                cluster,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every flag the chart's Deployment and DaemonSet pass is one the real binaries accept: each
+/// daemon, started with the rendered `args` (and no cluster to talk to), gets past its
+/// command-line parsing and stops at its first run-time requirement — a renamed or mistyped
+/// flag would be a clap usage error (exit 2) instead.
+async fn the_daemons_accept_every_flag_the_chart_passes(ctx: Ctx) -> anyhow::Result<()> {
+    let docs = chart::documents(&chart::render("args", &ctx.ns, &[])?)?;
+    let args_of = |kind: &str| -> anyhow::Result<Vec<String>> {
+        let d = docs
+            .iter()
+            .find(|d| d["kind"] == kind)
+            .with_context(|| format!("no {kind} in the chart"))?;
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        Ok(c["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect())
+    };
+    // (binary, args, what it must stop at)
+    let cases = [
+        (
+            cortexflow_testkit::cargo::binary("cortexflow-agent", "cortexflow-agent")?,
+            args_of("DaemonSet")?,
+            "--node-name (CORTEXFLOW_NODE_NAME) is required",
+        ),
+        (
+            cortexflow_testkit::cargo::binary("cortexflow-operator", "cortexflow-operator")?,
+            args_of("Deployment")?,
+            "find the Kubernetes API",
+        ),
+    ];
+    for (bin, args, stop) in &cases {
+        ensure!(args.len() >= 5, "{}: only {args:?}", bin.display());
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .env_clear()
+            .env("KUBECONFIG", ctx.dir.join("no-such-kubeconfig"))
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.code() != Some(2) && (stderr.contains(stop) || stdout.contains(stop)),
+            "{} {args:?}: {} — want it to stop at {stop:?}\n{stderr}{stdout}",
+            bin.display(),
+            out.status
+        );
+    }
+    println!(
+        "the agent accepts the chart's {} flags, the operator its {}",
+        cases[0].1.len(),
+        cases[1].1.len()
+    );
+    Ok(())
+}
+
+/// `cargo xtask images` names exactly the images the chart's pods run (registry and appVersion
+/// tag from the chart), from Dockerfiles that build real binaries of the workspace, the
+/// operator's as non-root; without a container engine it fails saying so (this machine has
+/// none: the builds themselves are not run here).
+async fn cargo_xtask_images_builds_the_images_the_chart_runs(ctx: Ctx) -> anyhow::Result<()> {
+    let xtask = cortexflow_testkit::cargo::binary("xtask", "xtask")?;
+    let out = std::process::Command::new(&xtask)
+        .args(["images", "--print"])
+        .output()?;
+    ensure!(out.status.success(), "xtask images --print: {}", out.status);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let planned: std::collections::BTreeMap<String, String> = printed
+        .lines()
+        .filter_map(|l| l.strip_prefix("image "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(i, f)| (i.to_string(), f.to_string()))
+        .collect();
+    let docs = chart::documents(&chart::render("img", &ctx.ns, &[])?)?;
+    let run: std::collections::BTreeSet<String> = docs
+        .iter()
+        .flat_map(|d| {
+            d["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|c| c["image"].as_str().map(str::to_string))
+        .collect();
+    let built: std::collections::BTreeSet<String> = planned.keys().cloned().collect();
+    ensure!(
+        run == built && run.len() == 2,
+        "the chart runs {run:?}, cargo xtask images builds {built:?}"
+    );
+    let meta = cortexflow_testkit::cargo::cargo_command()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .current_dir(&ctx.workspace)
+        .output()?;
+    let meta: Value = serde_json::from_slice(&meta.stdout)?;
+    let bins: std::collections::BTreeSet<(String, String)> = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| {
+            let pkg = p["name"].as_str().unwrap_or("").to_string();
+            p["targets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| {
+                    t["kind"]
+                        .as_array()
+                        .is_some_and(|k| k.iter().any(|k| k == "bin"))
+                })
+                .filter_map(move |t| t["name"].as_str().map(|n| (pkg.clone(), n.to_string())))
+        })
+        .collect();
+    for (image, file) in &planned {
+        let text = std::fs::read_to_string(ctx.workspace.join(file))
+            .with_context(|| format!("{image}: {file}"))?;
+        ensure!(
+            text.matches("\nFROM ").count() >= 2,
+            "{file}: not multi-stage"
+        );
+        let build = text
+            .lines()
+            .find(|l| l.contains("cargo build"))
+            .with_context(|| format!("{file}: no cargo build"))?;
+        let words: Vec<&str> = build.split_whitespace().collect();
+        let pkg = words
+            .windows(2)
+            .find(|w| w[0] == "-p")
+            .map(|w| w[1])
+            .with_context(|| format!("{file}: cargo build without -p"))?;
+        let wanted: Vec<&str> = words
+            .windows(2)
+            .filter(|w| w[0] == "--bin")
+            .map(|w| w[1])
+            .collect();
+        ensure!(!wanted.is_empty(), "{file}: cargo build without --bin");
+        for b in &wanted {
+            ensure!(
+                bins.contains(&(pkg.to_string(), b.to_string())),
+                "{file}: package {pkg} has no binary {b}"
+            );
+        }
+        let entry = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("ENTRYPOINT"))
+            .with_context(|| format!("{file}: no ENTRYPOINT"))?;
+        ensure!(
+            entry.contains(&format!("/{}\"", wanted[0])),
+            "{file}: ENTRYPOINT {entry:?} is not {}",
+            wanted[0]
+        );
+        let user = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("USER "))
+            .with_context(|| format!("{file}: the final stage sets no USER"))?;
+        if image.contains("cortexflow-operator") {
+            ensure!(
+                user.trim() == "USER 65532:65532",
+                "{file}: the operator runs as {user:?}"
+            );
+        }
+    }
+    // No container engine reachable: a clear refusal, not a half build.
+    let empty = ctx.dir.join("empty-path");
+    std::fs::create_dir_all(&empty)?;
+    let out = std::process::Command::new(&xtask)
+        .arg("images")
+        .env("PATH", &empty)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("no usable container builder"),
+        "xtask images without a builder: {} {stderr}",
+        out.status
+    );
+    println!("cargo xtask images: {built:?} = the chart's images");
     Ok(())
 }

@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         t!(every_address_of_the_node_is_the_host),
         t!(a_forged_source_address_gets_nothing),
         t!(agents_on_a_follower_and_leader_loss_under_load),
+        t!(cargo_xtask_lab_exec_runs_in_a_node_as_the_same_process),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -119,6 +120,35 @@ fn main() -> ExitCode {
 }
 
 // ---- helpers -----------------------------------------------------------------------------------
+
+/// `kubectl rollout status`; when it times out, the error carries every pod's phase, address
+/// and conditions (what a stuck readiness gate looks like).
+fn rollout(lab: &Lab, ns: &str, deployment: &str) -> anyhow::Result<()> {
+    let Err(e) = lab.kubectl(&[
+        "rollout",
+        "status",
+        "deployment",
+        "-n",
+        ns,
+        deployment,
+        "--timeout=90s",
+    ]) else {
+        return Ok(());
+    };
+    let pods = lab
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.phase} \
+             {.status.podIP} deleting={.metadata.deletionTimestamp} \
+             {range .status.conditions[*]}{.type}={.status}({.reason}:{.message}) {end}{\"\\n\"}{end}",
+        ])
+        .unwrap_or_else(|e| format!("(pods: {e:#})"));
+    Err(e.context(format!("pods of {ns}:\n{pods}")))
+}
 
 fn probe(
     from: (&'static str, &'static str),
@@ -881,15 +911,7 @@ async fn identity_changes_under_load_change_no_verdict(lab: &mut Lab) -> anyhow:
             let patch =
                 format!(r#"{{"spec":{{"template":{{"spec":{{"serviceAccountName":"{sa}"}}}}}}}}"#);
             lab.kubectl(&["patch", "deployment", "-n", "shop", "backend", "-p", &patch])?;
-            lab.kubectl(&[
-                "rollout",
-                "status",
-                "deployment",
-                "-n",
-                "shop",
-                "backend",
-                "--timeout=90s",
-            ])?;
+            rollout(lab, "shop", "backend")?;
             ready_replicas(lab, "shop", "backend", 2).await?;
             // Replaced pods drain for 2 s after SIGTERM.
             tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1453,4 +1475,98 @@ fn leftovers() -> anyhow::Result<()> {
     }
     ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
+}
+
+/// `cargo xtask lab exec node/<name> -- <cmd>` runs the command in the node's network namespace,
+/// and *as the process the caller started* (cargo → xtask → cargo → lab → command, each
+/// replacing itself): a signal sent to `cargo xtask …` reaches the command — and, for
+/// `cargo xtask lab`, the lab, which removes everything before it exits. Were any step a child
+/// process, the pid would stay cargo's and the signal would orphan the rest.
+async fn cargo_xtask_lab_exec_runs_in_a_node_as_the_same_process(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    let node = lab.nodes.first().context("no node")?;
+    let (node_name, node_ns) = (node.name.clone(), node.ns.path());
+    // `cargo xtask lab exec` finds the lab under $TMPDIR/cortexflow-lab.
+    let tmp = std::env::temp_dir().join(cortexflow_testkit::net::unique("cftest-xtask-"));
+    std::fs::create_dir_all(&tmp)?;
+    let _cleanup = scopeguard(tmp.clone());
+    std::os::unix::fs::symlink(&lab.state_dir, tmp.join("cortexflow-lab"))?;
+    let mut child = cortexflow_testkit::cargo::cargo_command()
+        .current_dir(workspace_root())
+        .env("TMPDIR", &tmp)
+        .args([
+            "xtask",
+            "lab",
+            "exec",
+            &format!("node/{node_name}"),
+            "--",
+            "sleep",
+            "120",
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let t = Instant::now();
+    let outcome = async {
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("cargo xtask lab exec exited ({status}) before running the command");
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(240),
+                "the started process is still {comm:?} after {:?}",
+                t.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let inode = |p: &std::path::Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let in_ns = inode(std::path::Path::new(&format!("/proc/{pid}/ns/net")))?;
+        ensure!(
+            in_ns == inode(&node_ns)?,
+            "the command does not run in {node_name}'s network namespace"
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let t2 = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                ensure!(
+                    std::os::unix::process::ExitStatusExt::signal(&status) == Some(15),
+                    "ended with {status}, not by the SIGTERM"
+                );
+                break;
+            }
+            ensure!(t2.elapsed() < Duration::from_secs(5), "SIGTERM did not end the command");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "cargo xtask lab exec node/{node_name}: the same pid ran the command in the node after {:.1} s; SIGTERM to it ended the command",
+            t.elapsed().as_secs_f64()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    if outcome.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    outcome
+}
+
+/// Removes a directory when dropped (also when the test fails).
+fn scopeguard(dir: std::path::PathBuf) -> impl Drop {
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    Rm(dir)
 }

@@ -34,7 +34,7 @@ use kube::{
 use serde_json::json;
 use tokio::sync::watch;
 
-use cortexflow_testkit::net::{Netns, sh, wire_pod};
+use cortexflow_testkit::net::{Netns, sh, try_wire_pod};
 
 /// `sh -c` script that puts itself into cgroup `$0`, then runs `$2…` in network namespace `$1`
 /// (joining the cgroup first: `ip netns exec` remounts /sys).
@@ -163,6 +163,13 @@ struct NodeState {
     pods: BTreeMap<String, SimPod>,
     /// Pods being stopped (their grace period runs).
     terminating: std::collections::BTreeSet<String>,
+    /// Addresses of stopped pods whose sandboxes are not removed yet: not handed out again.
+    draining: std::collections::BTreeSet<Ipv4Addr>,
+    /// The host part of the address handed out last: addresses go round the CIDR (as
+    /// host-local IPAM does), so a freed address is the last to be reused.
+    last_host: u8,
+    /// Pods whose sandbox failed: when to try again, and the back-off after that.
+    retry: BTreeMap<String, (std::time::Instant, Duration)>,
     next_if: u32,
 }
 
@@ -230,6 +237,9 @@ impl SimNode {
             state: Arc::new(Mutex::new(NodeState {
                 pods: BTreeMap::new(),
                 terminating: Default::default(),
+                draining: Default::default(),
+                last_host: 0,
+                retry: BTreeMap::new(),
                 next_if: 0,
             })),
             stop: watch::channel(false).0,
@@ -261,6 +271,12 @@ impl SimNode {
     ) -> anyhow::Result<()> {
         register(client, &self.name, self.ip, &self.pod_cidr).await?;
         std::fs::create_dir_all(state_dir.join("pods"))?;
+        // The node's handle for `lab exec node/<name>`: its network namespace.
+        std::fs::create_dir_all(state_dir.join("nodes"))?;
+        std::fs::write(
+            state_dir.join("nodes").join(&self.name),
+            format!("{}\n{}\n", self.ns.name, self.ip),
+        )?;
         let ctx = Arc::new(PodCtx {
             client: client.clone(),
             node: self.name.clone(),
@@ -436,10 +452,36 @@ impl PodCtx {
             .lock()
             .map(|s| s.pods.contains_key(&uid))
             .unwrap_or(false);
-        if !started && let Err(e) = self.start(p, &uid) {
-            tracing::warn!(pod = %format!("{ns}/{name}"), error = %format!("{e:#}"), "pod sandbox failed");
-            let _ = self.failed(p, &format!("{e:#}")).await;
-            return;
+        if !started {
+            let now = std::time::Instant::now();
+            let waiting = self
+                .state
+                .lock()
+                .ok()
+                .and_then(|s| s.retry.get(&uid).map(|(at, _)| *at > now))
+                .unwrap_or(false);
+            if waiting {
+                return;
+            }
+            if let Err(e) = self.start(p, &uid) {
+                // A kubelet backs off a failing sandbox (1 s doubling to 30 s) and says why once
+                // per attempt: never a retry storm.
+                let delay = self.state.lock().ok().map(|mut s| {
+                    let next = s
+                        .retry
+                        .get(&uid)
+                        .map(|(_, d)| (*d * 2).min(Duration::from_secs(30)))
+                        .unwrap_or(Duration::from_secs(1));
+                    s.retry.insert(uid.clone(), (now + next, next));
+                    next
+                });
+                tracing::warn!(pod = %format!("{ns}/{name}"), error = %format!("{e:#}"), retry_in = ?delay, "pod sandbox failed");
+                let _ = self.failed(p, &format!("{e:#}")).await;
+                return;
+            }
+            if let Ok(mut s) = self.state.lock() {
+                s.retry.remove(&uid);
+            }
         }
         if let Err(e) = self.report(p, &uid).await {
             tracing::warn!(pod = %format!("{ns}/{name}"), error = %format!("{e:#}"), "pod status update failed (retrying)");
@@ -450,6 +492,7 @@ impl PodCtx {
         if let Ok(mut s) = self.state.lock() {
             s.pods.remove(uid);
             s.terminating.remove(uid);
+            s.retry.remove(uid);
         }
     }
 
@@ -461,10 +504,16 @@ impl PodCtx {
                 if !s.terminating.insert(uid.to_string()) {
                     return;
                 }
-                s.pods.remove(uid)
+                s.retry.remove(uid);
+                let sp = s.pods.remove(uid);
+                if let Some(sp) = &sp {
+                    s.draining.insert(sp.ip);
+                }
+                sp
             }
             Err(_) => return,
         };
+        let state = self.state.clone();
         let grace = p
             .metadata
             .deletion_grace_period_seconds
@@ -489,7 +538,11 @@ impl PodCtx {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 // SIGKILL if still there, cgroup and namespace removed.
+                let ip = sp.ip;
                 drop(sp);
+                if let Ok(mut s) = state.lock() {
+                    s.draining.remove(&ip);
+                }
             }
             let api: Api<Pod> = Api::namespaced(client, &ns);
             let _ = api
@@ -524,24 +577,27 @@ impl PodCtx {
             .lock()
             .map_err(|_| anyhow::anyhow!("state poisoned"))?;
         let used: Vec<Ipv4Addr> = st.pods.values().map(|p| p.ip).collect();
-        let ip = (2..255u8)
-            .map(|h| Ipv4Addr::new(10, 244, self.index, h))
-            .find(|a| !used.contains(a))
+        // Hosts 2..=254, starting after the last one handed out.
+        let start = st.last_host.checked_sub(2).map_or(252, u16::from);
+        let host = (1..=253u16)
+            .map(|i| 2 + ((start + i) % 253) as u8)
+            .find(|h| {
+                let a = Ipv4Addr::new(10, 244, self.index, *h);
+                !used.contains(&a) && !st.draining.contains(&a)
+            })
             .context("pod CIDR exhausted")?;
+        st.last_host = host;
+        let ip = Ipv4Addr::new(10, 244, self.index, host);
         let host_if = format!("cfv{}", st.next_if);
         st.next_if += 1;
         let pod_ns = Netns::new("cfp");
         let node_ns = Netns {
             name: self.node_ns.clone(),
         };
-        let wired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wire_pod(&node_ns, &pod_ns, ip, &host_if)
-        }));
+        let wired = try_wire_pod(&node_ns, &pod_ns, ip, &host_if);
         // `node_ns` only borrows the node's namespace: it must not delete it.
         std::mem::forget(node_ns);
-        if wired.is_err() {
-            anyhow::bail!("wiring {host_if} failed");
-        }
+        wired.with_context(|| format!("wiring {host_if} ({ip})"))?;
         // The pod's interface is guarded before anything of the pod runs.
         // (On this thread, not `block_in_place`: the pod's process dies with the thread that
         // started it — `--pdeathsig` — and a thread given to the blocking pool ends when idle.)
@@ -709,6 +765,14 @@ pub fn locate(state_dir: &Path, namespace: &str, name: &str) -> anyhow::Result<(
     let ns = lines.next().context("state file: netns")?.to_string();
     let cg = PathBuf::from(lines.next().context("state file: cgroup")?);
     Ok((ns, cg))
+}
+
+/// The network namespace of lab node `name`, from the state directory.
+pub fn locate_node(state_dir: &Path, name: &str) -> anyhow::Result<String> {
+    let f = state_dir.join("nodes").join(name);
+    let text = std::fs::read_to_string(&f)
+        .with_context(|| format!("no lab node {name} ({} missing)", f.display()))?;
+    Ok(text.lines().next().context("node file: netns")?.to_string())
 }
 
 /// A command that runs `argv` inside a lab pod (its network namespace and cgroup).

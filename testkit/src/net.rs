@@ -104,17 +104,22 @@ pub fn sweep_stale() {
 
 /// Runs a command, panicking with its output when it fails.
 pub fn sh(args: &[&str]) -> String {
+    try_sh(args).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Runs a command: its stdout, or an error naming the command with its output.
+pub fn try_sh(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
+        .map_err(|e| anyhow::anyhow!("{args:?}: {e}"))?;
+    anyhow::ensure!(
         out.status.success(),
         "{args:?} failed: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A network namespace, deleted on drop (with every interface in it).
@@ -219,42 +224,66 @@ impl Topology {
 /// Wires a pod's namespace to its node's as a routed CNI does: a veth whose host side
 /// (`host_if`) stays in the node with a /32 route to `ip`, the pod side `eth0` with `ip`/32 and a
 /// default route via a link-local gateway resolved statically to the host side. Returns the
-/// host side's ifindex.
+/// host side's ifindex. Panics when a step fails (for tests; see [`try_wire_pod`]).
 pub fn wire_pod(node: &Netns, pod: &Netns, ip: Ipv4Addr, host_if: &str) -> u32 {
-    sh(&[
-        "ip", "link", "add", host_if, "netns", &node.name, "type", "veth", "peer", "name", "eth0",
-        "netns", &pod.name,
-    ]);
-    node.ip(&["link", "set", host_if, "up"]);
-    node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_if]);
-    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-    pod.ip(&["link", "set", "eth0", "up"]);
-    pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0"]);
-    pod.ip(&[
+    try_wire_pod(node, pod, ip, host_if).unwrap_or_else(|e| panic!("wire {host_if}: {e:#}"))
+}
+
+/// [`wire_pod`], failing with the step's error instead of panicking. The node's /32 route is
+/// *replaced*, not added: an address handed out again while the previous owner's route is
+/// still there (its sandbox being torn down) moves to the new interface.
+pub fn try_wire_pod(node: &Netns, pod: &Netns, ip: Ipv4Addr, host_if: &str) -> anyhow::Result<u32> {
+    let (n, p) = (node.name.as_str(), pod.name.as_str());
+    let host = format!("{ip}/32");
+    try_sh(&[
+        "ip", "link", "add", host_if, "netns", n, "type", "veth", "peer", "name", "eth0", "netns",
+        p,
+    ])?;
+    try_sh(&["ip", "-n", n, "link", "set", host_if, "up"])?;
+    try_sh(&["ip", "-n", n, "route", "replace", &host, "dev", host_if])?;
+    try_sh(&["ip", "-n", p, "addr", "add", &host, "dev", "eth0"])?;
+    try_sh(&["ip", "-n", p, "link", "set", "eth0", "up"])?;
+    try_sh(&[
+        "ip",
+        "-n",
+        p,
         "route",
-        "add",
+        "replace",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ])?;
+    try_sh(&[
+        "ip",
+        "-n",
+        p,
+        "route",
+        "replace",
         "default",
         "via",
         "169.254.1.1",
         "dev",
         "eth0",
-    ]);
-    let link = node.ip(&["-o", "link", "show", host_if]);
+    ])?;
+    let link = try_sh(&["ip", "-n", n, "-o", "link", "show", host_if])?;
     let ifindex: u32 = link
         .split(':')
         .next()
-        .unwrap_or("0")
+        .unwrap_or("")
         .trim()
         .parse()
-        .expect("ifindex");
+        .map_err(|e| anyhow::anyhow!("ifindex of {host_if} in {link:?}: {e}"))?;
     let mac = link
         .split_whitespace()
         .skip_while(|w| *w != "link/ether")
         .nth(1)
-        .expect("host veth mac")
+        .ok_or_else(|| anyhow::anyhow!("no MAC for {host_if} in {link:?}"))?
         .to_string();
     // The gateway is the host side of the veth, resolved statically.
-    pod.ip(&[
+    try_sh(&[
+        "ip",
+        "-n",
+        p,
         "neigh",
         "replace",
         "169.254.1.1",
@@ -264,8 +293,8 @@ pub fn wire_pod(node: &Netns, pod: &Netns, ip: Ipv4Addr, host_if: &str) -> u32 {
         "eth0",
         "nud",
         "permanent",
-    ]);
-    ifindex
+    ])?;
+    Ok(ifindex)
 }
 
 /// A cgroup v2 directory under the unified hierarchy, removed on drop (its processes are moved

@@ -8,6 +8,7 @@
 //! * `protogen` — regenerate the checked-in gRPC code from the `.proto` files.
 //! * `lab`     — a local mesh on a real control plane (`--smoke`, `exec`).
 //! * `bench`   — benchmarks (`bench datapath`, `bench propagation`, `bench agent`).
+//! * `images`  — the daemons' container images, named as the chart names them.
 //!
 //! xtask itself links no Kubernetes client, gRPC or TLS stack (so that `cargo xtask setup`
 //! compiles in seconds on a fresh clone): whatever needs them is a binary of the crate that
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod images;
 mod run;
 mod setup;
 mod test;
@@ -51,7 +53,7 @@ enum Cmd {
         check: bool,
     },
     /// Run a local mesh on a real control plane: `lab [--nodes N] [--smoke]`, or
-    /// `lab exec <ns>/<pod> -- <cmd…>` to run a command inside a lab pod.
+    /// `lab exec <ns>/<pod>|node/<name> -- <cmd…>` to run a command inside a lab pod or node.
     Lab {
         /// Arguments of the lab (see `cargo xtask lab --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -59,6 +61,9 @@ enum Cmd {
     },
     /// Regenerate proto/src/gen from the .proto files (no protoc needed).
     Protogen,
+    /// Build the operator and agent images (images/*.Dockerfile) with the chart's names and
+    /// appVersion tag, with docker, podman, nerdctl or buildah.
+    Images(images::Args),
     /// Benchmarks: baseline and subject in one run, reported as ratios.
     Bench {
         #[command(subcommand)]
@@ -121,6 +126,7 @@ fn main() -> anyhow::Result<()> {
                 .collect::<Vec<_>>(),
         ),
         Cmd::Bench { what } => bench::run(what),
+        Cmd::Images(a) => images::run(a),
         Cmd::Protogen => exec(&["run", "--quiet", "-p", "cortexflow-protogen"], &[]),
         Cmd::Lab { args } => {
             let exec_in_pod = args.first().is_some_and(|a| a == "exec");
@@ -143,10 +149,13 @@ const LAB: &[&str] = &[
     "--",
 ];
 
-/// Runs `cargo <cargo_args> <args>` in the workspace and exits with its status.
+/// Runs `cargo <cargo_args> <args>` in the workspace *in place of this process* (`exec`), so
+/// that a signal sent to `cargo xtask …` reaches the program it runs — `cargo run` replaces
+/// itself with the binary too — and the caller waits for that program's own cleanup. (A child
+/// process here would outlive an `xtask` stopped by a script: a lab left running.)
 fn exec(cargo_args: &[&str], args: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
     let mut c = cargo_command();
     c.current_dir(workspace_root()).args(cargo_args).args(args);
-    let status = c.status()?;
-    std::process::exit(status.code().unwrap_or(1));
+    Err(anyhow::Error::from(c.exec()).context("exec cargo"))
 }

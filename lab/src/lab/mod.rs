@@ -39,7 +39,7 @@ use crate::{
 };
 
 /// The operator's namespace in the lab.
-pub const SYSTEM_NAMESPACE: &str = "cortexflow-system";
+pub const SYSTEM_NAMESPACE: &str = "cortexflow";
 
 /// How to run a lab.
 #[derive(Clone, Debug)]
@@ -143,8 +143,17 @@ impl Lab {
         }
         lap("nodes", &mut timings);
 
+        // The operator runs as the chart's ServiceAccount under the chart's RBAC (a token from
+        // the TokenRequest API), never with the admin's credentials.
+        let operator_kubeconfig = o.state_dir.join("operator.kubeconfig");
+        crate::chart::operator_kubeconfig(
+            &kubeconfig,
+            "cortexflow",
+            SYSTEM_NAMESPACE,
+            &operator_kubeconfig,
+        )?;
         let operator_opts = OperatorOptions {
-            kubeconfig: kubeconfig.clone(),
+            kubeconfig: operator_kubeconfig,
             namespace: SYSTEM_NAMESPACE.into(),
             identity: "operator-0".into(),
             lease_duration_secs: 15,
@@ -353,6 +362,12 @@ impl Lab {
                 a.name, a.admin, a.grpc
             ));
         }
+        for n in &self.nodes {
+            out.push(format!(
+                "node {}: {} in network namespace {}  (cargo xtask lab exec node/{} -- <cmd…>)",
+                n.name, n.ip, n.ns.name, n.name
+            ));
+        }
         out
     }
 
@@ -438,18 +453,27 @@ pub fn running(state_dir: &Path) -> bool {
         .is_some_and(|pid| pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists())
 }
 
-/// `cargo xtask lab exec <ns>/<pod> -- <cmd…>`: runs a command inside a lab pod; returns its
-/// exit code.
-pub fn exec(state_dir: &Path, target: &str, argv: &[String]) -> anyhow::Result<i32> {
-    let Some((ns, pod)) = target.split_once('/') else {
-        bail!("{target:?}: expected <namespace>/<pod>");
+/// `cargo xtask lab exec <ns>/<pod>|node/<name> -- <cmd…>`: the command that runs `argv`
+/// inside a lab pod (its network namespace and cgroup) or a lab node (its network namespace).
+pub fn exec_command(
+    state_dir: &Path,
+    target: &str,
+    argv: &[String],
+) -> anyhow::Result<std::process::Command> {
+    let Some((ns, name)) = target.split_once('/') else {
+        bail!("{target:?}: expected <namespace>/<pod> or node/<name>");
     };
     if argv.is_empty() {
-        bail!("nothing to run: cargo xtask lab exec <ns>/<pod> -- <cmd…>");
+        bail!("nothing to run: cargo xtask lab exec <ns>/<pod>|node/<name> -- <cmd…>");
     }
-    let (netns, cgroup) = sim::locate(state_dir, ns, pod)?;
-    let status = sim::exec_command(&netns, &cgroup, argv)
-        .status()
-        .context("run the command")?;
-    Ok(status.code().unwrap_or(1))
+    Ok(if ns == "node" {
+        // A node: its network namespace (the host's view: the agent's links, routes, maps).
+        let netns = sim::locate_node(state_dir, name)?;
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &netns]).args(argv);
+        c
+    } else {
+        let (netns, cgroup) = sim::locate(state_dir, ns, name)?;
+        sim::exec_command(&netns, &cgroup, argv)
+    })
 }

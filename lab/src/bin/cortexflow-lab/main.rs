@@ -4,6 +4,7 @@
 //! cortexflow-lab [--nodes N] [--smoke]      start the lab, print the matrix; run until Ctrl-C
 //!                                           (--smoke: exit 0 only when the matrix is as expected)
 //! cortexflow-lab exec <ns>/<pod> -- <cmd…>  run a command inside a lab pod
+//! cortexflow-lab exec node/<name> -- <cmd…> run a command in a lab node's network namespace
 //! cortexflow-lab cluster up [--crds=false] | down | status
 //!                                           a detached control plane for users and developers
 //! ```
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
     }
     if args.first().map(String::as_str) == Some("exec") {
         let Some(target) = args.get(1) else {
-            eprintln!("usage: cargo xtask lab exec <ns>/<pod> -- <cmd…>");
+            eprintln!("usage: cargo xtask lab exec <ns>/<pod>|node/<name> -- <cmd…>");
             return ExitCode::from(2);
         };
         let rest: Vec<String> = args[2..]
@@ -36,13 +37,16 @@ fn main() -> ExitCode {
             .skip_while(|a| *a == "--")
             .cloned()
             .collect();
-        return match lab::exec(&lab::default_state_dir(), target, &rest) {
-            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-            Err(e) => {
-                eprintln!("lab exec: {e:#}");
-                ExitCode::FAILURE
+        // In place of this process: a signal to `cargo xtask lab exec …` reaches the command.
+        let err = match lab::exec_command(&lab::default_state_dir(), target, &rest) {
+            Ok(mut cmd) => {
+                use std::os::unix::process::CommandExt as _;
+                anyhow::Error::from(cmd.exec())
             }
+            Err(e) => e,
         };
+        eprintln!("lab exec: {err:#}");
+        return ExitCode::FAILURE;
     }
     let mut opts = LabOptions::new(lab::default_state_dir());
     let mut smoke = false;
@@ -59,7 +63,7 @@ fn main() -> ExitCode {
             },
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: cargo xtask lab [--nodes N] [--smoke] | exec <ns>/<pod> -- <cmd…>"
+                    "unknown argument {other}; usage: cargo xtask lab [--nodes N] [--smoke] | exec <ns>/<pod>|node/<name> -- <cmd…>"
                 );
                 return ExitCode::from(2);
             }
