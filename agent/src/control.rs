@@ -159,6 +159,7 @@ async fn session(
         .subscribe(v1::SubscribeRequest {
             node: ctx.args.node_name.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            kernel_revision: ctx.programmed_revision.load(Ordering::Relaxed),
         })
         .await?
         .into_inner();

@@ -111,6 +111,14 @@ fn main() -> ExitCode {
         }));
     }
     let conclusion = libtest_mimic::run(&args, trials);
+    // For debugging a failure: CORTEXFLOW_LAB_KEEP_LOGS=<dir> keeps the daemons' logs there.
+    if let Some(keep) = std::env::var_os("CORTEXFLOW_LAB_KEEP_LOGS") {
+        let _ = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(state_dir.join("logs"))
+            .arg(&keep)
+            .status();
+    }
     // A filtered run may not have torn down.
     if let Some(lab) = shared.lock().ok().and_then(|mut g| g.take()) {
         rt.block_on(lab.shutdown());

@@ -195,6 +195,7 @@ async fn subscribe_until_policy(
         .subscribe(v1::SubscribeRequest {
             node: node.into(),
             agent_version: "e2e".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -252,6 +252,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
             .subscribe(v1::SubscribeRequest {
                 node: "probe".into(),
                 agent_version: "bench".into(),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -340,6 +341,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
                 .subscribe(v1::SubscribeRequest {
                     node: format!("bn-{i}"),
                     agent_version: "bench".into(),
+                    ..Default::default()
                 })
                 .await
             else {

@@ -32,6 +32,8 @@ pub trait Configs: Send + Sync + 'static {
     fn versions(&self) -> watch::Receiver<u64>;
     /// The next message of `node`'s stream, `None` when nothing changed since `cursor`.
     fn next_config(&self, node: &str, cursor: &mut Cursor) -> Option<NodeConfig>;
+    /// The replica's revision (`None` before the sync). `versions` also fires when it rises.
+    fn revision(&self) -> Option<u64>;
     /// Counts an open stream until the returned guard is dropped.
     fn stream_opened(&self) -> Box<dyn Send>;
 }
@@ -82,6 +84,7 @@ impl<C: Configs, R: Reports> AgentConfig for AgentConfigService<C, R> {
             return Err(Status::invalid_argument("SubscribeRequest.node is empty"));
         }
         let node = req.node;
+        let kernel_revision = req.kernel_revision;
         tracing::info!(agent_version = %req.agent_version, "agent subscribed");
         let (tx, rx) = mpsc::channel::<Result<v1::NodeConfig, Status>>(1);
         let configs = self.configs.clone();
@@ -93,6 +96,12 @@ impl<C: Configs, R: Reports> AgentConfig for AgentConfigService<C, R> {
                 let _open = configs.stream_opened();
                 let mut versions = configs.versions();
                 let mut cursor = Cursor::default();
+                // What the agent's kernel holds, and the revision of what this stream sent: an
+                // agent keeps its kernel's state over a stream that is older (this replica lags
+                // behind the one it last heard from). When this replica catches up, the agent
+                // gets a full snapshot at once — not only at the node's next change, which may
+                // never come — so it is never left holding back new pods.
+                let mut sent_revision = 0u64;
                 loop {
                     // Wait until the agent can take a message, then build the freshest one.
                     let permit = tokio::select! {
@@ -103,12 +112,21 @@ impl<C: Configs, R: Reports> AgentConfig for AgentConfigService<C, R> {
                         if let Some(m) = configs.next_config(&node, &mut cursor) {
                             break m;
                         }
+                        if kernel_revision != 0
+                            && sent_revision != 0
+                            && sent_revision < kernel_revision
+                            && configs.revision().is_some_and(|r| r >= kernel_revision)
+                        {
+                            cursor = Cursor::default();
+                            continue;
+                        }
                         tokio::select! {
                             r = versions.changed() => if r.is_err() { return },
                             () = drain.signaled() => return,
                             () = tx.closed() => return,
                         }
                     };
+                    sent_revision = sent_revision.max(msg.revision);
                     let kind = if msg.full { "full" } else { "update" };
                     metrics.configs_sent.add(1, &[KeyValue::new("kind", kind)]);
                     tracing::debug!(version = msg.version, kind, "config sent");

@@ -46,9 +46,14 @@ pub const LIST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The server ends a watch after this long (it is then resumed): the apiserver's own cap is
 /// larger, and a bounded watch finds a dead connection that sends nothing.
 const WATCH_SECS: u32 = 240;
-/// No byte for this long (not even a bookmark, which the apiserver sends about every minute)
-/// means the connection is dead: resume.
-const WATCH_IDLE: Duration = Duration::from_secs(150);
+/// No event and no bookmark for this long: list again. A kind that does not change would
+/// otherwise stand at the revision of its last event or bookmark (the apiserver sends one about
+/// every minute, not on demand), and with it the replica's revision (the minimum over every
+/// source). A replica started before another then looks older than the state its successor
+/// gave the agents, which keep the kernel's state and hold back new pods until it catches up.
+/// A fresh list is consistent at the current revision, so it catches up at once; it also finds a
+/// dead connection that sends nothing. Kinds that change often never get here.
+const IDLE_RELIST: Duration = Duration::from_secs(15);
 
 /// The resourceVersion of an object as a revision (`0` when it is not a number).
 pub fn revision_of(rv: Option<&str>) -> u64 {
@@ -186,9 +191,11 @@ where
                 };
                 let mut stream = std::pin::pin!(stream);
                 loop {
-                    let ev = match tokio::time::timeout(WATCH_IDLE, stream.next()).await {
-                        // Ended (the server's timeout) or idle: resume from the position.
-                        Ok(None) | Err(_) => break,
+                    let ev = match tokio::time::timeout(IDLE_RELIST, stream.next()).await {
+                        // Ended (the server's timeout): resume from the position.
+                        Ok(None) => break,
+                        // Idle: list again, at the current revision.
+                        Err(_) => continue 'relist,
                         Ok(Some(ev)) => ev,
                     };
                     match ev {

@@ -153,6 +153,7 @@ impl Store {
             changes.extend(i.change);
         }
         let up = (!changes.is_empty()).then(|| self.apply_changes(changes));
+        let revision_before = self.revision();
         let became_synced = {
             let mut r = lock(&self.revisions);
             for (source, rev, listing) in seen {
@@ -175,6 +176,11 @@ impl Store {
                 self.version.send_replace(up.version);
             }
             None if became_synced => {
+                self.version.send_modify(|_| {});
+            }
+            // Only the revision rose (bookmarks, an unchanged relist): streams an agent holds
+            // for being older than its kernel may now be able to send (grpc.rs).
+            None if self.revision() > revision_before => {
                 self.version.send_modify(|_| {});
             }
             None => {}
@@ -395,6 +401,10 @@ impl crate::grpc::Configs for Store {
 
     fn next_config(&self, node: &str, cursor: &mut Cursor) -> Option<NodeConfig> {
         Store::next_config(self, node, cursor)
+    }
+
+    fn revision(&self) -> Option<u64> {
+        Store::revision(self)
     }
 
     fn stream_opened(&self) -> Box<dyn Send> {

@@ -195,6 +195,7 @@ async fn a_subscriber_gets_a_snapshot_then_exactly_the_changes() {
         .subscribe(v1::SubscribeRequest {
             node: "n1".into(),
             agent_version: "test".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -267,6 +268,7 @@ async fn a_slow_agent_only_sees_the_latest_state() {
         .subscribe(v1::SubscribeRequest {
             node: "n1".into(),
             agent_version: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -311,6 +313,7 @@ async fn streams_close_cleanly_on_shutdown_and_bad_requests_are_refused() {
         .subscribe(v1::SubscribeRequest {
             node: String::new(),
             agent_version: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("an empty node name is refused");
@@ -319,6 +322,7 @@ async fn streams_close_cleanly_on_shutdown_and_bad_requests_are_refused() {
         .subscribe(v1::SubscribeRequest {
             node: "n9".into(),
             agent_version: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -417,6 +421,7 @@ async fn nothing_is_sent_before_every_kind_and_the_id_table_are_applied() {
         .subscribe(v1::SubscribeRequest {
             node: "n1".into(),
             agent_version: "test".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -477,6 +482,71 @@ async fn nothing_is_sent_before_every_kind_and_the_id_table_are_applied() {
             break;
         }
     }
+    s.shutdown.start();
+    let _ = s.task.await;
+}
+
+/// An agent whose kernel holds a newer state than this replica (it last heard from a replica
+/// that had listed later) keeps that state over this stream's older snapshot. When this replica
+/// catches up — here only its revision rises, as bookmarks or an unchanged relist raise it;
+/// nothing of the node changes — the stream sends a full snapshot at once. Without it the agent
+/// would hold until the node's next change, which may never come.
+#[tokio::test]
+async fn a_held_agent_gets_a_snapshot_as_soon_as_the_replica_catches_up() {
+    let s = server().await;
+    s.store.apply(inputs(vec![pod("db-1", "db", "n1", 3)]));
+    allocate(&s.store);
+    let now = s.store.revision().expect("synced");
+    let kernel = now + 50;
+    let mut c = client(s.addr).await;
+    let mut stream = c
+        .subscribe(v1::SubscribeRequest {
+            node: "n1".into(),
+            agent_version: "test".into(),
+            kernel_revision: kernel,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    assert!(first.full && first.revision < kernel, "{first:?}");
+    // Only some sources move past the kernel's revision: still older, nothing to send.
+    REVISION.fetch_max(kernel + 1, Ordering::Relaxed);
+    let progress = |sources: &[Source]| {
+        s.store.apply(
+            sources
+                .iter()
+                .map(|src| Input {
+                    source: *src,
+                    revision: REVISION.fetch_add(1, Ordering::Relaxed),
+                    change: None,
+                })
+                .collect(),
+        )
+    };
+    progress(&Source::ALL[..Source::ALL.len() - 1]);
+    assert!(s.store.revision().unwrap() < kernel);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream.message())
+            .await
+            .is_err(),
+        "a message while the replica is still older than the kernel"
+    );
+    // Every source past it: a full snapshot at the new revision, unasked.
+    progress(&Source::ALL[Source::ALL.len() - 1..]);
+    assert!(s.store.revision().unwrap() >= kernel);
+    let second = next(&mut stream).await;
+    assert!(second.full, "{second:?}");
+    assert!(second.revision >= kernel, "{second:?}");
+    assert_eq!(second.endpoints.expect("endpoints").endpoints.len(), 1);
+    // And only once.
+    progress(&Source::ALL);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream.message())
+            .await
+            .is_err(),
+        "a second unasked snapshot"
+    );
     s.shutdown.start();
     let _ = s.task.await;
 }

@@ -7,6 +7,12 @@ pub struct SubscribeRequest {
     /// The agent's version, for logs.
     #[prost(string, tag = "2")]
     pub agent_version: ::prost::alloc::string::String,
+    /// The cluster revision of the state the agent's kernel holds (0: none or unknown). The agent
+    /// keeps that state while a stream's revision is older (it comes from a replica that lags);
+    /// once this replica's revision reaches it, the stream sends a full snapshot at once, even if
+    /// nothing of the node changed, so that the agent is never left holding.
+    #[prost(uint64, tag = "3")]
+    pub kernel_revision: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NodeConfig {
