@@ -63,6 +63,53 @@ impl Fabric {
 pub struct Images(pub BTreeMap<String, PathBuf>);
 
 impl Images {
+    /// Reads image map files (see `lab/images.map`): `<image> <package>:<binary>` (built with
+    /// `build(package, binary)`) or `<image> /absolute/path`; `#` comments. A later entry for
+    /// the same image wins. Errors name the file and line.
+    pub fn load(
+        files: &[PathBuf],
+        build: &mut dyn FnMut(&str, &str) -> anyhow::Result<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let mut map = BTreeMap::new();
+        for f in files {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("image map {}", f.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let at = || format!("{}:{}", f.display(), n + 1);
+                let mut words = line.split_whitespace();
+                let (Some(image), Some(target), None) = (words.next(), words.next(), words.next())
+                else {
+                    anyhow::bail!(
+                        "{}: want `<image> <package>:<binary>` or `<image> /path`, got {line:?}",
+                        at()
+                    );
+                };
+                anyhow::ensure!(
+                    !image.contains(':')
+                        || image.rsplit_once(':').is_some_and(|(_, t)| t.contains('/')),
+                    "{}: image {image:?}: give the name without a tag",
+                    at()
+                );
+                let program = if target.starts_with('/') {
+                    let p = PathBuf::from(target);
+                    anyhow::ensure!(p.is_file(), "{}: {target} is not a file", at());
+                    p
+                } else {
+                    let (pkg, bin) = target.split_once(':').with_context(|| {
+                        format!("{}: {target:?} is neither /path nor package:binary", at())
+                    })?;
+                    build(pkg, bin).with_context(|| format!("{}: build {target}", at()))?
+                };
+                map.insert(image.to_string(), program);
+            }
+        }
+        Ok(Self(map))
+    }
+
     fn binary(&self, image: &str) -> Option<&PathBuf> {
         let name = image.rsplit_once(':').map_or(image, |(n, _)| n);
         self.0.get(name)
@@ -780,4 +827,60 @@ pub fn exec_command(netns: &str, cgroup: &Path, argv: &[String]) -> Command {
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(SANDBOX).arg(cgroup).arg(netns).args(argv);
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(files: &[(&str, &str)]) -> anyhow::Result<Images> {
+        let dir = std::env::temp_dir().join(cortexflow_testkit::net::unique("cftest-images-"));
+        std::fs::create_dir_all(&dir)?;
+        let paths: Vec<PathBuf> = files
+            .iter()
+            .map(|(name, text)| {
+                let p = dir.join(name);
+                std::fs::write(&p, text).map(|()| p)
+            })
+            .collect::<Result<_, _>>()?;
+        let r = Images::load(&paths, &mut |pkg, bin| {
+            anyhow::ensure!(pkg != "missing", "no package {pkg}");
+            Ok(PathBuf::from(format!("/built/{pkg}/{bin}")))
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn image_maps_build_packages_take_paths_and_later_files_win() {
+        let images = load(&[
+            ("a.map", "# comment\n\ncortexflow/workload  cortexflow-lab:cortexflow-workload\nregistry.local:5000/suite/agnhost  cortexflow-lab:cortexflow-workload  # trailing\n"),
+            ("b.map", "cortexflow/workload /bin/sh\n"),
+        ])
+        .unwrap();
+        assert_eq!(
+            images.binary("cortexflow/workload:1.0"),
+            Some(&PathBuf::from("/bin/sh"))
+        );
+        assert_eq!(
+            images.binary("registry.local:5000/suite/agnhost:2.40"),
+            Some(&PathBuf::from("/built/cortexflow-lab/cortexflow-workload"))
+        );
+        assert_eq!(images.binary("nginx:1.27"), None);
+    }
+
+    #[test]
+    fn bad_image_map_lines_are_errors_naming_file_and_line() {
+        for (text, want) in [
+            ("cortexflow/workload\n", "a.map:1"),
+            ("x y z\n", "a.map:1"),
+            ("# c\ncortexflow/workload:1.0 a:b\n", "without a tag"),
+            ("img relative/path\n", "neither /path nor package:binary"),
+            ("img /no/such/program\n", "is not a file"),
+            ("img missing:bin\n", "a.map:1: build missing:bin"),
+        ] {
+            let e = format!("{:#}", load(&[("a.map", text)]).unwrap_err());
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
 }

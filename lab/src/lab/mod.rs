@@ -18,7 +18,6 @@ pub use probe::{FlowLog, Load, LoadCount, probe_command};
 pub use service::OperatorService;
 
 use std::{
-    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -49,6 +48,8 @@ pub struct LabOptions {
     pub state_dir: PathBuf,
     /// The demo to apply (`examples/lab`), or none.
     pub demo: Option<PathBuf>,
+    /// Image map files, after `lab/images.map` (later entries win): see that file.
+    pub image_maps: Vec<PathBuf>,
 }
 
 impl LabOptions {
@@ -57,6 +58,9 @@ impl LabOptions {
             nodes: 2,
             state_dir,
             demo: Some(workspace_root().join("examples/lab")),
+            image_maps: std::env::var_os("CORTEXFLOW_LAB_IMAGES")
+                .map(|v| std::env::split_paths(&v).collect())
+                .unwrap_or_default(),
         }
     }
 }
@@ -126,10 +130,9 @@ impl Lab {
                 }
             }
         }
-        let images = Images(BTreeMap::from([(
-            "cortexflow/workload".to_string(),
-            workload_bin.clone(),
-        )]));
+        let mut maps = vec![workspace_root().join("lab/images.map")];
+        maps.extend(o.image_maps.iter().cloned());
+        let images = Images::load(&maps, &mut |pkg, bin| binary(pkg, bin))?;
         // Each node's agent serves the CNI hook; the node simulator runs the plugin for every
         // pod, as a container runtime would after the pod network's plugin.
         let cni_socket = |n: &SimNode| o.state_dir.join("cni").join(format!("{}.sock", n.name));
