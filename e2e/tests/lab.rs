@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         t!(a_forged_source_address_gets_nothing),
         t!(agents_on_a_follower_and_leader_loss_under_load),
         t!(cargo_xtask_lab_exec_runs_in_a_node_as_the_same_process),
+        t!(a_pods_environment_comes_from_its_manifest),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1577,4 +1578,108 @@ fn scopeguard(dir: std::path::PathBuf) -> impl Drop {
         }
     }
     Rm(dir)
+}
+
+/// The node simulator builds a container's environment as a kubelet does — plain values, the
+/// downward API, ConfigMap and Secret keys, `envFrom` — read from the running process itself
+/// (`/proc/<pid>/environ`); a pod whose source is missing does not start, and says why.
+async fn a_pods_environment_comes_from_its_manifest(lab: &mut Lab) -> anyhow::Result<()> {
+    let ns = "batch";
+    let manifest = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "env-cm", "namespace": ns},
+         "data": {"mode": "fast", "A": "from-envfrom"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "env-secret", "namespace": ns},
+         "stringData": {"token": "s3cr3t"}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": "env-probe", "namespace": ns, "labels": {"app": "env-probe", "tier": "t1"}},
+         "spec": {"containers": [{"name": "app", "image": "cortexflow/workload",
+            "args": ["serve", "--tcp", "8080"],
+            "envFrom": [{"configMapRef": {"name": "env-cm"}, "prefix": "CM_"}],
+            "env": [
+                {"name": "PLAIN", "value": "v"},
+                {"name": "MY_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "MY_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "MY_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "MY_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                {"name": "MY_TIER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['tier']"}}},
+                {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "env-cm", "key": "mode"}}},
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "env-secret", "key": "token"}}},
+                {"name": "MAYBE", "valueFrom": {"configMapKeyRef": {"name": "no-such-cm", "key": "k", "optional": true}}}
+            ]}]}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": "env-missing", "namespace": ns},
+         "spec": {"containers": [{"name": "app", "image": "cortexflow/workload",
+            "args": ["serve", "--tcp", "8080"],
+            "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "no-such-cm", "key": "k"}}}]}]}}
+    ]});
+    let file = lab.state_dir.join("env-test.json");
+    std::fs::write(&file, manifest.to_string())?;
+    let path = file.to_string_lossy().into_owned();
+    lab.kubectl(&["apply", "-f", &path])?;
+    let outcome = async {
+        let t = Instant::now();
+        let (pod, node, ip, host_ip) = loop {
+            let out = lab.kubectl(&[
+                "get", "pod", "-n", ns, "env-probe", "-o",
+                "jsonpath={.status.phase} {.spec.nodeName} {.status.podIP} {.status.hostIP}",
+            ])?;
+            let f: Vec<&str> = out.split_whitespace().collect();
+            if f.len() == 4 && f[0] == "Running" {
+                break ("env-probe", f[1].to_string(), f[2].to_string(), f[3].to_string());
+            }
+            ensure!(t.elapsed() < Duration::from_secs(30), "env-probe not running: {out:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let state = std::fs::read_to_string(lab.state_dir.join("pods").join(format!("{ns}_{pod}")))?;
+        let pid = state.lines().nth(4).context("no pid in the pod's state file")?;
+        let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+        let env: std::collections::BTreeMap<String, String> = environ
+            .split(|b| *b == 0)
+            .filter_map(|kv| {
+                let kv = String::from_utf8_lossy(kv);
+                kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        let want = [
+            ("PLAIN", "v"),
+            ("MY_NAME", "env-probe"),
+            ("MY_NS", ns),
+            ("MY_NODE", node.as_str()),
+            ("MY_IP", ip.as_str()),
+            ("MY_HOST_IP", host_ip.as_str()),
+            ("MY_TIER", "t1"),
+            ("MODE", "fast"),
+            ("TOKEN", "s3cr3t"),
+            ("CM_mode", "fast"),
+            ("CM_A", "from-envfrom"),
+        ];
+        let wrong: Vec<String> = want
+            .iter()
+            .filter(|(k, v)| env.get(*k).map(String::as_str) != Some(*v))
+            .map(|(k, v)| format!("{k}={:?} (want {v:?})", env.get(*k)))
+            .collect();
+        ensure!(wrong.is_empty(), "the process's environment: {}", wrong.join(", "));
+        ensure!(!env.contains_key("MAYBE"), "an optional missing key was set");
+        // The pod whose ConfigMap does not exist never runs, and its condition says why.
+        let t = Instant::now();
+        loop {
+            let out = lab.kubectl(&[
+                "get", "pod", "-n", ns, "env-missing", "-o",
+                "jsonpath={.status.phase}|{.status.conditions[?(@.type=='Ready')].message}",
+            ])?;
+            if out.contains("no-such-cm") {
+                ensure!(!out.starts_with("Running"), "env-missing runs: {out}");
+                break;
+            }
+            ensure!(t.elapsed() < Duration::from_secs(30), "env-missing says nothing: {out:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!("a pod's environment: {} variables from value, fieldRef, configMapKeyRef, secretKeyRef and envFrom as the manifest says; a missing ConfigMap keeps its pod from starting, named in its condition", want.len());
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = lab.kubectl(&["delete", "-f", &path, "--wait=false"]);
+    let _ = std::fs::remove_file(&file);
+    outcome
 }

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams},
@@ -162,6 +162,13 @@ impl Cni {
         );
         Ok(())
     }
+}
+
+/// A variable of a container's environment.
+enum EnvValue {
+    Set(String),
+    /// `status.podIP`: known once the sandbox has its address.
+    PodIp,
 }
 
 /// A pod the node runs.
@@ -510,7 +517,11 @@ impl PodCtx {
             if waiting {
                 return;
             }
-            if let Err(e) = self.start(p, &uid) {
+            let started = match self.resolve_env(p).await {
+                Ok(env) => self.start(p, &uid, env),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = started {
                 // A kubelet backs off a failing sandbox (1 s doubling to 30 s) and says why once
                 // per attempt: never a retry storm.
                 let delay = self.state.lock().ok().map(|mut s| {
@@ -608,8 +619,142 @@ impl PodCtx {
         });
     }
 
+    /// The container's environment as the kubelet builds it: `envFrom` (ConfigMaps and
+    /// Secrets, every key), then `env` — plain values, the downward API (`fieldRef`), ConfigMap
+    /// and Secret keys. A source the lab cannot provide (a missing non-optional ConfigMap or
+    /// key, `resourceFieldRef`, an unknown field path) fails the pod with the reason, never a
+    /// silently missing variable. `status.podIP` is filled in once the address is chosen.
+    async fn resolve_env(&self, p: &Pod) -> anyhow::Result<Vec<(String, EnvValue)>> {
+        let ns = p.namespace().unwrap_or_default();
+        let c = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .context("pod without containers")?;
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let config_map = |name: String, optional: bool| {
+            let cms = cms.clone();
+            async move {
+                match cms.get_opt(&name).await? {
+                    Some(cm) => Ok(Some(cm.data.unwrap_or_default())),
+                    None if optional => Ok(None),
+                    None => anyhow::bail!("ConfigMap {name:?} not found"),
+                }
+            }
+        };
+        let secret = |name: String, optional: bool| {
+            let secrets = secrets.clone();
+            async move {
+                match secrets.get_opt(&name).await? {
+                    Some(s) => Ok(Some(
+                        s.data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                            .collect::<BTreeMap<_, _>>(),
+                    )),
+                    None if optional => Ok(None),
+                    None => anyhow::bail!("Secret {name:?} not found"),
+                }
+            }
+        };
+        let mut out: Vec<(String, EnvValue)> = Vec::new();
+        for from in c.env_from.iter().flatten() {
+            let prefix = from.prefix.clone().unwrap_or_default();
+            let data = if let Some(r) = &from.config_map_ref {
+                config_map(r.name.clone(), r.optional.unwrap_or(false)).await?
+            } else if let Some(r) = &from.secret_ref {
+                secret(r.name.clone(), r.optional.unwrap_or(false)).await?
+            } else {
+                anyhow::bail!("envFrom without configMapRef or secretRef");
+            };
+            for (k, v) in data.into_iter().flatten() {
+                out.push((format!("{prefix}{k}"), EnvValue::Set(v)));
+            }
+        }
+        for e in c.env.iter().flatten() {
+            let value = match (&e.value, &e.value_from) {
+                (Some(v), _) => Some(EnvValue::Set(v.clone())),
+                (None, None) => Some(EnvValue::Set(String::new())),
+                (None, Some(from)) => {
+                    if let Some(f) = &from.field_ref {
+                        Some(self.field(p, &f.field_path).with_context(|| {
+                            format!("env {}: fieldRef {}", e.name, f.field_path)
+                        })?)
+                    } else if let Some(r) = &from.config_map_key_ref {
+                        let optional = r.optional.unwrap_or(false);
+                        let v = config_map(r.name.clone(), optional)
+                            .await
+                            .with_context(|| format!("env {}", e.name))?
+                            .and_then(|d| d.get(&r.key).cloned());
+                        anyhow::ensure!(
+                            v.is_some() || optional,
+                            "env {}: key {:?} not in ConfigMap {:?}",
+                            e.name,
+                            r.key,
+                            r.name
+                        );
+                        v.map(EnvValue::Set)
+                    } else if let Some(r) = &from.secret_key_ref {
+                        let optional = r.optional.unwrap_or(false);
+                        let v = secret(r.name.clone(), optional)
+                            .await
+                            .with_context(|| format!("env {}", e.name))?
+                            .and_then(|d| d.get(&r.key).cloned());
+                        anyhow::ensure!(
+                            v.is_some() || optional,
+                            "env {}: key {:?} not in Secret {:?}",
+                            e.name,
+                            r.key,
+                            r.name
+                        );
+                        v.map(EnvValue::Set)
+                    } else {
+                        anyhow::bail!("env {}: this source is not supported by the lab", e.name);
+                    }
+                }
+            };
+            if let Some(v) = value {
+                out.retain(|(k, _)| *k != e.name);
+                out.push((e.name.clone(), v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A downward-API field of the pod.
+    fn field(&self, p: &Pod, path: &str) -> anyhow::Result<EnvValue> {
+        let spec = p.spec.as_ref();
+        let quoted = |prefix: &str| {
+            path.strip_prefix(prefix)
+                .and_then(|r| r.strip_suffix("']"))
+                .map(str::to_string)
+        };
+        Ok(EnvValue::Set(match path {
+            "metadata.name" => p.name_any(),
+            "metadata.namespace" => p.namespace().unwrap_or_default(),
+            "metadata.uid" => p.uid().unwrap_or_default(),
+            "spec.nodeName" => self.node.clone(),
+            "spec.serviceAccountName" => spec
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+            "status.hostIP" => self.node_ip.to_string(),
+            "status.podIP" => return Ok(EnvValue::PodIp),
+            _ => {
+                if let Some(k) = quoted("metadata.labels['") {
+                    p.labels().get(&k).cloned().unwrap_or_default()
+                } else if let Some(k) = quoted("metadata.annotations['") {
+                    p.annotations().get(&k).cloned().unwrap_or_default()
+                } else {
+                    anyhow::bail!("field path {path:?} is not supported by the lab");
+                }
+            }
+        }))
+    }
+
     /// Sandbox and process.
-    fn start(&self, p: &Pod, uid: &str) -> anyhow::Result<()> {
+    fn start(&self, p: &Pod, uid: &str, env: Vec<(String, EnvValue)>) -> anyhow::Result<()> {
         let spec = p.spec.as_ref().context("pod without spec")?;
         let c = spec.containers.first().context("pod without containers")?;
         let image = c.image.clone().unwrap_or_default();
@@ -685,14 +830,25 @@ impl PodCtx {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        for e in c.env.iter().flatten() {
-            if let Some(v) = &e.value {
-                cmd.env(&e.name, v);
-            }
+        for (k, v) in env {
+            match v {
+                EnvValue::Set(v) => cmd.env(k, v),
+                EnvValue::PodIp => cmd.env(k, ip.to_string()),
+            };
         }
         let child = cmd
             .spawn()
             .with_context(|| format!("run {}", bin.display()))?;
+        // The container's process (the sandbox script execs into it: the same pid).
+        std::fs::write(
+            &state_file,
+            format!(
+                "{ns_name}/{name}\n{}\n{}\n{ip}\n{}\n",
+                pod_ns.name,
+                cgroup.display(),
+                child.id()
+            ),
+        )?;
         st.pods.insert(
             uid.to_string(),
             SimPod {
