@@ -1679,7 +1679,9 @@ async fn a_pods_environment_comes_from_its_manifest(lab: &mut Lab) -> anyhow::Re
         anyhow::Ok(())
     }
     .await;
-    let _ = lab.kubectl(&["delete", "-f", &path, "--wait=false"]);
+    // Waits until the node simulator removed both pods (their sandboxes gone).
+    let deleted = lab.kubectl(&["delete", "-f", &path, "--timeout=60s"]);
     let _ = std::fs::remove_file(&file);
-    outcome
+    outcome?;
+    deleted.map(|_| ())
 }

@@ -222,6 +222,9 @@ struct NodeState {
     /// The host part of the address handed out last: addresses go round the CIDR (as
     /// host-local IPAM does), so a freed address is the last to be reused.
     last_host: u8,
+    /// The tasks stopping pods (each holds its pod until the container exited): aborted, and
+    /// their pods removed, on shutdown.
+    stopping: Vec<tokio::task::JoinHandle<()>>,
     /// Pods whose sandbox failed: when to try again, and the back-off after that.
     retry: BTreeMap<String, (std::time::Instant, Duration)>,
     next_if: u32,
@@ -294,6 +297,7 @@ impl SimNode {
                 draining: Default::default(),
                 last_host: 0,
                 retry: BTreeMap::new(),
+                stopping: Vec::new(),
                 next_if: 0,
             })),
             stop: watch::channel(false).0,
@@ -423,8 +427,18 @@ impl SimNode {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
-        if let Ok(mut s) = self.state.lock() {
-            s.pods.clear();
+        // Pods being stopped: their tasks hold them; aborting drops them (SIGKILL, namespace
+        // and cgroup removed) before this returns.
+        let stopping = match self.state.lock() {
+            Ok(mut s) => {
+                s.pods.clear();
+                std::mem::take(&mut s.stopping)
+            }
+            Err(_) => Vec::new(),
+        };
+        for t in stopping {
+            t.abort();
+            let _ = t.await;
         }
     }
 }
@@ -437,6 +451,9 @@ impl Drop for SimNode {
         }
         if let Ok(mut s) = self.state.lock() {
             s.pods.clear();
+            for t in s.stopping.drain(..) {
+                t.abort();
+            }
         }
         remove_cgroup(&self.cgroup);
         let _ = Command::new("ip")
@@ -583,7 +600,7 @@ impl PodCtx {
             p.name_any(),
             uid.to_string(),
         );
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Some(mut sp) = taken {
                 if let Some(c) = &sp.child {
                     let _ = nix::sys::signal::kill(
@@ -617,6 +634,10 @@ impl PodCtx {
                 )
                 .await;
         });
+        if let Ok(mut s) = self.state.lock() {
+            s.stopping.retain(|t| !t.is_finished());
+            s.stopping.push(task);
+        }
     }
 
     /// The container's environment as the kubelet builds it: `envFrom` (ConfigMaps and
