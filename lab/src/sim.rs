@@ -703,32 +703,26 @@ impl PodCtx {
                         Some(self.field(p, &f.field_path).with_context(|| {
                             format!("env {}: fieldRef {}", e.name, f.field_path)
                         })?)
-                    } else if let Some(r) = &from.config_map_key_ref {
-                        let optional = r.optional.unwrap_or(false);
-                        let v = config_map(r.name.clone(), optional)
-                            .await
+                    } else if let Some((kind, name, key, optional)) =
+                        match (&from.config_map_key_ref, &from.secret_key_ref) {
+                            (Some(r), _) => Some(("ConfigMap", &r.name, &r.key, r.optional)),
+                            (None, Some(r)) => Some(("Secret", &r.name, &r.key, r.optional)),
+                            (None, None) => None,
+                        }
+                    {
+                        let optional = optional.unwrap_or(false);
+                        let data = if kind == "ConfigMap" {
+                            config_map(name.clone(), optional).await
+                        } else {
+                            secret(name.clone(), optional).await
+                        };
+                        let v = data
                             .with_context(|| format!("env {}", e.name))?
-                            .and_then(|d| d.get(&r.key).cloned());
+                            .and_then(|d| d.get(key).cloned());
                         anyhow::ensure!(
                             v.is_some() || optional,
-                            "env {}: key {:?} not in ConfigMap {:?}",
-                            e.name,
-                            r.key,
-                            r.name
-                        );
-                        v.map(EnvValue::Set)
-                    } else if let Some(r) = &from.secret_key_ref {
-                        let optional = r.optional.unwrap_or(false);
-                        let v = secret(r.name.clone(), optional)
-                            .await
-                            .with_context(|| format!("env {}", e.name))?
-                            .and_then(|d| d.get(&r.key).cloned());
-                        anyhow::ensure!(
-                            v.is_some() || optional,
-                            "env {}: key {:?} not in Secret {:?}",
-                            e.name,
-                            r.key,
-                            r.name
+                            "env {}: key {key:?} not in {kind} {name:?}",
+                            e.name
                         );
                         v.map(EnvValue::Set)
                     } else {
