@@ -817,14 +817,6 @@ impl PodCtx {
             .state_dir
             .join("pods")
             .join(format!("{ns_name}_{name}"));
-        std::fs::write(
-            &state_file,
-            format!(
-                "{ns_name}/{name}\n{}\n{}\n{ip}\n",
-                pod_ns.name,
-                cgroup.display()
-            ),
-        )?;
         let log = std::fs::File::create(
             self.state_dir
                 .join("pods")
@@ -851,11 +843,12 @@ impl PodCtx {
                 EnvValue::PodIp => cmd.env(k, ip.to_string()),
             };
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("run {}", bin.display()))?;
-        // The container's process (the sandbox script execs into it: the same pid).
-        std::fs::write(
+        // The pod's record for `lab exec` and the tests: its namespace, cgroup, address and the
+        // container's process (the sandbox script execs into it: the same pid).
+        if let Err(e) = std::fs::write(
             &state_file,
             format!(
                 "{ns_name}/{name}\n{}\n{}\n{ip}\n{}\n",
@@ -863,7 +856,12 @@ impl PodCtx {
                 cgroup.display(),
                 child.id()
             ),
-        )?;
+        ) {
+            let _ = child.kill();
+            let _ = child.wait();
+            remove_cgroup(&cgroup);
+            return Err(e).context("write the pod's state file");
+        }
         st.pods.insert(
             uid.to_string(),
             SimPod {
