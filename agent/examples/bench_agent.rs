@@ -310,7 +310,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     let op = ScriptedOperator::start("127.0.0.1:0".parse()?, 1).await;
-    node.start_agent(&op.url())?;
+    node.start_agent(&op.control())?;
     // Idle: up, serving, no config yet.
     let deadline = Instant::now() + Duration::from_secs(30);
     while node.admin("/readyz").await.is_none() {
@@ -358,7 +358,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     // links and applies the snapshot; time from start to ready.
     anyhow::ensure!(node.stop_agent(true), "the agent did not stop cleanly");
     let t = Instant::now();
-    node.start_agent(&op.url())?;
+    node.start_agent(&op.control())?;
     node.wait_ready(Duration::from_secs(60)).await?;
     let restart_ready = t.elapsed();
 

@@ -83,15 +83,9 @@ impl Backoff {
     }
 }
 
+/// The mTLS channel to the operator (once the node certificate is there).
 async fn connect(ctx: &Ctx) -> Result<Channel, tonic::transport::Error> {
-    tonic::transport::Endpoint::from_shared(ctx.args.operator.clone())?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
+    ctx.identity.channel(&ctx.identity.operator_tls).await
 }
 
 /// Holds the config stream up until shutdown; returns an error only when it is fatal.
@@ -102,6 +96,9 @@ pub(crate) async fn subscribe_loop(ctx: Arc<Ctx>) -> anyhow::Result<()> {
     );
     let shutdown = ctx.shutdown.clone();
     let mut lost_at: Option<Instant> = None;
+    if !ctx.identity.wait_ready(&shutdown).await {
+        return Ok(());
+    }
     loop {
         let span = tracing::info_span!("config stream", operator = %ctx.args.operator);
         match session(&ctx, &mut backoff, &mut lost_at)
@@ -356,6 +353,9 @@ pub(crate) async fn report_loop(ctx: Arc<Ctx>) -> anyhow::Result<()> {
     );
     let shutdown = ctx.shutdown.clone();
     let interval = Duration::from_secs(ctx.args.report_interval_secs.max(1));
+    if !ctx.identity.wait_ready(&shutdown).await {
+        return Ok(());
+    }
     loop {
         if let Ok(channel) = connect(&ctx).await {
             let mut client = AgentConfigClient::new(channel);

@@ -7,6 +7,8 @@
 //!   (`TryFrom`) and merged ([`Received`]), then programmed by the datapath thread. Retryable
 //!   errors reconnect with exponential backoff; fatal ones end the process (see
 //!   [`control::classify`]).
+//! * **identity** — the node certificate: obtained from the operator's CA with the projected
+//!   token, renewed at half-life (`identity`); the control channel waits for it.
 //! * **reports** — `AgentConfig.ReportStatus`: after every apply or refusal, and every
 //!   `--report-interval`.
 //! * **notices** — what the datapath thread did on its own (interfaces found on retry).
@@ -43,10 +45,30 @@ pub struct Args {
     /// Name of the node this agent serves (its Kubernetes Node). Required.
     #[arg(long, env = "CORTEXFLOW_NODE_NAME", default_value = "")]
     pub node_name: String,
-    /// The operator's gRPC endpoint (e.g. `http://cortexflow-operator.cortexflow:8090`).
+    /// The operator's gRPC endpoint, always over mTLS (e.g. `cortexflow-operator.cortexflow:8090`;
+    /// an `https://` or `http://` prefix is accepted and ignored).
     /// Required.
     #[arg(long, env = "CORTEXFLOW_OPERATOR", default_value = "")]
     pub operator: String,
+    /// The projected ServiceAccount token (audience `cortexflow-ca`) the node certificate is
+    /// obtained with; read again at every renewal.
+    #[arg(
+        long,
+        env = "CORTEXFLOW_TOKEN_FILE",
+        default_value = "/var/run/secrets/cortexflow/token"
+    )]
+    pub token_file: PathBuf,
+    /// The trust bundle (PEM) the operator's certificate is verified with until the operator
+    /// sends a newer one (the `cortexflow-ca-bundle` ConfigMap, mounted).
+    #[arg(
+        long,
+        env = "CORTEXFLOW_TRUST_BUNDLE",
+        default_value = "/etc/cortexflow/ca/ca.crt"
+    )]
+    pub trust_bundle: PathBuf,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "CORTEXFLOW_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
     /// Remove every pin under `--pin-dir` (detaching the programs and freeing the maps: the
     /// node stops enforcing) and exit. For removing CortexFlow from a node.
     #[arg(long)]
@@ -157,6 +179,8 @@ pub(crate) struct Ctx {
     pub(crate) ready: std::sync::Mutex<Option<cortexflow_runtime::ReadyGuard>>,
     /// Sees the drain start (without holding it up: every loop is a supervised task).
     pub(crate) shutdown: drain::Signal,
+    /// The node certificate and the control channel's mTLS.
+    pub(crate) identity: Arc<crate::identity::Identity>,
 }
 
 /// How long the agent drains on SIGTERM (streams end, servers finish).
@@ -178,6 +202,13 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         !args.operator.is_empty(),
         "--operator (CORTEXFLOW_OPERATOR) is required"
     );
+    let identity = Arc::new(crate::identity::Identity::new(
+        &args.node_name,
+        &args.trust_domain,
+        &args.operator,
+        &args.trust_bundle,
+        args.token_file.clone(),
+    )?);
     let telemetry = Metrics::new("agent")?;
     let metrics = AgentMetrics::new(&telemetry);
     let readiness = Readiness::default();
@@ -228,6 +259,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         programmed_revision: std::sync::atomic::AtomicU64::new(started.state.revision),
         ready: std::sync::Mutex::new(Some(ready)),
         shutdown: drain.signal(),
+        identity: identity.clone(),
     });
 
     // The datapath thread: a thread, not a task, so its end is watched here (the test hook
@@ -301,6 +333,14 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     sup.spawn(
         "notices",
         control::notices_loop(ctx.clone(), started.notices),
+    );
+    sup.spawn(
+        "identity",
+        crate::identity::renew_loop(
+            identity,
+            drain.signal(),
+            Duration::from_millis(args.max_backoff_ms),
+        ),
     );
     sup.spawn("reports", control::report_loop(ctx.clone()));
     sup.spawn("subscription", control::subscribe_loop(ctx.clone()));

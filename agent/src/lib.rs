@@ -16,6 +16,7 @@
 //! * [`worker`] — the datapath thread (in the node's namespace): apply, attach, retry.
 //! * [`flows`] — ring buffer → metrics and `Flows.Observe`.
 //! * [`metrics`] — the agent's Prometheus metrics.
+//! * [`identity`] — the node certificate from the operator's CA, and the control channel's mTLS.
 //! * [`control`] — the config stream, status reports and the periodic work, as supervised tasks.
 //! * [`daemon`] — flags, and the supervised tasks of the `cortexflow-agent` process.
 //!
@@ -27,6 +28,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod flows;
+pub mod identity;
 pub mod ifaces;
 pub mod loader;
 pub mod metrics;

@@ -729,17 +729,17 @@ async fn agent_restart_under_traffic_drops_nothing(lab: &mut Lab) -> anyhow::Res
 /// Restarts every agent `n` times (SIGTERM, then a new process on the same pins and ports);
 /// returns the restart-to-ready times.
 async fn restart_agents(lab: &mut Lab, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let url = lab.operator_service.url();
     let mut times = Vec::new();
     for _ in 0..n {
-        for a in &mut lab.agents {
+        let controls: Vec<_> = lab.agents.iter().map(|a| lab.control(&a.name)).collect();
+        for (a, control) in lab.agents.iter_mut().zip(controls) {
             let t = Instant::now();
             ensure!(
                 a.stop_agent(true),
                 "{}: SIGTERM did not end the agent cleanly",
                 a.name
             );
-            a.start_agent(&url)?;
+            a.start_agent(&control)?;
             a.wait_ready(Duration::from_secs(30)).await?;
             times.push(t.elapsed());
             // Traffic between restarts too.

@@ -9,7 +9,15 @@
 //! them. Streams end cleanly when the replica drains.
 //!
 //! `ReportStatus` feeds the `Programmed` conditions.
+//!
+//! Both run over mTLS only (docs/security.md): node N's config is served, and its status
+//! taken, only from the holder of N's agent certificate (`spiffe://<td>/cortexflow/node/N`);
+//! other replicas (the operator's certificate) may forward any node's reports to the leader.
+//! No certificate: `UNAUTHENTICATED`; another node's or a workload's: `PERMISSION_DENIED`.
 use std::{pin::Pin, sync::Arc};
+
+use cortexflow_domain::spiffe;
+use cortexflow_trust::TrustStore;
 
 use cortexflow_domain::{AgentStatus, NodeConfig};
 use cortexflow_operator_core::Cursor;
@@ -47,15 +55,54 @@ pub struct AgentConfigService<C, R> {
     configs: Arc<C>,
     reports: Arc<R>,
     metrics: OperatorMetrics,
+    trust: Arc<TrustStore>,
     drain: Watcher,
 }
 
+/// Who called, from its verified client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// The agent of this node.
+    Node(String),
+    /// An operator replica.
+    Operator,
+}
+
+/// The caller of `req`: its certificate verified against `trust` and its SPIFFE id that of a
+/// node agent or of the operator.
+pub fn peer<T>(req: &Request<T>, trust: &TrustStore) -> Result<Peer, Status> {
+    let id = cortexflow_trust::tls::peer_id(req, trust)
+        .map_err(|e| Status::unauthenticated(e.to_string()))?
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "a client certificate is required: the node agent's, from Certificates.Sign",
+            )
+        })?;
+    let td = trust.trust_domain();
+    if id == spiffe::operator(td) {
+        return Ok(Peer::Operator);
+    }
+    match spiffe::node_of(td, &id) {
+        Some(n) => Ok(Peer::Node(n.to_string())),
+        None => Err(Status::permission_denied(format!(
+            "{id} is not a node agent: only node agents subscribe and report"
+        ))),
+    }
+}
+
 impl<C: Configs, R: Reports> AgentConfigService<C, R> {
-    pub fn new(configs: Arc<C>, reports: Arc<R>, metrics: OperatorMetrics, drain: Watcher) -> Self {
+    pub fn new(
+        configs: Arc<C>,
+        reports: Arc<R>,
+        metrics: OperatorMetrics,
+        trust: Arc<TrustStore>,
+        drain: Watcher,
+    ) -> Self {
         Self {
             configs,
             reports,
             metrics,
+            trust,
             drain,
         }
     }
@@ -79,9 +126,16 @@ impl<C: Configs, R: Reports> AgentConfig for AgentConfigService<C, R> {
         &self,
         req: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = peer(&req, &self.trust)?;
         let req = req.into_inner();
         if req.node.is_empty() {
             return Err(Status::invalid_argument("SubscribeRequest.node is empty"));
+        }
+        if caller != Peer::Node(req.node.clone()) {
+            return Err(Status::permission_denied(format!(
+                "{caller:?} may not subscribe to the config of node {}",
+                req.node
+            )));
         }
         let node = req.node;
         let kernel_revision = req.kernel_revision;
@@ -146,6 +200,7 @@ impl<C: Configs, R: Reports> AgentConfig for AgentConfigService<C, R> {
         &self,
         req: Request<Streaming<v1::AgentStatus>>,
     ) -> Result<Response<v1::ReportStatusResponse>, Status> {
+        let caller = peer(&req, &self.trust)?;
         let mut stream = req.into_inner();
         loop {
             let msg = tokio::select! {
@@ -155,6 +210,14 @@ impl<C: Configs, R: Reports> AgentConfig for AgentConfigService<C, R> {
             let Some(msg) = msg else { break };
             let status = AgentStatus::try_from(msg).map_err(|e| Status::invalid_argument(e.0))?;
             tracing::Span::current().record("node", status.node.as_str());
+            if let Peer::Node(n) = &caller
+                && *n != status.node
+            {
+                return Err(Status::permission_denied(format!(
+                    "the agent of node {n} may not report the status of node {}",
+                    status.node
+                )));
+            }
             if let Some((v, e)) = &status.failed {
                 tracing::warn!(version = v, error = %e, "agent refused a config");
             }
@@ -171,6 +234,7 @@ impl<C: Configs, R: Reports> AgentConfig for AgentConfigService<C, R> {
 pub async fn forward_reports(
     mut rx: mpsc::Receiver<AgentStatus>,
     leader: impl Fn() -> Option<String> + Send,
+    tls: Arc<rustls::ClientConfig>,
 ) -> anyhow::Result<()> {
     let mut current: Option<(String, mpsc::Sender<v1::AgentStatus>)> = None;
     while let Some(s) = rx.recv().await {
@@ -181,7 +245,7 @@ pub async fn forward_reports(
             .as_ref()
             .is_none_or(|(a, tx)| *a != addr || tx.is_closed())
         {
-            current = connect(&addr).await.map(|tx| (addr.clone(), tx));
+            current = connect(&addr, &tls).await.map(|tx| (addr.clone(), tx));
         }
         if let Some((_, tx)) = &current
             && tx.send(v1::AgentStatus::from(&s)).await.is_err()
@@ -192,15 +256,14 @@ pub async fn forward_reports(
     Ok(())
 }
 
-async fn connect(addr: &str) -> Option<mpsc::Sender<v1::AgentStatus>> {
-    let uri = if addr.starts_with("http") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(uri)
+async fn connect(
+    addr: &str,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Option<mpsc::Sender<v1::AgentStatus>> {
+    let channel = tonic::transport::Endpoint::from_shared(cortexflow_trust::tls::endpoint_uri(addr))
         .ok()?
-        .connect()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_with_connector(cortexflow_trust::tls::connector(tls.clone()))
         .await
         .ok()?;
     let mut client = v1::agent_config_client::AgentConfigClient::new(channel);

@@ -8,6 +8,8 @@
 //!   [`grpc::Reports`]: it knows neither the store nor the lease).
 //! * [`lease`] — leader election; [`allocator`], [`status`] and [`readiness`] act only on the
 //!   leader.
+//! * [`ca`] — the mesh CA: its Secret, `cortexflow.identity.v1.Certificates`, the operator's
+//!   own serving certificate and the published trust bundle.
 //! * [`metrics`] — the operator's Prometheus metrics.
 //!
 //! [`run`] wires them, every task supervised (`cortexflow_runtime::Supervisor`): a task that
@@ -15,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod allocator;
+pub mod ca;
 pub mod grpc;
 pub mod index;
 pub mod lease;
@@ -84,6 +87,27 @@ pub struct Args {
     /// SPIFFE trust domain.
     #[arg(long, env = "CORTEXFLOW_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The Secret (in `--namespace`) with the CA's material: the user's (keys `ca.crt`,
+    /// `issuer.crt`, `issuer.key`, optionally `ca.key`), or generated there on first start.
+    #[arg(long, env = "CORTEXFLOW_CA_SECRET", default_value = "cortexflow-ca")]
+    pub ca_secret: String,
+    /// The ConfigMap (in `--namespace`) the trust bundle is published in (key `ca.crt`).
+    #[arg(
+        long,
+        env = "CORTEXFLOW_CA_BUNDLE_CONFIGMAP",
+        default_value = "cortexflow-ca-bundle"
+    )]
+    pub ca_bundle_configmap: String,
+    /// The agents' ServiceAccount (in `--namespace`): only its tokens obtain node certificates.
+    #[arg(
+        long,
+        env = "CORTEXFLOW_AGENT_SERVICE_ACCOUNT",
+        default_value = "cortexflow-agent"
+    )]
+    pub agent_service_account: String,
+    /// Lifetime of the certificates the CA issues, in seconds (at most 7 days).
+    #[arg(long, env = "CORTEXFLOW_CERT_LIFETIME_SECS", default_value_t = 86_400)]
+    pub cert_lifetime_secs: u64,
     /// Log filter (overridden by RUST_LOG).
     #[arg(long, env = "CORTEXFLOW_LOG", default_value = "info")]
     pub log: String,
@@ -125,6 +149,19 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         kube::Client::try_from(request_config).context("a client of the Kubernetes API")?;
     let telemetry = Metrics::new("operator")?;
     let metrics = metrics::OperatorMetrics::new(&telemetry);
+    let ca_metrics = ca::CaMetrics::new(&telemetry);
+    let ca_config = ca::CaConfig {
+        namespace: args.namespace.clone(),
+        secret: args.ca_secret.clone(),
+        bundle_configmap: args.ca_bundle_configmap.clone(),
+        trust_domain: args.trust_domain.clone(),
+        agent_service_account: args.agent_service_account.clone(),
+        leaf_lifetime: Duration::from_secs(args.cert_lifetime_secs.max(60))
+            .min(cortexflow_trust::ca::MAX_LEAF_LIFETIME),
+    };
+    let authority = Arc::new(ca::load_or_create(&client, &ca_config).await?);
+    let trust = cortexflow_trust::TrustStore::new(&args.trust_domain, authority.bundle().clone());
+    let creds = cortexflow_trust::Credentials::new();
     let readiness = Readiness::default();
     let synced_guard = readiness.register("initial sync");
     let (trigger, drain) = drain::channel();
@@ -246,7 +283,33 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         ),
     );
 
-    // gRPC.
+    // The CA: this replica's serving certificate, the published bundle.
+    sup.spawn(
+        "ca/serving certificate",
+        ca::serve_own(
+            authority.clone(),
+            creds.clone(),
+            ca_config.leaf_lifetime,
+            ca_metrics.clone(),
+            drain.clone(),
+        )?,
+    );
+    sup.spawn(
+        "ca/trust bundle",
+        ca::publish_bundle(
+            client.clone(),
+            ca_config.clone(),
+            authority.clone(),
+            drain.clone(),
+        ),
+    );
+
+    // gRPC, over mTLS.
+    let peer_tls = cortexflow_trust::tls::client_config(
+        Some(creds.clone()),
+        trust.clone(),
+        &cortexflow_domain::spiffe::operator(&args.trust_domain),
+    )?;
     let (fwd_tx, fwd_rx) = mpsc::channel(1024);
     {
         let leadership = leadership.clone();
@@ -262,7 +325,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
                         .flatten()
                         .filter(|a| *a != ours)
                 }
-            }),
+            }, peer_tls),
         );
     }
     let reports = Arc::new(ReplicaReports {
@@ -270,22 +333,44 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         leadership,
         forward: fwd_tx,
     });
-    let service =
-        grpc::AgentConfigService::new(store.clone(), reports, metrics.clone(), drain.clone());
+    let service = grpc::AgentConfigService::new(
+        store.clone(),
+        reports,
+        metrics.clone(),
+        trust.clone(),
+        drain.clone(),
+    );
+    let certificates = ca::CertificateService::new(
+        client.clone(),
+        ca_config,
+        authority,
+        store.clone(),
+        ca_metrics,
+    );
+    let server_tls = cortexflow_trust::tls::server_config(creds, trust)?;
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("bind gRPC {}", args.grpc_addr))?;
     tracing::info!(addr = %grpc_listener.local_addr()?, %identity, "serving gRPC");
-    sup.spawn(
-        "grpc",
-        cortexflow_runtime::serve_grpc(
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                .add_service(service.into_server()),
-            grpc_listener,
-            drain.clone(),
-        ),
-    );
+    {
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(service.into_server())
+            .add_service(certificates.into_server());
+        let drain = drain.clone();
+        sup.spawn("grpc", async move {
+            cortexflow_trust::tls::serve(
+                router,
+                grpc_listener,
+                server_tls,
+                drain.clone().into_signaled(),
+            )
+            .await?;
+            // Held until the calls in flight finished.
+            drop(drain);
+            Ok(())
+        });
+    }
 
     cortexflow_runtime::spawn_admin(
         &mut sup,

@@ -1,5 +1,7 @@
 //! The config stream in-process: a real tonic server over the store, real gRPC clients, no API
-//! server — objects change in the engine and the test watches what subscribers receive.
+//! server — objects change in the engine and the test watches what subscribers receive. The
+//! server speaks the operator's mTLS with a CA of the test's; clients hold node certificates
+//! of that CA (or none, or the wrong ones, to be refused).
 use std::{
     net::Ipv4Addr,
     sync::{
@@ -27,7 +29,13 @@ use cortexflow_runtime::drain;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
+use cortexflow_domain::spiffe;
+use cortexflow_trust::{Authority, Credentials, TrustStore, ca::DEFAULT_LEAF_LIFETIME};
+
+const TD: &str = "cluster.local";
+
 struct Server {
+    ca: Arc<Authority>,
     store: Arc<Store>,
     addr: std::net::SocketAddr,
     shutdown: drain::Trigger,
@@ -57,19 +65,30 @@ async fn server_unsynced() -> Server {
         leadership,
         forward,
     });
-    let svc = AgentConfigService::new(store.clone(), reports, metrics, watcher.clone());
+    let ca = Arc::new(Authority::generate(TD, std::time::SystemTime::now()).unwrap());
+    let trust = TrustStore::new(TD, ca.bundle().clone());
+    let svc = AgentConfigService::new(
+        store.clone(),
+        reports,
+        metrics,
+        trust.clone(),
+        watcher.clone(),
+    );
+    let tls = cortexflow_trust::tls::server_config(creds_of(&ca, &spiffe::operator(TD)), trust)
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(svc.into_server())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                watcher.into_signaled(),
-            )
-            .await;
+        let _ = cortexflow_trust::tls::serve(
+            tonic::transport::Server::builder().add_service(svc.into_server()),
+            listener,
+            tls,
+            watcher.into_signaled(),
+        )
+        .await;
     });
     Server {
+        ca,
         store,
         addr,
         shutdown,
@@ -77,10 +96,35 @@ async fn server_unsynced() -> Server {
     }
 }
 
-async fn client(addr: std::net::SocketAddr) -> AgentConfigClient<Channel> {
-    AgentConfigClient::connect(format!("http://{addr}"))
-        .await
+/// A key and certificate for `id` from `ca`.
+fn creds_of(ca: &Authority, id: &str) -> Arc<Credentials> {
+    let (key, c) = ca
+        .issue_own(id, DEFAULT_LEAF_LIFETIME, std::time::SystemTime::now())
+        .unwrap();
+    let creds = Credentials::new();
+    creds
+        .set(key.serialize_der(), c.chain, c.spiffe_id, c.not_before, c.not_after)
+        .unwrap();
+    creds
+}
+
+/// A channel to `s` presenting `creds` (none: no client certificate).
+async fn channel(
+    s: &Server,
+    creds: Option<Arc<Credentials>>,
+) -> Result<Channel, tonic::transport::Error> {
+    let trust = TrustStore::new(TD, s.ca.bundle().clone());
+    let cfg = cortexflow_trust::tls::client_config(creds, trust, &spiffe::operator(TD)).unwrap();
+    tonic::transport::Endpoint::from_shared(format!("http://{}", s.addr))
         .unwrap()
+        .connect_with_connector(cortexflow_trust::tls::connector(cfg))
+        .await
+}
+
+/// A client holding the agent certificate of `node`.
+async fn client(s: &Server, node: &str) -> AgentConfigClient<Channel> {
+    let creds = creds_of(&s.ca, &spiffe::node_agent(TD, node));
+    AgentConfigClient::new(channel(s, Some(creds)).await.unwrap())
 }
 
 fn pod(name: &str, app: &str, node: &str, ip: u8) -> Change {
@@ -190,7 +234,7 @@ async fn a_subscriber_gets_a_snapshot_then_exactly_the_changes() {
         pod("web-1", "web", "n2", 2),
     ]));
     allocate(&s.store);
-    let mut c = client(s.addr).await;
+    let mut c = client(&s, "n1").await;
     let mut stream = c
         .subscribe(v1::SubscribeRequest {
             node: "n1".into(),
@@ -263,7 +307,7 @@ async fn a_slow_agent_only_sees_the_latest_state() {
         pod("web-1", "web", "n1", 2),
     ]));
     allocate(&s.store);
-    let mut c = client(s.addr).await;
+    let mut c = client(&s, "n1").await;
     let mut stream = c
         .subscribe(v1::SubscribeRequest {
             node: "n1".into(),
@@ -308,7 +352,7 @@ async fn a_slow_agent_only_sees_the_latest_state() {
 #[tokio::test]
 async fn streams_close_cleanly_on_shutdown_and_bad_requests_are_refused() {
     let s = server().await;
-    let mut c = client(s.addr).await;
+    let mut c = client(&s, "n9").await;
     let err = c
         .subscribe(v1::SubscribeRequest {
             node: String::new(),
@@ -347,7 +391,13 @@ async fn reports_reach_the_store_and_leave_with_their_node() {
         addresses: vec![Ipv4Addr::new(172, 16, 0, 1)],
         pod_cidr: None,
     }))]));
-    let mut c = client(s.addr).await;
+    // Another replica forwarding its agents' reports (the operator's certificate may report for
+    // any node).
+    let mut c = AgentConfigClient::new(
+        channel(&s, Some(creds_of(&s.ca, &spiffe::operator(TD))))
+            .await
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel(4);
     // From a node that does not exist: not kept.
     tx.send(v1::AgentStatus {
@@ -416,7 +466,7 @@ async fn reports_reach_the_store_and_leave_with_their_node() {
 #[tokio::test]
 async fn nothing_is_sent_before_every_kind_and_the_id_table_are_applied() {
     let s = server_unsynced().await;
-    let mut c = client(s.addr).await;
+    let mut c = client(&s, "n1").await;
     let mut stream = c
         .subscribe(v1::SubscribeRequest {
             node: "n1".into(),
@@ -498,7 +548,7 @@ async fn a_held_agent_gets_a_snapshot_as_soon_as_the_replica_catches_up() {
     allocate(&s.store);
     let now = s.store.revision().expect("synced");
     let kernel = now + 50;
-    let mut c = client(s.addr).await;
+    let mut c = client(&s, "n1").await;
     let mut stream = c
         .subscribe(v1::SubscribeRequest {
             node: "n1".into(),
@@ -547,6 +597,99 @@ async fn a_held_agent_gets_a_snapshot_as_soon_as_the_replica_catches_up() {
             .is_err(),
         "a second unasked snapshot"
     );
+    s.shutdown.start();
+    let _ = s.task.await;
+}
+
+/// The forged-RPC table: who may not subscribe to node n1's config or report its status, and
+/// with which code each is refused.
+#[tokio::test]
+async fn only_the_agent_of_a_node_gets_its_config_or_reports_its_status() {
+    let s = server().await;
+    let subscribe = |node: &str| v1::SubscribeRequest {
+        node: node.into(),
+        ..Default::default()
+    };
+    // The real agent of n1: served.
+    let mut ok = client(&s, "n1").await;
+    let mut stream = ok.subscribe(subscribe("n1")).await.unwrap().into_inner();
+    assert!(next(&mut stream).await.full);
+
+    // No client certificate: UNAUTHENTICATED (the TLS handshake itself succeeds).
+    let mut anon = AgentConfigClient::new(channel(&s, None).await.unwrap());
+    let e = anon.subscribe(subscribe("n1")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+
+    // Certificates of this CA, but not n1's agent: PERMISSION_DENIED.
+    for id in [
+        spiffe::node_agent(TD, "n2"),
+        spiffe::service_account(TD, "shop", "backend"),
+        spiffe::operator(TD),
+    ] {
+        let mut c = AgentConfigClient::new(
+            channel(&s, Some(creds_of(&s.ca, &id))).await.unwrap(),
+        );
+        let e = c.subscribe(subscribe("n1")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{id}: {e}");
+    }
+
+    // n2's agent reporting for n1: PERMISSION_DENIED, and nothing reaches the store.
+    let mut n2 = client(&s, "n2").await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(v1::AgentStatus {
+        node: "n1".into(),
+        applied_version: 99,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let e = n2
+        .report_status(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(!s.store.reports().contains_key("n1"));
+
+    // A certificate for n1 from another CA, and one of ours that expired: the handshake fails.
+    let other = Authority::generate(TD, std::time::SystemTime::now()).unwrap();
+    let foreign = creds_of(&other, &spiffe::node_agent(TD, "n1"));
+    let expired = {
+        let (key, c) = s
+            .ca
+            .issue_own(
+                &spiffe::node_agent(TD, "n1"),
+                Duration::from_secs(60),
+                std::time::SystemTime::now() - Duration::from_secs(3600),
+            )
+            .unwrap();
+        let creds = Credentials::new();
+        creds
+            .set(key.serialize_der(), c.chain, c.spiffe_id, c.not_before, c.not_after)
+            .unwrap();
+        creds
+    };
+    for (what, creds) in [("another CA", foreign), ("expired", expired)] {
+        let refused = match channel(&s, Some(creds)).await {
+            Err(_) => true,
+            // TLS 1.3: the client may finish before the server's verdict; the first call fails.
+            Ok(ch) => AgentConfigClient::new(ch)
+                .subscribe(subscribe("n1"))
+                .await
+                .is_err(),
+        };
+        assert!(refused, "a client certificate of {what} was accepted");
+    }
+
+    // A server that is not the operator (another CA's): the agent refuses it.
+    let trust = TrustStore::new(TD, other.bundle().clone());
+    let cfg = cortexflow_trust::tls::client_config(None, trust, &spiffe::operator(TD)).unwrap();
+    let r = tonic::transport::Endpoint::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .connect_with_connector(cortexflow_trust::tls::connector(cfg))
+        .await;
+    assert!(r.is_err(), "an operator of another CA was trusted");
+
     s.shutdown.start();
     let _ = s.task.await;
 }

@@ -5,6 +5,7 @@
 //! * [`agent::v1`] — `cortexflow.agent.v1`: the operator streams each node's config
 //!   (`AgentConfig.Subscribe`) and takes the agents' reports (`AgentConfig.ReportStatus`).
 //! * [`flows::v1`] — `cortexflow.flows.v1`: every agent's `Flows.Observe`.
+//! * [`identity::v1`] — `cortexflow.identity.v1`: the mesh CA's `Certificates.Sign`.
 //!
 //! [`convert`] turns `cortexflow.agent.v1` messages into the validated types of
 //! `cortexflow-domain` and back; it is the only place that does.
@@ -27,5 +28,14 @@ pub mod flows {
     #[allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
     pub mod v1 {
         include!("gen/cortexflow.flows.v1.rs");
+    }
+}
+
+/// `cortexflow.identity.v1`.
+pub mod identity {
+    /// Generated code of `cortexflow.identity.v1` (do not edit; `cargo xtask protogen`).
+    #[allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
+    pub mod v1 {
+        include!("gen/cortexflow.identity.v1.rs");
     }
 }

@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+pub use crate::scripted_operator::Control;
 use crate::{
     net::{Cgroup, Topology, unique},
     process::{Daemon, free_port, http_get},
@@ -89,15 +90,15 @@ impl Agent {
         &self.pins.dir
     }
 
-    /// Starts an agent subscribed to `operator` (an `http://` URL).
-    pub fn start_agent(&mut self, operator: &str) -> anyhow::Result<()> {
+    /// Starts an agent subscribed to `operator`.
+    pub fn start_agent(&mut self, operator: &Control) -> anyhow::Result<()> {
         self.start_agent_with(operator, &[])
     }
 
     /// [`Agent::start_agent`] with more environment (e.g. the supervisor's test hook).
     pub fn start_agent_with(
         &mut self,
-        operator: &str,
+        operator: &Control,
         env: &[(&str, String)],
     ) -> anyhow::Result<()> {
         if self.daemon.is_some() {
@@ -108,7 +109,11 @@ impl Agent {
             "--node-name",
             &self.name,
             "--operator",
-            operator,
+            &operator.url,
+            "--trust-bundle",
+            &operator.bundle_file.to_string_lossy(),
+            "--token-file",
+            &operator.token_file.to_string_lossy(),
             "--grpc-addr",
             &self.grpc.to_string(),
             "--admin-addr",

@@ -3,8 +3,15 @@
 //! or not) to the open streams, and reads every status report. It stands in for the operator
 //! below the top of the test ladder (the agent's own tests and benchmark); the e2e suite runs
 //! the real operator.
+//!
+//! It speaks the real operator's TLS: a CA of its own (one per test process, so that an
+//! operator restarted on the same address is trusted by the agents that knew the last one)
+//! signs the operator's certificate and, through `Certificates.Sign`, whatever node certificate
+//! an agent asks for — it checks no token. [`ScriptedOperator::control`] is what an agent needs
+//! to reach it: the address, a trust bundle file and a token file.
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -14,10 +21,14 @@ use std::{
 };
 
 use cortexflow_domain as domain;
-use cortexflow_proto::agent::v1::{
-    self,
-    agent_config_server::{AgentConfig, AgentConfigServer},
+use cortexflow_proto::{
+    agent::v1::{
+        self,
+        agent_config_server::{AgentConfig, AgentConfigServer},
+    },
+    identity::v1 as idv1,
 };
+use cortexflow_trust::{Authority, Credentials, TrustStore};
 use futures::Stream;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status, Streaming};
@@ -92,9 +103,63 @@ impl AgentConfig for Svc {
     }
 }
 
+/// The test process's CA.
+fn authority() -> &'static Authority {
+    static CA: std::sync::OnceLock<Authority> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        Authority::generate(TRUST_DOMAIN, std::time::SystemTime::now()).expect("a test CA")
+    })
+}
+
+/// The trust domain of the scripted operator's CA (the agent's default).
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Signs any CSR for the one id it asks for.
+struct Signer;
+
+#[tonic::async_trait]
+impl idv1::certificates_server::Certificates for Signer {
+    async fn sign(
+        &self,
+        req: Request<idv1::SignRequest>,
+    ) -> Result<Response<idv1::SignResponse>, Status> {
+        let req = req.into_inner();
+        let ca = authority();
+        let id = match cortexflow_trust::csr::requested_uris(&req.csr).as_slice() {
+            [id] => id.clone(),
+            _ => return Err(Status::invalid_argument("the CSR must ask for one URI")),
+        };
+        let leaf = ca
+            .sign(
+                &req.csr,
+                &id,
+                cortexflow_trust::ca::DEFAULT_LEAF_LIFETIME,
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(idv1::SignResponse {
+            chain: leaf.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle: ca.bundle().ders().iter().map(|c| c.to_vec()).collect(),
+            spiffe_id: leaf.spiffe_id,
+            not_after: cortexflow_trust::unix_secs(leaf.not_after),
+        }))
+    }
+}
+
+/// How an agent reaches a control plane: its gRPC address, the trust bundle to verify it
+/// with, and the token to obtain a certificate with.
+#[derive(Clone, Debug)]
+pub struct Control {
+    pub url: String,
+    pub bundle_file: PathBuf,
+    pub token_file: PathBuf,
+}
+
 /// The server; stop it with [`ScriptedOperator::stop`].
 pub struct ScriptedOperator {
     pub addr: SocketAddr,
+    /// The bundle and token files (removed on drop).
+    files: crate::process::TempDir,
     state: Arc<OpState>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -121,19 +186,45 @@ impl ScriptedOperator {
             stop: stop_rx.clone(),
         };
         let mut down = stop_rx;
+        let ca = authority();
+        let trust = TrustStore::new(TRUST_DOMAIN, ca.bundle().clone());
+        let creds = Credentials::new();
+        let (key, own) = ca
+            .issue_own(
+                &cortexflow_domain::spiffe::operator(TRUST_DOMAIN),
+                cortexflow_trust::ca::DEFAULT_LEAF_LIFETIME,
+                std::time::SystemTime::now(),
+            )
+            .expect("the operator's certificate");
+        creds
+            .set(
+                key.serialize_der(),
+                own.chain,
+                own.spiffe_id,
+                own.not_before,
+                own.not_after,
+            )
+            .expect("install the operator's certificate");
+        let tls = cortexflow_trust::tls::server_config(creds, trust).expect("TLS config");
+        let files = crate::process::TempDir::new("cftest-op-").expect("a temporary directory");
+        std::fs::write(files.path().join("ca.crt"), ca.bundle().to_pem()).expect("bundle file");
+        std::fs::write(files.path().join("token"), "scripted").expect("token file");
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(AgentConfigServer::new(svc))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move {
-                        let _ = down.changed().await;
-                    },
-                )
-                .await;
+            let _ = cortexflow_trust::tls::serve(
+                tonic::transport::Server::builder()
+                    .add_service(AgentConfigServer::new(svc))
+                    .add_service(idv1::certificates_server::CertificatesServer::new(Signer)),
+                listener,
+                tls,
+                async move {
+                    let _ = down.changed().await;
+                },
+            )
+            .await;
         });
         Self {
             addr,
+            files,
             state,
             stop,
             task,
@@ -141,7 +232,16 @@ impl ScriptedOperator {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.addr.to_string()
+    }
+
+    /// What an agent needs to reach this operator.
+    pub fn control(&self) -> Control {
+        Control {
+            url: self.url(),
+            bundle_file: self.files.path().join("ca.crt"),
+            token_file: self.files.path().join("token"),
+        }
     }
 
     fn next_version(&self) -> u64 {

@@ -7,7 +7,7 @@ pub(crate) fn config_reaches_the_kernel() {
         let op = ScriptedOperator::start("127.0.0.1:0".parse().expect("addr"), 1).await;
         let mut node = node(3, 71, &[]);
         let _srv = servers(&node, &[8080, 9090]);
-        node.start_agent(&op.url()).expect("start agent");
+        node.start_agent(&op.control()).expect("start agent");
         // Not ready before the first config (the operator has none to give yet).
         let deadline = Instant::now() + Duration::from_secs(20);
         let not_ready = loop {
@@ -169,7 +169,7 @@ pub(crate) fn invalid_and_oversized() {
             generation: 1,
         };
         let v1 = op.set(&node_config(&node.topo, &good, 10));
-        node.start_agent(&op.url()).expect("start agent");
+        node.start_agent(&op.control()).expect("start agent");
         node.wait_ready(Duration::from_secs(20))
             .await
             .expect("ready");

@@ -14,7 +14,7 @@ pub(crate) fn operator_down() {
         };
         let cfg = node_config(&node.topo, &policy, 1000);
         let v = op.set(&cfg);
-        node.start_agent(&op.url()).expect("start agent");
+        node.start_agent(&op.control()).expect("start agent");
         node.wait_ready(Duration::from_secs(20))
             .await
             .expect("ready");

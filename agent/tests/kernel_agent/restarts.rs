@@ -209,7 +209,7 @@ pub(crate) fn restarts_under_traffic() {
             generation: 1,
         };
         let v = op.set(&node_config(&node.topo, &policy, 1000));
-        node.start_agent(&op.url()).expect("start agent");
+        node.start_agent(&op.control()).expect("start agent");
         node.wait_ready(Duration::from_secs(20)).await.expect("ready");
         op.report("applied", Duration::from_secs(10), |r| r.applied_version == v)
             .await;
@@ -233,7 +233,7 @@ pub(crate) fn restarts_under_traffic() {
             assert!(node.stop_agent(graceful), "SIGTERM exits cleanly");
             downtime.push(t0.elapsed());
             let t1 = Instant::now();
-            node.start_agent(&op.url()).expect("start agent");
+            node.start_agent(&op.control()).expect("start agent");
             node.wait_ready(Duration::from_secs(20)).await.expect("ready");
             ready_times.push(t1.elapsed());
             assert_eq!(

@@ -16,7 +16,7 @@ pub(crate) fn an_older_snapshot_never_replaces_the_kernels_state() {
         let mut rich = node_config(&node.topo, &policy, 10);
         rich.revision = 100;
         let v = op.set(&rich);
-        node.start_agent(&op.url()).expect("start agent");
+        node.start_agent(&op.control()).expect("start agent");
         node.wait_ready(Duration::from_secs(20))
             .await
             .expect("ready");
@@ -55,7 +55,7 @@ pub(crate) fn an_older_snapshot_never_replaces_the_kernels_state() {
         // The agent restarts while the operator still lags: the revision came back with the
         // pins, so it holds again (and is not ready: it programmed nothing).
         assert!(node.stop_agent(true));
-        node.start_agent(&op.url()).expect("restart agent");
+        node.start_agent(&op.control()).expect("restart agent");
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(node.admin("/readyz").await.map(|r| r.0), Some(503));
         assert_eq!(pinned.endpoints().expect("endpoints"), eps);

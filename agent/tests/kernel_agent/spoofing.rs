@@ -91,7 +91,7 @@ pub(crate) fn forged_sources_are_dropped_at_the_senders_veth() {
             generation: 1,
         };
         let v = op.set(&node_config(&node.topo, &open, 0));
-        node.start_agent(&op.url()).expect("start agent");
+        node.start_agent(&op.control()).expect("start agent");
         node.wait_ready(Duration::from_secs(20))
             .await
             .expect("ready");

@@ -16,7 +16,7 @@ pub(crate) fn dead_task_ends_the_agent() {
             generation: 1,
         };
         op.set(&node_config(&node.topo, &policy, 10));
-        node.start_agent(&op.url()).expect("start agent");
+        node.start_agent(&op.control()).expect("start agent");
         node.wait_ready(Duration::from_secs(20))
             .await
             .expect("ready");
@@ -38,7 +38,7 @@ pub(crate) fn dead_task_ends_the_agent() {
 
         let mut slowest = Duration::ZERO;
         for task in &tasks {
-            node.start_agent_with(&op.url(), &[("CORTEXFLOW_FAIL_TASK", task.clone())])
+            node.start_agent_with(&op.control(), &[("CORTEXFLOW_FAIL_TASK", task.clone())])
                 .expect("start agent");
             node.wait_ready(Duration::from_secs(20))
                 .await

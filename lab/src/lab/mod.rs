@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use cortexflow_testkit::{
-    node::Agent,
+    node::{Agent, Control},
     process::{Daemon, Operator, OperatorOptions, binary, free_port, http_get},
     workspace_root,
 };
@@ -166,8 +166,15 @@ impl Lab {
         let mut operator = Operator::start(&operator_opts)?;
         operator.wait_ready(Duration::from_secs(60)).await?;
         let operator_service = OperatorService::start(vec![operator.grpc]).await?;
+        // What the agent DaemonSet's pods mount: the trust bundle the operator publishes, and a
+        // token for the agent's ServiceAccount with the CA's audience, bound to the node (the
+        // agents run as host processes in the nodes' namespaces; a pod's projected token would be
+        // bound to its pod).
+        let bundle_file = o.state_dir.join("ca.crt");
+        wait_for_bundle(&kubeconfig, &bundle_file, Duration::from_secs(30)).await?;
         let mut agents = Vec::new();
         for n in &nodes {
+            agent_token(&kubeconfig, &n.name, &o.state_dir)?;
             let socket = cni_socket(n).to_string_lossy().into_owned();
             let mut a = Agent::new(
                 &agent_bin,
@@ -176,7 +183,7 @@ impl Lab {
                 &n.cgroup,
                 &["--cni-socket", &socket],
             )?;
-            a.start_agent(&operator_service.url())?;
+            a.start_agent(&control(&operator_service, &o.state_dir, &n.name))?;
             agents.push(a);
         }
         for a in &mut agents {
@@ -217,6 +224,11 @@ impl Lab {
         let mut lab = lab;
         lab.timings.push(("demo", t.elapsed()));
         Ok(lab)
+    }
+
+    /// How the agent of `node` reaches the control plane.
+    pub fn control(&self, node: &str) -> Control {
+        control(&self.operator_service, &self.state_dir, node)
     }
 
     /// Stops the operator (SIGTERM); the agents keep their state and retry.
@@ -479,4 +491,75 @@ pub fn exec_command(
         let (netns, cgroup) = sim::locate(state_dir, ns, name)?;
         sim::exec_command(&netns, &cgroup, argv)
     })
+}
+
+/// The agents' ServiceAccount (the chart's, release `cortexflow`).
+pub const AGENT_ACCOUNT: &str = "cortexflow-agent";
+
+fn control(service: &OperatorService, state_dir: &Path, node: &str) -> Control {
+    Control {
+        url: service.url(),
+        bundle_file: state_dir.join("ca.crt"),
+        token_file: state_dir.join("tokens").join(node),
+    }
+}
+
+/// A token of the agents' ServiceAccount for the CA (audience `cortexflow-ca`), bound to the
+/// Node `node`, in `<state>/tokens/<node>`.
+fn agent_token(kubeconfig: &Path, node: &str, state_dir: &Path) -> anyhow::Result<()> {
+    let token = kubectl::ok(
+        kubeconfig,
+        &[
+            "create",
+            "token",
+            "-n",
+            SYSTEM_NAMESPACE,
+            AGENT_ACCOUNT,
+            // The only audience the operator's CA accepts (`cortexflow_trust::TOKEN_AUDIENCE`).
+            "--audience",
+            "cortexflow-ca",
+            "--bound-object-kind",
+            "Node",
+            "--bound-object-name",
+            node,
+            "--duration=24h",
+        ],
+    )?;
+    let dir = state_dir.join("tokens");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(node), token.trim())?;
+    Ok(())
+}
+
+/// Waits until the operator published the trust bundle, and writes it to `file`.
+async fn wait_for_bundle(
+    kubeconfig: &std::path::Path,
+    file: &std::path::Path,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pem = kubectl::ok(
+            kubeconfig,
+            &[
+                "get",
+                "configmap",
+                "-n",
+                SYSTEM_NAMESPACE,
+                "cortexflow-ca-bundle",
+                "--ignore-not-found",
+                "-o",
+                "jsonpath={.data.ca\\.crt}",
+            ],
+        )?;
+        if pem.contains("BEGIN CERTIFICATE") {
+            std::fs::write(file, pem)?;
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the operator did not publish the trust bundle (ConfigMap cortexflow-ca-bundle) within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -411,3 +411,89 @@ mod tests {
         assert_eq!(rule_id::MAX_RULES_PER_DIRECTION, 32);
     }
 }
+
+// ---- SPIFFE ids --------------------------------------------------------------------------------
+
+/// SPIFFE ids of the mesh (SPEC §3, docs/security.md): workloads under `/ns/…`, the mesh's
+/// own components under `/cortexflow/…` (no namespace can produce that path, so a workload can
+/// never hold a component's id).
+pub mod spiffe {
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>`: the implicit identity of a service account.
+    pub fn service_account(trust_domain: &str, ns: &str, sa: &str) -> String {
+        format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}")
+    }
+
+    /// `spiffe://<td>/ns/<ns>/sid/<name>`: a ServiceIdentity.
+    pub fn service_identity(trust_domain: &str, ns: &str, name: &str) -> String {
+        format!("spiffe://{trust_domain}/ns/{ns}/sid/{name}")
+    }
+
+    /// `spiffe://<td>/cortexflow/node/<node>`: the agent of a node.
+    pub fn node_agent(trust_domain: &str, node: &str) -> String {
+        format!("spiffe://{trust_domain}/cortexflow/node/{node}")
+    }
+
+    /// `spiffe://<td>/cortexflow/operator`: every operator replica.
+    pub fn operator(trust_domain: &str) -> String {
+        format!("spiffe://{trust_domain}/cortexflow/operator")
+    }
+
+    /// The node a node agent's id names, `None` for any other id of `trust_domain`.
+    pub fn node_of<'a>(trust_domain: &str, id: &'a str) -> Option<&'a str> {
+        let rest = id
+            .strip_prefix("spiffe://")?
+            .strip_prefix(trust_domain)?
+            .strip_prefix("/cortexflow/node/")?;
+        (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+    }
+
+    /// The trust domain of a well-formed SPIFFE id (`spiffe://<td>/<path>`, a non-empty path
+    /// without empty, `.` or `..` segments, no query or fragment), `None` otherwise.
+    pub fn trust_domain_of(id: &str) -> Option<&str> {
+        let rest = id.strip_prefix("spiffe://")?;
+        let (td, path) = rest.split_once('/')?;
+        let td_ok = !td.is_empty()
+            && td
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        let path_ok = path.split('/').all(|s| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        });
+        (td_ok && path_ok).then_some(td)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn ids_and_their_parts() {
+            let n = node_agent("cluster.local", "lab-node-1");
+            assert_eq!(n, "spiffe://cluster.local/cortexflow/node/lab-node-1");
+            assert_eq!(node_of("cluster.local", &n), Some("lab-node-1"));
+            assert_eq!(node_of("other.domain", &n), None);
+            assert_eq!(node_of("cluster.local", "spiffe://cluster.local/cortexflow/node/"), None);
+            assert_eq!(node_of("cluster.local", "spiffe://cluster.local/cortexflow/node/a/b"), None);
+            assert_eq!(
+                node_of("cluster.local", &service_account("cluster.local", "cortexflow", "node")),
+                None
+            );
+            assert_eq!(trust_domain_of(&operator("td.example")), Some("td.example"));
+            for bad in [
+                "spiffe://cluster.local",
+                "spiffe://cluster.local/",
+                "spiffe://Cluster/ns/a",
+                "spiffe://cluster.local/ns//a",
+                "spiffe://cluster.local/ns/../a",
+                "spiffe://cluster.local/ns/a?x=1",
+                "https://cluster.local/ns/a",
+            ] {
+                assert_eq!(trust_domain_of(bad), None, "{bad}");
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@
 //! (default-deny where they say so), and as a peer it matches only rules that admit any peer.
 //! This is computed from the current objects and table alone, so it is the same whatever order
 //! changes arrived in.
-use cortexflow_domain::identity;
+use cortexflow_domain::{identity, spiffe};
 
 use super::*;
 
@@ -115,9 +115,10 @@ impl Engine {
                 SidStatus {
                     generation: s.generation,
                     id,
-                    spiffe_id: format!(
-                        "spiffe://{}/ns/{}/sid/{}",
-                        self.cfg.trust_domain, ns, s.key.name
+                    spiffe_id: spiffe::service_identity(
+                        &self.cfg.trust_domain,
+                        ns,
+                        &s.key.name,
                     ),
                     endpoints,
                     accepted,
@@ -147,6 +148,17 @@ impl Engine {
     /// `None` for a pod that is not live.
     pub(super) fn pod_identity(&self, pod: &ObjKey) -> Option<u32> {
         self.ns.get(&pod.namespace)?.pod_ids.get(pod).copied()
+    }
+
+    /// The SPIFFE id a live pod's certificate carries: its key's (the ServiceIdentity that
+    /// selects it, else its service account's) — whether or not the key has a number yet.
+    pub fn pod_spiffe_id(&self, pod: &ObjKey) -> Option<String> {
+        let td = &self.cfg.trust_domain;
+        Some(match self.ns.get(&pod.namespace)?.pod_keys.get(pod)? {
+            AllocKey::Sid(k) => spiffe::service_identity(td, &k.namespace, &k.name),
+            AllocKey::Sa(k) => spiffe::service_account(td, &k.namespace, &k.name),
+            AllocKey::Policy(_) => return None,
+        })
     }
 
     pub(super) fn identity_list(&self) -> Vec<IdentityInfo> {

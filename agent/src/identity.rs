@@ -1,0 +1,201 @@
+//! The agent's identity (docs/security.md): its node certificate
+//! `spiffe://<td>/cortexflow/node/<node>` from the operator's CA, and the mTLS configuration of
+//! the control channel built on it.
+//!
+//! * Bootstrap: the trust bundle from `--trust-bundle` (the `cortexflow-ca-bundle` ConfigMap,
+//!   mounted), the projected token from `--token-file` (audience `cortexflow-ca`, bound to the
+//!   agent's pod), a fresh P-256 key and its CSR → `Certificates.Sign` over TLS that verifies the
+//!   operator's SPIFFE id. The key never leaves the process.
+//! * Renewal at about half of the certificate's life (±10 % jitter), with a token read anew
+//!   (the kubelet rotates it); a failed renewal keeps the certificate that is still valid and
+//!   retries with backoff. Every answer carries the current trust bundle, which replaces the one
+//!   in use — new connections verify with it, nothing restarts.
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use cortexflow_domain::spiffe;
+use cortexflow_proto::identity::v1::{self, certificates_client::CertificatesClient};
+use cortexflow_trust::{Bundle, Credentials, TrustStore, tls};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+
+use crate::control::{Backoff, Retry, classify};
+
+/// The agent's credentials and the TLS configurations that use them.
+pub struct Identity {
+    pub(crate) spiffe_id: String,
+    pub(crate) trust: Arc<TrustStore>,
+    pub(crate) creds: Arc<Credentials>,
+    /// mTLS to the operator: our certificate, the operator's id verified.
+    pub(crate) operator_tls: Arc<rustls::ClientConfig>,
+    /// TLS to the operator without a client certificate (Sign authenticates by token).
+    sign_tls: Arc<rustls::ClientConfig>,
+    token_file: PathBuf,
+    operator: String,
+    /// True once a certificate is installed.
+    pub(crate) ready: watch::Sender<bool>,
+}
+
+impl Identity {
+    pub(crate) fn new(
+        node: &str,
+        trust_domain: &str,
+        operator: &str,
+        bundle_file: &std::path::Path,
+        token_file: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let pem = std::fs::read(bundle_file)
+            .with_context(|| format!("read the trust bundle {}", bundle_file.display()))?;
+        let bundle = Bundle::from_pem(&pem)
+            .with_context(|| format!("the trust bundle {}", bundle_file.display()))?;
+        let trust = TrustStore::new(trust_domain, bundle);
+        let creds = Credentials::new();
+        let operator_id = spiffe::operator(trust_domain);
+        Ok(Self {
+            spiffe_id: spiffe::node_agent(trust_domain, node),
+            operator_tls: tls::client_config(Some(creds.clone()), trust.clone(), &operator_id)?,
+            sign_tls: tls::client_config(None, trust.clone(), &operator_id)?,
+            trust,
+            creds,
+            token_file,
+            operator: operator.to_string(),
+            ready: watch::channel(false).0,
+        })
+    }
+
+    /// A channel to the operator over `config`.
+    pub(crate) async fn channel(
+        &self,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        tonic::transport::Endpoint::from_shared(tls::endpoint_uri(&self.operator))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_with_connector(tls::connector(config.clone()))
+            .await
+    }
+
+    /// One `Sign`: a new key, its certificate, the bundle. Returns the new notAfter.
+    async fn obtain(&self) -> Result<SystemTime, (Retry, String)> {
+        let token = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| {
+                (
+                    Retry::Retryable,
+                    format!("read the token {}: {e}", self.token_file.display()),
+                )
+            })?
+            .trim()
+            .to_string();
+        let (key, csr) = cortexflow_trust::csr::request(&self.spiffe_id)
+            .map_err(|e| (Retry::Fatal, format!("make a CSR: {e}")))?;
+        let channel = self
+            .channel(&self.sign_tls)
+            .await
+            .map_err(|e| (Retry::Retryable, format!("connect to {}: {e}", self.operator)))?;
+        let r = CertificatesClient::new(channel)
+            .sign(v1::SignRequest { csr, token })
+            .await
+            .map_err(|s| {
+                (
+                    classify(&s),
+                    format!("Certificates.Sign: {}: {}", s.code(), s.message()),
+                )
+            })?
+            .into_inner();
+        let chain: Vec<CertificateDer<'static>> =
+            r.chain.into_iter().map(CertificateDer::from).collect();
+        // What the operator sent must be what we asked for, and verify with its own bundle.
+        let bundle = Bundle::from_der(r.trust_bundle.into_iter().map(CertificateDer::from).collect())
+            .map_err(|e| (Retry::Retryable, format!("the bundle in the answer: {e}")))?;
+        let id = cortexflow_trust::verify::verify_peer(
+            &bundle,
+            &chain,
+            SystemTime::now(),
+            cortexflow_trust::Usage::Client,
+            self.trust.trust_domain(),
+        )
+        .map_err(|e| (Retry::Retryable, format!("the certificate issued: {e}")))?;
+        if id != self.spiffe_id {
+            return Err((
+                Retry::Fatal,
+                format!("the operator issued {id}, not {}", self.spiffe_id),
+            ));
+        }
+        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(r.not_after.max(0) as u64);
+        self.creds
+            .set(
+                key.serialize_der(),
+                chain,
+                id,
+                SystemTime::now(),
+                not_after,
+            )
+            .map_err(|e| (Retry::Fatal, e.to_string()))?;
+        if self.trust.set(bundle) {
+            tracing::info!("trust bundle updated");
+        }
+        self.ready.send_replace(true);
+        Ok(not_after)
+    }
+
+    /// Waits until a certificate is installed (false: shutting down).
+    pub(crate) async fn wait_ready(&self, shutdown: &cortexflow_runtime::drain::Signal) -> bool {
+        let mut rx = self.ready.subscribe();
+        tokio::select! {
+            r = rx.wait_for(|r| *r) => r.is_ok(),
+            () = shutdown.signaled() => false,
+        }
+    }
+}
+
+/// Obtains the certificate, then renews it at about half-life; fatal refusals end the agent.
+pub async fn renew_loop(
+    id: Arc<Identity>,
+    shutdown: cortexflow_runtime::drain::Signal,
+    max_backoff: Duration,
+) -> anyhow::Result<()> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), max_backoff.max(Duration::from_secs(1)));
+    let mut jitter = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
+    loop {
+        let wait = match id.obtain().await {
+            Ok(not_after) => {
+                backoff.reset();
+                let left = not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tracing::info!(
+                    spiffe_id = %id.spiffe_id,
+                    valid_for_secs = left.as_secs(),
+                    "node certificate obtained"
+                );
+                // Half of the remaining life, ±10 %.
+                let half = left / 2;
+                let spread = jitter.next_wait().as_secs_f64(); // in [0.5, 1] s
+                half.mul_f64(0.9 + 0.2 * (spread - 0.5) * 2.0)
+                    .max(Duration::from_secs(1))
+            }
+            Err((Retry::Fatal, e)) => {
+                anyhow::bail!("the node certificate was refused: {e}");
+            }
+            Err((Retry::Retryable, e)) => {
+                let still = id
+                    .creds
+                    .current()
+                    .is_some_and(|(_, _, na)| na > SystemTime::now());
+                tracing::warn!(error = %e, keeps_valid_certificate = still, "obtaining the node certificate failed; retrying");
+                backoff.next_wait()
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            () = shutdown.signaled() => return Ok(()),
+        }
+    }
+}
