@@ -18,9 +18,7 @@ use std::{
 
 use anyhow::Context as _;
 use cortexflow_domain::spiffe;
-use cortexflow_proto::identity::v1::{self, certificates_client::CertificatesClient};
-use cortexflow_trust::{Bundle, Credentials, TrustStore, tls};
-use rustls_pki_types::CertificateDer;
+use cortexflow_trust::{Bundle, Credentials, TrustStore, client::ObtainError, tls};
 use tokio::sync::watch;
 
 use crate::control::{Backoff, Retry, classify};
@@ -93,51 +91,23 @@ impl Identity {
             })?
             .trim()
             .to_string();
-        let (key, csr) = cortexflow_trust::csr::request(&self.spiffe_id)
-            .map_err(|e| (Retry::Fatal, format!("make a CSR: {e}")))?;
         let channel = self
             .channel(&self.sign_tls)
             .await
             .map_err(|e| (Retry::Retryable, format!("connect to {}: {e}", self.operator)))?;
-        let r = CertificatesClient::new(channel)
-            .sign(v1::SignRequest { csr, token })
-            .await
-            .map_err(|s| {
-                (
-                    classify(&s),
-                    format!("Certificates.Sign: {}: {}", s.code(), s.message()),
-                )
-            })?
-            .into_inner();
-        let chain: Vec<CertificateDer<'static>> =
-            r.chain.into_iter().map(CertificateDer::from).collect();
-        // What the operator sent must be what we asked for, and verify with its own bundle.
-        let bundle = Bundle::from_der(r.trust_bundle.into_iter().map(CertificateDer::from).collect())
-            .map_err(|e| (Retry::Retryable, format!("the bundle in the answer: {e}")))?;
-        let id = cortexflow_trust::verify::verify_peer(
-            &bundle,
-            &chain,
-            SystemTime::now(),
-            cortexflow_trust::Usage::Client,
+        let got = cortexflow_trust::client::obtain(
+            channel,
+            &token,
+            &self.spiffe_id,
             self.trust.trust_domain(),
+            &self.creds,
         )
-        .map_err(|e| (Retry::Retryable, format!("the certificate issued: {e}")))?;
-        if id != self.spiffe_id {
-            return Err((
-                Retry::Fatal,
-                format!("the operator issued {id}, not {}", self.spiffe_id),
-            ));
-        }
-        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(r.not_after.max(0) as u64);
-        self.creds
-            .set(
-                key.serialize_der(),
-                chain,
-                id,
-                SystemTime::now(),
-                not_after,
-            )
-            .map_err(|e| (Retry::Fatal, e.to_string()))?;
+        .await
+        .map_err(|e| match &e {
+            ObtainError::Refused(s) => (classify(s), e.to_string()),
+            ObtainError::Bad(_) => (Retry::Retryable, e.to_string()),
+        })?;
+        let (bundle, not_after) = (got.bundle, got.not_after);
         if self.trust.set(bundle) {
             tracing::info!("trust bundle updated");
         }

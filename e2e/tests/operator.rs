@@ -15,7 +15,13 @@ use cortexflow_lab::{
     harness::{Ctx, run_suite_with, test},
     objects::{self, PodSpec, eventually},
 };
+use cortexflow_domain::spiffe;
 use cortexflow_proto::agent::v1::{self, agent_config_client::AgentConfigClient};
+use cortexflow_trust::{Bundle, Credentials, TOKEN_AUDIENCE, TrustStore};
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+const TD: &str = "cluster.local";
 use cortexflow_testkit::process::{Operator, OperatorOptions};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::ConfigMap};
 use kube::Api;
@@ -48,9 +54,26 @@ fn main() -> ExitCode {
                 "an_invalid_generation_keeps_the_last_accepted_in_force_across_restarts",
                 invalid_generation_keeps_the_last_accepted,
             ),
+            test(
+                "the_ca_issues_only_what_a_token_proves_and_the_channel_only_to_its_node",
+                ca_negative_table,
+            ),
         ],
         true,
     )
+}
+
+/// The chart's release name of a test (the ClusterRole is cluster-wide), short enough for Helm.
+fn release(ctx: &Ctx) -> String {
+    let h = ctx.ns.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("op{:08x}", h as u32)
+}
+
+/// The agents' ServiceAccount of a test's release.
+fn agent_account(ctx: &Ctx) -> String {
+    format!("{}-agent", release(ctx))
 }
 
 /// A kubeconfig of the operator's ServiceAccount with the chart's RBAC, for this test's
@@ -58,11 +81,7 @@ fn main() -> ExitCode {
 fn operator_kubeconfig(ctx: &Ctx) -> PathBuf {
     let path = ctx.dir.join(format!("operator-{}.kubeconfig", ctx.ns));
     if !path.exists() {
-        // A release name per test (the ClusterRole is cluster-wide), short enough for Helm.
-        let h = ctx.ns.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        let release = format!("op{:08x}", h as u32);
+        let release = release(ctx);
         cortexflow_lab::chart::operator_kubeconfig(&ctx.kubeconfig, &release, &ctx.ns, &path)
             .unwrap_or_else(|e| panic!("the operator's kubeconfig: {e:#}"));
     }
@@ -77,8 +96,78 @@ fn options(ctx: &Ctx, identity: &str, lease_secs: u64) -> OperatorOptions {
         identity: identity.into(),
         lease_duration_secs: lease_secs,
         log_dir: ctx.dir.join("logs"),
-        env: Vec::new(),
+        env: vec![(
+            "CORTEXFLOW_AGENT_SERVICE_ACCOUNT".into(),
+            agent_account(ctx),
+        )],
     }
+}
+
+/// `kubectl create token <account>` in the test's namespace with `args`.
+fn token(ctx: &Ctx, account: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["create", "token", "-n", &ctx.ns, account];
+    all.extend(args);
+    Ok(cortexflow_lab::kubectl::ok(&ctx.kubeconfig, &all)?.trim().to_string())
+}
+
+/// The trust bundle the operator published in the test's namespace.
+async fn bundle(ctx: &Ctx) -> anyhow::Result<Bundle> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let cm = eventually(Duration::from_secs(30), "the trust bundle ConfigMap", || async {
+        Ok(api.get_opt("cortexflow-ca-bundle").await?)
+    })
+    .await?;
+    let pem = cm
+        .data
+        .and_then(|d| d.get("ca.crt").cloned())
+        .context("cortexflow-ca-bundle has no ca.crt")?;
+    Bundle::from_pem(pem.as_bytes())
+}
+
+/// A channel to the operator at `addr` over TLS, presenting `creds` (none: no certificate).
+async fn tls_channel(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    creds: Option<Arc<Credentials>>,
+) -> anyhow::Result<Channel> {
+    let trust = TrustStore::new(TD, bundle(ctx).await?);
+    let cfg = cortexflow_trust::tls::client_config(creds, trust, &spiffe::operator(TD))?;
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_with_connector(cortexflow_trust::tls::connector(cfg))
+        .await?)
+}
+
+/// Signs a certificate for `id` with `token` through the operator's real CA.
+async fn obtain(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    token: &str,
+    id: &str,
+) -> Result<Arc<Credentials>, cortexflow_trust::client::ObtainError> {
+    let channel = tls_channel(ctx, addr, None)
+        .await
+        .map_err(|e| cortexflow_trust::client::ObtainError::Bad(e.to_string()))?;
+    let creds = Credentials::new();
+    cortexflow_trust::client::obtain(channel, token, id, TD, &creds).await?;
+    Ok(creds)
+}
+
+/// An agent's client for `node`: a token of the agents' ServiceAccount bound to the Node, a
+/// node certificate from the operator's CA, mTLS.
+async fn agent_client(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    node: &str,
+) -> anyhow::Result<AgentConfigClient<Channel>> {
+    let t = token(
+        ctx,
+        &agent_account(ctx),
+        &["--audience", TOKEN_AUDIENCE, "--bound-object-kind", "Node", "--bound-object-name", node],
+    )?;
+    let creds = obtain(ctx, addr, &t, &spiffe::node_agent(TD, node)).await?;
+    Ok(AgentConfigClient::new(
+        tls_channel(ctx, addr, Some(creds)).await?,
+    ))
 }
 
 async fn start(ctx: &Ctx, identity: &str, lease_secs: u64) -> anyhow::Result<Operator> {
@@ -186,11 +275,12 @@ async fn sid_status(ctx: &Ctx, name: &str) -> anyhow::Result<Option<serde_json::
 
 /// A fake agent: subscribes for `node` and returns the first config that carries `policy`.
 async fn subscribe_until_policy(
+    ctx: &Ctx,
     addr: SocketAddr,
     node: &str,
     policy: &str,
 ) -> anyhow::Result<NodeConfig> {
-    let mut client = AgentConfigClient::connect(format!("http://{addr}")).await?;
+    let mut client = agent_client(ctx, addr, node).await?;
     let mut stream = client
         .subscribe(v1::SubscribeRequest {
             node: node.into(),
@@ -217,8 +307,13 @@ async fn subscribe_until_policy(
 }
 
 /// Reports `config` applied, as an agent does.
-async fn report(addr: SocketAddr, node: &str, config: &NodeConfig) -> anyhow::Result<()> {
-    let mut client = AgentConfigClient::connect(format!("http://{addr}")).await?;
+async fn report(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    node: &str,
+    config: &NodeConfig,
+) -> anyhow::Result<()> {
+    let mut client = agent_client(ctx, addr, node).await?;
     let status = v1::AgentStatus {
         node: node.into(),
         applied_version: config.version,
@@ -321,10 +416,10 @@ async fn statuses(ctx: Ctx) -> anyhow::Result<()> {
     );
 
     // An agent for the node applies its config and reports: Programmed 1/1.
-    let config = subscribe_until_policy(op.grpc, "node-a", "db-in").await?;
+    let config = subscribe_until_policy(&ctx, op.grpc, "node-a", "db-in").await?;
     let eps = config.endpoints.as_ref().context("endpoints")?;
     ensure!(eps.endpoints.iter().any(|e| e.name == "db-1"), "{eps:?}");
-    report(op.grpc, "node-a", &config).await?;
+    report(&ctx, op.grpc, "node-a", &config).await?;
     eventually(t, "Programmed 1/1", || async {
         let p = policy_status(&ctx, "db-in").await?;
         Ok(condition(p.as_ref(), "Programmed")
@@ -413,13 +508,13 @@ async fn ids_survive_restart(ctx: Ctx) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let config_before = subscribe_until_policy(op.grpc, "node-b", "db-in").await?;
+    let config_before = subscribe_until_policy(&ctx, op.grpc, "node-b", "db-in").await?;
 
     op.daemon
         .stop(Duration::from_secs(10))
         .context("operator exited")?;
     let op = start(&ctx, "op-b", 15).await?;
-    let config_after = subscribe_until_policy(op.grpc, "node-b", "db-in").await?;
+    let config_after = subscribe_until_policy(&ctx, op.grpc, "node-b", "db-in").await?;
     ensure!(
         sid_status(&ctx, "web")
             .await?
@@ -489,7 +584,7 @@ async fn two_replicas(ctx: Ctx) -> anyhow::Result<()> {
             == 0.0,
         "the follower wrote status"
     );
-    let config = subscribe_until_policy(follow.grpc, "node-c", "db-in").await?;
+    let config = subscribe_until_policy(&ctx, follow.grpc, "node-c", "db-in").await?;
     ensure!(config.full || config.endpoints.is_some());
 
     // The leader dies without releasing the lease: the follower takes over within the lease
@@ -802,8 +897,8 @@ async fn invalid_generation_keeps_the_last_accepted(ctx: Ctx) -> anyhow::Result<
         Ok(p.filter(|p| p["inForce"]["generation"] == 1))
     })
     .await?;
-    let config = subscribe_until_policy(op.grpc, "node-f", "db-in").await?;
-    report(op.grpc, "node-f", &config).await?;
+    let config = subscribe_until_policy(&ctx, op.grpc, "node-f", "db-in").await?;
+    report(&ctx, op.grpc, "node-f", &config).await?;
     let typo = json!({"apiVersion": "mesh.cortexflow.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "db-in"},
                       "spec": {"selector": {"matchExpressions": [{"key": "app", "operator": "Inn", "values": ["db"]}]},
                                "ingress": [{"from": [{"identity": "web"}], "ports": [{"port": 6432}]}]}});
@@ -874,7 +969,7 @@ async fn invalid_generation_keeps_the_last_accepted(ctx: Ctx) -> anyhow::Result<
                 .collect();
             Ok((g, ports))
         };
-        let c = subscribe_until_policy(op.grpc, "node-f", "db-in").await?;
+        let c = subscribe_until_policy(&ctx, op.grpc, "node-f", "db-in").await?;
         let got = enforced(&c)?;
         ensure!(got.0 == 1 && got.1.contains(&5432), "{got:?}");
 
@@ -883,7 +978,7 @@ async fn invalid_generation_keeps_the_last_accepted(ctx: Ctx) -> anyhow::Result<
             .stop(Duration::from_secs(10))
             .context("operator exited")?;
         op = start(&ctx, "op-f", 15).await?;
-        let c = subscribe_until_policy(op.grpc, "node-f", "db-in").await?;
+        let c = subscribe_until_policy(&ctx, op.grpc, "node-f", "db-in").await?;
         let got = enforced(&c)?;
         ensure!(
             got.0 == 1 && got.1.contains(&5432),
@@ -898,4 +993,163 @@ async fn invalid_generation_keeps_the_last_accepted(ctx: Ctx) -> anyhow::Result<
     let restored = restore_crd(&ctx).await;
     result?;
     restored
+}
+
+/// The CA and the channel against the real apiserver (TokenRequest, TokenReview): the
+/// certificates a token proves are issued; every forgery in the table is refused with its
+/// code, and counted by reason.
+async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
+    use tonic::Code;
+    let op = start(&ctx, "op-ca", 15).await?;
+    let c = &ctx.client;
+    let ns = ctx.ns.as_str();
+    objects::node(c, "node-ca", Ipv4Addr::new(172, 30, 61, 1), "10.61.1.0/24").await?;
+    objects::node(c, "node-cb", Ipv4Addr::new(172, 30, 62, 1), "10.62.1.0/24").await?;
+    let agent_sa = agent_account(&ctx);
+    let pod = |name: &'static str, sa: &'static str, node: &'static str, ip: u8| PodSpec {
+        name,
+        labels: &[("app", "web")],
+        service_account: sa,
+        node,
+        ip: Ipv4Addr::new(10, 61, 1, ip),
+    };
+    objects::running_pod(c, ns, &pod("web-0", "default", "node-ca", 10)).await?;
+    objects::running_pod(c, ns, &pod("gone-0", "default", "node-ca", 11)).await?;
+    let agent_sa_static: &'static str = Box::leak(agent_sa.clone().into_boxed_str());
+    objects::running_pod(c, ns, &pod("agent-b", agent_sa_static, "node-cb", 12)).await?;
+    let bound = |sa: &str, kind: &str, name: &str| {
+        token(
+            &ctx,
+            sa,
+            &["--audience", TOKEN_AUDIENCE, "--bound-object-kind", kind, "--bound-object-name", name],
+        )
+    };
+    let web_id = spiffe::service_account(TD, ns, "default");
+    let node_a = spiffe::node_agent(TD, "node-ca");
+
+    // Issued: a node certificate for a token bound to the Node; the pod's own identity for a
+    // token bound to the pod (once the operator has seen the pod).
+    let node_creds = obtain(&ctx, op.grpc, &bound(&agent_sa, "Node", "node-ca")?, &node_a).await?;
+    let web_token = bound("default", "Pod", "web-0")?;
+    let web_creds = eventually(Duration::from_secs(30), "the pod's certificate", || async {
+        match obtain(&ctx, op.grpc, &web_token, &web_id).await {
+            Ok(c) => Ok(Some(c)),
+            Err(cortexflow_trust::client::ObtainError::Refused(s)) if s.code() == Code::Unavailable => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        }
+    })
+    .await?;
+    assert_eq!(web_creds.current().map(|c| c.0), Some(web_id.clone()));
+
+    let gone_token = bound("default", "Pod", "gone-0")?;
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.clone(), ns)
+        .delete("gone-0", &kube::api::DeleteParams::default().grace_period(0))
+        .await?;
+    eventually(Duration::from_secs(30), "gone-0 deleted", || async {
+        Ok(Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.clone(), ns)
+            .get_opt("gone-0")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+
+    let table: Vec<(&str, String, String, Code)> = vec![
+        (
+            "a token with another audience",
+            token(&ctx, "default", &["--audience", "not-cortexflow", "--bound-object-kind", "Pod", "--bound-object-name", "web-0"])?,
+            web_id.clone(),
+            Code::Unauthenticated,
+        ),
+        ("a token of a deleted pod", gone_token, web_id.clone(), Code::Unauthenticated),
+        (
+            "the agent of node-cb asking for node-ca (its pod runs on node-cb)",
+            bound(&agent_sa, "Pod", "agent-b")?,
+            node_a.clone(),
+            Code::PermissionDenied,
+        ),
+        (
+            "a pod asking for another identity",
+            web_token.clone(),
+            spiffe::service_account(TD, ns, "admin"),
+            Code::PermissionDenied,
+        ),
+        (
+            "a pod asking for a node certificate",
+            web_token.clone(),
+            node_a.clone(),
+            Code::PermissionDenied,
+        ),
+        (
+            "a workload token bound to nothing",
+            token(&ctx, "default", &["--audience", TOKEN_AUDIENCE])?,
+            web_id.clone(),
+            Code::PermissionDenied,
+        ),
+        (
+            "an agent token bound to nothing",
+            token(&ctx, &agent_sa, &["--audience", TOKEN_AUDIENCE])?,
+            node_a.clone(),
+            Code::PermissionDenied,
+        ),
+        ("no token", String::new(), web_id.clone(), Code::Unauthenticated),
+    ];
+    for (what, tok, id, code) in &table {
+        match obtain(&ctx, op.grpc, tok, id).await {
+            Err(cortexflow_trust::client::ObtainError::Refused(s)) => {
+                ensure!(s.code() == *code, "{what}: {} ({}), not {code:?}", s.code(), s.message());
+                eprintln!("refused as it must be: {what}: {:?}: {}", s.code(), s.message());
+            }
+            other => bail!("{what}: not refused: {other:?}"),
+        }
+    }
+
+    // The channel: the node certificate is served node-ca's config; the workload's certificate,
+    // no certificate, and the node certificate for another node are refused.
+    let sub = |node: &str| v1::SubscribeRequest {
+        node: node.into(),
+        ..Default::default()
+    };
+    let mut agent = AgentConfigClient::new(tls_channel(&ctx, op.grpc, Some(node_creds)).await?);
+    let mut stream = agent.subscribe(sub("node-ca")).await?.into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await??
+        .context("no config")?;
+    ensure!(first.full, "the first message is a full snapshot");
+    let e = agent.subscribe(sub("node-cb")).await.unwrap_err();
+    ensure!(e.code() == Code::PermissionDenied, "node-ca's agent as node-cb: {e}");
+    let mut web = AgentConfigClient::new(tls_channel(&ctx, op.grpc, Some(web_creds)).await?);
+    let e = web.subscribe(sub("node-ca")).await.unwrap_err();
+    ensure!(e.code() == Code::PermissionDenied, "a workload as an agent: {e}");
+    let mut anon = AgentConfigClient::new(tls_channel(&ctx, op.grpc, None).await?);
+    let e = anon.subscribe(sub("node-ca")).await.unwrap_err();
+    ensure!(e.code() == Code::Unauthenticated, "no certificate: {e}");
+    // The attack of the issue: a hand-made SubscribeRequest in plaintext HTTP/2.
+    let plain = async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", op.grpc))?
+            .connect()
+            .await?;
+        AgentConfigClient::new(ch)
+            .subscribe(sub("node-ca"))
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    ensure!(
+        tokio::time::timeout(Duration::from_secs(10), plain).await.map(|r| r.is_err()).unwrap_or(true),
+        "a plaintext subscriber was served"
+    );
+
+    // Counted by reason.
+    let (_, metrics) = op.admin_get("/metrics").await.context("operator metrics")?;
+    let count = |reason: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("cortexflow_ca_certificates_refused_total") && l.contains(&format!("reason=\"{reason}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    for (reason, n) in [("token", 3.0), ("token_binding", 2.0), ("csr_san", 3.0)] {
+        ensure!(count(reason) == n, "{reason} refusals: {}, not {n}", count(reason));
+    }
+    Ok(())
 }

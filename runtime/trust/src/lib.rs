@@ -2,6 +2,7 @@
 //!
 //! * [`ca`] — the CA: a root and an intermediate (generated, or the user's), leaf certificates
 //!   signed from CSRs that ask for exactly one SPIFFE id and nothing else.
+//! * [`client`] — a requester's `Certificates.Sign` call, its answer checked and installed.
 //! * [`csr`] — the requester's side: a fresh ECDSA P-256 key (it never leaves the process) and
 //!   its CSR.
 //! * [`verify`] — a peer's certificate chain against the trust bundle, and its SPIFFE id
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod client;
 pub mod csr;
 pub mod tls;
 pub mod verify;
