@@ -91,10 +91,12 @@ impl Identity {
             })?
             .trim()
             .to_string();
-        let channel = self
-            .channel(&self.sign_tls)
-            .await
-            .map_err(|e| (Retry::Retryable, format!("connect to {}: {e}", self.operator)))?;
+        let channel = self.channel(&self.sign_tls).await.map_err(|e| {
+            (
+                Retry::Retryable,
+                format!("connect to {}: {e}", self.operator),
+            )
+        })?;
         let got = cortexflow_trust::client::obtain(
             channel,
             &token,
@@ -131,7 +133,10 @@ pub async fn renew_loop(
     shutdown: cortexflow_runtime::drain::Signal,
     max_backoff: Duration,
 ) -> anyhow::Result<()> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), max_backoff.max(Duration::from_secs(1)));
+    let mut backoff = Backoff::new(
+        Duration::from_millis(200),
+        max_backoff.max(Duration::from_secs(1)),
+    );
     let mut jitter = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
     loop {
         let wait = match id.obtain().await {

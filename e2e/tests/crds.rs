@@ -771,7 +771,12 @@ async fn operator_rbac_is_exactly_what_the_docs_list(ctx: Ctx) -> anyhow::Result
         ("get", "secrets/other", Some(&ns), false),
         ("update", "secrets/cortexflow-ca", Some(&ns), false),
         ("delete", "secrets/cortexflow-ca", Some(&ns), false),
-        ("update", "configmaps/cortexflow-ca-bundle", Some("default"), false),
+        (
+            "update",
+            "configmaps/cortexflow-ca-bundle",
+            Some("default"),
+            false,
+        ),
         ("patch", "pods", None, false),
         ("delete", "pods", None, false),
         ("create", "pods/exec", None, false),

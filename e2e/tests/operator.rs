@@ -11,11 +11,11 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use cortexflow_crds::{MeshPolicy, ServiceIdentity};
 use cortexflow_domain::NodeConfig;
+use cortexflow_domain::spiffe;
 use cortexflow_lab::{
     harness::{Ctx, run_suite_with, test},
     objects::{self, PodSpec, eventually},
 };
-use cortexflow_domain::spiffe;
 use cortexflow_proto::agent::v1::{self, agent_config_client::AgentConfigClient};
 use cortexflow_trust::{Bundle, Credentials, TOKEN_AUDIENCE, TrustStore};
 use std::sync::Arc;
@@ -107,15 +107,19 @@ fn options(ctx: &Ctx, identity: &str, lease_secs: u64) -> OperatorOptions {
 fn token(ctx: &Ctx, account: &str, args: &[&str]) -> anyhow::Result<String> {
     let mut all = vec!["create", "token", "-n", &ctx.ns, account];
     all.extend(args);
-    Ok(cortexflow_lab::kubectl::ok(&ctx.kubeconfig, &all)?.trim().to_string())
+    Ok(cortexflow_lab::kubectl::ok(&ctx.kubeconfig, &all)?
+        .trim()
+        .to_string())
 }
 
 /// The trust bundle the operator published in the test's namespace.
 async fn bundle(ctx: &Ctx) -> anyhow::Result<Bundle> {
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.ns);
-    let cm = eventually(Duration::from_secs(30), "the trust bundle ConfigMap", || async {
-        Ok(api.get_opt("cortexflow-ca-bundle").await?)
-    })
+    let cm = eventually(
+        Duration::from_secs(30),
+        "the trust bundle ConfigMap",
+        || async { Ok(api.get_opt("cortexflow-ca-bundle").await?) },
+    )
     .await?;
     let pem = cm
         .data
@@ -132,9 +136,11 @@ async fn tls_channel(
 ) -> anyhow::Result<Channel> {
     let trust = TrustStore::new(TD, bundle(ctx).await?);
     let cfg = cortexflow_trust::tls::client_config(creds, trust, &spiffe::operator(TD))?;
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_with_connector(cortexflow_trust::tls::connector(cfg))
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_with_connector(cortexflow_trust::tls::connector(cfg))
+            .await?,
+    )
 }
 
 /// Signs a certificate for `id` with `token` through the operator's real CA.
@@ -162,7 +168,14 @@ async fn agent_client(
     let t = token(
         ctx,
         &agent_account(ctx),
-        &["--audience", TOKEN_AUDIENCE, "--bound-object-kind", "Node", "--bound-object-name", node],
+        &[
+            "--audience",
+            TOKEN_AUDIENCE,
+            "--bound-object-kind",
+            "Node",
+            "--bound-object-name",
+            node,
+        ],
     )?;
     let creds = obtain(ctx, addr, &t, &spiffe::node_agent(TD, node)).await?;
     Ok(AgentConfigClient::new(
@@ -1021,7 +1034,14 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
         token(
             &ctx,
             sa,
-            &["--audience", TOKEN_AUDIENCE, "--bound-object-kind", kind, "--bound-object-name", name],
+            &[
+                "--audience",
+                TOKEN_AUDIENCE,
+                "--bound-object-kind",
+                kind,
+                "--bound-object-name",
+                name,
+            ],
         )
     };
     let web_id = spiffe::service_account(TD, ns, "default");
@@ -1029,12 +1049,22 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
 
     // Issued: a node certificate for a token bound to the Node; the pod's own identity for a
     // token bound to the pod (once the operator has seen the pod).
-    let node_creds = obtain(&ctx, op.grpc, &bound(&agent_sa, "Node", "node-ca")?, &node_a).await?;
+    let node_creds = obtain(
+        &ctx,
+        op.grpc,
+        &bound(&agent_sa, "Node", "node-ca")?,
+        &node_a,
+    )
+    .await?;
     let web_token = bound("default", "Pod", "web-0")?;
     let web_creds = eventually(Duration::from_secs(30), "the pod's certificate", || async {
         match obtain(&ctx, op.grpc, &web_token, &web_id).await {
             Ok(c) => Ok(Some(c)),
-            Err(cortexflow_trust::client::ObtainError::Refused(s)) if s.code() == Code::Unavailable => Ok(None),
+            Err(cortexflow_trust::client::ObtainError::Refused(s))
+                if s.code() == Code::Unavailable =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(anyhow::anyhow!("{e}")),
         }
     })
@@ -1043,25 +1073,46 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
 
     let gone_token = bound("default", "Pod", "gone-0")?;
     Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.clone(), ns)
-        .delete("gone-0", &kube::api::DeleteParams::default().grace_period(0))
+        .delete(
+            "gone-0",
+            &kube::api::DeleteParams::default().grace_period(0),
+        )
         .await?;
     eventually(Duration::from_secs(30), "gone-0 deleted", || async {
-        Ok(Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.clone(), ns)
-            .get_opt("gone-0")
-            .await?
-            .is_none()
-            .then_some(()))
+        Ok(
+            Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.clone(), ns)
+                .get_opt("gone-0")
+                .await?
+                .is_none()
+                .then_some(()),
+        )
     })
     .await?;
 
     let table: Vec<(&str, String, String, Code)> = vec![
         (
             "a token with another audience",
-            token(&ctx, "default", &["--audience", "not-cortexflow", "--bound-object-kind", "Pod", "--bound-object-name", "web-0"])?,
+            token(
+                &ctx,
+                "default",
+                &[
+                    "--audience",
+                    "not-cortexflow",
+                    "--bound-object-kind",
+                    "Pod",
+                    "--bound-object-name",
+                    "web-0",
+                ],
+            )?,
             web_id.clone(),
             Code::Unauthenticated,
         ),
-        ("a token of a deleted pod", gone_token, web_id.clone(), Code::Unauthenticated),
+        (
+            "a token of a deleted pod",
+            gone_token,
+            web_id.clone(),
+            Code::Unauthenticated,
+        ),
         (
             "the agent of node-cb asking for node-ca (its pod runs on node-cb)",
             bound(&agent_sa, "Pod", "agent-b")?,
@@ -1092,13 +1143,27 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
             node_a.clone(),
             Code::PermissionDenied,
         ),
-        ("no token", String::new(), web_id.clone(), Code::Unauthenticated),
+        (
+            "no token",
+            String::new(),
+            web_id.clone(),
+            Code::Unauthenticated,
+        ),
     ];
     for (what, tok, id, code) in &table {
         match obtain(&ctx, op.grpc, tok, id).await {
             Err(cortexflow_trust::client::ObtainError::Refused(s)) => {
-                ensure!(s.code() == *code, "{what}: {} ({}), not {code:?}", s.code(), s.message());
-                eprintln!("refused as it must be: {what}: {:?}: {}", s.code(), s.message());
+                ensure!(
+                    s.code() == *code,
+                    "{what}: {} ({}), not {code:?}",
+                    s.code(),
+                    s.message()
+                );
+                eprintln!(
+                    "refused as it must be: {what}: {:?}: {}",
+                    s.code(),
+                    s.message()
+                );
             }
             other => bail!("{what}: not refused: {other:?}"),
         }
@@ -1117,10 +1182,16 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
         .context("no config")?;
     ensure!(first.full, "the first message is a full snapshot");
     let e = agent.subscribe(sub("node-cb")).await.unwrap_err();
-    ensure!(e.code() == Code::PermissionDenied, "node-ca's agent as node-cb: {e}");
+    ensure!(
+        e.code() == Code::PermissionDenied,
+        "node-ca's agent as node-cb: {e}"
+    );
     let mut web = AgentConfigClient::new(tls_channel(&ctx, op.grpc, Some(web_creds)).await?);
     let e = web.subscribe(sub("node-ca")).await.unwrap_err();
-    ensure!(e.code() == Code::PermissionDenied, "a workload as an agent: {e}");
+    ensure!(
+        e.code() == Code::PermissionDenied,
+        "a workload as an agent: {e}"
+    );
     let mut anon = AgentConfigClient::new(tls_channel(&ctx, op.grpc, None).await?);
     let e = anon.subscribe(sub("node-ca")).await.unwrap_err();
     ensure!(e.code() == Code::Unauthenticated, "no certificate: {e}");
@@ -1135,7 +1206,10 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
             .map_err(anyhow::Error::from)
     };
     ensure!(
-        tokio::time::timeout(Duration::from_secs(10), plain).await.map(|r| r.is_err()).unwrap_or(true),
+        tokio::time::timeout(Duration::from_secs(10), plain)
+            .await
+            .map(|r| r.is_err())
+            .unwrap_or(true),
         "a plaintext subscriber was served"
     );
 
@@ -1144,12 +1218,19 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
     let count = |reason: &str| {
         metrics
             .lines()
-            .find(|l| l.starts_with("cortexflow_ca_certificates_refused_total") && l.contains(&format!("reason=\"{reason}\"")))
+            .find(|l| {
+                l.starts_with("cortexflow_ca_certificates_refused_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or(-1.0)
     };
     for (reason, n) in [("token", 3.0), ("token_binding", 2.0), ("csr_san", 3.0)] {
-        ensure!(count(reason) == n, "{reason} refusals: {}, not {n}", count(reason));
+        ensure!(
+            count(reason) == n,
+            "{reason} refusals: {}, not {n}",
+            count(reason)
+        );
     }
     Ok(())
 }

@@ -92,8 +92,9 @@ impl CaMetrics {
                 .build(),
             expiry: meter
                 .f64_gauge("ca_expiry_seconds")
-                .with_description("Seconds until the CA's intermediate (the issuer of every leaf) expires")
-                .with_unit("s")
+                .with_description(
+                    "Seconds until the CA's intermediate (the issuer of every leaf) expires",
+                )
                 .build(),
         };
         for r in REFUSAL_REASONS {
@@ -110,7 +111,9 @@ fn secret_material(s: &Secret) -> anyhow::Result<Material> {
     let data = s.data.clone().unwrap_or_default();
     let get = |k: &str| -> anyhow::Result<Option<String>> {
         data.get(k)
-            .map(|b| String::from_utf8(b.0.clone()).with_context(|| format!("key {k} is not UTF-8 PEM")))
+            .map(|b| {
+                String::from_utf8(b.0.clone()).with_context(|| format!("key {k} is not UTF-8 PEM"))
+            })
             .transpose()
     };
     let need = |k: &str| -> anyhow::Result<String> {
@@ -157,8 +160,12 @@ pub async fn load_or_create(client: &kube::Client, cfg: &CaConfig) -> anyhow::Re
     let api: Api<Secret> = Api::namespaced(client.clone(), &cfg.namespace);
     let name = format!("Secret {}/{}", cfg.namespace, cfg.secret);
     for _ in 0..3 {
-        if let Some(s) = api.get_opt(&cfg.secret).await.with_context(|| format!("read {name}"))? {
-            let m = secret_material(&s).with_context(|| format!("{name}"))?;
+        if let Some(s) = api
+            .get_opt(&cfg.secret)
+            .await
+            .with_context(|| format!("read {name}"))?
+        {
+            let m = secret_material(&s).with_context(|| name.clone())?;
             return Authority::from_material(&cfg.trust_domain, m)
                 .with_context(|| format!("the CA in {name} is not usable (it is left as it is)"));
         }
@@ -255,9 +262,7 @@ pub fn serve_own(
             issued.not_before,
             issued.not_after,
         )?;
-        metrics
-            .issued
-            .add(1, &[KeyValue::new("kind", "operator")]);
+        metrics.issued.add(1, &[KeyValue::new("kind", "operator")]);
         metrics.expiry.record(
             ca.issuer_not_after()
                 .duration_since(now)
@@ -332,8 +337,7 @@ impl CertificateService {
     }
 
     pub fn into_server(self) -> v1::certificates_server::CertificatesServer<Self> {
-        v1::certificates_server::CertificatesServer::new(self)
-            .max_decoding_message_size(64 << 10)
+        v1::certificates_server::CertificatesServer::new(self).max_decoding_message_size(64 << 10)
     }
 
     /// The caller a token proves, by a TokenReview for the audience `cortexflow-ca` only.
@@ -351,7 +355,12 @@ impl CertificateService {
         let r = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| Refused(Status::unavailable(format!("TokenReview failed: {e}")), "internal"))?;
+            .map_err(|e| {
+                Refused(
+                    Status::unavailable(format!("TokenReview failed: {e}")),
+                    "internal",
+                )
+            })?;
         let st = r.status.unwrap_or_default();
         if st.authenticated != Some(true) {
             return Err(Refused::auth(
@@ -362,7 +371,12 @@ impl CertificateService {
                 ),
             ));
         }
-        if !st.audiences.unwrap_or_default().iter().any(|a| a == TOKEN_AUDIENCE) {
+        if !st
+            .audiences
+            .unwrap_or_default()
+            .iter()
+            .any(|a| a == TOKEN_AUDIENCE)
+        {
             return Err(Refused::auth(
                 "token_audience",
                 format!("the token is not for the audience {TOKEN_AUDIENCE}"),
@@ -416,7 +430,12 @@ impl CertificateService {
         let pod = Api::<Pod>::namespaced(self.client.clone(), ns)
             .get_opt(name)
             .await
-            .map_err(|e| Refused(Status::unavailable(format!("read pod {ns}/{name}: {e}")), "internal"))?;
+            .map_err(|e| {
+                Refused(
+                    Status::unavailable(format!("read pod {ns}/{name}: {e}")),
+                    "internal",
+                )
+            })?;
         let Some(pod) = pod.filter(|p| p.metadata.uid.as_deref() == Some(uid)) else {
             return Err(Refused::auth(
                 "token_binding",
@@ -458,7 +477,9 @@ impl CertificateService {
             .map_err(|e| {
                 let reason = e.reason();
                 let status = match e {
-                    cortexflow_trust::Refusal::San { .. } => Status::permission_denied(e.to_string()),
+                    cortexflow_trust::Refusal::San { .. } => {
+                        Status::permission_denied(e.to_string())
+                    }
                     cortexflow_trust::Refusal::Internal(_) => Status::internal(e.to_string()),
                     _ => Status::invalid_argument(e.to_string()),
                 };

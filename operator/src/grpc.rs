@@ -260,12 +260,13 @@ async fn connect(
     addr: &str,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Option<mpsc::Sender<v1::AgentStatus>> {
-    let channel = tonic::transport::Endpoint::from_shared(cortexflow_trust::tls::endpoint_uri(addr))
-        .ok()?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect_with_connector(cortexflow_trust::tls::connector(tls.clone()))
-        .await
-        .ok()?;
+    let channel =
+        tonic::transport::Endpoint::from_shared(cortexflow_trust::tls::endpoint_uri(addr))
+            .ok()?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_with_connector(cortexflow_trust::tls::connector(tls.clone()))
+            .await
+            .ok()?;
     let mut client = v1::agent_config_client::AgentConfigClient::new(channel);
     let (tx, rx) = mpsc::channel(256);
     let span = tracing::info_span!("report forwarding", leader = %addr);

@@ -315,17 +315,21 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         let leadership = leadership.clone();
         sup.spawn(
             "report forwarding",
-            grpc::forward_reports(fwd_rx, {
-                let ours = advertise.clone();
-                move || {
-                    let l = leadership.borrow();
-                    // Never to ourselves (a leader that just lost its lease still names us).
-                    (!l.is_leader)
-                        .then(|| l.leader_address.clone())
-                        .flatten()
-                        .filter(|a| *a != ours)
-                }
-            }, peer_tls),
+            grpc::forward_reports(
+                fwd_rx,
+                {
+                    let ours = advertise.clone();
+                    move || {
+                        let l = leadership.borrow();
+                        // Never to ourselves (a leader that just lost its lease still names us).
+                        (!l.is_leader)
+                            .then(|| l.leader_address.clone())
+                            .flatten()
+                            .filter(|a| *a != ours)
+                    }
+                },
+                peer_tls,
+            ),
         );
     }
     let reports = Arc::new(ReplicaReports {

@@ -74,8 +74,8 @@ async fn server_unsynced() -> Server {
         trust.clone(),
         watcher.clone(),
     );
-    let tls = cortexflow_trust::tls::server_config(creds_of(&ca, &spiffe::operator(TD)), trust)
-        .unwrap();
+    let tls =
+        cortexflow_trust::tls::server_config(creds_of(&ca, &spiffe::operator(TD)), trust).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -103,7 +103,13 @@ fn creds_of(ca: &Authority, id: &str) -> Arc<Credentials> {
         .unwrap();
     let creds = Credentials::new();
     creds
-        .set(key.serialize_der(), c.chain, c.spiffe_id, c.not_before, c.not_after)
+        .set(
+            key.serialize_der(),
+            c.chain,
+            c.spiffe_id,
+            c.not_before,
+            c.not_after,
+        )
         .unwrap();
     creds
 }
@@ -626,9 +632,7 @@ async fn only_the_agent_of_a_node_gets_its_config_or_reports_its_status() {
         spiffe::service_account(TD, "shop", "backend"),
         spiffe::operator(TD),
     ] {
-        let mut c = AgentConfigClient::new(
-            channel(&s, Some(creds_of(&s.ca, &id))).await.unwrap(),
-        );
+        let mut c = AgentConfigClient::new(channel(&s, Some(creds_of(&s.ca, &id))).await.unwrap());
         let e = c.subscribe(subscribe("n1")).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{id}: {e}");
     }
@@ -655,9 +659,8 @@ async fn only_the_agent_of_a_node_gets_its_config_or_reports_its_status() {
     let other = Authority::generate(TD, std::time::SystemTime::now()).unwrap();
     let foreign = creds_of(&other, &spiffe::node_agent(TD, "n1"));
     let expired = {
-        let (key, c) = s
-            .ca
-            .issue_own(
+        let (key, c) =
+            s.ca.issue_own(
                 &spiffe::node_agent(TD, "n1"),
                 Duration::from_secs(60),
                 std::time::SystemTime::now() - Duration::from_secs(3600),
@@ -665,7 +668,13 @@ async fn only_the_agent_of_a_node_gets_its_config_or_reports_its_status() {
             .unwrap();
         let creds = Credentials::new();
         creds
-            .set(key.serialize_der(), c.chain, c.spiffe_id, c.not_before, c.not_after)
+            .set(
+                key.serialize_der(),
+                c.chain,
+                c.spiffe_id,
+                c.not_before,
+                c.not_after,
+            )
             .unwrap();
         creds
     };

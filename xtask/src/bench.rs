@@ -40,6 +40,17 @@ pub enum Bench {
         #[arg(long, default_value_t = 100)]
         changes: usize,
     },
+    /// The mesh CA and the control channel on one core: certificates issued per second (against
+    /// bare ECDSA signatures) and the mutual-TLS handshake (against a TCP connect).
+    Ca {
+        /// Also write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 2000)]
+        certs: usize,
+        #[arg(long, default_value_t = 1000)]
+        handshakes: usize,
+    },
     /// The agent process on a node of 110 pods with a 50 000-entry cluster ipcache, fed by a
     /// scripted operator: memory (idle and with the config), full-config and one-policy-change
     /// apply times, resync and restart. Needs root.
@@ -87,6 +98,20 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 ("--nodes", nodes.to_string()),
                 ("--pods", pods.to_string()),
                 ("--changes", changes.to_string()),
+            ],
+            None,
+            json,
+        ),
+        Bench::Ca {
+            json,
+            certs,
+            handshakes,
+        } => example(
+            "cortexflow-trust",
+            "bench_ca",
+            &[
+                ("--certs", certs.to_string()),
+                ("--handshakes", handshakes.to_string()),
             ],
             None,
             json,

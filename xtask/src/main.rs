@@ -7,7 +7,7 @@
 //! * `crdgen`  — write the CRD YAML of the chart from the Rust types.
 //! * `protogen` — regenerate the checked-in gRPC code from the `.proto` files.
 //! * `lab`     — a local mesh on a real control plane (`--smoke`, `exec`).
-//! * `bench`   — benchmarks (`bench datapath`, `bench propagation`, `bench agent`).
+//! * `bench`   — benchmarks (`bench datapath`, `bench propagation`, `bench agent`, `bench ca`).
 //! * `images`  — the daemons' container images, named as the chart names them.
 //!
 //! xtask itself links no Kubernetes client, gRPC or TLS stack (so that `cargo xtask setup`

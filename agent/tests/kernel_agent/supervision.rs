@@ -24,6 +24,7 @@ pub(crate) fn dead_task_ends_the_agent() {
         for must in [
             "datapath",
             "subscription",
+            "identity",
             "reports",
             "flows",
             "grpc",

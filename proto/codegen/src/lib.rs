@@ -11,7 +11,10 @@ use std::path::Path;
 pub const PROTOS: &[(&str, &str)] = &[
     ("cortexflow/agent/v1/agent.proto", "cortexflow.agent.v1.rs"),
     ("cortexflow/flows/v1/flows.proto", "cortexflow.flows.v1.rs"),
-    ("cortexflow/identity/v1/identity.proto", "cortexflow.identity.v1.rs"),
+    (
+        "cortexflow/identity/v1/identity.proto",
+        "cortexflow.identity.v1.rs",
+    ),
 ];
 
 /// Writes the generated code for [`PROTOS`] (under `proto_dir`) into `out_dir`.

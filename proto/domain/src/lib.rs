@@ -476,10 +476,22 @@ pub mod spiffe {
             assert_eq!(n, "spiffe://cluster.local/cortexflow/node/lab-node-1");
             assert_eq!(node_of("cluster.local", &n), Some("lab-node-1"));
             assert_eq!(node_of("other.domain", &n), None);
-            assert_eq!(node_of("cluster.local", "spiffe://cluster.local/cortexflow/node/"), None);
-            assert_eq!(node_of("cluster.local", "spiffe://cluster.local/cortexflow/node/a/b"), None);
             assert_eq!(
-                node_of("cluster.local", &service_account("cluster.local", "cortexflow", "node")),
+                node_of("cluster.local", "spiffe://cluster.local/cortexflow/node/"),
+                None
+            );
+            assert_eq!(
+                node_of(
+                    "cluster.local",
+                    "spiffe://cluster.local/cortexflow/node/a/b"
+                ),
+                None
+            );
+            assert_eq!(
+                node_of(
+                    "cluster.local",
+                    &service_account("cluster.local", "cortexflow", "node")
+                ),
                 None
             );
             assert_eq!(trust_domain_of(&operator("td.example")), Some("td.example"));

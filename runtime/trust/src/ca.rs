@@ -11,8 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject as _};
 use x509_parser::prelude::FromDer as _;
@@ -278,11 +277,10 @@ impl Authority {
     ) -> Result<Issued, Refusal> {
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(
-            spiffe_id
-                .try_into()
-                .map_err(|e: rcgen::Error| Refusal::Internal(e.to_string()))?,
-        )];
+        p.subject_alt_names =
+            vec![SanType::URI(spiffe_id.try_into().map_err(
+                |e: rcgen::Error| Refusal::Internal(e.to_string()),
+            )?)];
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![
@@ -292,7 +290,8 @@ impl Authority {
         let not_before = now - NOT_BEFORE_SKEW;
         let not_after = (now + lifetime.min(MAX_LEAF_LIFETIME)).min(self.issuer_not_after);
         // X.509 times have whole seconds.
-        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(crate::unix_secs(not_after) as u64);
+        let not_after =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(crate::unix_secs(not_after) as u64);
         p.not_before = not_before.into();
         p.not_after = not_after.into();
         p.serial_number = Some(random_serial());
@@ -333,17 +332,18 @@ fn check_csr(csr: &[u8], spiffe_id: &str) -> Result<Requested, Refusal> {
         }
         Err(e) => return Err(Refusal::Key(e.to_string())),
     }
-    let params = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
-        .map_err(|e| match e {
-            rcgen::Error::InvalidCertificationRequestSignature => Refusal::Signature,
-            rcgen::Error::UnsupportedExtension => {
-                Refusal::Extension("an extension other than SAN, basic constraints and key usage".into())
-            }
-            rcgen::Error::UnsupportedSignatureAlgorithm => {
-                Refusal::Key("an unsupported signature algorithm".into())
-            }
-            other => Refusal::Malformed(other.to_string()),
-        })?;
+    let params =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
+            .map_err(|e| match e {
+                rcgen::Error::InvalidCertificationRequestSignature => Refusal::Signature,
+                rcgen::Error::UnsupportedExtension => Refusal::Extension(
+                    "an extension other than SAN, basic constraints and key usage".into(),
+                ),
+                rcgen::Error::UnsupportedSignatureAlgorithm => {
+                    Refusal::Key("an unsupported signature algorithm".into())
+                }
+                other => Refusal::Malformed(other.to_string()),
+            })?;
     let subject = parsed.certification_request_info.subject.to_string();
     if params.params.distinguished_name.iter().next().is_some() || !subject.is_empty() {
         return Err(Refusal::Subject(subject));
@@ -406,12 +406,18 @@ mod tests {
         assert!(c.subject().to_string().is_empty());
         assert!(!c.is_ca());
         let san = c.subject_alternative_name().unwrap().unwrap();
-        assert!(san.critical, "an empty subject makes the SAN critical (RFC 5280)");
+        assert!(
+            san.critical,
+            "an empty subject makes the SAN critical (RFC 5280)"
+        );
         assert_eq!(san.value.general_names.len(), 1);
         let eku = c.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth && !eku.any);
         let life = c.validity().not_after.timestamp() - c.validity().not_before.timestamp();
-        assert_eq!(life as u64, (DEFAULT_LEAF_LIFETIME + NOT_BEFORE_SKEW).as_secs());
+        assert_eq!(
+            life as u64,
+            (DEFAULT_LEAF_LIFETIME + NOT_BEFORE_SKEW).as_secs()
+        );
         for usage in [Usage::Server, Usage::Client] {
             assert_eq!(
                 verify_peer(ca.bundle(), &leaf.chain, now, usage, TD).unwrap(),
@@ -439,19 +445,31 @@ mod tests {
             ),
             (
                 "an extra SAN (DNS)",
-                csr_with(|p| p.subject_alt_names.push(SanType::DnsName("evil.example".try_into().unwrap()))),
+                csr_with(|p| {
+                    p.subject_alt_names
+                        .push(SanType::DnsName("evil.example".try_into().unwrap()))
+                }),
                 ID,
                 "csr_san",
             ),
             (
                 "an extra SAN (IP)",
-                csr_with(|p| p.subject_alt_names.push(SanType::IpAddress([10, 0, 0, 1].into()))),
+                csr_with(|p| {
+                    p.subject_alt_names
+                        .push(SanType::IpAddress([10, 0, 0, 1].into()))
+                }),
                 ID,
                 "csr_san",
             ),
             (
                 "an extra URI",
-                csr_with(|p| p.subject_alt_names.push(SanType::URI("spiffe://cluster.local/cortexflow/operator".try_into().unwrap()))),
+                csr_with(|p| {
+                    p.subject_alt_names.push(SanType::URI(
+                        "spiffe://cluster.local/cortexflow/operator"
+                            .try_into()
+                            .unwrap(),
+                    ))
+                }),
                 ID,
                 "csr_san",
             ),
@@ -512,7 +530,9 @@ mod tests {
         // A key that is not the intermediate's.
         let mut wrong_key = ca.material().clone();
         wrong_key.issuer_key_pem = other.material().issuer_key_pem.clone();
-        let e = Authority::from_material(TD, wrong_key).unwrap_err().to_string();
+        let e = Authority::from_material(TD, wrong_key)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is not the key of"), "{e}");
     }
 }

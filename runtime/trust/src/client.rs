@@ -43,10 +43,21 @@ pub async fn obtain(
         .into_inner();
     let chain: Vec<CertificateDer<'static>> =
         r.chain.into_iter().map(CertificateDer::from).collect();
-    let bundle = Bundle::from_der(r.trust_bundle.into_iter().map(CertificateDer::from).collect())
-        .map_err(|e| ObtainError::Bad(format!("the bundle in the answer: {e}")))?;
-    let id = verify_peer(&bundle, &chain, SystemTime::now(), Usage::Client, trust_domain)
-        .map_err(|e| ObtainError::Bad(format!("the certificate issued: {e}")))?;
+    let bundle = Bundle::from_der(
+        r.trust_bundle
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+    )
+    .map_err(|e| ObtainError::Bad(format!("the bundle in the answer: {e}")))?;
+    let id = verify_peer(
+        &bundle,
+        &chain,
+        SystemTime::now(),
+        Usage::Client,
+        trust_domain,
+    )
+    .map_err(|e| ObtainError::Bad(format!("the certificate issued: {e}")))?;
     if id != spiffe_id {
         return Err(ObtainError::Bad(format!(
             "the CA issued {id}, not {spiffe_id}"

@@ -205,7 +205,10 @@ impl ServerCertVerifier for ServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
-        let id = self.trust.verify(&chain, Usage::Server).map_err(tls_error)?;
+        let id = self
+            .trust
+            .verify(&chain, Usage::Server)
+            .map_err(tls_error)?;
         if id != self.expect {
             return Err(tls_error(PeerError::WrongId {
                 got: id,
@@ -269,7 +272,9 @@ impl ClientCertVerifier for ClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
-        self.trust.verify(&chain, Usage::Client).map_err(tls_error)?;
+        self.trust
+            .verify(&chain, Usage::Client)
+            .map_err(tls_error)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -311,10 +316,7 @@ pub fn server_config(
     let provider = provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(ClientVerifier {
-            trust,
-            provider,
-        }))
+        .with_client_cert_verifier(Arc::new(ClientVerifier { trust, provider }))
         .with_cert_resolver(creds);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
@@ -346,7 +348,10 @@ pub fn client_config(
 
 /// The verified SPIFFE id of a gRPC caller (its client certificate was verified in the
 /// handshake); `None` when it presented none.
-pub fn peer_id<T>(req: &tonic::Request<T>, trust: &TrustStore) -> Result<Option<String>, PeerError> {
+pub fn peer_id<T>(
+    req: &tonic::Request<T>,
+    trust: &TrustStore,
+) -> Result<Option<String>, PeerError> {
     match req.peer_certs() {
         Some(chain) if !chain.is_empty() => trust.verify(&chain, Usage::Client).map(Some),
         _ => Ok(None),
@@ -362,8 +367,15 @@ pub fn incoming(
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     type Handshake = std::pin::Pin<
         Box<
-            dyn Future<Output = (SocketAddr, Result<io::Result<tokio_rustls::server::TlsStream<TcpStream>>, tokio::time::error::Elapsed>)>
-                + Send,
+            dyn Future<
+                    Output = (
+                        SocketAddr,
+                        Result<
+                            io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
+                            tokio::time::error::Elapsed,
+                        >,
+                    ),
+                > + Send,
         >,
     >;
     let pending: FuturesUnordered<Handshake> = FuturesUnordered::new();
@@ -422,7 +434,9 @@ pub fn connector(
                 .map_err(|e| io::Error::other(format!("server name: {e}")))?;
             let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
             Ok(hyper_util::rt::TokioIo::new(tls))
         }
     })

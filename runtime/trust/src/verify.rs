@@ -130,7 +130,8 @@ pub fn verify_peer(
     trust_domain: &str,
 ) -> Result<String, PeerError> {
     let (leaf, intermediates) = chain.split_first().ok_or(PeerError::None)?;
-    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| PeerError::Invalid(e.to_string()))?;
+    let ee =
+        webpki::EndEntityCert::try_from(leaf).map_err(|e| PeerError::Invalid(e.to_string()))?;
     let now = UnixTime::since_unix_epoch(
         now.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
@@ -178,7 +179,10 @@ mod tests {
     const ID: &str = "spiffe://cluster.local/cortexflow/node/n1";
 
     fn leaf(ca: &Authority, id: &str, now: SystemTime) -> Vec<CertificateDer<'static>> {
-        ca.issue_own(id, DEFAULT_LEAF_LIFETIME, now).unwrap().1.chain
+        ca.issue_own(id, DEFAULT_LEAF_LIFETIME, now)
+            .unwrap()
+            .1
+            .chain
     }
 
     #[test]
@@ -186,15 +190,37 @@ mod tests {
         let now = SystemTime::now();
         let ca = Authority::generate(TD, now).unwrap();
         let good = leaf(&ca, ID, now);
-        assert_eq!(verify_peer(ca.bundle(), &good, now, Usage::Client, TD).unwrap(), ID);
+        assert_eq!(
+            verify_peer(ca.bundle(), &good, now, Usage::Client, TD).unwrap(),
+            ID
+        );
 
         let day = Duration::from_secs(24 * 3600);
         let other_td = Authority::generate("other.domain", now).unwrap();
         let other_ca = Authority::generate(TD, now).unwrap();
-        let both = Bundle::from_der([ca.bundle().ders(), other_td.bundle().ders()].concat()).unwrap();
-        let cases: Vec<(&str, Vec<CertificateDer<'static>>, SystemTime, &Bundle, &str)> = vec![
-            ("expired", good.clone(), now + 2 * day, ca.bundle(), "expired"),
-            ("not yet valid", good.clone(), now - Duration::from_secs(3600), ca.bundle(), "not_yet_valid"),
+        let both =
+            Bundle::from_der([ca.bundle().ders(), other_td.bundle().ders()].concat()).unwrap();
+        let cases: Vec<(
+            &str,
+            Vec<CertificateDer<'static>>,
+            SystemTime,
+            &Bundle,
+            &str,
+        )> = vec![
+            (
+                "expired",
+                good.clone(),
+                now + 2 * day,
+                ca.bundle(),
+                "expired",
+            ),
+            (
+                "not yet valid",
+                good.clone(),
+                now - Duration::from_secs(3600),
+                ca.bundle(),
+                "not_yet_valid",
+            ),
             (
                 "another trust domain (its own root in our bundle)",
                 leaf(&other_td, "spiffe://other.domain/cortexflow/node/n1", now),
