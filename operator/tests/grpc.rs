@@ -98,9 +98,17 @@ async fn server_unsynced() -> Server {
 
 /// A key and certificate for `id` from `ca`.
 fn creds_of(ca: &Authority, id: &str) -> Arc<Credentials> {
-    let (key, c) = ca
-        .issue_own(id, DEFAULT_LEAF_LIFETIME, std::time::SystemTime::now())
-        .unwrap();
+    creds_at(ca, id, DEFAULT_LEAF_LIFETIME, std::time::SystemTime::now())
+}
+
+/// A key and certificate for `id` from `ca`, issued at `at` for `lifetime`.
+fn creds_at(
+    ca: &Authority,
+    id: &str,
+    lifetime: Duration,
+    at: std::time::SystemTime,
+) -> Arc<Credentials> {
+    let (key, c) = ca.issue_own(id, lifetime, at).unwrap();
     let creds = Credentials::new();
     creds
         .set(
@@ -658,26 +666,12 @@ async fn only_the_agent_of_a_node_gets_its_config_or_reports_its_status() {
     // A certificate for n1 from another CA, and one of ours that expired: the handshake fails.
     let other = Authority::generate(TD, std::time::SystemTime::now()).unwrap();
     let foreign = creds_of(&other, &spiffe::node_agent(TD, "n1"));
-    let expired = {
-        let (key, c) =
-            s.ca.issue_own(
-                &spiffe::node_agent(TD, "n1"),
-                Duration::from_secs(60),
-                std::time::SystemTime::now() - Duration::from_secs(3600),
-            )
-            .unwrap();
-        let creds = Credentials::new();
-        creds
-            .set(
-                key.serialize_der(),
-                c.chain,
-                c.spiffe_id,
-                c.not_before,
-                c.not_after,
-            )
-            .unwrap();
-        creds
-    };
+    let expired = creds_at(
+        &s.ca,
+        &spiffe::node_agent(TD, "n1"),
+        Duration::from_secs(60),
+        std::time::SystemTime::now() - Duration::from_secs(3600),
+    );
     for (what, creds) in [("another CA", foreign), ("expired", expired)] {
         let refused = match channel(&s, Some(creds)).await {
             Err(_) => true,
