@@ -12,8 +12,9 @@
 //! * **reports** — `AgentConfig.ReportStatus`: after every apply or refusal, and every
 //!   `--report-interval`.
 //! * **notices** — what the datapath thread did on its own (interfaces found on retry).
-//! * **flows** — the ring buffer → metrics and `Flows.Observe` (served by **grpc** on
-//!   `--grpc-addr`).
+//! * **flows** — the ring buffer → metrics and `Flows.Observe`: **grpc** on `--grpc-addr`
+//!   (TLS, callers authorized through the Kubernetes API, `flows_auth`) and **flows socket**
+//!   (`--flows-socket`, root on the node).
 //! * **usage** — map usage and kernel counters → metrics, every few seconds.
 //! * **admin** — `/metrics`, `/healthz`, `/readyz` (ready once the first config is in the kernel).
 //!
@@ -69,6 +70,18 @@ pub struct Args {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "CORTEXFLOW_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// `Flows.Observe` for root on the node, without further checks (a Unix socket, mode 0600).
+    #[arg(
+        long,
+        env = "CORTEXFLOW_FLOWS_SOCKET",
+        default_value = "/run/cortexflow/flows.sock"
+    )]
+    pub flows_socket: PathBuf,
+    /// Kubeconfig of the agent's ServiceAccount, for authorizing `Flows.Observe` callers on
+    /// `--grpc-addr` (TokenReview, SubjectAccessReview). Default: the in-cluster account;
+    /// without either, network callers are refused.
+    #[arg(long, env = "CORTEXFLOW_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Remove every pin under `--pin-dir` (detaching the programs and freeing the maps: the
     /// node stops enforcing) and exit. For removing CortexFlow from a node.
     #[arg(long)]
@@ -298,19 +311,52 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         );
         sup.spawn("flows", async move { Ok(pump.await?) });
     }
+    // Flows.Observe: over TLS with the node certificate on --grpc-addr, each caller authorized
+    // through the Kubernetes API; and on the local socket for root on the node.
+    let access = match kube_client(&args).await {
+        Ok(c) => crate::flows_auth::FlowsAccess::Kubernetes(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "no Kubernetes API: Flows.Observe on the network port refuses every caller (the local socket serves)");
+            crate::flows_auth::FlowsAccess::Unavailable(format!("{e:#}"))
+        }
+    };
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("bind gRPC {}", args.grpc_addr))?;
-    tracing::info!(addr = %grpc_listener.local_addr()?, "serving Flows.Observe");
-    sup.spawn(
-        "grpc",
-        cortexflow_runtime::serve_grpc(
-            tonic::transport::Server::builder()
-                .add_service(FlowsService::new(hub, drain.clone()).into_server()),
-            grpc_listener,
-            drain.clone(),
-        ),
-    );
+    tracing::info!(addr = %grpc_listener.local_addr()?, socket = %args.flows_socket.display(), "serving Flows.Observe");
+    {
+        let router = tonic::transport::Server::builder()
+            .add_service(FlowsService::new(hub.clone(), drain.clone(), access).into_server());
+        let tls =
+            cortexflow_trust::tls::server_config(identity.creds.clone(), identity.trust.clone())?;
+        let drain = drain.clone();
+        sup.spawn("grpc", async move {
+            cortexflow_trust::tls::serve(router, grpc_listener, tls, drain.clone().into_signaled())
+                .await?;
+            drop(drain);
+            Ok(())
+        });
+    }
+    {
+        let listener = bind_private_socket(&args.flows_socket)?;
+        let router = tonic::transport::Server::builder().add_service(
+            FlowsService::new(hub, drain.clone(), crate::flows_auth::FlowsAccess::Local)
+                .into_server(),
+        );
+        let drain = drain.clone();
+        let path = args.flows_socket.clone();
+        sup.spawn("flows socket", async move {
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    drain.clone().into_signaled(),
+                )
+                .await?;
+            let _ = std::fs::remove_file(&path);
+            drop(drain);
+            Ok(())
+        });
+    }
 
     cortexflow_runtime::spawn_admin(
         &mut sup,
@@ -354,4 +400,30 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     // Dropping the context ends the datapath thread; pins stay.
     drop(ctx);
     Ok(exit)
+}
+
+/// The Kubernetes client of the agent's ServiceAccount: `--kubeconfig`, else in-cluster.
+async fn kube_client(args: &Args) -> anyhow::Result<kube::Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::incluster().context("not in a cluster and no --kubeconfig")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// A Unix socket only its owner (root) may connect to; a stale one is replaced.
+fn bind_private_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }

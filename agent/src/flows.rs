@@ -137,11 +137,20 @@ pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(20
 pub struct FlowsService {
     hub: broadcast::Sender<Arc<v1::Flow>>,
     shutdown: Watcher,
+    access: crate::flows_auth::FlowsAccess,
 }
 
 impl FlowsService {
-    pub fn new(hub: broadcast::Sender<Arc<v1::Flow>>, shutdown: Watcher) -> Self {
-        Self { hub, shutdown }
+    pub fn new(
+        hub: broadcast::Sender<Arc<v1::Flow>>,
+        shutdown: Watcher,
+        access: crate::flows_auth::FlowsAccess,
+    ) -> Self {
+        Self {
+            hub,
+            shutdown,
+            access,
+        }
     }
 
     pub fn into_server(self) -> v1::flows_server::FlowsServer<Self> {
@@ -184,6 +193,9 @@ impl v1::flows_server::Flows for FlowsService {
         &self,
         req: Request<v1::ObserveRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        self.access
+            .authorize(req.metadata(), &req.get_ref().namespace)
+            .await?;
         let q = req.into_inner();
         if !q.pod.is_empty() && q.namespace.is_empty() {
             return Err(Status::invalid_argument("a pod filter needs a namespace"));

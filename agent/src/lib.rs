@@ -14,7 +14,7 @@
 //! * [`state`] — the merged config stream, and the desired datapath state it implies.
 //! * [`ifaces`] — finding a pod's host-side interface from the node's routes.
 //! * [`worker`] — the datapath thread (in the node's namespace): apply, attach, retry.
-//! * [`flows`] — ring buffer → metrics and `Flows.Observe`.
+//! * [`flows`] — ring buffer → metrics and `Flows.Observe`; [`flows_auth`] — who may read them.
 //! * [`metrics`] — the agent's Prometheus metrics.
 //! * [`identity`] — the node certificate from the operator's CA, and the control channel's mTLS.
 //! * [`control`] — the config stream, status reports and the periodic work, as supervised tasks.
@@ -28,6 +28,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod flows;
+pub mod flows_auth;
 pub mod identity;
 pub mod ifaces;
 pub mod loader;

@@ -738,7 +738,7 @@ async fn operator_rbac_is_exactly_what_the_docs_list(ctx: Ctx) -> anyhow::Result
     // What docs/security.md lists: the chart renders exactly these rules, and each is allowed.
     let documented = documented_rbac(&ctx.workspace.join("docs/security.md"))?;
     let docs = chart::documents(&chart::render(release, &ctx.ns, &[])?)?;
-    let rendered = rendered_rbac(&docs);
+    let rendered = rendered_rbac(&docs, &chart::operator_account(release));
     let extra: Vec<_> = rendered.difference(&documented).collect();
     let missing: Vec<_> = documented.difference(&rendered).collect();
     ensure!(
@@ -840,6 +840,55 @@ async fn operator_rbac_is_exactly_what_the_docs_list(ctx: Ctx) -> anyhow::Result
             ));
         }
     }
+    // The agent: exactly its table, the two reviews; and the flows reader role: get flows.
+    let agent = format!("{release}-agent");
+    let documented = documented_table(&ctx.workspace.join("docs/security.md"), "agent-rbac-table")?;
+    let rendered = rendered_rbac(&docs, &agent);
+    ensure!(
+        documented == rendered,
+        "the chart's agent RBAC and docs/security.md differ: chart {rendered:?}, docs {documented:?}"
+    );
+    let reader: Vec<_> = rendered_rbac(&docs, &format!("{release}-flows-reader"))
+        .into_iter()
+        .map(|p| (p.group, p.resource, p.verb, p.cluster))
+        .collect();
+    ensure!(
+        reader
+            == [(
+                "mesh.cortexflow.io".to_string(),
+                "flows".to_string(),
+                "get".to_string(),
+                true
+            )],
+        "the flows reader role grants {reader:?}"
+    );
+    let agent_sa = format!("system:serviceaccount:{}:{agent}", ctx.ns);
+    for (verb, res, allowed) in [
+        ("create", "tokenreviews.authentication.k8s.io", true),
+        ("create", "subjectaccessreviews.authorization.k8s.io", true),
+        ("get", "pods", false),
+        ("list", "secrets", false),
+        ("get", "configmaps", false),
+        ("create", "pods", false),
+        ("get", "flows.mesh.cortexflow.io", false),
+        ("create", "serviceaccounts/token", false),
+    ] {
+        let out = cortexflow_lab::kubectl::run(
+            &ctx.kubeconfig,
+            &[
+                "auth",
+                "can-i",
+                verb,
+                res,
+                "--as",
+                &agent_sa,
+                "--all-namespaces",
+            ],
+        )?;
+        if (out.stdout.trim() == "yes") != allowed {
+            wrong.push(format!("the agent: {verb} {res}: {}", out.stdout.trim()));
+        }
+    }
     chart::remove_cluster_rbac(&ctx.kubeconfig, &created);
     ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
     Ok(())
@@ -860,11 +909,20 @@ struct Permission {
 fn documented_rbac(
     path: &std::path::Path,
 ) -> anyhow::Result<std::collections::BTreeSet<Permission>> {
+    documented_table(path, "rbac-table")
+}
+
+/// The permissions a table of docs/security.md (between `<!-- name:begin -->` and
+/// `<!-- name:end -->`) lists.
+fn documented_table(
+    path: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<std::collections::BTreeSet<Permission>> {
     let text = std::fs::read_to_string(path)?;
     let table = text
-        .split_once("<!-- rbac-table:begin -->")
-        .and_then(|(_, t)| t.split_once("<!-- rbac-table:end -->"))
-        .context("docs/security.md has no rbac-table")?
+        .split_once(&format!("<!-- {name}:begin -->"))
+        .and_then(|(_, t)| t.split_once(&format!("<!-- {name}:end -->")))
+        .with_context(|| format!("docs/security.md has no {name}"))?
         .0;
     let mut out = std::collections::BTreeSet::new();
     for line in table.lines().filter(|l| l.starts_with('|')).skip(2) {
@@ -896,10 +954,10 @@ fn documented_rbac(
     Ok(out)
 }
 
-/// The permissions the rendered chart's ClusterRoles and Roles grant.
-fn rendered_rbac(docs: &[Value]) -> std::collections::BTreeSet<Permission> {
+/// The permissions the rendered chart's ClusterRoles and Roles named `name` grant.
+fn rendered_rbac(docs: &[Value], name: &str) -> std::collections::BTreeSet<Permission> {
     let mut out = std::collections::BTreeSet::new();
-    for d in docs {
+    for d in docs.iter().filter(|d| d["metadata"]["name"] == name) {
         let cluster = match d["kind"].as_str() {
             Some("ClusterRole") => true,
             Some("Role") => false,

@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         t!(agents_on_a_follower_and_leader_loss_under_load),
         t!(cargo_xtask_lab_exec_runs_in_a_node_as_the_same_process),
         t!(a_pods_environment_comes_from_its_manifest),
+        t!(a_pods_credentials_cannot_pass_for_an_agent_or_read_flows),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1684,4 +1685,180 @@ async fn a_pods_environment_comes_from_its_manifest(lab: &mut Lab) -> anyhow::Re
     let _ = std::fs::remove_file(&file);
     outcome?;
     deleted.map(|_| ())
+}
+
+/// What a process in a pod holds — its service account's tokens bound to the pod, as the kubelet
+/// projects them (one for the CA's audience, one for the API) — used as an attacker would
+/// against the operator and the agents (the lab's operator Service is on the host's loopback,
+/// which pods do not reach: the attempts run from the host, with the pod's credentials only):
+/// it obtains its own identity's certificate and nothing more; it cannot subscribe, report or
+/// read flows.
+async fn a_pods_credentials_cannot_pass_for_an_agent_or_read_flows(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    use cortexflow_domain::spiffe;
+    use cortexflow_proto::agent::v1::{self as av1, agent_config_client::AgentConfigClient};
+    use cortexflow_trust::{Bundle, Credentials, TrustStore};
+    use tonic::Code;
+    const TD: &str = "cluster.local";
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(lab.client.clone(), "shop");
+    let list = pods
+        .list(&kube::api::ListParams::default().labels("app=frontend"))
+        .await?;
+    let pod = list.items.first().context("no frontend pod")?;
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let sa = spec.service_account_name.unwrap_or_default();
+    let node = spec.node_name.unwrap_or_default();
+    let bound = [
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        name.as_str(),
+    ];
+    let mut args = vec![
+        "create",
+        "token",
+        "-n",
+        "shop",
+        sa.as_str(),
+        "--audience",
+        "cortexflow-ca",
+    ];
+    args.extend(bound);
+    let ca_token = lab.kubectl(&args)?.trim().to_string();
+    let mut args = vec!["create", "token", "-n", "shop", sa.as_str()];
+    args.extend(bound);
+    let api_token = lab.kubectl(&args)?.trim().to_string();
+
+    let bundle = Bundle::from_pem(&std::fs::read(lab.state_dir.join("ca.crt"))?)?;
+    let operator = lab.operator_service.addr;
+    let channel = |creds: Option<std::sync::Arc<Credentials>>| {
+        let trust = TrustStore::new(TD, bundle.clone());
+        async move {
+            let cfg = cortexflow_trust::tls::client_config(creds, trust, &spiffe::operator(TD))?;
+            anyhow::Ok(
+                tonic::transport::Endpoint::from_shared(format!("http://{operator}"))?
+                    .connect_with_connector(cortexflow_trust::tls::connector(cfg))
+                    .await?,
+            )
+        }
+    };
+
+    // Its own identity: issued. A node certificate: refused.
+    let own = spiffe::service_identity(TD, "shop", "frontend");
+    let creds = Credentials::new();
+    cortexflow_trust::client::obtain(channel(None).await?, &ca_token, &own, TD, &creds)
+        .await
+        .context("the pod's own certificate")?;
+    let node_id = spiffe::node_agent(TD, &node);
+    match cortexflow_trust::client::obtain(
+        channel(None).await?,
+        &ca_token,
+        &node_id,
+        TD,
+        &Credentials::new(),
+    )
+    .await
+    {
+        Err(cortexflow_trust::client::ObtainError::Refused(s)) => {
+            ensure!(
+                s.code() == Code::PermissionDenied,
+                "a node certificate: {s}"
+            )
+        }
+        other => bail!("the pod obtained {node_id}: {other:?}"),
+    }
+    // The API token is not for the CA.
+    match cortexflow_trust::client::obtain(
+        channel(None).await?,
+        &api_token,
+        &own,
+        TD,
+        &Credentials::new(),
+    )
+    .await
+    {
+        Err(cortexflow_trust::client::ObtainError::Refused(s)) => {
+            ensure!(s.code() == Code::Unauthenticated, "the API token: {s}")
+        }
+        other => bail!("the CA took the pod's API token: {other:?}"),
+    }
+
+    // Subscribe and report as its node: with its certificate, with none.
+    let sub = av1::SubscribeRequest {
+        node: node.clone(),
+        ..Default::default()
+    };
+    let mut with_cert = AgentConfigClient::new(channel(Some(creds)).await?);
+    let e = with_cert.subscribe(sub.clone()).await.unwrap_err();
+    ensure!(
+        e.code() == Code::PermissionDenied,
+        "subscribe with the pod's certificate: {e}"
+    );
+    let report = av1::AgentStatus {
+        node: node.clone(),
+        applied_version: 1,
+        ..Default::default()
+    };
+    let e = with_cert
+        .report_status(tokio_stream::iter(vec![report.clone()]))
+        .await
+        .unwrap_err();
+    ensure!(
+        e.code() == Code::PermissionDenied,
+        "report with the pod's certificate: {e}"
+    );
+    let mut anon = AgentConfigClient::new(channel(None).await?);
+    let e = anon.subscribe(sub).await.unwrap_err();
+    ensure!(
+        e.code() == Code::Unauthenticated,
+        "subscribe without a certificate: {e}"
+    );
+    let e = anon
+        .report_status(tokio_stream::iter(vec![report]))
+        .await
+        .unwrap_err();
+    ensure!(
+        e.code() == Code::Unauthenticated,
+        "report without a certificate: {e}"
+    );
+
+    // Flows of its node's agent: its API token is not allowed, no token is not authenticated;
+    // the lab's reader is served.
+    let agent = lab
+        .agents
+        .iter()
+        .find(|a| a.name == node)
+        .context("the pod's node has no agent")?;
+    for (what, token, code) in [
+        (
+            "the pod's API token",
+            Some(api_token.as_str()),
+            Code::PermissionDenied,
+        ),
+        ("no token", None, Code::Unauthenticated),
+    ] {
+        let e = lab
+            .flows_client(agent, token)
+            .await?
+            .observe(cortexflow_proto::flows::v1::ObserveRequest::default())
+            .await
+            .unwrap_err();
+        ensure!(e.code() == code, "flows with {what}: {e}");
+    }
+    let ns_scoped = lab
+        .flows_client(agent, Some(&lab.flows_token))
+        .await?
+        .observe(cortexflow_proto::flows::v1::ObserveRequest {
+            namespace: "shop".into(),
+            ..Default::default()
+        })
+        .await;
+    ensure!(ns_scoped.is_ok(), "the reader was refused: {ns_scoped:?}");
+    eprintln!(
+        "pod {name} (sa {sa}, node {node}): its own certificate {own} issued; a node certificate, subscribe, report and flows refused"
+    );
+    Ok(())
 }

@@ -94,29 +94,7 @@ pub fn operator_kubeconfig(
     kubectl::ok(admin, &["apply", "-f", &file.display().to_string()])
         .context("apply the chart's RBAC")?;
     let _ = std::fs::remove_file(&file);
-    let token = kubectl::ok(
-        admin,
-        &[
-            "create",
-            "token",
-            "-n",
-            namespace,
-            &operator_account(release),
-            "--duration=24h",
-        ],
-    )?;
-    let view = kubectl::ok(admin, &["config", "view", "--raw", "-o", "json"])?;
-    let view: serde_json::Value = serde_json::from_str(&view)?;
-    let cluster = view["clusters"][0]["cluster"].clone();
-    let kubeconfig = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "lab", "cluster": cluster}],
-        "users": [{"name": "operator", "user": {"token": token.trim()}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "lab", "user": "operator", "namespace": namespace}}],
-        "current-context": "operator",
-    });
-    std::fs::write(out, kubeconfig.to_string())?;
+    account_kubeconfig(admin, namespace, &operator_account(release), out)?;
     Ok(rbac
         .iter()
         .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "ClusterRoleBinding")
@@ -128,6 +106,40 @@ pub fn operator_kubeconfig(
             )
         })
         .collect())
+}
+
+/// A kubeconfig at `out` for the ServiceAccount `account` of `namespace` (a 24 h token from the
+/// TokenRequest API), on the cluster of `admin`.
+pub fn account_kubeconfig(
+    admin: &Path,
+    namespace: &str,
+    account: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let token = kubectl::ok(
+        admin,
+        &[
+            "create",
+            "token",
+            "-n",
+            namespace,
+            account,
+            "--duration=24h",
+        ],
+    )?;
+    let view = kubectl::ok(admin, &["config", "view", "--raw", "-o", "json"])?;
+    let view: serde_json::Value = serde_json::from_str(&view)?;
+    let cluster = view["clusters"][0]["cluster"].clone();
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "lab", "cluster": cluster}],
+        "users": [{"name": account, "user": {"token": token.trim()}}],
+        "contexts": [{"name": account, "context": {"cluster": "lab", "user": account, "namespace": namespace}}],
+        "current-context": account,
+    });
+    std::fs::write(out, kubeconfig.to_string())?;
+    Ok(())
 }
 
 /// Deletes the cluster-scoped objects [`operator_kubeconfig`] created.

@@ -90,6 +90,33 @@ impl Agent {
         &self.pins.dir
     }
 
+    /// The agent's local `Flows.Observe` socket (root on the node, no token).
+    pub fn flows_socket(&self) -> PathBuf {
+        self.logs.join("flows.sock")
+    }
+
+    /// A `Flows` client on the local socket.
+    pub async fn local_flows(
+        &self,
+    ) -> anyhow::Result<
+        cortexflow_proto::flows::v1::flows_client::FlowsClient<tonic::transport::Channel>,
+    > {
+        let path = self.flows_socket();
+        let channel = tonic::transport::Endpoint::from_static("http://local-socket")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await?;
+        Ok(cortexflow_proto::flows::v1::flows_client::FlowsClient::new(
+            channel,
+        ))
+    }
+
     /// Starts an agent subscribed to `operator`.
     pub fn start_agent(&mut self, operator: &Control) -> anyhow::Result<()> {
         self.start_agent_with(operator, &[])
@@ -124,6 +151,8 @@ impl Agent {
             &self.cgroup.to_string_lossy(),
             "--netns",
             &self.netns.to_string_lossy(),
+            "--flows-socket",
+            &self.flows_socket().to_string_lossy(),
             "--report-interval-secs",
             "1",
             "--max-backoff-ms",

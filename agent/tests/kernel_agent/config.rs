@@ -54,9 +54,7 @@ pub(crate) fn config_reaches_the_kernel() {
         assert_eq!(ipc.get(&Ipv4Addr::new(10, 250, 0, 99)), Some(&5000));
 
         // Flows.Observe: a dropped flow into p1, with names.
-        let mut flows = FlowsClient::connect(format!("http://{}", node.grpc))
-            .await
-            .expect("connect Flows");
+        let mut flows = node.local_flows().await.expect("connect Flows");
         let mut stream = flows
             .observe(ObserveRequest {
                 namespace: NS.into(),
@@ -96,6 +94,42 @@ pub(crate) fn config_reaches_the_kernel() {
             dst.identity_name,
             flow.reason
         );
+
+        // The network port: no flows without the Kubernetes API to authorize callers (this agent
+        // has none), in plaintext never.
+        let control = op.control();
+        let trust = cortexflow_trust::TrustStore::new(
+            cortexflow_testkit::scripted_operator::TRUST_DOMAIN,
+            cortexflow_trust::Bundle::from_pem(
+                &std::fs::read(&control.bundle_file).expect("bundle"),
+            )
+            .expect("bundle"),
+        );
+        let tls = cortexflow_trust::tls::client_config(
+            None,
+            trust,
+            &cortexflow_domain::spiffe::node_agent(
+                cortexflow_testkit::scripted_operator::TRUST_DOMAIN,
+                &node.name,
+            ),
+        )
+        .expect("TLS config");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc))
+            .expect("uri")
+            .connect_with_connector(cortexflow_trust::tls::connector(tls))
+            .await
+            .expect("TLS to the agent, verified as its node");
+        let e = FlowsClient::new(channel)
+            .observe(ObserveRequest::default())
+            .await
+            .expect_err("refused without an API to authorize");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        let plain = FlowsClient::connect(format!("http://{}", node.grpc)).await;
+        let plain_refused = match plain {
+            Err(_) => true,
+            Ok(mut c) => c.observe(ObserveRequest::default()).await.is_err(),
+        };
+        assert!(plain_refused, "a plaintext Flows.Observe was served");
 
         // A policy change: now p2 may connect on 9090 instead.
         let changed = Policy {

@@ -99,9 +99,7 @@ pub(crate) fn forged_sources_are_dropped_at_the_senders_veth() {
             r.applied_version == v
         })
         .await;
-        let mut flows = FlowsClient::connect(format!("http://{}", node.grpc))
-            .await
-            .expect("connect Flows");
+        let mut flows = node.local_flows().await.expect("connect Flows");
         let mut stream = flows
             .observe(ObserveRequest {
                 namespace: String::new(),

@@ -84,6 +84,8 @@ pub struct Lab {
     pub workload_bin: PathBuf,
     /// How long each phase of the start took.
     pub timings: Vec<(&'static str, Duration)>,
+    /// A token of [`FLOWS_READER`], for `Flows.Observe` on the agents' network port.
+    pub flows_token: String,
 }
 
 impl Lab {
@@ -172,6 +174,17 @@ impl Lab {
         // bound to its pod).
         let bundle_file = o.state_dir.join("ca.crt");
         wait_for_bundle(&kubeconfig, &bundle_file, Duration::from_secs(30)).await?;
+        // The agents' API access (the DaemonSet's pods get it mounted): their ServiceAccount,
+        // for authorizing Flows.Observe callers.
+        let agent_kubeconfig = o.state_dir.join("agent.kubeconfig");
+        crate::chart::account_kubeconfig(
+            &kubeconfig,
+            SYSTEM_NAMESPACE,
+            AGENT_ACCOUNT,
+            &agent_kubeconfig,
+        )?;
+        let agent_kubeconfig = agent_kubeconfig.to_string_lossy().into_owned();
+        let flows_token = flows_reader_token(&kubeconfig)?;
         let mut agents = Vec::new();
         for n in &nodes {
             agent_token(&kubeconfig, &n.name, &o.state_dir)?;
@@ -181,7 +194,7 @@ impl Lab {
                 &n.name,
                 &n.ns.path(),
                 &n.cgroup,
-                &["--cni-socket", &socket],
+                &["--cni-socket", &socket, "--kubeconfig", &agent_kubeconfig],
             )?;
             a.start_agent(&control(&operator_service, &o.state_dir, &n.name))?;
             agents.push(a);
@@ -206,6 +219,7 @@ impl Lab {
             state_dir: o.state_dir.clone(),
             workload_bin,
             timings,
+            flows_token,
         };
         if let Some(demo) = &o.demo {
             lab.kubectl(&["apply", "-f", &demo.to_string_lossy()])?;
@@ -371,10 +385,17 @@ impl Lab {
             "operator metrics: http://{}/metrics",
             self.operator.admin
         ));
+        out.push(format!(
+            "mesh trust bundle: {}   flows reader token: kubectl create token -n {SYSTEM_NAMESPACE} {FLOWS_READER}",
+            self.state_dir.join("ca.crt").display()
+        ));
         for a in &self.agents {
             out.push(format!(
-                "agent {} metrics: http://{}/metrics   flows (gRPC): {}",
-                a.name, a.admin, a.grpc
+                "agent {} metrics: http://{}/metrics   flows: {} (TLS, bearer token) or {}",
+                a.name,
+                a.admin,
+                a.grpc,
+                a.flows_socket().display()
             ));
         }
         for n in &self.nodes {
@@ -495,6 +516,46 @@ pub fn exec_command(
 
 /// The agents' ServiceAccount (the chart's, release `cortexflow`).
 pub const AGENT_ACCOUNT: &str = "cortexflow-agent";
+
+/// The lab's reader of flows: a ServiceAccount bound to the chart's `cortexflow-flows-reader`
+/// ClusterRole, as a user of `cfcli flows` would be.
+pub const FLOWS_READER: &str = "cortexflow-lab-flows";
+
+fn flows_reader_token(kubeconfig: &Path) -> anyhow::Result<String> {
+    kubectl::ok(
+        kubeconfig,
+        &[
+            "create",
+            "serviceaccount",
+            "-n",
+            SYSTEM_NAMESPACE,
+            FLOWS_READER,
+        ],
+    )?;
+    kubectl::ok(
+        kubeconfig,
+        &[
+            "create",
+            "clusterrolebinding",
+            FLOWS_READER,
+            "--clusterrole=cortexflow-flows-reader",
+            &format!("--serviceaccount={SYSTEM_NAMESPACE}:{FLOWS_READER}"),
+        ],
+    )?;
+    Ok(kubectl::ok(
+        kubeconfig,
+        &[
+            "create",
+            "token",
+            "-n",
+            SYSTEM_NAMESPACE,
+            FLOWS_READER,
+            "--duration=24h",
+        ],
+    )?
+    .trim()
+    .to_string())
+}
 
 fn control(service: &OperatorService, state_dir: &Path, node: &str) -> Control {
     Control {

@@ -11,6 +11,9 @@ use anyhow::Context as _;
 use cortexflow_proto::flows::v1::{self, flows_client::FlowsClient};
 
 use super::Lab;
+
+/// The lab's trust domain (the operator's and agents' default).
+pub const TRUST_DOMAIN: &str = "cluster.local";
 use crate::sim;
 
 impl Lab {
@@ -94,12 +97,51 @@ impl Lab {
         decisive(&log.since(started, source, protocol))
     }
 
+    /// A `Flows` client of agent `a`'s network port, as `cfcli` would be: TLS verifying the
+    /// agent's node id with the trust bundle, `token` as the bearer token.
+    pub async fn flows_client(
+        &self,
+        a: &cortexflow_testkit::node::Agent,
+        token: Option<&str>,
+    ) -> anyhow::Result<
+        FlowsClient<
+            tonic::service::interceptor::InterceptedService<
+                tonic::transport::Channel,
+                impl tonic::service::Interceptor + use<>,
+            >,
+        >,
+    > {
+        let bundle =
+            cortexflow_trust::Bundle::from_pem(&std::fs::read(self.state_dir.join("ca.crt"))?)?;
+        let trust = cortexflow_trust::TrustStore::new(TRUST_DOMAIN, bundle);
+        let tls = cortexflow_trust::tls::client_config(
+            None,
+            trust,
+            &cortexflow_domain::spiffe::node_agent(TRUST_DOMAIN, &a.name),
+        )?;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc))?
+            .connect_with_connector(cortexflow_trust::tls::connector(tls))
+            .await?;
+        let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+            token.map(|t| format!("Bearer {t}").parse()).transpose()?;
+        Ok(FlowsClient::with_interceptor(
+            channel,
+            move |mut req: tonic::Request<()>| {
+                if let Some(h) = &header {
+                    req.metadata_mut().insert("authorization", h.clone());
+                }
+                Ok(req)
+            },
+        ))
+    }
+
     /// Streams every agent's flows into a shared list until the returned guard drops.
     pub async fn observe_flows(&self) -> anyhow::Result<FlowLog> {
         let flows = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for a in &self.agents {
-            let mut c = FlowsClient::connect(format!("http://{}", a.grpc))
+            let mut c = self
+                .flows_client(a, Some(&self.flows_token))
                 .await
                 .with_context(|| format!("connect to the Flows API of {}", a.name))?;
             let mut stream = c.observe(v1::ObserveRequest::default()).await?.into_inner();
