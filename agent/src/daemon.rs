@@ -386,8 +386,10 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
             identity,
             drain.signal(),
             Duration::from_millis(args.max_backoff_ms),
+            metrics.clone(),
         ),
     );
+    sup.spawn("trust bundle", crate::identity::bundle_loop(ctx.clone()));
     sup.spawn("reports", control::report_loop(ctx.clone()));
     sup.spawn("subscription", control::subscribe_loop(ctx.clone()));
     drop(drain);

@@ -36,6 +36,8 @@ pub struct Identity {
     operator: String,
     /// True once a certificate is installed.
     pub(crate) ready: watch::Sender<bool>,
+    /// Renew now (the bundle dropped the root of the certificate in use).
+    pub(crate) renew_now: tokio::sync::Notify,
 }
 
 impl Identity {
@@ -62,6 +64,7 @@ impl Identity {
             token_file,
             operator: operator.to_string(),
             ready: watch::channel(false).0,
+            renew_now: tokio::sync::Notify::new(),
         })
     }
 
@@ -132,7 +135,9 @@ pub async fn renew_loop(
     id: Arc<Identity>,
     shutdown: cortexflow_runtime::drain::Signal,
     max_backoff: Duration,
+    metrics: crate::metrics::AgentMetrics,
 ) -> anyhow::Result<()> {
+    use opentelemetry::KeyValue;
     let mut backoff = Backoff::new(
         Duration::from_millis(200),
         max_backoff.max(Duration::from_secs(1)),
@@ -145,6 +150,13 @@ pub async fn renew_loop(
                 let left = not_after
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
+                metrics
+                    .certificate_renewals
+                    .add(1, &[KeyValue::new("result", "ok")]);
+                metrics.certificate_expiry.record(left.as_secs_f64(), &[]);
+                metrics
+                    .trust_bundle_roots
+                    .record(id.trust.bundle().ders().len() as u64, &[]);
                 tracing::info!(
                     spiffe_id = %id.spiffe_id,
                     valid_for_secs = left.as_secs(),
@@ -160,6 +172,9 @@ pub async fn renew_loop(
                 anyhow::bail!("the node certificate was refused: {e}");
             }
             Err((Retry::Retryable, e)) => {
+                metrics
+                    .certificate_renewals
+                    .add(1, &[KeyValue::new("result", "failed")]);
                 let still = id
                     .creds
                     .current()
@@ -170,6 +185,75 @@ pub async fn renew_loop(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            () = id.renew_now.notified() => tracing::info!("renewing the node certificate now: the trust bundle no longer holds its root"),
+            () = shutdown.signaled() => return Ok(()),
+        }
+    }
+}
+
+/// Follows the operator's trust bundle (`Certificates.WatchBundle`, over mTLS): each one is
+/// installed (new connections verify with it) and acknowledged in the status reports; when it
+/// no longer verifies the node certificate in use, that is renewed at once.
+pub(crate) async fn bundle_loop(ctx: Arc<crate::daemon::Ctx>) -> anyhow::Result<()> {
+    use cortexflow_proto::identity::v1::{
+        WatchBundleRequest, certificates_client::CertificatesClient,
+    };
+    let id = ctx.identity.clone();
+    let shutdown = ctx.shutdown.clone();
+    if !id.wait_ready(&shutdown).await {
+        return Ok(());
+    }
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let r: Result<(), String> = async {
+            let channel = id
+                .channel(&id.operator_tls)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut stream = CertificatesClient::new(channel)
+                .watch_bundle(WatchBundleRequest {})
+                .await
+                .map_err(|s| format!("WatchBundle: {}: {}", s.code(), s.message()))?
+                .into_inner();
+            loop {
+                let m = tokio::select! {
+                    m = stream.message() => m.map_err(|s| format!("WatchBundle: {s}"))?,
+                    () = shutdown.signaled() => return Ok(()),
+                };
+                let Some(m) = m else { return Ok(()) };
+                let bundle = Bundle::from_der(
+                    m.roots
+                        .into_iter()
+                        .map(rustls_pki_types::CertificateDer::from)
+                        .collect(),
+                )
+                .map_err(|e| format!("the bundle sent: {e}"))?;
+                let digest = bundle.digest();
+                let roots = bundle.ders().len();
+                if id.trust.set(bundle) {
+                    tracing::info!(roots, %digest, "trust bundle updated");
+                }
+                ctx.metrics.trust_bundle_roots.record(roots as u64, &[]);
+                backoff.reset();
+                ctx.report.send_if_modified(|r| {
+                    std::mem::replace(&mut r.status.trust_bundle, digest.clone()) != digest
+                });
+                if let Some(chain) = id.creds.chain()
+                    && id
+                        .trust
+                        .verify(&chain, cortexflow_trust::Usage::Client)
+                        .is_err()
+                {
+                    id.renew_now.notify_one();
+                }
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "the trust bundle stream failed; retrying (the bundle in use is kept)");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_wait()) => {}
             () = shutdown.signaled() => return Ok(()),
         }
     }

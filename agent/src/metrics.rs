@@ -31,6 +31,12 @@ pub struct AgentMetrics {
     pub operator_connected: Gauge<u64>,
     /// From a reconnect to the operator until its snapshot is in the kernel.
     pub resync_duration: Histogram<f64>,
+    /// Node certificates obtained or renewed, by result (ok, failed).
+    pub certificate_renewals: Counter<u64>,
+    /// Seconds until the node certificate expires.
+    pub certificate_expiry: Gauge<f64>,
+    /// Roots of the trust bundle the agent verifies with.
+    pub trust_bundle_roots: Gauge<u64>,
     /// The kernel's packet counters, read periodically (observable).
     usage: Arc<Mutex<Usage>>,
 }
@@ -148,8 +154,24 @@ impl AgentMetrics {
                 .with_description("From (re)connecting to the operator until its snapshot is in the kernel")
                 .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
                 .build(),
+            certificate_renewals: meter
+                .u64_counter("agent_certificate_renewals")
+                .with_description("Node certificates obtained from the operator's CA, by result (ok, failed)")
+                .build(),
+            certificate_expiry: meter
+                .f64_gauge("agent_certificate_expiry_seconds")
+                .with_description("Seconds until the node certificate expires")
+                .build(),
+            trust_bundle_roots: meter
+                .u64_gauge("agent_trust_bundle_roots")
+                .with_description("Roots of the trust bundle the agent verifies with")
+                .build(),
             usage,
         };
+        for result in ["ok", "failed"] {
+            me.certificate_renewals
+                .add(0, &[KeyValue::new("result", result)]);
+        }
         // Every result exists from the start at zero (alerts on refusals see 0, not no data).
         for result in ["applied", "invalid", "refused"] {
             me.configs.add(0, &[KeyValue::new("result", result)]);

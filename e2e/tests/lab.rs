@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         t!(cargo_xtask_lab_exec_runs_in_a_node_as_the_same_process),
         t!(a_pods_environment_comes_from_its_manifest),
         t!(a_pods_credentials_cannot_pass_for_an_agent_or_read_flows),
+        t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1860,5 +1861,345 @@ async fn a_pods_credentials_cannot_pass_for_an_agent_or_read_flows(
     eprintln!(
         "pod {name} (sa {sa}, node {node}): its own certificate {own} issued; a node certificate, subscribe, report and flows refused"
     );
+    Ok(())
+}
+
+/// The sum of an agent's metric samples whose line starts with `prefix`.
+async fn agent_metric(a: &cortexflow_testkit::node::Agent, prefix: &str) -> anyhow::Result<f64> {
+    let (_, body) = a.admin("/metrics").await.context("agent metrics")?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Config deliveries while the CA rotates: each round changes a MeshPolicy that applies on both
+/// nodes and waits until its new generation is Programmed on every node.
+struct Deliveries {
+    rounds: u32,
+    failed: Vec<String>,
+}
+
+impl Deliveries {
+    fn round(&mut self, lab: &Lab) -> anyhow::Result<()> {
+        self.rounds += 1;
+        let port = 7000 + self.rounds;
+        lab.apply_yaml(&format!(
+            "apiVersion: mesh.cortexflow.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: ca-rotation-probe, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: backend}}}}\n  ingress:\n    - from: [{{identity: frontend}}]\n      ports: [{{port: {port}, protocol: TCP}}]\n"
+        ))?;
+        let t = Instant::now();
+        loop {
+            let out = lab.kubectl(&[
+                "get", "meshpolicy", "-n", "shop", "ca-rotation-probe", "-o",
+                "jsonpath={.metadata.generation} {.status.conditions[?(@.type==\"Programmed\")].status} {.status.conditions[?(@.type==\"Programmed\")].observedGeneration}",
+            ])?;
+            let f: Vec<&str> = out.split_whitespace().collect();
+            if f.len() == 3 && f[1] == "True" && f[0] == f[2] {
+                return Ok(());
+            }
+            if t.elapsed() > Duration::from_secs(15) {
+                self.failed
+                    .push(format!("round {} (port {port}): {out}", self.rounds));
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Rotation as an operator of the mesh does it, by editing the CA Secret, while config changes
+/// keep flowing: a new root added (every agent takes and acknowledges the bundle), the issuer
+/// switched to an intermediate of it (only after those acknowledgements; the operator's and the
+/// agents' certificates move to it), the old root removed (only a leaf lifetime after the
+/// switch). Meanwhile every leaf renews on its own every ~30 s. No delivery fails, no process
+/// restarts, no renewal fails, and afterwards a certificate of the old root is refused.
+async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    use cortexflow_domain::spiffe;
+    use cortexflow_trust::{Authority, Bundle, Credentials, TrustStore, ca::Material};
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    const TD: &str = "cluster.local";
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(lab.client.clone(), "cortexflow");
+    let old = secrets.get("cortexflow-ca").await?;
+    let data = old.data.clone().unwrap_or_default();
+    let text = |k: &str| -> anyhow::Result<String> {
+        Ok(String::from_utf8(
+            data.get(k).context(k.to_string())?.0.clone(),
+        )?)
+    };
+    let old_material = Material {
+        roots_pem: text("ca.crt")?,
+        root_key_pem: text("ca.key").ok(),
+        issuer_pem: text("issuer.crt")?,
+        issuer_key_pem: text("issuer.key")?,
+    };
+    let old_ca = Authority::from_material(TD, old_material.clone())?;
+    let new_ca = Authority::generate(TD, std::time::SystemTime::now())?;
+    let set = |fields: Vec<(&'static str, String)>| {
+        let secrets = secrets.clone();
+        async move {
+            let data: std::collections::BTreeMap<String, ByteString> = fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+                .collect();
+            let patch = serde_json::json!({ "data": serde_json::to_value(&data)? });
+            secrets
+                .patch(
+                    "cortexflow-ca",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    let starts: Vec<usize> = lab.agents.iter().map(|a| a.starts()).collect();
+    let mut renewed_before = Vec::new();
+    let mut failed_before = Vec::new();
+    for a in &lab.agents {
+        renewed_before.push(
+            agent_metric(
+                a,
+                "cortexflow_agent_certificate_renewals_total{result=\"ok\"",
+            )
+            .await?,
+        );
+        failed_before.push(
+            agent_metric(
+                a,
+                "cortexflow_agent_certificate_renewals_total{result=\"failed\"",
+            )
+            .await?,
+        );
+    }
+    let mut d = Deliveries {
+        rounds: 0,
+        failed: Vec::new(),
+    };
+    let wait = |what: &'static str, limit: Duration| (what, Instant::now(), limit);
+    // Rounds of deliveries until `done`, at most until `limit`.
+    macro_rules! until {
+        ($w:expr, $done:expr) => {{
+            let (what, t, limit) = $w;
+            loop {
+                tokio::task::block_in_place(|| d.round(lab))?;
+                if $done {
+                    break t.elapsed();
+                }
+                ensure!(t.elapsed() < limit, "{what}: not within {limit:?}");
+            }
+        }};
+    }
+    async fn all_agents(lab: &Lab, prefix: &str, want: f64) -> anyhow::Result<bool> {
+        for a in &lab.agents {
+            if agent_metric(a, prefix).await? != want {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+    // The agents' node certificates chain to `ca`: their TLS port verifies with its root alone.
+    async fn agents_chain_to(lab: &Lab, ca: &Authority) -> anyhow::Result<bool> {
+        for a in &lab.agents {
+            let trust = TrustStore::new(TD, ca.bundle().clone());
+            let cfg = cortexflow_trust::tls::client_config(
+                None,
+                trust,
+                &spiffe::node_agent(TD, &a.name),
+            )?;
+            let ok = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc))?
+                .connect_with_connector(cortexflow_trust::tls::connector(cfg))
+                .await
+                .is_ok();
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+    let operator_chains_to = |ca: &Authority| {
+        let trust = TrustStore::new(TD, ca.bundle().clone());
+        let addr = lab.operator_service.addr;
+        async move {
+            let cfg = cortexflow_trust::tls::client_config(None, trust, &spiffe::operator(TD))?;
+            anyhow::Ok(
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_with_connector(cortexflow_trust::tls::connector(cfg))
+                    .await
+                    .is_ok(),
+            )
+        }
+    };
+    until!(
+        wait("deliveries before", Duration::from_secs(30)),
+        d.rounds >= 2
+    );
+
+    // 1. The new root joins the bundle.
+    let both = format!("{}{}", old_material.roots_pem, new_ca.material().roots_pem);
+    set(vec![("ca.crt", both)]).await?;
+    let took_bundle = until!(
+        wait(
+            "every agent takes the two-root bundle",
+            Duration::from_secs(60)
+        ),
+        all_agents(lab, "cortexflow_agent_trust_bundle_roots", 2.0).await?
+    );
+
+    // 2. The issuer switches to the new root's intermediate.
+    let m = new_ca.material();
+    set(vec![
+        ("issuer.crt", m.issuer_pem.clone()),
+        ("issuer.key", m.issuer_key_pem.clone()),
+        ("ca.key", m.root_key_pem.clone().unwrap_or_default()),
+    ])
+    .await?;
+    let switched = until!(
+        wait(
+            "the operator serves from the new issuer",
+            Duration::from_secs(60)
+        ),
+        lab.operator
+            .metric("cortexflow_ca_issuer_rotations_total")
+            .await?
+            == 1.0
+            && operator_chains_to(&new_ca).await?
+    );
+    let switch_seen = Instant::now();
+    let agents_moved = until!(
+        wait(
+            "every agent's certificate chains to the new root",
+            Duration::from_secs(2 * lab::CERT_LIFETIME_SECS)
+        ),
+        agents_chain_to(lab, &new_ca).await?
+    );
+
+    // 3. The old root leaves the bundle — only a leaf lifetime after the switch.
+    set(vec![("ca.crt", m.roots_pem.clone())]).await?;
+    let switch_seen_before_removal = switch_seen.elapsed();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cm_roots = |lab: &Lab| -> anyhow::Result<usize> {
+        let pem = lab.kubectl(&[
+            "get",
+            "configmap",
+            "-n",
+            "cortexflow",
+            "cortexflow-ca-bundle",
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ])?;
+        Ok(Bundle::from_pem(pem.as_bytes())?.ders().len())
+    };
+    let early = cm_roots(lab)?;
+    let removed = until!(
+        wait(
+            "the old root leaves every agent's bundle",
+            Duration::from_secs(3 * lab::CERT_LIFETIME_SECS)
+        ),
+        cm_roots(lab)? == 1 && all_agents(lab, "cortexflow_agent_trust_bundle_roots", 1.0).await?
+    );
+    let removed_after = t.elapsed();
+
+    // A certificate of the old root is refused now; the operator serves nothing to the old root.
+    let old_node = {
+        let (key, c) = old_ca
+            .issue_own(
+                &spiffe::node_agent(TD, &lab.agents[0].name),
+                Duration::from_secs(600),
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let creds = Credentials::new();
+        creds.set(
+            key.serialize_der(),
+            c.chain,
+            c.spiffe_id,
+            c.not_before,
+            c.not_after,
+        )?;
+        creds
+    };
+    let trust = TrustStore::new(TD, new_ca.bundle().clone());
+    let cfg = cortexflow_trust::tls::client_config(Some(old_node), trust, &spiffe::operator(TD))?;
+    let refused = match tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        lab.operator_service.addr
+    ))?
+    .connect_with_connector(cortexflow_trust::tls::connector(cfg))
+    .await
+    {
+        Err(_) => true,
+        Ok(ch) => cortexflow_proto::agent::v1::agent_config_client::AgentConfigClient::new(ch)
+            .subscribe(cortexflow_proto::agent::v1::SubscribeRequest {
+                node: lab.agents[0].name.clone(),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+    };
+    let old_served = operator_chains_to(&old_ca).await?;
+
+    // What must not have happened.
+    let mut renewed = Vec::new();
+    for (i, a) in lab.agents.iter_mut().enumerate() {
+        ensure!(
+            a.running() && a.starts() == starts[i],
+            "agent {} restarted",
+            a.name
+        );
+        let ok = agent_metric(
+            a,
+            "cortexflow_agent_certificate_renewals_total{result=\"ok\"",
+        )
+        .await?;
+        let failed = agent_metric(
+            a,
+            "cortexflow_agent_certificate_renewals_total{result=\"failed\"",
+        )
+        .await?;
+        ensure!(
+            failed == failed_before[i],
+            "agent {}: {} renewals failed",
+            a.name,
+            failed - failed_before[i]
+        );
+        renewed.push((ok - renewed_before[i]) as u64);
+    }
+    lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "ca-rotation-probe"])?;
+    ensure!(d.failed.is_empty(), "failed deliveries: {:?}", d.failed);
+    if switch_seen_before_removal + Duration::from_secs(5)
+        < Duration::from_secs(lab::CERT_LIFETIME_SECS)
+    {
+        ensure!(
+            early == 2,
+            "the old root was dropped {:.0} s after the switch, before a leaf lifetime",
+            switch_seen_before_removal.as_secs_f64()
+        );
+    }
+    ensure!(
+        refused,
+        "a client certificate of the removed root was accepted"
+    );
+    ensure!(
+        !old_served,
+        "the operator still serves a certificate of the old root"
+    );
+    ensure!(
+        renewed.iter().all(|n| *n >= 2),
+        "every agent renews its certificate on its own during the test: {renewed:?}"
+    );
+    eprintln!(
+        "CA rotation under config traffic: {} deliveries, 0 failed; agents took the new root in {:.1} s, the issuer switched {:.1} s later, agents' certificates moved in {:.1} s, the old root left {:.0} s after its removal was asked (lifetime {} s); renewals per agent {renewed:?}, 0 failed, 0 restarts; a certificate of the old root refused",
+        d.rounds,
+        took_bundle.as_secs_f64(),
+        switched.as_secs_f64(),
+        agents_moved.as_secs_f64(),
+        removed_after.as_secs_f64(),
+        lab::CERT_LIFETIME_SECS,
+    );
+    let _ = removed;
     Ok(())
 }

@@ -354,6 +354,7 @@ async fn report(
                 ip: u32::from(e.ip),
             })
             .collect(),
+        trust_bundle: String::new(),
     };
     client
         .report_status(tokio_stream::iter(vec![status]))

@@ -21,7 +21,7 @@ use cortexflow_domain::spiffe;
 use cortexflow_operator_core::ObjKey;
 use cortexflow_proto::identity::v1::{self, certificates_server::Certificates};
 use cortexflow_runtime::drain::Watcher;
-use cortexflow_trust::{Authority, Credentials, TOKEN_AUDIENCE, ca::Material};
+use cortexflow_trust::{Authority, Bundle, Credentials, TOKEN_AUDIENCE, TrustStore, ca::Material};
 use k8s_openapi::{
     ByteString,
     api::{
@@ -34,6 +34,8 @@ use opentelemetry::{
     KeyValue,
     metrics::{Counter, Gauge},
 };
+use std::time::Instant;
+use tokio::sync::{Notify, watch};
 use tonic::{Request, Response, Status};
 
 use crate::store::Store;
@@ -59,6 +61,12 @@ pub struct CaMetrics {
     pub issued: Counter<u64>,
     pub refused: Counter<u64>,
     pub expiry: Gauge<f64>,
+    /// Issuer switches.
+    pub rotations: Counter<u64>,
+    /// Agents that have not acknowledged the bundle a pending issuer switch waits for.
+    pub rotation_waiting: Gauge<u64>,
+    /// Roots in the published bundle.
+    pub bundle_roots: Gauge<u64>,
 }
 
 /// Labels of `cortexflow_ca_certificates_refused_total`.
@@ -96,7 +104,21 @@ impl CaMetrics {
                     "Seconds until the CA's intermediate (the issuer of every leaf) expires",
                 )
                 .build(),
+            rotations: meter
+                .u64_counter("ca_issuer_rotations")
+                .with_description("Times the CA switched to a new issuer")
+                .build(),
+            rotation_waiting: meter
+                .u64_gauge("ca_rotation_waiting_agents")
+                .with_description("Agents a pending issuer switch waits for (they have not acknowledged the new trust bundle)")
+                .build(),
+            bundle_roots: meter
+                .u64_gauge("ca_bundle_roots")
+                .with_description("Roots in the published trust bundle")
+                .build(),
         };
+        me.rotations.add(0, &[]);
+        me.rotation_waiting.record(0, &[]);
         for r in REFUSAL_REASONS {
             me.refused.add(0, &[KeyValue::new("reason", *r)]);
         }
@@ -104,6 +126,217 @@ impl CaMetrics {
             me.issued.add(0, &[KeyValue::new("kind", k)]);
         }
         me
+    }
+}
+
+/// The CA in use, the published trust bundle, and the rotation between them.
+///
+/// The bundle and the issuer change separately, in the order that fails no connection
+/// (docs/security.md, "Rotation"): a new root is published first; the issuer switches to an
+/// intermediate of it only once every agent that reports acknowledged that bundle; a root leaves
+/// the bundle only when the issuer in use does not chain to it and a leaf lifetime has passed
+/// since the issuer last switched (the leaves it signed have expired).
+pub struct CaState {
+    cfg: CaConfig,
+    active: std::sync::RwLock<Arc<Authority>>,
+    bundle: watch::Sender<Arc<Bundle>>,
+    /// The operator's own verifier of client certificates.
+    trust: Arc<TrustStore>,
+    /// When the issuer last switched (the process start, for all this replica knows).
+    switched_at: std::sync::Mutex<Instant>,
+    /// Wakes the serving certificate's renewal (after an issuer switch).
+    pub reissue: Notify,
+    metrics: CaMetrics,
+}
+
+impl CaState {
+    pub fn new(cfg: CaConfig, authority: Authority, metrics: CaMetrics) -> Arc<Self> {
+        let bundle = authority.bundle().clone();
+        Arc::new(Self {
+            trust: TrustStore::new(&cfg.trust_domain, bundle.clone()),
+            cfg,
+            active: std::sync::RwLock::new(Arc::new(authority)),
+            bundle: watch::channel(Arc::new(bundle)).0,
+            switched_at: std::sync::Mutex::new(Instant::now()),
+            reissue: Notify::new(),
+            metrics,
+        })
+    }
+
+    /// The CA that signs now.
+    pub fn authority(&self) -> Arc<Authority> {
+        match self.active.read() {
+            Ok(a) => a.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The published bundle.
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.bundle.borrow().clone()
+    }
+
+    pub fn bundles(&self) -> watch::Receiver<Arc<Bundle>> {
+        self.bundle.subscribe()
+    }
+
+    /// The verifier of the operator's servers (it follows the published bundle).
+    pub fn trust(&self) -> Arc<TrustStore> {
+        self.trust.clone()
+    }
+
+    fn publish(&self, b: Bundle) {
+        tracing::info!(roots = b.ders().len(), digest = %b.digest(), "trust bundle published");
+        self.trust.set(b.clone());
+        self.metrics.bundle_roots.record(b.ders().len() as u64, &[]);
+        self.bundle.send_replace(Arc::new(b));
+    }
+
+    fn switch(&self, next: Authority) {
+        let issuer_changed = next.issuer_der() != self.authority().issuer_der();
+        match self.active.write() {
+            Ok(mut a) => *a = Arc::new(next),
+            Err(p) => *p.into_inner() = Arc::new(next),
+        }
+        if issuer_changed {
+            if let Ok(mut t) = self.switched_at.lock() {
+                *t = Instant::now();
+            }
+            self.metrics.rotations.add(1, &[]);
+            tracing::info!("the CA switched to the new issuer");
+            self.reissue.notify_one();
+        }
+    }
+
+    /// Why the bundle may not become `next` now, if it may not.
+    fn bundle_change_refused(&self, next: &Bundle) -> Option<String> {
+        let published = self.bundle();
+        let removed: Vec<_> = published
+            .ders()
+            .iter()
+            .filter(|r| !next.ders().contains(r))
+            .collect();
+        if removed.is_empty() {
+            return None;
+        }
+        let active = self.authority();
+        if removed.contains(&active.issuer_root()) {
+            return Some(
+                "the new bundle drops the root of the issuer in use: switch the issuer (issuer.crt, issuer.key) to one of a remaining root first".into(),
+            );
+        }
+        let since = self
+            .switched_at
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        if since < self.cfg.leaf_lifetime {
+            return Some(format!(
+                "the new bundle drops a root whose leaves may still be valid: it is published {} s from now, a leaf lifetime after the issuer switched",
+                (self.cfg.leaf_lifetime - since).as_secs()
+            ));
+        }
+        None
+    }
+}
+
+/// Follows the CA Secret every `poll` (a rotation is an edit of it, docs/security.md): new
+/// roots are published at once, an issuer switch waits for every reporting agent's
+/// acknowledgement of the bundle, a root is dropped only when that is safe; material that does
+/// not check out is refused and the CA in use kept.
+pub async fn rotate(
+    client: kube::Client,
+    state: Arc<CaState>,
+    store: Arc<Store>,
+    poll: Duration,
+    drain: Watcher,
+) -> anyhow::Result<()> {
+    let api: Api<Secret> = Api::namespaced(client, &state.cfg.namespace);
+    // What the last warning said (each is logged once, not at every poll).
+    let mut said = String::new();
+    let say = |said: &mut String, what: String| {
+        if what != *said {
+            tracing::warn!("CA rotation: {what}");
+            *said = what;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            () = drain.signaled() => return Ok(()),
+        }
+        let material = match api.get_opt(&state.cfg.secret).await {
+            Ok(Some(s)) => match secret_material(&s) {
+                Ok(m) => m,
+                Err(e) => {
+                    say(
+                        &mut said,
+                        format!("the Secret is refused ({e:#}); the CA in use is kept"),
+                    );
+                    continue;
+                }
+            },
+            Ok(None) => {
+                say(
+                    &mut said,
+                    "the Secret is gone; the CA in use is kept (in memory)".into(),
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the CA Secret failed");
+                continue;
+            }
+        };
+        let active = state.authority();
+        if material == *active.material() {
+            state.metrics.rotation_waiting.record(0, &[]);
+            continue;
+        }
+        let next = match Authority::from_material(&state.cfg.trust_domain, material) {
+            Ok(a) => a,
+            Err(e) => {
+                say(
+                    &mut said,
+                    format!("the Secret is refused ({e:#}); the CA in use is kept"),
+                );
+                continue;
+            }
+        };
+        if next.bundle().ders() != state.bundle().ders() {
+            if let Some(why) = state.bundle_change_refused(next.bundle()) {
+                say(&mut said, why);
+                continue;
+            }
+            state.publish(next.bundle().clone());
+        }
+        if next.issuer_der() != active.issuer_der() {
+            let digest = state.bundle().digest();
+            let waiting: Vec<String> = store
+                .reports()
+                .into_iter()
+                .filter(|(_, r)| r.trust_bundle != digest)
+                .map(|(n, _)| n)
+                .collect();
+            state
+                .metrics
+                .rotation_waiting
+                .record(waiting.len() as u64, &[]);
+            if !waiting.is_empty() {
+                say(
+                    &mut said,
+                    format!(
+                        "the new issuer waits for {} agent(s) to take the new bundle: {}",
+                        waiting.len(),
+                        waiting.join(", ")
+                    ),
+                );
+                continue;
+            }
+        }
+        state.metrics.rotation_waiting.record(0, &[]);
+        said.clear();
+        state.switch(next);
     }
 }
 
@@ -185,25 +418,26 @@ pub async fn load_or_create(client: &kube::Client, cfg: &CaConfig) -> anyhow::Re
     anyhow::bail!("{name} was created and removed under us three times")
 }
 
-/// Keeps `cortexflow-ca-bundle` holding the bundle (checked every minute; restored when
-/// something changes or removes it).
+/// Keeps `cortexflow-ca-bundle` holding the published bundle (on every change, and checked
+/// every minute: restored when something changes or removes it).
 pub async fn publish_bundle(
     client: kube::Client,
-    cfg: CaConfig,
-    ca: Arc<Authority>,
+    state: Arc<CaState>,
     drain: Watcher,
 ) -> anyhow::Result<()> {
+    let cfg = state.cfg.clone();
     let api: Api<ConfigMap> = Api::namespaced(client, &cfg.namespace);
-    let pem = ca.bundle().to_pem();
+    let mut bundles = state.bundles();
     loop {
-        let want = BTreeMap::from([("ca.crt".to_string(), pem.clone())]);
+        let pem = bundles.borrow_and_update().to_pem();
+        let want = BTreeMap::from([("ca.crt".to_string(), pem)]);
         let r: kube::Result<()> = async {
             match api.get_opt(&cfg.bundle_configmap).await? {
                 Some(mut cm) if cm.data.as_ref() != Some(&want) => {
                     cm.data = Some(want);
                     api.replace(&cfg.bundle_configmap, &PostParams::default(), &cm)
                         .await?;
-                    tracing::info!(configmap = %cfg.bundle_configmap, "trust bundle restored");
+                    tracing::info!(configmap = %cfg.bundle_configmap, "trust bundle ConfigMap written");
                 }
                 Some(_) => {}
                 None => {
@@ -217,7 +451,7 @@ pub async fn publish_bundle(
                         ..Default::default()
                     };
                     match api.create(&PostParams::default(), &cm).await {
-                        Ok(_) => tracing::info!(configmap = %cfg.bundle_configmap, "trust bundle published"),
+                        Ok(_) => tracing::info!(configmap = %cfg.bundle_configmap, "trust bundle ConfigMap created"),
                         Err(kube::Error::Api(e)) if e.code == 409 => {}
                         Err(e) => return Err(e),
                     }
@@ -235,48 +469,59 @@ pub async fn publish_bundle(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            r = bundles.changed() => if r.is_err() { return Ok(()) },
             () = drain.signaled() => return Ok(()),
         }
     }
 }
 
-/// Installs this replica's serving certificate into `creds` now and again at every half-life.
-/// The first one is installed before this returns the task to run.
+/// Installs this replica's serving certificate into `creds` now and again at every half-life
+/// and right after the issuer switched. The first one is installed before this returns the task
+/// to run.
 pub fn serve_own(
-    ca: Arc<Authority>,
+    state: Arc<CaState>,
     creds: Arc<Credentials>,
-    lifetime: Duration,
-    metrics: CaMetrics,
     drain: Watcher,
 ) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>> {
-    let id = spiffe::operator(ca.trust_domain());
-    let install = move || -> anyhow::Result<Duration> {
-        let now = SystemTime::now();
-        let (key, issued) = ca
-            .issue_own(&id, lifetime, now)
-            .map_err(|e| anyhow::anyhow!("issue the operator's certificate: {e}"))?;
-        creds.set(
-            key.serialize_der(),
-            issued.chain,
-            issued.spiffe_id,
-            issued.not_before,
-            issued.not_after,
-        )?;
-        metrics.issued.add(1, &[KeyValue::new("kind", "operator")]);
-        metrics.expiry.record(
-            ca.issuer_not_after()
-                .duration_since(now)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-            &[],
-        );
-        Ok(issued.not_after.duration_since(now).unwrap_or_default() / 2)
+    let install = {
+        let state = state.clone();
+        move || -> anyhow::Result<Duration> {
+            let ca = state.authority();
+            let now = SystemTime::now();
+            let (key, issued) = ca
+                .issue_own(
+                    &spiffe::operator(ca.trust_domain()),
+                    state.cfg.leaf_lifetime,
+                    now,
+                )
+                .map_err(|e| anyhow::anyhow!("issue the operator's certificate: {e}"))?;
+            creds.set(
+                key.serialize_der(),
+                issued.chain,
+                issued.spiffe_id,
+                issued.not_before,
+                issued.not_after,
+            )?;
+            state
+                .metrics
+                .issued
+                .add(1, &[KeyValue::new("kind", "operator")]);
+            state.metrics.expiry.record(
+                ca.issuer_not_after()
+                    .duration_since(now)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+                &[],
+            );
+            Ok(issued.not_after.duration_since(now).unwrap_or_default() / 2)
+        }
     };
     let mut next = install()?;
     Ok(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(next.max(Duration::from_secs(1))) => {}
+                () = state.reissue.notified() => {}
                 () = drain.signaled() => return Ok(()),
             }
             next = install()?;
@@ -314,25 +559,26 @@ const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 pub struct CertificateService {
     client: kube::Client,
     cfg: CaConfig,
-    ca: Arc<Authority>,
+    state: Arc<CaState>,
     store: Arc<Store>,
     metrics: CaMetrics,
+    drain: Watcher,
 }
 
 impl CertificateService {
     pub fn new(
         client: kube::Client,
-        cfg: CaConfig,
-        ca: Arc<Authority>,
+        state: Arc<CaState>,
         store: Arc<Store>,
-        metrics: CaMetrics,
+        drain: Watcher,
     ) -> Self {
         Self {
             client,
-            cfg,
-            ca,
+            cfg: state.cfg.clone(),
+            metrics: state.metrics.clone(),
+            state,
             store,
-            metrics,
+            drain,
         }
     }
 
@@ -472,7 +718,8 @@ impl CertificateService {
             ),
         };
         let issued = self
-            .ca
+            .state
+            .authority()
             .sign(&req.csr, &id, self.cfg.leaf_lifetime, SystemTime::now())
             .map_err(|e| {
                 let reason = e.reason();
@@ -489,15 +736,57 @@ impl CertificateService {
         tracing::info!(spiffe_id = %id, "certificate issued");
         Ok(v1::SignResponse {
             chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
-            trust_bundle: self.ca.bundle().ders().iter().map(|c| c.to_vec()).collect(),
+            trust_bundle: self
+                .state
+                .bundle()
+                .ders()
+                .iter()
+                .map(|c| c.to_vec())
+                .collect(),
             spiffe_id: issued.spiffe_id,
             not_after: cortexflow_trust::unix_secs(issued.not_after),
         })
     }
 }
 
+type BundleStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::TrustBundle, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Certificates for CertificateService {
+    type WatchBundleStream = BundleStream;
+
+    #[tracing::instrument(name = "WatchBundle", skip_all)]
+    async fn watch_bundle(
+        &self,
+        req: Request<v1::WatchBundleRequest>,
+    ) -> Result<Response<Self::WatchBundleStream>, Status> {
+        match cortexflow_trust::tls::peer_id(&req, &self.state.trust()) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(Status::unauthenticated(
+                    "WatchBundle needs a client certificate of the mesh",
+                ));
+            }
+            Err(e) => return Err(Status::unauthenticated(e.to_string())),
+        }
+        let mut bundles = self.state.bundles();
+        let drain = self.drain.clone();
+        Ok(Response::new(Box::pin(async_stream::stream! {
+            loop {
+                let b = bundles.borrow_and_update().clone();
+                yield Ok(v1::TrustBundle {
+                    roots: b.ders().iter().map(|c| c.to_vec()).collect(),
+                    digest: b.digest(),
+                });
+                tokio::select! {
+                    r = bundles.changed() => if r.is_err() { break },
+                    () = drain.signaled() => break,
+                }
+            }
+        })))
+    }
+
     #[tracing::instrument(name = "Sign", skip_all)]
     async fn sign(
         &self,

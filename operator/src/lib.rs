@@ -105,9 +105,12 @@ pub struct Args {
         default_value = "cortexflow-agent"
     )]
     pub agent_service_account: String,
-    /// Lifetime of the certificates the CA issues, in seconds (at most 7 days).
+    /// Lifetime of the certificates the CA issues, in seconds (at least 60, at most 7 days).
     #[arg(long, env = "CORTEXFLOW_CERT_LIFETIME_SECS", default_value_t = 86_400)]
     pub cert_lifetime_secs: u64,
+    /// How often the CA Secret is read for a rotation (seconds).
+    #[arg(long, env = "CORTEXFLOW_CA_POLL_SECS", default_value_t = 10)]
+    pub ca_poll_secs: u64,
     /// Log filter (overridden by RUST_LOG).
     #[arg(long, env = "CORTEXFLOW_LOG", default_value = "info")]
     pub log: String,
@@ -159,8 +162,12 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         leaf_lifetime: Duration::from_secs(args.cert_lifetime_secs.max(60))
             .min(cortexflow_trust::ca::MAX_LEAF_LIFETIME),
     };
-    let authority = Arc::new(ca::load_or_create(&client, &ca_config).await?);
-    let trust = cortexflow_trust::TrustStore::new(&args.trust_domain, authority.bundle().clone());
+    let authority = ca::load_or_create(&client, &ca_config).await?;
+    let ca_state = ca::CaState::new(ca_config.clone(), authority, ca_metrics.clone());
+    ca_metrics
+        .bundle_roots
+        .record(ca_state.bundle().ders().len() as u64, &[]);
+    let trust = ca_state.trust();
     let creds = cortexflow_trust::Credentials::new();
     let readiness = Readiness::default();
     let synced_guard = readiness.register("initial sync");
@@ -286,20 +293,19 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     // The CA: this replica's serving certificate, the published bundle.
     sup.spawn(
         "ca/serving certificate",
-        ca::serve_own(
-            authority.clone(),
-            creds.clone(),
-            ca_config.leaf_lifetime,
-            ca_metrics.clone(),
-            drain.clone(),
-        )?,
+        ca::serve_own(ca_state.clone(), creds.clone(), drain.clone())?,
     );
     sup.spawn(
         "ca/trust bundle",
-        ca::publish_bundle(
+        ca::publish_bundle(client.clone(), ca_state.clone(), drain.clone()),
+    );
+    sup.spawn(
+        "ca/rotation",
+        ca::rotate(
             client.clone(),
-            ca_config.clone(),
-            authority.clone(),
+            ca_state.clone(),
+            store.clone(),
+            Duration::from_secs(args.ca_poll_secs.max(1)),
             drain.clone(),
         ),
     );
@@ -344,13 +350,8 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         trust.clone(),
         drain.clone(),
     );
-    let certificates = ca::CertificateService::new(
-        client.clone(),
-        ca_config,
-        authority,
-        store.clone(),
-        ca_metrics,
-    );
+    let certificates =
+        ca::CertificateService::new(client.clone(), ca_state, store.clone(), drain.clone());
     let server_tls = cortexflow_trust::tls::server_config(creds, trust)?;
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await

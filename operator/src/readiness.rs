@@ -201,6 +201,7 @@ mod tests {
                 .iter()
                 .filter_map(|(k, ip)| Some((k.to_string(), Ipv4Addr::from((*ip)?))))
                 .collect(),
+            trust_bundle: String::new(),
             at: Instant::now(),
         }
     }

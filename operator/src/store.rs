@@ -29,6 +29,8 @@ pub struct Report {
     pub programmed: BTreeSet<String>,
     /// The address each has in the kernel (empty from agents that predate it).
     pub programmed_at: BTreeMap<String, std::net::Ipv4Addr>,
+    /// The digest of the trust bundle the agent verifies with.
+    pub trust_bundle: String,
     pub at: Instant,
 }
 
@@ -327,6 +329,7 @@ impl Store {
                 policies: s.policies,
                 programmed: s.programmed,
                 programmed_at: s.programmed_at,
+                trust_bundle: s.trust_bundle,
                 at: Instant::now(),
             },
         );

@@ -437,6 +437,7 @@ async fn reports_reach_the_store_and_leave_with_their_node() {
             name: "db-0".into(),
             ip: u32::from(Ipv4Addr::new(10, 0, 0, 3)),
         }],
+        trust_bundle: "0a1b".into(),
     })
     .await
     .unwrap();
@@ -460,6 +461,10 @@ async fn reports_reach_the_store_and_leave_with_their_node() {
         "the address of each programmed endpoint reaches the store"
     );
     assert!(!reports.contains_key("ghost"), "{:?}", reports.keys());
+    assert_eq!(
+        reports["n1"].trust_bundle, "0a1b",
+        "the bundle acknowledgement reaches the store (the CA's rotation waits for it)"
+    );
     // The node leaves: its report goes with it.
     s.store.apply(inputs(vec![Change::Delete(
         cortexflow_operator_core::Kind::Node,

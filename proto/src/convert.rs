@@ -339,6 +339,7 @@ impl TryFrom<v1::AgentStatus> for AgentStatus {
                 .into_iter()
                 .map(|e| (format!("{}/{}", e.namespace, e.name), Ipv4Addr::from(e.ip)))
                 .collect(),
+            trust_bundle: s.trust_bundle,
         })
     }
 }
@@ -537,6 +538,7 @@ impl From<&AgentStatus> for v1::AgentStatus {
                     })
                 })
                 .collect(),
+            trust_bundle: s.trust_bundle.clone(),
         }
     }
 }
@@ -651,6 +653,7 @@ mod tests {
             }]),
             programmed: BTreeSet::from(["shop/db-0".to_string()]),
             programmed_at: BTreeMap::from([("shop/db-0".to_string(), Ipv4Addr::new(10, 0, 0, 7))]),
+            trust_bundle: "5e1f".into(),
         };
         let bytes = prost::Message::encode_to_vec(&v1::AgentStatus::from(&s));
         let back: v1::AgentStatus = prost::Message::decode(bytes.as_slice()).unwrap();

@@ -117,8 +117,28 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 /// Signs any CSR for the one id it asks for.
 struct Signer;
 
+type BundleStream = Pin<Box<dyn Stream<Item = Result<idv1::TrustBundle, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl idv1::certificates_server::Certificates for Signer {
+    type WatchBundleStream = BundleStream;
+
+    /// The one bundle, then nothing (the stream stays open).
+    async fn watch_bundle(
+        &self,
+        _req: Request<idv1::WatchBundleRequest>,
+    ) -> Result<Response<BundleStream>, Status> {
+        let b = authority().bundle();
+        let first = idv1::TrustBundle {
+            roots: b.ders().iter().map(|c| c.to_vec()).collect(),
+            digest: b.digest(),
+        };
+        Ok(Response::new(Box::pin(async_stream::stream! {
+            yield Ok(first);
+            futures::future::pending::<()>().await;
+        })))
+    }
+
     async fn sign(
         &self,
         req: Request<idv1::SignRequest>,

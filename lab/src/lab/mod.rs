@@ -163,7 +163,15 @@ impl Lab {
             identity: "operator-0".into(),
             lease_duration_secs: 15,
             log_dir: o.state_dir.join("logs"),
-            env: Vec::new(),
+            // Short-lived certificates: every lab run renews every leaf every ~30 s under its
+            // traffic, and a rotation test waits one lifetime before a root may go.
+            env: vec![
+                (
+                    "CORTEXFLOW_CERT_LIFETIME_SECS".into(),
+                    CERT_LIFETIME_SECS.to_string(),
+                ),
+                ("CORTEXFLOW_CA_POLL_SECS".into(), "1".into()),
+            ],
         };
         let mut operator = Operator::start(&operator_opts)?;
         operator.wait_ready(Duration::from_secs(60)).await?;
@@ -240,9 +248,27 @@ impl Lab {
         Ok(lab)
     }
 
-    /// How the agent of `node` reaches the control plane.
+    /// How the agent of `node` reaches the control plane. The bundle file is refreshed from the
+    /// `cortexflow-ca-bundle` ConfigMap first, as the kubelet keeps a mounted ConfigMap current
+    /// (after a root rotation a restarted agent must bootstrap from the current bundle).
     pub fn control(&self, node: &str) -> Control {
-        control(&self.operator_service, &self.state_dir, node)
+        let c = control(&self.operator_service, &self.state_dir, node);
+        if let Ok(pem) = kubectl::ok(
+            &self.cluster.kubeconfig(),
+            &[
+                "get",
+                "configmap",
+                "-n",
+                SYSTEM_NAMESPACE,
+                "cortexflow-ca-bundle",
+                "-o",
+                "jsonpath={.data.ca\\.crt}",
+            ],
+        ) && pem.contains("BEGIN CERTIFICATE")
+        {
+            let _ = std::fs::write(&c.bundle_file, pem);
+        }
+        c
     }
 
     /// Stops the operator (SIGTERM); the agents keep their state and retry.
@@ -513,6 +539,9 @@ pub fn exec_command(
         sim::exec_command(&netns, &cgroup, argv)
     })
 }
+
+/// Lifetime of the lab's certificates (the operator's minimum).
+pub const CERT_LIFETIME_SECS: u64 = 60;
 
 /// The agents' ServiceAccount (the chart's, release `cortexflow`).
 pub const AGENT_ACCOUNT: &str = "cortexflow-agent";

@@ -382,6 +382,8 @@ pub struct AgentStatus {
     pub programmed: BTreeSet<String>,
     /// The address each of `programmed` has in the kernel (empty from older agents).
     pub programmed_at: BTreeMap<String, Ipv4Addr>,
+    /// The digest of the trust bundle the agent verifies with (empty from older agents).
+    pub trust_bundle: String,
 }
 
 #[cfg(test)]

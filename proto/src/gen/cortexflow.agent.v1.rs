@@ -259,6 +259,11 @@ pub struct AgentStatus {
     /// counts for the new one. Empty from agents older than this field.
     #[prost(message, repeated, tag = "7")]
     pub programmed_endpoints: ::prost::alloc::vec::Vec<ProgrammedEndpoint>,
+    /// The digest (`cortexflow.identity.v1.TrustBundle.digest`) of the trust bundle the agent
+    /// verifies with: its acknowledgement of a new bundle, which the CA waits for before it
+    /// switches to an issuer of a new root. Empty from agents older than this field.
+    #[prost(string, tag = "8")]
+    pub trust_bundle: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ProgrammedEndpoint {

@@ -9,6 +9,7 @@
 //! public key, after it is checked to ask for exactly that and nothing more ([`Refusal`]).
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context as _;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -99,6 +100,8 @@ pub struct Authority {
     material: Material,
     bundle: Bundle,
     issuer_der: CertificateDer<'static>,
+    /// The root of `bundle` the intermediate chains to.
+    issuer_root: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
     issuer_not_after: SystemTime,
 }
@@ -204,14 +207,19 @@ impl Authority {
         if !cert.is_ca() {
             anyhow::bail!("{SECRET_ISSUER} is not a CA certificate");
         }
-        let chained = bundle.ders().iter().any(|root| {
-            x509_parser::parse_x509_certificate(root).is_ok_and(|(_, r)| {
-                r.subject() == cert.issuer() && cert.verify_signature(Some(r.public_key())).is_ok()
+        let issuer_root = bundle
+            .ders()
+            .iter()
+            .find(|root| {
+                x509_parser::parse_x509_certificate(root).is_ok_and(|(_, r)| {
+                    r.subject() == cert.issuer()
+                        && cert.verify_signature(Some(r.public_key())).is_ok()
+                })
             })
-        });
-        if !chained {
-            anyhow::bail!("{SECRET_ISSUER} is not signed by a root of {SECRET_ROOTS}");
-        }
+            .cloned()
+            .with_context(|| {
+                format!("{SECRET_ISSUER} is not signed by a root of {SECRET_ROOTS}")
+            })?;
         let issuer_not_after = SystemTime::UNIX_EPOCH
             + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
         let issuer = Issuer::from_ca_cert_der(&issuer_der, key).map_err(err)?;
@@ -220,9 +228,20 @@ impl Authority {
             material,
             bundle,
             issuer_der,
+            issuer_root,
             issuer,
             issuer_not_after,
         })
+    }
+
+    /// The intermediate that signs leaves.
+    pub fn issuer_der(&self) -> &CertificateDer<'static> {
+        &self.issuer_der
+    }
+
+    /// The root the intermediate chains to.
+    pub fn issuer_root(&self) -> &CertificateDer<'static> {
+        &self.issuer_root
     }
 
     pub fn material(&self) -> &Material {

@@ -92,6 +92,11 @@ impl Credentials {
         self.current.read().ok()?.as_ref().map(|c| c.key.clone())
     }
 
+    /// The chain of the current certificate (leaf first).
+    pub fn chain(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.key().map(|k| k.cert.clone())
+    }
+
     /// `(spiffe id, notBefore, notAfter)` of the current certificate.
     pub fn current(&self) -> Option<(String, SystemTime, SystemTime)> {
         let c = self.current.read().ok()?;

@@ -42,6 +42,19 @@ impl Bundle {
         &self.ders
     }
 
+    /// Hex SHA-256 over the roots' DER, in order: what agents acknowledge.
+    pub fn digest(&self) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for d in &self.ders {
+            ctx.update(d);
+        }
+        ctx.finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     pub fn to_pem(&self) -> String {
         self.ders
             .iter()
