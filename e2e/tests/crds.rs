@@ -805,6 +805,24 @@ async fn operator_rbac_is_exactly_what_the_docs_list(ctx: Ctx) -> anyhow::Result
         ),
         ("patch", "nodes", None, false),
         (
+            "update",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io/other",
+            None,
+            false,
+        ),
+        (
+            "create",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+            false,
+        ),
+        (
+            "update",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+            false,
+        ),
+        (
             "create",
             "clusterrolebindings.rbac.authorization.k8s.io",
             None,

@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         t!(a_pods_environment_comes_from_its_manifest),
         t!(a_pods_credentials_cannot_pass_for_an_agent_or_read_flows),
         t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
+        t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -2202,4 +2203,212 @@ async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
     );
     let _ = removed;
     Ok(())
+}
+
+/// The chain the webhook at `addr` presents to a standard TLS client (the apiserver's view: the
+/// host name `localhost` verified against `bundle` as roots, by webpki).
+async fn webhook_chain(
+    addr: std::net::SocketAddr,
+    bundle: &cortexflow_trust::Bundle,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for r in bundle.ders() {
+        roots.add(r.clone())?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(cortexflow_trust::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
+        .await?;
+    Ok(tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.to_vec())
+        .collect())
+}
+
+/// The injector's MutatingWebhookConfiguration, as an admin creates it before the operator
+/// knows it, with no `caBundle`: the leader sets it to the trust bundle and sets it back when
+/// it is changed; the apiserver calls the webhook with it (a dry-run pod creation in a
+/// selected namespace is admitted, and refused while the bundle is another CA's); the serving
+/// certificate is renewed at half-life and the next call uses the new one.
+async fn the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::{
+        admissionregistration::v1::MutatingWebhookConfiguration, core::v1::ConfigMap,
+    };
+    const NS: &str = "webhook-test";
+    let mwcs: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(lab.client.clone());
+    let cms: kube::Api<ConfigMap> = kube::Api::namespaced(lab.client.clone(), "cortexflow");
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: {NS}
+  labels: {{cortexflow-webhook-test: "yes"}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: cortexflow-injector
+webhooks:
+  - name: inject.mesh.cortexflow.io
+    clientConfig:
+      url: https://localhost:{port}/mutate
+    rules:
+      - {{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}}
+    namespaceSelector:
+      matchLabels: {{cortexflow-webhook-test: "yes"}}
+    failurePolicy: Fail
+    sideEffects: None
+    admissionReviewVersions: [v1]
+    timeoutSeconds: 5
+"#,
+        port = lab.webhook.port()
+    );
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: probe, namespace: {NS}}}\nspec:\n  containers: [{{name: c, image: registry.k8s.io/pause:3.10}}]\n"
+    );
+    let dry_run = |lab: &Lab| -> anyhow::Result<cortexflow_lab::kubectl::Output> {
+        let file = lab.state_dir.join("webhook-probe.yaml");
+        std::fs::write(&file, &pod)?;
+        cortexflow_lab::kubectl::run(
+            &lab.cluster.kubeconfig(),
+            &["create", "--dry-run=server", "-f", &file.to_string_lossy()],
+        )
+    };
+    let bundle = || async {
+        let cm = cms.get("cortexflow-ca-bundle").await?;
+        let pem = cm
+            .data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("cortexflow-ca-bundle has no ca.crt")?;
+        anyhow::Ok(pem)
+    };
+    let ca_bundle = || async {
+        let m = mwcs.get("cortexflow-injector").await?;
+        anyhow::Ok(
+            m.webhooks
+                .unwrap_or_default()
+                .first()
+                .and_then(|w| w.client_config.ca_bundle.clone())
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned()),
+        )
+    };
+    let admitted = "cortexflow_operator_webhook_requests_total{result=\"admitted\"";
+    let result = async {
+        lab.apply_yaml(&manifest)?;
+        // Set by the leader within its 10 s reconciliation.
+        let t = Instant::now();
+        loop {
+            if ca_bundle().await?.as_deref() == Some(bundle().await?.as_str()) {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "the operator did not set the webhook's caBundle within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!("caBundle set {:?} after the configuration was created", t.elapsed());
+        let before = lab.operator.metric(admitted).await?;
+        let out = dry_run(lab)?;
+        ensure!(
+            out.success,
+            "a pod creation through the webhook failed: {}",
+            out.stderr
+        );
+        let after = lab.operator.metric(admitted).await?;
+        ensure!(
+            after >= before + 1.0,
+            "the webhook answered no review for the dry-run pod (admitted {before} → {after})"
+        );
+        // Another CA's bundle: the apiserver cannot verify the webhook; the operator sets it
+        // back.
+        let other = cortexflow_trust::Authority::generate(
+            "cluster.local",
+            std::time::SystemTime::now(),
+        )?
+        .bundle()
+        .to_pem();
+        let patch = serde_json::json!([{
+            "op": "replace",
+            "path": "/webhooks/0/clientConfig/caBundle",
+            "value": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, other.as_bytes()),
+        }]);
+        mwcs.patch(
+            "cortexflow-injector",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::<()>::Json(serde_json::from_value(patch)?),
+        )
+        .await?;
+        let refused = dry_run(lab)?;
+        if ca_bundle().await?.as_deref() == Some(other.as_str()) {
+            // Still the other CA's after the call returned: the call was made with it.
+            ensure!(
+                !refused.success && refused.stderr.contains("x509"),
+                "a pod creation succeeded while the webhook's caBundle was another CA's: {}{}",
+                refused.stdout,
+                refused.stderr
+            );
+            eprintln!("refused with another CA's bundle: {}", refused.stderr.trim());
+        }
+        let t = Instant::now();
+        loop {
+            if ca_bundle().await?.as_deref() == Some(bundle().await?.as_str()) {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "the operator did not restore the webhook's caBundle within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!("caBundle restored {:?} after it was changed", t.elapsed());
+        // The serving certificate: for localhost, verified by webpki with the bundle as
+        // roots, renewed at half its lifetime; the next call uses the new one.
+        let trust = cortexflow_trust::Bundle::from_pem(bundle().await?.as_bytes())?;
+        let first = webhook_chain(lab.webhook, &trust).await?;
+        ensure!(first.len() == 2, "the webhook sends {} certificates, want leaf and intermediate", first.len());
+        let t = Instant::now();
+        let limit = Duration::from_secs(lab::CERT_LIFETIME_SECS * 3 / 4);
+        loop {
+            let now = webhook_chain(lab.webhook, &trust).await?;
+            if now[0] != first[0] {
+                break;
+            }
+            ensure!(t.elapsed() < limit, "the webhook's certificate was not renewed within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        eprintln!("serving certificate renewed {:?} after it was first read", t.elapsed());
+        let out = dry_run(lab)?;
+        ensure!(
+            out.success,
+            "a pod creation through the renewed certificate failed: {}",
+            out.stderr
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = lab.kubectl(&[
+        "delete",
+        "mutatingwebhookconfiguration",
+        "cortexflow-injector",
+        "--ignore-not-found",
+    ]);
+    let _ = lab.kubectl(&[
+        "delete",
+        "namespace",
+        NS,
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
+    result
 }

@@ -1090,7 +1090,26 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
     })
     .await?;
 
+    // A pod token whose expiry passed (the apiserver's own token with its times moved back and
+    // signed again with the cluster's service-account key, as only the apiserver could); the
+    // same copy left valid is issued, so the refusal is the expiry's.
+    let sa_key = std::fs::read_to_string(ctx.dir.join("sa.key"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let resigned_valid = resign(&web_token, &sa_key, now - 60, now + 600)?;
+    obtain(&ctx, op.grpc, &resigned_valid, &web_id)
+        .await
+        .context("a re-signed token that is still valid must be issued")?;
+    let expired = resign(&web_token, &sa_key, now - 1200, now - 60)?;
+
     let table: Vec<(&str, String, String, Code)> = vec![
+        (
+            "an expired token",
+            expired,
+            web_id.clone(),
+            Code::Unauthenticated,
+        ),
         (
             "a token with another audience",
             token(
@@ -1226,7 +1245,7 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or(-1.0)
     };
-    for (reason, n) in [("token", 3.0), ("token_binding", 2.0), ("csr_san", 3.0)] {
+    for (reason, n) in [("token", 4.0), ("token_binding", 2.0), ("csr_san", 3.0)] {
         ensure!(
             count(reason) == n,
             "{reason} refusals: {}, not {n}",
@@ -1234,4 +1253,34 @@ async fn ca_negative_table(ctx: Ctx) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `token` (a JWT of the apiserver) with its `iat`/`nbf` at `from` and `exp` at `until`, signed
+/// again with the cluster's service-account key (ES256, PKCS#8 PEM).
+fn resign(token: &str, key_pem: &str, from: i64, until: i64) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    use rustls_pki_types::pem::PemObject as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts = token.split('.');
+    let (header, payload) = (
+        parts.next().context("JWT header")?,
+        parts.next().context("JWT payload")?,
+    );
+    let mut claims: serde_json::Value = serde_json::from_slice(&b64.decode(payload)?)?;
+    claims["iat"] = json!(from);
+    claims["nbf"] = json!(from);
+    claims["exp"] = json!(until);
+    let input = format!("{header}.{}", b64.encode(serde_json::to_vec(&claims)?));
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let rng = ring::rand::SystemRandom::new();
+    let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        der.secret_pkcs8_der(),
+        &rng,
+    )
+    .map_err(|e| anyhow::anyhow!("the service-account key: {e}"))?;
+    let sig = key
+        .sign(&rng, input.as_bytes())
+        .map_err(|e| anyhow::anyhow!("sign: {e}"))?;
+    Ok(format!("{input}.{}", b64.encode(sig.as_ref())))
 }

@@ -21,7 +21,10 @@ use cortexflow_domain::spiffe;
 use cortexflow_operator_core::ObjKey;
 use cortexflow_proto::identity::v1::{self, certificates_server::Certificates};
 use cortexflow_runtime::drain::Watcher;
-use cortexflow_trust::{Authority, Bundle, Credentials, TOKEN_AUDIENCE, TrustStore, ca::Material};
+use cortexflow_trust::{
+    Authority, Bundle, Credentials, Issued, KeyPair, Refusal, TOKEN_AUDIENCE, TrustStore,
+    ca::Material,
+};
 use k8s_openapi::{
     ByteString,
     api::{
@@ -35,7 +38,7 @@ use opentelemetry::{
     metrics::{Counter, Gauge},
 };
 use std::time::Instant;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::store::Store;
@@ -144,8 +147,9 @@ pub struct CaState {
     trust: Arc<TrustStore>,
     /// When the issuer last switched (the process start, for all this replica knows).
     switched_at: std::sync::Mutex<Instant>,
-    /// Wakes the serving certificate's renewal (after an issuer switch).
-    pub reissue: Notify,
+    /// Counts issuer switches: wakes the renewal of the certificates the operator issues to
+    /// itself (its gRPC server's, the webhook's).
+    switches: watch::Sender<u64>,
     metrics: CaMetrics,
 }
 
@@ -158,7 +162,7 @@ impl CaState {
             active: std::sync::RwLock::new(Arc::new(authority)),
             bundle: watch::channel(Arc::new(bundle)).0,
             switched_at: std::sync::Mutex::new(Instant::now()),
-            reissue: Notify::new(),
+            switches: watch::channel(0).0,
             metrics,
         })
     }
@@ -204,7 +208,7 @@ impl CaState {
             }
             self.metrics.rotations.add(1, &[]);
             tracing::info!("the CA switched to the new issuer");
-            self.reissue.notify_one();
+            self.switches.send_modify(|n| *n += 1);
         }
     }
 
@@ -475,37 +479,50 @@ pub async fn publish_bundle(
     }
 }
 
-/// Installs this replica's serving certificate into `creds` now and again at every half-life
-/// and right after the issuer switched. The first one is installed before this returns the task
-/// to run.
+/// Installs this replica's serving certificate into `creds` now and keeps it renewed
+/// ([`keep_issued`]).
 pub fn serve_own(
     state: Arc<CaState>,
     creds: Arc<Credentials>,
     drain: Watcher,
+) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>> {
+    keep_issued(state, creds, "operator", drain, |ca, lifetime, now| {
+        ca.issue_own(&spiffe::operator(ca.trust_domain()), lifetime, now)
+    })
+}
+
+/// Installs a certificate the operator issues to itself (`kind`: the issued metric's label)
+/// into `creds` now, and again at every half-life and right after the issuer switched. The
+/// first one is installed before this returns the task to run.
+pub fn keep_issued(
+    state: Arc<CaState>,
+    creds: Arc<Credentials>,
+    kind: &'static str,
+    drain: Watcher,
+    issue: impl Fn(&Authority, Duration, SystemTime) -> Result<(KeyPair, Issued), Refusal>
+    + Send
+    + 'static,
 ) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>> {
     let install = {
         let state = state.clone();
         move || -> anyhow::Result<Duration> {
             let ca = state.authority();
             let now = SystemTime::now();
-            let (key, issued) = ca
-                .issue_own(
-                    &spiffe::operator(ca.trust_domain()),
-                    state.cfg.leaf_lifetime,
-                    now,
-                )
-                .map_err(|e| anyhow::anyhow!("issue the operator's certificate: {e}"))?;
+            let (key, issued) = issue(&ca, state.cfg.leaf_lifetime, now)
+                .map_err(|e| anyhow::anyhow!("issue the {kind} certificate: {e}"))?;
+            let name = if issued.spiffe_id.is_empty() {
+                "(dns names)".to_string()
+            } else {
+                issued.spiffe_id.clone()
+            };
             creds.set(
                 key.serialize_der(),
                 issued.chain,
-                issued.spiffe_id,
+                name,
                 issued.not_before,
                 issued.not_after,
             )?;
-            state
-                .metrics
-                .issued
-                .add(1, &[KeyValue::new("kind", "operator")]);
+            state.metrics.issued.add(1, &[KeyValue::new("kind", kind)]);
             state.metrics.expiry.record(
                 ca.issuer_not_after()
                     .duration_since(now)
@@ -517,15 +534,16 @@ pub fn serve_own(
         }
     };
     let mut next = install()?;
+    let mut switches = state.switches.subscribe();
     Ok(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(next.max(Duration::from_secs(1))) => {}
-                () = state.reissue.notified() => {}
+                r = switches.changed() => if r.is_err() { return Ok(()) },
                 () = drain.signaled() => return Ok(()),
             }
             next = install()?;
-            tracing::info!("renewed the operator's serving certificate");
+            tracing::info!(kind, "renewed a certificate the operator serves with");
         }
     })
 }

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod readiness;
 pub mod status;
 pub mod store;
+pub mod webhook;
 
 pub use cortexflow_crds as crds;
 
@@ -111,6 +112,22 @@ pub struct Args {
     /// How often the CA Secret is read for a rotation (seconds).
     #[arg(long, env = "CORTEXFLOW_CA_POLL_SECS", default_value_t = 10)]
     pub ca_poll_secs: u64,
+    /// Address the admission webhook (HTTPS) listens on.
+    #[arg(long, env = "CORTEXFLOW_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+    /// The host names the apiserver calls the webhook by (comma-separated; the chart passes
+    /// `<release>-operator-webhook.<namespace>.svc`): its serving certificate's DNS names. Without
+    /// any, no webhook is served.
+    #[arg(long, env = "CORTEXFLOW_WEBHOOK_DNS_NAMES", value_delimiter = ',')]
+    pub webhook_dns_names: Vec<String>,
+    /// The MutatingWebhookConfiguration whose webhooks' `caBundle` the leader keeps equal to
+    /// the trust bundle.
+    #[arg(
+        long,
+        env = "CORTEXFLOW_WEBHOOK_CONFIGURATION",
+        default_value = "cortexflow-injector"
+    )]
+    pub webhook_configuration: String,
     /// Log filter (overridden by RUST_LOG).
     #[arg(long, env = "CORTEXFLOW_LOG", default_value = "info")]
     pub log: String,
@@ -309,6 +326,24 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
             drain.clone(),
         ),
     );
+
+    // The admission webhook: its serving certificate and the caBundle that trusts it.
+    if !args.webhook_dns_names.is_empty() {
+        webhook::spawn(
+            &mut sup,
+            client.clone(),
+            ca_state.clone(),
+            webhook::WebhookConfig {
+                addr: args.webhook_addr,
+                dns_names: args.webhook_dns_names.clone(),
+                configuration: args.webhook_configuration.clone(),
+            },
+            telemetry.meter(),
+            leadership.clone(),
+            drain.clone(),
+        )
+        .await?;
+    }
 
     // gRPC, over mTLS.
     let peer_tls = cortexflow_trust::tls::client_config(

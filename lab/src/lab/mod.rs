@@ -86,6 +86,8 @@ pub struct Lab {
     pub timings: Vec<(&'static str, Duration)>,
     /// A token of [`FLOWS_READER`], for `Flows.Observe` on the agents' network port.
     pub flows_token: String,
+    /// The first operator's admission webhook (HTTPS, a certificate for `localhost`).
+    pub webhook: std::net::SocketAddr,
 }
 
 impl Lab {
@@ -157,6 +159,11 @@ impl Lab {
             SYSTEM_NAMESPACE,
             &operator_kubeconfig,
         )?;
+        let webhook: std::net::SocketAddr = (
+            std::net::Ipv4Addr::LOCALHOST,
+            cortexflow_testkit::process::free_port()?,
+        )
+            .into();
         let operator_opts = OperatorOptions {
             kubeconfig: operator_kubeconfig,
             namespace: SYSTEM_NAMESPACE.into(),
@@ -171,6 +178,8 @@ impl Lab {
                     CERT_LIFETIME_SECS.to_string(),
                 ),
                 ("CORTEXFLOW_CA_POLL_SECS".into(), "1".into()),
+                ("CORTEXFLOW_WEBHOOK_ADDR".into(), webhook.to_string()),
+                ("CORTEXFLOW_WEBHOOK_DNS_NAMES".into(), "localhost".into()),
             ],
         };
         let mut operator = Operator::start(&operator_opts)?;
@@ -228,6 +237,7 @@ impl Lab {
             workload_bin,
             timings,
             flows_token,
+            webhook,
         };
         if let Some(demo) = &o.demo {
             lab.kubectl(&["apply", "-f", &demo.to_string_lossy()])?;
@@ -294,6 +304,9 @@ impl Lab {
     pub async fn start_replica(&self, identity: &str) -> anyhow::Result<Operator> {
         let mut o = self.operator_opts.clone();
         o.identity = identity.into();
+        // Its webhook on a port of its own (the environment's last value wins).
+        o.env
+            .push(("CORTEXFLOW_WEBHOOK_ADDR".into(), "127.0.0.1:0".into()));
         let mut op = Operator::start(&o)?;
         op.wait_ready(Duration::from_secs(60)).await?;
         self.operator_service.add(op.grpc);

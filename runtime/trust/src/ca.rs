@@ -234,6 +234,22 @@ impl Authority {
         })
     }
 
+    /// The material with a new intermediate of the current issuer's root (same bundle): an
+    /// intermediate rotation. Needs the root's key (`ca.key`).
+    pub fn next_intermediate(&self, now: SystemTime) -> anyhow::Result<Material> {
+        let key_pem = self.material.root_key_pem.as_ref().context(
+            "the CA holds no root key (ca.key): a new intermediate must come from its root's holder",
+        )?;
+        let root_key = KeyPair::from_pem(key_pem).map_err(err)?;
+        let root = Issuer::from_ca_cert_der(&self.issuer_root, &root_key).map_err(err)?;
+        let (issuer_pem, issuer_key_pem) = Self::new_intermediate(&self.trust_domain, &root, now)?;
+        Ok(Material {
+            issuer_pem,
+            issuer_key_pem,
+            ..self.material.clone()
+        })
+    }
+
     /// The intermediate that signs leaves.
     pub fn issuer_der(&self) -> &CertificateDer<'static> {
         &self.issuer_der
@@ -287,6 +303,51 @@ impl Authority {
         Ok((key, issued))
     }
 
+    /// A key and a serving certificate for DNS names (the admission webhook, which the
+    /// apiserver verifies by host name with the bundle as its `caBundle`): the names as DNS SANs,
+    /// no subject, not a CA, EKU serverAuth only.
+    pub fn issue_dns_server(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<(KeyPair, Issued), Refusal> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
+        let mut p =
+            CertificateParams::new(names.to_vec()).map_err(|e| Refusal::Internal(e.to_string()))?;
+        p.distinguished_name = DistinguishedName::new();
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let (not_before, not_after) = self.validity(lifetime, now);
+        p.not_before = not_before.into();
+        p.not_after = not_after.into();
+        p.serial_number = Some(random_serial());
+        p.use_authority_key_identifier_extension = true;
+        let cert = p
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
+        Ok((
+            key,
+            Issued {
+                chain: vec![cert.der().clone(), self.issuer_der.clone()],
+                spiffe_id: String::new(),
+                not_before,
+                not_after,
+            },
+        ))
+    }
+
+    /// From a little before `now` for `lifetime` (capped), whole seconds.
+    fn validity(&self, lifetime: Duration, now: SystemTime) -> (SystemTime, SystemTime) {
+        let not_before = now - NOT_BEFORE_SKEW;
+        let not_after = (now + lifetime.min(MAX_LEAF_LIFETIME)).min(self.issuer_not_after);
+        let not_after =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(crate::unix_secs(not_after) as u64);
+        (not_before, not_after)
+    }
+
     fn issue(
         &self,
         spiffe_id: &str,
@@ -306,11 +367,7 @@ impl Authority {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let not_before = now - NOT_BEFORE_SKEW;
-        let not_after = (now + lifetime.min(MAX_LEAF_LIFETIME)).min(self.issuer_not_after);
-        // X.509 times have whole seconds.
-        let not_after =
-            SystemTime::UNIX_EPOCH + Duration::from_secs(crate::unix_secs(not_after) as u64);
+        let (not_before, not_after) = self.validity(lifetime, now);
         p.not_before = not_before.into();
         p.not_after = not_after.into();
         p.serial_number = Some(random_serial());
@@ -546,6 +603,12 @@ mod tests {
         mixed.issuer_key_pem = other.material().issuer_key_pem.clone();
         let e = Authority::from_material(TD, mixed).unwrap_err().to_string();
         assert!(e.contains("not signed by a root"), "{e}");
+        // A new intermediate of the same root: leaves verify with the same bundle.
+        let rotated = Authority::from_material(TD, ca.next_intermediate(now).unwrap()).unwrap();
+        assert_ne!(rotated.issuer_der(), ca.issuer_der());
+        assert_eq!(rotated.bundle().ders(), ca.bundle().ders());
+        let leaf = rotated.sign(&csr, ID, DEFAULT_LEAF_LIFETIME, now).unwrap();
+        verify_peer(ca.bundle(), &leaf.chain, now, Usage::Server, TD).unwrap();
         // A key that is not the intermediate's.
         let mut wrong_key = ca.material().clone();
         wrong_key.issuer_key_pem = other.material().issuer_key_pem.clone();

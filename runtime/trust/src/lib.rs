@@ -21,6 +21,7 @@ pub mod tls;
 pub mod verify;
 
 pub use ca::{Authority, Issued, Refusal};
+pub use rcgen::KeyPair;
 pub use tls::{Credentials, TrustStore};
 pub use verify::{Bundle, PeerError, Usage};
 

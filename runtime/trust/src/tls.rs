@@ -334,6 +334,17 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// A TLS 1.3 server serving `creds` that asks for no client certificate (HTTPS callers that
+/// authenticate otherwise, such as the kube-apiserver calling a webhook); ALPN h2, http/1.1.
+pub fn server_config_http(creds: Arc<Credentials>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(creds);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// A TLS 1.3 client that accepts only the server `expect` (a SPIFFE id) of `trust`, presenting
 /// `creds` when it has them; ALPN h2.
 pub fn client_config(
@@ -474,5 +485,45 @@ pub async fn serve(
     router
         .serve_with_incoming_shutdown(incoming(listener, config), shutdown)
         .await?;
+    Ok(())
+}
+
+/// Serves an HTTP router (HTTP/1.1 and HTTP/2) over TLS on `listener` until `shutdown`
+/// resolves; each connection runs as its own task, ended with the server.
+pub async fn serve_http(
+    app: axum::Router,
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let conns = incoming(listener, config);
+    tokio::pin!(conns);
+    tokio::pin!(shutdown);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            c = conns.next() => match c {
+                Some(Ok(tls)) => {
+                    let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                    tasks.spawn(async move {
+                        let builder = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        );
+                        if let Err(e) = builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                            .await
+                        {
+                            tracing::debug!(error = %e, "HTTPS connection ended with an error");
+                        }
+                    });
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "accepting an HTTPS connection failed"),
+                None => break,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    tasks.abort_all();
     Ok(())
 }
