@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         t!(a_pods_credentials_cannot_pass_for_an_agent_or_read_flows),
         t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
         t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
+        t!(every_dashboard_panel_returns_data_in_prometheus),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -422,9 +423,13 @@ async fn matrix_matches_the_demo(lab: &mut Lab) -> anyhow::Result<()> {
 
 async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> anyhow::Result<()> {
     let doc = std::fs::read_to_string(workspace_root().join("docs/metrics.md"))?;
-    // Every `cortexflow_…` name in the first column of a metrics table, with its type.
+    // Every `cortexflow_…` and `process_…` name in the first column of a metrics table, with
+    // its type.
     let mut metrics = Vec::new();
-    for line in doc.lines().filter(|l| l.starts_with("| `cortexflow_")) {
+    for line in doc
+        .lines()
+        .filter(|l| l.starts_with("| `cortexflow_") || l.starts_with("| `process_"))
+    {
         let cols: Vec<&str> = line.split('|').map(str::trim).collect();
         let (names, kind) = (
             cols.get(1).copied().unwrap_or(""),
@@ -432,7 +437,7 @@ async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> any
         );
         for n in names.split(',') {
             let n = n.trim().trim_matches('`');
-            if n.starts_with("cortexflow_") {
+            if n.starts_with("cortexflow_") || n.starts_with("process_") {
                 metrics.push((n.to_string(), kind.to_string()));
             }
         }
@@ -450,6 +455,18 @@ async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> any
             } else {
                 name.clone()
             };
+            if series.starts_with("process_") {
+                // Every daemon exports them: both jobs have the series.
+                let body = lab
+                    .prometheus_query(&format!("count by (job) ({series})"))
+                    .await?;
+                for job in ["cortexflow-operator", "cortexflow-agent"] {
+                    if !body.contains(&format!("\"job\":\"{job}\"")) {
+                        missing.push(format!("{series} of {job}"));
+                    }
+                }
+                continue;
+            }
             let body = lab.prometheus_query(&format!("count({series})")).await?;
             if !body.contains("\"value\"") {
                 missing.push(series);
@@ -2001,10 +2018,11 @@ async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
         }
         Ok(true)
     }
-    // The agents' node certificates chain to `ca`: their TLS port verifies with its root alone.
-    async fn agents_chain_to(lab: &Lab, ca: &Authority) -> anyhow::Result<bool> {
+    // The agents' node certificates chain to `anchors`: their TLS port verifies with those
+    // alone (a root, or an intermediate to tell which one signed).
+    async fn agents_chain_to(lab: &Lab, anchors: &Bundle) -> anyhow::Result<bool> {
         for a in &lab.agents {
-            let trust = TrustStore::new(TD, ca.bundle().clone());
+            let trust = TrustStore::new(TD, anchors.clone());
             let cfg = cortexflow_trust::tls::client_config(
                 None,
                 trust,
@@ -2020,8 +2038,8 @@ async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
         }
         Ok(true)
     }
-    let operator_chains_to = |ca: &Authority| {
-        let trust = TrustStore::new(TD, ca.bundle().clone());
+    let operator_chains_to = |anchors: &Bundle| {
+        let trust = TrustStore::new(TD, anchors.clone());
         let addr = lab.operator_service.addr;
         async move {
             let cfg = cortexflow_trust::tls::client_config(None, trust, &spiffe::operator(TD))?;
@@ -2036,6 +2054,35 @@ async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
     until!(
         wait("deliveries before", Duration::from_secs(30)),
         d.rounds >= 2
+    );
+
+    // 0. A new intermediate of the same root: the bundle does not change, so the issuer
+    // switches at once; the agents' certificates move to it at their next renewal.
+    let next =
+        Authority::from_material(TD, old_ca.next_intermediate(std::time::SystemTime::now())?)?;
+    let next_only = Bundle::from_der(vec![next.issuer_der().clone()])?;
+    set(vec![
+        ("issuer.crt", next.material().issuer_pem.clone()),
+        ("issuer.key", next.material().issuer_key_pem.clone()),
+    ])
+    .await?;
+    let intermediate_switched = until!(
+        wait(
+            "the operator serves from the new intermediate",
+            Duration::from_secs(60)
+        ),
+        lab.operator
+            .metric("cortexflow_ca_issuer_rotations_total")
+            .await?
+            == 1.0
+            && operator_chains_to(&next_only).await?
+    );
+    let intermediate_moved = until!(
+        wait(
+            "every agent's certificate comes from the new intermediate",
+            Duration::from_secs(2 * lab::CERT_LIFETIME_SECS)
+        ),
+        agents_chain_to(lab, &next_only).await?
     );
 
     // 1. The new root joins the bundle.
@@ -2065,8 +2112,8 @@ async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
         lab.operator
             .metric("cortexflow_ca_issuer_rotations_total")
             .await?
-            == 1.0
-            && operator_chains_to(&new_ca).await?
+            == 2.0
+            && operator_chains_to(new_ca.bundle()).await?
     );
     let switch_seen = Instant::now();
     let agents_moved = until!(
@@ -2074,7 +2121,7 @@ async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
             "every agent's certificate chains to the new root",
             Duration::from_secs(2 * lab::CERT_LIFETIME_SECS)
         ),
-        agents_chain_to(lab, &new_ca).await?
+        agents_chain_to(lab, new_ca.bundle()).await?
     );
 
     // 3. The old root leaves the bundle — only a leaf lifetime after the switch.
@@ -2141,7 +2188,7 @@ async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
             .await
             .is_err(),
     };
-    let old_served = operator_chains_to(&old_ca).await?;
+    let old_served = operator_chains_to(old_ca.bundle()).await?;
 
     // What must not have happened.
     let mut renewed = Vec::new();
@@ -2193,8 +2240,10 @@ async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
         "every agent renews its certificate on its own during the test: {renewed:?}"
     );
     eprintln!(
-        "CA rotation under config traffic: {} deliveries, 0 failed; agents took the new root in {:.1} s, the issuer switched {:.1} s later, agents' certificates moved in {:.1} s, the old root left {:.0} s after its removal was asked (lifetime {} s); renewals per agent {renewed:?}, 0 failed, 0 restarts; a certificate of the old root refused",
+        "CA rotation under config traffic: {} deliveries, 0 failed; a new intermediate served by the operator in {:.1} s and by every agent {:.1} s later; agents took the new root in {:.1} s, the issuer switched {:.1} s later, agents' certificates moved in {:.1} s, the old root left {:.0} s after its removal was asked (lifetime {} s); renewals per agent {renewed:?}, 0 failed, 0 restarts; a certificate of the old root refused",
         d.rounds,
+        intermediate_switched.as_secs_f64(),
+        intermediate_moved.as_secs_f64(),
         took_bundle.as_secs_f64(),
         switched.as_secs_f64(),
         agents_moved.as_secs_f64(),
@@ -2411,4 +2460,45 @@ webhooks:
         "--wait=false",
     ]);
     result
+}
+
+/// After the suite's traffic (the last test: the demo's matrix, Audit policies, policy changes,
+/// restarts and renewals came before), every query of every dashboard panel — `node` at "All",
+/// the rate interval 5 minutes — returns at least one series from the lab's Prometheus.
+async fn every_dashboard_panel_returns_data_in_prometheus(lab: &mut Lab) -> anyhow::Result<()> {
+    use cortexflow_lab::dashboards;
+    let queries = dashboards::queries()?;
+    let mut empty = Vec::new();
+    let mut zero_or_nan = Vec::new();
+    for q in &queries {
+        let body = lab
+            .prometheus_query(&dashboards::substitute(&q.expr, "5m"))
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        ensure!(v["status"] == "success", "{}: {body}", q.name);
+        let series = v["data"]["result"].as_array().cloned().unwrap_or_default();
+        if series.is_empty() {
+            empty.push(q.name.clone());
+            continue;
+        }
+        let moving = series.iter().any(|s| {
+            s["value"][1]
+                .as_str()
+                .and_then(|x| x.parse::<f64>().ok())
+                .is_some_and(|x| x != 0.0 && x.is_finite())
+        });
+        if !moving {
+            zero_or_nan.push(q.name.clone());
+        }
+    }
+    ensure!(
+        empty.is_empty(),
+        "panel queries with no series in Prometheus: {empty:#?}"
+    );
+    eprintln!(
+        "{} panel queries all return series; {} of them only zeros or NaN now (no such event in the window): {zero_or_nan:?}",
+        queries.len(),
+        zero_or_nan.len()
+    );
+    Ok(())
 }

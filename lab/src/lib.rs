@@ -16,6 +16,7 @@
 
 pub mod chart;
 pub mod cluster;
+pub mod dashboards;
 pub mod harness;
 pub mod kubectl;
 pub mod lab;

@@ -266,6 +266,20 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
             drain.clone(),
         ),
     );
+    {
+        let (mut leadership, gauge, drain) =
+            (leadership.clone(), metrics.leader.clone(), drain.clone());
+        sup.spawn("leader metric", async move {
+            loop {
+                let leads = leadership.borrow_and_update().is_leader;
+                gauge.record(u64::from(leads), &[]);
+                tokio::select! {
+                    r = leadership.changed() => if r.is_err() { return Ok(()) },
+                    () = drain.signaled() => return Ok(()),
+                }
+            }
+        });
+    }
     sup.spawn(
         "allocator",
         allocator::run(

@@ -32,6 +32,8 @@ pub struct OperatorMetrics {
     pub status_writes: Counter<u64>,
     /// Config messages sent to agents, by kind (full, update).
     pub configs_sent: Counter<u64>,
+    /// 1 while this replica holds the leader Lease.
+    pub leader: Gauge<u64>,
 }
 
 impl OperatorMetrics {
@@ -79,6 +81,10 @@ impl OperatorMetrics {
             config_version: meter
                 .u64_gauge("operator_config_version")
                 .with_description("Current config version")
+                .build(),
+            leader: meter
+                .u64_gauge("operator_leader")
+                .with_description("1 while this replica holds the leader Lease, else 0")
                 .build(),
             propagation: meter
                 .f64_histogram("operator_policy_propagation_duration_seconds")

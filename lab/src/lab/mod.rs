@@ -484,11 +484,20 @@ fn start_prometheus(
 ) -> anyhow::Result<(Daemon, std::net::SocketAddr)> {
     let dir = state_dir.join("prometheus");
     std::fs::create_dir_all(dir.join("data"))?;
-    let agent_targets: Vec<String> = agents.iter().map(|a| format!("'{}'", a.admin)).collect();
+    // Each agent with its node's name as the `node` label (the chart's PodMonitor relabels
+    // the pod's node name to it), which the dashboards' node variable selects on.
+    let agent_targets: String = agents
+        .iter()
+        .map(|a| {
+            format!(
+                "      - targets: ['{}']\n        labels: {{node: '{}'}}\n",
+                a.admin, a.name
+            )
+        })
+        .collect();
     let config = format!(
-        "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\nscrape_configs:\n  - job_name: cortexflow-operator\n    static_configs:\n      - targets: ['{}']\n  - job_name: cortexflow-agent\n    static_configs:\n      - targets: [{}]\n",
-        operator.admin,
-        agent_targets.join(", ")
+        "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\nscrape_configs:\n  - job_name: cortexflow-operator\n    static_configs:\n      - targets: ['{}']\n  - job_name: cortexflow-agent\n    static_configs:\n{}",
+        operator.admin, agent_targets
     );
     std::fs::write(dir.join("prometheus.yml"), config)?;
     let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
