@@ -25,7 +25,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use cortexflow_domain::AgentStatus;
 use cortexflow_runtime::{Exit, LogFormat, Metrics, Readiness, Supervisor, drain};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::{
     control,
@@ -299,7 +299,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     }
 
     // Flows.
-    let (hub, _) = broadcast::channel(4096);
+    let hub = flows::FlowHub::new();
     {
         let pump = flows::pump(
             started.events,

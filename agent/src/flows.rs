@@ -83,14 +83,14 @@ fn direction_name(d: u8) -> &'static str {
     if d == DIR_EGRESS { "egress" } else { "ingress" }
 }
 
-/// Reads the ring buffer until `shutdown`: counts every event and, when someone observes,
-/// publishes it with names.
+/// Reads the ring buffer until `shutdown`: counts every event, names it and publishes it (to
+/// the history and to the streams observing).
 pub async fn pump(
     ring: RingBuf<MapData>,
     config: ConfigView,
     node: String,
     metrics: AgentMetrics,
-    hub: broadcast::Sender<Arc<v1::Flow>>,
+    hub: Arc<FlowHub>,
     shutdown: Watcher,
 ) -> std::io::Result<()> {
     let offset = boot_offset_ns();
@@ -100,8 +100,7 @@ pub async fn pump(
     let mut tick = tokio::time::interval(DRAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let drain = |rb: &mut RingBuf<MapData>| {
-        let observed = hub.receiver_count() > 0;
-        let view = observed.then(|| config.borrow().clone());
+        let view = config.borrow().clone();
         while let Some(item) = rb.next() {
             let Some(ev) = cortexflow_common::FlowEvent::from_bytes(&item) else {
                 continue;
@@ -111,9 +110,7 @@ pub async fn pump(
                 direction_name(ev.direction),
                 Reason::from_u8(ev.reason),
             );
-            if let Some(r) = &view {
-                let _ = hub.send(Arc::new(describe(&ev, r, &node, offset)));
-            }
+            hub.publish(Arc::new(describe(&ev, &view, &node, offset)));
         }
     };
     loop {
@@ -129,20 +126,76 @@ pub async fn pump(
     }
 }
 
+/// How many flows an agent keeps for `ObserveRequest.last` (`cfcli flows --last`,
+/// `cfcli explain`): the most recent of its node, about 1 MiB.
+pub const FLOW_HISTORY: usize = 4096;
+
+/// Where named flows go: the history of the last [`FLOW_HISTORY`], and every stream observing.
+pub struct FlowHub {
+    tx: broadcast::Sender<Arc<v1::Flow>>,
+    history: std::sync::Mutex<std::collections::VecDeque<Arc<v1::Flow>>>,
+}
+
+impl FlowHub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            tx: broadcast::channel(4096).0,
+            history: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FLOW_HISTORY)),
+        })
+    }
+
+    pub fn publish(&self, f: Arc<v1::Flow>) {
+        {
+            let mut h = match self.history.lock() {
+                Ok(h) => h,
+                Err(p) => p.into_inner(),
+            };
+            if h.len() == FLOW_HISTORY {
+                h.pop_front();
+            }
+            h.push_back(f.clone());
+        }
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(f);
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<v1::Flow>> {
+        self.tx.subscribe()
+    }
+
+    /// The `n` most recent flows of the history that pass `q`, oldest first.
+    pub fn recent(&self, q: &v1::ObserveRequest, n: usize) -> Vec<Arc<v1::Flow>> {
+        let h = match self.history.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        let mut out: Vec<_> = h
+            .iter()
+            .rev()
+            .filter(|f| matches(f, q))
+            .take(n)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+}
+
 /// How often the flow pump reads the ring buffer when the kernel did not wake it.
 pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The `cortexflow.agent.v1.Flows` service.
 #[derive(Clone)]
 pub struct FlowsService {
-    hub: broadcast::Sender<Arc<v1::Flow>>,
+    hub: Arc<FlowHub>,
     shutdown: Watcher,
     access: crate::flows_auth::FlowsAccess,
 }
 
 impl FlowsService {
     pub fn new(
-        hub: broadcast::Sender<Arc<v1::Flow>>,
+        hub: Arc<FlowHub>,
         shutdown: Watcher,
         access: crate::flows_auth::FlowsAccess,
     ) -> Self {
@@ -213,11 +266,31 @@ impl v1::flows_server::Flows for FlowsService {
                 q.direction
             )));
         }
+        // Subscribed before the history is read: nothing falls between the two; a flow in both
+        // is sent once (the history's flows are held, so their addresses stay theirs).
         let mut rx = self.hub.subscribe();
+        let history = self.hub.recent(
+            &q,
+            usize::try_from(q.last)
+                .unwrap_or(usize::MAX)
+                .min(FLOW_HISTORY),
+        );
         let shutdown = self.shutdown.clone();
         let stream = async_stream::stream! {
             let mut sent = 0u64;
             let mut lost = 0u64;
+            let sent_before: std::collections::HashSet<usize> =
+                history.iter().map(|f| Arc::as_ptr(f) as usize).collect();
+            for f in &history {
+                yield Ok((**f).clone());
+                sent += 1;
+                if q.limit != 0 && sent >= q.limit {
+                    return;
+                }
+            }
+            if q.history_only {
+                return;
+            }
             loop {
                 let f = tokio::select! {
                     f = rx.recv() => f,
@@ -225,7 +298,7 @@ impl v1::flows_server::Flows for FlowsService {
                 };
                 match f {
                     Ok(f) => {
-                        if !matches(&f, &q) {
+                        if !matches(&f, &q) || sent_before.contains(&(Arc::as_ptr(&f) as usize)) {
                             continue;
                         }
                         let mut f = (*f).clone();

@@ -1,21 +1,190 @@
-//! `cfcli`: the CortexFlow command line (wave 2).
-//!
-//! It will show live flows from the agents (`Flows.Observe`), identities and policy status.
-//! Until then use `kubectl get mp,sid -A`.
+//! `cfcli`: see the crate documentation of `cfcli` (cli/src/lib.rs).
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use std::process::ExitCode;
+
+use cfcli::{
+    Output,
+    connect::{Cluster, ConnectArgs},
+    filter::{Filter, check_names, parse_peer},
+};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "CortexFlow command line (flows, identities, policy status)"
+    about = "The CortexFlow command line: flows from every node, and what decided a connection",
+    after_help = "Exit codes: 0 success, 1 an error (named on stderr), 2 a usage error.\n\
+The Flows API of the agents needs a bearer token of a user allowed to `get`\n\
+flows.mesh.cortexflow.io (bind the ClusterRole cortexflow-flows-reader): the kubeconfig\n\
+user's token, or --token / --token-file."
 )]
-struct Args {}
+struct Args {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _args = Args::parse();
-    println!(
-        "cfcli: nothing to do yet; use `kubectl get mp,sid -A` to see policies and identities"
-    );
+#[derive(clap::Args, Debug, Clone)]
+struct FilterArgs {
+    /// The source: NAMESPACE/POD, NAMESPACE/, id:NUMBER, id:NAMESPACE/NAME or an IPv4 address.
+    #[arg(long)]
+    from: Option<String>,
+    /// The destination, in the same forms.
+    #[arg(long)]
+    to: Option<String>,
+    /// Only this verdict: allowed, dropped, audit (repeatable).
+    #[arg(long = "verdict")]
+    verdicts: Vec<String>,
+    /// Only this reason, e.g. default_deny, policy_allow (repeatable; docs/policy.md lists them).
+    #[arg(long = "reason")]
+    reasons: Vec<String>,
+    /// Only this destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only this protocol: TCP, UDP, ICMP.
+    #[arg(long)]
+    protocol: Option<String>,
+    /// Only flows this node reported (repeatable).
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+    /// Only ingress or egress verdicts.
+    #[arg(long, value_parser = ["ingress", "egress"])]
+    direction: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Flows from every node at once, like `hubble observe`.
+    #[command(after_help = "Examples:\n  \
+cfcli flows --last 20\n  \
+cfcli flows --to shop/ --verdict dropped -o compact\n  \
+cfcli flows --from batch/etl-7d9f --port 8080 --follow\n  \
+cfcli flows --reason default_deny -o json | jq .")]
+    Flows {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// The last N matching flows of every node's history (0: all it holds).
+        #[arg(long, default_value_t = 50)]
+        last: usize,
+        /// Keep printing new flows as they happen.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Which MeshPolicy and rule (or which default) decided the latest connection between two
+    /// peers, from the rule id the kernel reported.
+    #[command(after_help = "Examples:\n  \
+cfcli explain shop/frontend-5d8c shop/backend-79cd-x 8080/tcp\n  \
+cfcli explain batch/etl-7d9f 10.96.0.20 80/tcp -o json")]
+    Explain {
+        /// The source: NAMESPACE/POD, an IPv4 address, id:…
+        from: String,
+        /// The destination, in the same forms.
+        to: String,
+        /// PORT or PORT/PROTOCOL (e.g. 8080/tcp).
+        port: Option<String>,
+        #[arg(long, short = 'o', value_parser = ["text", "json"], default_value = "text")]
+        output: String,
+    },
+    /// Prints a shell completion script, e.g. `source <(cfcli completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+async fn filter_of(cluster: &Cluster, a: &FilterArgs) -> anyhow::Result<Filter> {
+    check_names(&a.verdicts, &a.reasons)?;
+    let mut from = a.from.as_deref().map(parse_peer).transpose()?;
+    let mut to = a.to.as_deref().map(parse_peer).transpose()?;
+    for p in [&mut from, &mut to].into_iter().flatten() {
+        p.resolve(&cluster.client).await?;
+    }
+    Ok(Filter {
+        from,
+        to,
+        verdicts: a.verdicts.clone(),
+        reasons: a.reasons.clone(),
+        port: a.port,
+        protocol: a.protocol.clone(),
+        nodes: a.nodes.clone(),
+        direction: a.direction.clone(),
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if let Command::Completion { shell } = args.command {
+        use clap::CommandFactory as _;
+        clap_complete::generate(shell, &mut Args::command(), "cfcli", &mut std::io::stdout());
+        return Ok(());
+    }
+    let cluster = Cluster::connect(&args.connect).await?;
+    match args.command {
+        Command::Completion { .. } => Ok(()),
+        Command::Flows {
+            filter,
+            last,
+            follow,
+            output,
+        } => {
+            let f = filter_of(&cluster, &filter).await?;
+            cfcli::flows::run(&cluster, &f, last, follow, output).await
+        }
+        Command::Explain {
+            from,
+            to,
+            port,
+            output,
+        } => {
+            let (port, protocol) = match port
+                .as_deref()
+                .map(|p| p.split_once('/').unwrap_or((p, "")))
+            {
+                None => (None, None),
+                Some((p, proto)) => (
+                    Some(
+                        p.parse::<u16>()
+                            .map_err(|_| anyhow::anyhow!("port {p:?} is not a number"))?,
+                    ),
+                    (!proto.is_empty()).then(|| proto.to_string()),
+                ),
+            };
+            let f = filter_of(
+                &cluster,
+                &FilterArgs {
+                    from: Some(from),
+                    to: Some(to),
+                    verdicts: vec![],
+                    reasons: vec![],
+                    port,
+                    protocol,
+                    nodes: vec![],
+                    direction: None,
+                },
+            )
+            .await?;
+            let e = cfcli::explain::explain(&cluster, &f).await?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print!("{}", cfcli::explain::render(&e));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cfcli: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1338,6 +1338,62 @@ async fn dashboards_and_alerts(ctx: Ctx) -> anyhow::Result<()> {
             serde_json::from_str(cm["data"][file.as_str()].as_str().unwrap_or(""))?;
         ensure!(&shipped == d, "{file}: the ConfigMap's copy differs");
     }
+    // docs/metrics.md's usage table is what the files use.
+    type Usage = std::collections::BTreeMap<
+        String,
+        (
+            std::collections::BTreeSet<String>,
+            std::collections::BTreeSet<String>,
+        ),
+    >;
+    let mut used = Usage::new();
+    for (_, d) in &files {
+        let title = d["title"]
+            .as_str()
+            .unwrap_or("")
+            .trim_start_matches("CortexFlow / ")
+            .to_string();
+        for p in d["panels"].as_array().into_iter().flatten() {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                for n in dashboards::metric_names(t["expr"].as_str().unwrap_or("")) {
+                    used.entry(n).or_default().0.insert(title.clone());
+                }
+            }
+        }
+    }
+    for g in file_rules["groups"].as_array().into_iter().flatten() {
+        for r in g["rules"].as_array().into_iter().flatten() {
+            for n in dashboards::metric_names(r["expr"].as_str().unwrap_or("")) {
+                used.entry(n)
+                    .or_default()
+                    .1
+                    .insert(r["alert"].as_str().unwrap_or("").to_string());
+            }
+        }
+    }
+    let table = doc
+        .split_once("<!-- usage-table:begin -->")
+        .and_then(|(_, t)| t.split_once("<!-- usage-table:end -->"))
+        .context("docs/metrics.md has no usage-table")?
+        .0;
+    let mut listed = Usage::new();
+    let set = |cell: &str| -> std::collections::BTreeSet<String> {
+        cell.split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty() && *c != "—")
+            .map(str::to_string)
+            .collect()
+    };
+    for line in table.lines().filter(|l| l.starts_with('|')).skip(2) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        ensure!(cells.len() == 3, "usage-table row {line:?}");
+        listed.insert(cells[0].to_string(), (set(cells[1]), set(cells[2])));
+    }
+    if listed != used {
+        problems.push(format!(
+            "docs/metrics.md's usage table differs from the dashboards and alerts: listed {listed:?}, used {used:?}"
+        ));
+    }
     ensure!(problems.is_empty(), "{}", problems.join("\n"));
     eprintln!(
         "{} dashboards, {} panel queries parse and read documented metrics; alerts checked and unit-tested",

@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         t!(a_pods_credentials_cannot_pass_for_an_agent_or_read_flows),
         t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
         t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
+        t!(cfcli_flows_filter_and_explain_names_the_deciding_rule),
         t!(every_dashboard_panel_returns_data_in_prometheus),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -422,6 +423,36 @@ async fn matrix_matches_the_demo(lab: &mut Lab) -> anyhow::Result<()> {
 }
 
 async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> anyhow::Result<()> {
+    // Every /metrics endpoint passes Prometheus' own lint (`promtool check metrics`).
+    let mut endpoints = vec![("operator".to_string(), lab.operator.admin)];
+    endpoints.extend(
+        lab.agents
+            .iter()
+            .map(|a| (format!("agent {}", a.name), a.admin)),
+    );
+    for (who, addr) in endpoints {
+        let (code, body) = cortexflow_testkit::process::http_get(addr, "/metrics").await?;
+        ensure!(code == 200, "{who}: /metrics answered {code}");
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("run promtool (`cargo xtask setup`)")?;
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().context("promtool stdin")?;
+            stdin.write_all(body.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "promtool check metrics on the {who}'s /metrics:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let doc = std::fs::read_to_string(workspace_root().join("docs/metrics.md"))?;
     // Every `cortexflow_…` and `process_…` name in the first column of a metrics table, with
     // its type.
@@ -2353,20 +2384,22 @@ webhooks:
     };
     let admitted = "cortexflow_operator_webhook_requests_total{result=\"admitted\"";
     let result = async {
-        lab.apply_yaml(&manifest)?;
-        // Set by the leader within its 10 s reconciliation.
-        let t = Instant::now();
-        loop {
-            if ca_bundle().await?.as_deref() == Some(bundle().await?.as_str()) {
-                break;
+        // The leader's reconciliation (every 10 s) makes the caBundle the trust bundle.
+        let (configured, published) = (&ca_bundle, &bundle);
+        let until_trusted = |what: &'static str| async move {
+            let t = Instant::now();
+            while configured().await?.as_deref() != Some(published().await?.as_str()) {
+                ensure!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "the operator did not {what} the webhook's caBundle within 20 s"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            ensure!(
-                t.elapsed() < Duration::from_secs(20),
-                "the operator did not set the webhook's caBundle within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        eprintln!("caBundle set {:?} after the configuration was created", t.elapsed());
+            eprintln!("the operator {what} the caBundle in {:?}", t.elapsed());
+            anyhow::Ok(())
+        };
+        lab.apply_yaml(&manifest)?;
+        until_trusted("set").await?;
         let before = lab.operator.metric(admitted).await?;
         let out = dry_run(lab)?;
         ensure!(
@@ -2409,18 +2442,7 @@ webhooks:
             );
             eprintln!("refused with another CA's bundle: {}", refused.stderr.trim());
         }
-        let t = Instant::now();
-        loop {
-            if ca_bundle().await?.as_deref() == Some(bundle().await?.as_str()) {
-                break;
-            }
-            ensure!(
-                t.elapsed() < Duration::from_secs(20),
-                "the operator did not restore the webhook's caBundle within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        eprintln!("caBundle restored {:?} after it was changed", t.elapsed());
+        until_trusted("restored").await?;
         // The serving certificate: for localhost, verified by webpki with the bundle as
         // roots, renewed at half its lifetime; the next call uses the new one.
         let trust = cortexflow_trust::Bundle::from_pem(bundle().await?.as_bytes())?;
@@ -2499,6 +2521,309 @@ async fn every_dashboard_panel_returns_data_in_prometheus(lab: &mut Lab) -> anyh
         "{} panel queries all return series; {} of them only zeros or NaN now (no such event in the window): {zero_or_nan:?}",
         queries.len(),
         zero_or_nan.len()
+    );
+    Ok(())
+}
+
+/// `cfcli` as a user runs it against the lab: the admin's kubeconfig, a flows reader's token,
+/// each agent's flow endpoint (the lab's agents are not pods).
+fn cfcli(lab: &Lab, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let bin = cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
+    let token = lab.state_dir.join("flows-reader.token");
+    std::fs::write(&token, &lab.flows_token)?;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("--kubeconfig").arg(lab.cluster.kubeconfig());
+    for a in &lab.agents {
+        cmd.arg("--agent").arg(format!("{}={}", a.name, a.grpc));
+    }
+    if !args.iter().any(|a| a.starts_with("--token")) {
+        cmd.arg("--token-file").arg(&token);
+    }
+    let out = cmd.args(args).output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `cfcli flows` with each filter and `cfcli explain` for the demo's allowed, dropped and
+/// audited connections: the policy and rule the kernel reported (and the rule's YAML), or the
+/// default that decided; bad flags and tokens refused with a clear error.
+async fn cfcli_flows_filter_and_explain_names_the_deciding_rule(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    // Built before anything is timed.
+    cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
+    let (fe, fe_ip) = first_pod(lab, "shop", "frontend")?;
+    let (be, be_ip) = first_pod(lab, "shop", "backend")?;
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    let allowed = lab.probe("shop", &fe, "tcp", &format!("{be_ip}:8080"))?;
+    ensure!(
+        allowed.starts_with("success"),
+        "frontend → backend: {allowed}"
+    );
+    let dropped = lab.probe("batch", &etl, "tcp", &format!("{be_ip}:8080"))?;
+    ensure!(dropped.starts_with("timeout"), "etl → backend: {dropped}");
+    let audited = lab.probe("batch", &etl, "tcp", &format!("{fe_ip}:8080"))?;
+    ensure!(audited.starts_with("success"), "etl → frontend: {audited}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let json_lines = |out: &str| -> anyhow::Result<Vec<serde_json::Value>> {
+        out.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+            .collect()
+    };
+    let run_ok = |args: &[&str]| -> anyhow::Result<String> {
+        let (ok, out, err) = cfcli(lab, args)?;
+        ensure!(ok, "cfcli {args:?} failed: {err}");
+        Ok(out)
+    };
+
+    // explain: the allowed connection, by the rule that allowed it.
+    let t = Instant::now();
+    let out = run_ok(&[
+        "explain",
+        &format!("shop/{fe}"),
+        &format!("shop/{be}"),
+        "8080/tcp",
+        "-o",
+        "json",
+    ])?;
+    let explain_allowed = t.elapsed();
+    let e: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(e["verdict"] == "allowed", "{e:#}");
+    let ingress = e["sides"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["direction"] == "ingress"))
+        .with_context(|| format!("no ingress side: {e:#}"))?;
+    ensure!(
+        ingress["reason"] == "policy_allow"
+            && ingress["policy"] == "shop/allow-frontend-to-backend"
+            && ingress["ruleIndex"] == 0
+            && ingress["ruleYaml"]
+                .as_str()
+                .is_some_and(|y| y.contains("identity: frontend") && y.contains("8080")),
+        "the allowed connection is not explained by allow-frontend-to-backend ingress[0]: {ingress:#}"
+    );
+    let egress = e["sides"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["direction"] == "egress"))
+        .with_context(|| format!("no egress side: {e:#}"))?;
+    ensure!(
+        egress["reason"] == "no_policy" && egress["policy"].is_null(),
+        "{egress:#}"
+    );
+    // The dropped one: default deny, no rule.
+    let t = Instant::now();
+    let out = run_ok(&[
+        "explain",
+        &format!("batch/{etl}"),
+        &format!("shop/{be}"),
+        "8080/tcp",
+        "-o",
+        "json",
+    ])?;
+    let explain_dropped = t.elapsed();
+    let e: serde_json::Value = serde_json::from_str(&out)?;
+    let ingress = e["sides"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["direction"] == "ingress"))
+        .with_context(|| format!("no ingress side: {e:#}"))?;
+    ensure!(
+        e["verdict"] == "dropped"
+            && ingress["verdict"] == "dropped"
+            && ingress["reason"] == "default_deny"
+            && ingress["policy"].is_null()
+            && ingress["destination"]["identityName"] == "shop/backend",
+        "the dropped connection: {e:#}"
+    );
+    // The audited one, in text as people read it.
+    let text = run_ok(&[
+        "explain",
+        &format!("batch/{etl}"),
+        &format!("shop/{fe}"),
+        "8080/tcp",
+    ])?;
+    ensure!(
+        text.starts_with("verdict: audit")
+            && text.contains("an Audit-mode policy would have dropped it"),
+        "{text}"
+    );
+    let allowed_text = run_ok(&[
+        "explain",
+        &format!("shop/{fe}"),
+        &format!("shop/{be}"),
+        "8080/tcp",
+    ])?;
+    eprintln!("$ cfcli explain shop/{fe} shop/{be} 8080/tcp\n{allowed_text}");
+
+    // flows, filter by filter: each line passes the filter, and something does.
+    let dropped = json_lines(&run_ok(&[
+        "flows",
+        "--from",
+        "batch/",
+        "--verdict",
+        "dropped",
+        "--last",
+        "0",
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(!dropped.is_empty(), "no dropped flow from batch/");
+    for f in &dropped {
+        ensure!(
+            f["verdict"] == "dropped"
+                && (f["source"]["namespace"] == "batch"
+                    || f["source"]["identityName"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("batch/"))),
+            "{f}"
+        );
+    }
+    let to_backend = json_lines(&run_ok(&[
+        "flows",
+        "--to",
+        &format!("shop/{be}"),
+        "--port",
+        "8080",
+        "--protocol",
+        "tcp",
+        "-o",
+        "json",
+    ])?)?;
+    let backend_ip = be_ip.to_string();
+    ensure!(
+        to_backend.iter().any(|f| f["verdict"] == "allowed")
+            && to_backend.iter().any(|f| f["verdict"] == "dropped"),
+        "both connections to the backend: {to_backend:?}"
+    );
+    for f in &to_backend {
+        ensure!(
+            f["destination"]["ip"] == backend_ip.as_str()
+                && f["destination"]["port"] == 8080
+                && f["protocol"] == "TCP",
+            "{f}"
+        );
+    }
+    let node = lab.agents[0].name.clone();
+    let on_node = json_lines(&run_ok(&[
+        "flows",
+        "--node",
+        &node,
+        "--reason",
+        "policy_allow",
+        "--last",
+        "5",
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(on_node.len() <= 5, "--last 5 printed {}", on_node.len());
+    for f in &on_node {
+        ensure!(
+            f["node"] == node.as_str() && f["reason"] == "policy_allow",
+            "{f}"
+        );
+    }
+    let by_identity = json_lines(&run_ok(&[
+        "flows",
+        "--to",
+        "id:shop/backend",
+        "--direction",
+        "ingress",
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(
+        !by_identity.is_empty(),
+        "no ingress flow to id:shop/backend"
+    );
+    for f in &by_identity {
+        ensure!(
+            f["destination"]["identityName"] == "shop/backend" && f["direction"] == "ingress",
+            "{f}"
+        );
+    }
+    let table = run_ok(&["flows", "--from", &format!("batch/{etl}"), "--last", "3"])?;
+    ensure!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.starts_with("TIME") && h.contains("RULE"))
+            && table.lines().count() >= 2,
+        "{table}"
+    );
+    // --follow prints a flow that happens after it started.
+    let bin = cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
+    let token = lab.state_dir.join("flows-reader.token");
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("--kubeconfig").arg(lab.cluster.kubeconfig());
+    for a in &lab.agents {
+        cmd.arg("--agent").arg(format!("{}={}", a.name, a.grpc));
+    }
+    let mut child = cmd
+        .arg("--token-file")
+        .arg(&token)
+        .args([
+            "flows",
+            "--follow",
+            "--last",
+            "1",
+            "--from",
+            &format!("batch/{etl}"),
+            "--port",
+            "5353",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("cfcli stdout")?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    lab.probe("batch", &etl, "udp", &format!("{be_ip}:5353"))?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let followed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(l) = lines.next_line().await? {
+            let f: serde_json::Value = serde_json::from_str(&l)?;
+            if f["time"].as_u64().is_some_and(|t| t >= started) {
+                return anyhow::Ok(f);
+            }
+        }
+        anyhow::bail!("cfcli flows --follow ended")
+    })
+    .await
+    .context("cfcli flows --follow printed no new flow within 10 s")??;
+    let _ = child.kill().await;
+    ensure!(
+        followed["destination"]["port"] == 5353 && followed["protocol"] == "UDP",
+        "{followed}"
+    );
+
+    // Bad input and bad credentials: a clear error, exit code 1.
+    let (ok, _, err) = cfcli(lab, &["flows", "--verdict", "denied"])?;
+    ensure!(!ok && err.contains("allowed, dropped, audit"), "{err}");
+    let (ok, _, err) = cfcli(lab, &["flows", "--token", "not-a-token"])?;
+    ensure!(
+        !ok && err.contains("refused Flows.Observe") && err.contains("Unauthenticated"),
+        "{err}"
+    );
+    let pod_token = lab.kubectl(&["create", "token", "default", "-n", "shop", "--duration=10m"])?;
+    let (ok, _, err) = cfcli(lab, &["flows", "--token", pod_token.trim()])?;
+    ensure!(
+        !ok && err.contains("refused Flows.Observe: PermissionDenied"),
+        "a token without the flows permission: {err}"
+    );
+    let (ok, _, err) = cfcli(lab, &["explain", "shop/no-such-pod", &format!("shop/{be}")])?;
+    ensure!(!ok && err.contains("no pod shop/no-such-pod"), "{err}");
+    eprintln!(
+        "cfcli explain: allowed by shop/allow-frontend-to-backend ingress[0] in {:.0} ms, dropped by default_deny in {:.0} ms, audit explained; flows filtered by --from/--verdict ({} lines), --to/--port/--protocol ({}), --node/--reason/--last, id:, --follow; bad verdict, bad token and a pod's token refused",
+        explain_allowed.as_secs_f64() * 1000.0,
+        explain_dropped.as_secs_f64() * 1000.0,
+        dropped.len(),
+        to_backend.len()
     );
     Ok(())
 }

@@ -62,6 +62,7 @@ pub(crate) fn config_reaches_the_kernel() {
                 verdicts: vec!["dropped".into()],
                 direction: String::new(),
                 limit: 1,
+                ..Default::default()
             })
             .await
             .expect("observe")
@@ -94,6 +95,60 @@ pub(crate) fn config_reaches_the_kernel() {
             dst.identity_name,
             flow.reason
         );
+
+        // The history: the same flow again, to a client that comes later and asks for the
+        // last flows only (`cfcli flows --last`, `cfcli explain`); the stream ends after it.
+        let mut history = flows
+            .observe(ObserveRequest {
+                namespace: NS.into(),
+                pod: "p1".into(),
+                verdicts: vec!["dropped".into()],
+                last: 1000,
+                history_only: true,
+                ..Default::default()
+            })
+            .await
+            .expect("observe the history")
+            .into_inner();
+        let mut kept = Vec::new();
+        while let Some(f) = tokio::time::timeout(Duration::from_secs(5), history.message())
+            .await
+            .expect("the history ends within 5 s")
+            .expect("stream")
+        {
+            kept.push(f);
+        }
+        assert!(
+            kept.iter()
+                .any(|f| f.time_unix_nanos == flow.time_unix_nanos
+                    && f.destination.as_ref().map(|d| d.ip) == Some(dst.ip)),
+            "the history lacks the flow just seen: {kept:?}"
+        );
+        assert!(
+            kept.iter()
+                .all(|f| f.verdict == "dropped"
+                    && f.destination.as_ref().is_some_and(|d| d.pod == "p1")),
+            "the history ignores the filters: {kept:?}"
+        );
+        let mut one = flows
+            .observe(ObserveRequest {
+                last: 1,
+                history_only: true,
+                ..Default::default()
+            })
+            .await
+            .expect("observe the last flow")
+            .into_inner();
+        let mut n = 0;
+        while tokio::time::timeout(Duration::from_secs(5), one.message())
+            .await
+            .expect("ends")
+            .expect("stream")
+            .is_some()
+        {
+            n += 1;
+        }
+        assert_eq!(n, 1, "last: 1 sent {n} flows");
 
         // The network port: no flows without the Kubernetes API to authorize callers (this agent
         // has none), in plaintext never.

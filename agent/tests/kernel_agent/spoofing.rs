@@ -107,6 +107,7 @@ pub(crate) fn forged_sources_are_dropped_at_the_senders_veth() {
                 verdicts: vec!["dropped".into()],
                 direction: String::new(),
                 limit: 0,
+                ..Default::default()
             })
             .await
             .expect("observe")

@@ -302,11 +302,8 @@ impl Lab {
     /// Starts another operator replica (`identity`) behind the operator Service; waits until
     /// it is ready.
     pub async fn start_replica(&self, identity: &str) -> anyhow::Result<Operator> {
-        let mut o = self.operator_opts.clone();
+        let mut o = self.replica_opts();
         o.identity = identity.into();
-        // Its webhook on a port of its own (the environment's last value wins).
-        o.env
-            .push(("CORTEXFLOW_WEBHOOK_ADDR".into(), "127.0.0.1:0".into()));
         let mut op = Operator::start(&o)?;
         op.wait_ready(Duration::from_secs(60)).await?;
         self.operator_service.add(op.grpc);
@@ -316,7 +313,16 @@ impl Lab {
     /// Restarts replica `op` where it was (same identity, same addresses): SIGTERM, or SIGKILL
     /// when `kill`; waits until the new process is ready.
     pub async fn restart_replica(&self, op: &mut Operator, kill: bool) -> anyhow::Result<()> {
-        restart(&self.operator_opts, op, kill).await
+        restart(&self.replica_opts(), op, kill).await
+    }
+
+    /// How further replicas run: as the first, but with their webhook on a port of their own
+    /// (the environment's last value wins).
+    fn replica_opts(&self) -> OperatorOptions {
+        let mut o = self.operator_opts.clone();
+        o.env
+            .push(("CORTEXFLOW_WEBHOOK_ADDR".into(), "127.0.0.1:0".into()));
+        o
     }
 
     /// Restarts the first replica gracefully (SIGTERM), where it was.
@@ -437,6 +443,14 @@ impl Lab {
                 a.flows_socket().display()
             ));
         }
+        let agents: String = self
+            .agents
+            .iter()
+            .map(|a| format!(" --agent {}={}", a.name, a.grpc))
+            .collect();
+        out.push(format!(
+            "cfcli: cargo run -q -p cfcli --{agents} --token \"$(kubectl create token -n {SYSTEM_NAMESPACE} {FLOWS_READER})\" flows --last 20   (or: explain <ns/pod> <ns/pod> <port/proto>)"
+        ));
         for n in &self.nodes {
             out.push(format!(
                 "node {}: {} in network namespace {}  (cargo xtask lab exec node/{} -- <cmd…>)",

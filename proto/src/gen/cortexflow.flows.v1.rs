@@ -16,6 +16,13 @@ pub struct ObserveRequest {
     /// End the stream after this many flows (0: never).
     #[prost(uint64, tag = "5")]
     pub limit: u64,
+    /// Start with up to this many of the most recent flows the agent keeps (its history, the last
+    /// 4096 flows of the node), those that pass the filters, oldest first; then follow. 0: none.
+    #[prost(uint64, tag = "6")]
+    pub last: u64,
+    /// End after the history instead of following.
+    #[prost(bool, tag = "7")]
+    pub history_only: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Flow {
@@ -176,7 +183,8 @@ pub mod flows_client {
             self.inner = self.inner.max_encoding_message_size(limit);
             self
         }
-        /// Flows as they happen, filtered. Ends after `limit` flows, or when the client goes away.
+        /// Flows as they happen, filtered, after the `last` most recent ones the agent kept. Ends
+        /// after `limit` flows, after the history when `history_only`, or when the client goes away.
         pub async fn observe(
             &mut self,
             request: impl tonic::IntoRequest<super::ObserveRequest>,
@@ -222,7 +230,8 @@ pub mod flows_server {
             >
             + std::marker::Send
             + 'static;
-        /// Flows as they happen, filtered. Ends after `limit` flows, or when the client goes away.
+        /// Flows as they happen, filtered, after the `last` most recent ones the agent kept. Ends
+        /// after `limit` flows, after the history when `history_only`, or when the client goes away.
         async fn observe(
             &self,
             request: tonic::Request<super::ObserveRequest>,

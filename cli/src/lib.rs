@@ -1,0 +1,28 @@
+//! `cfcli`: the CortexFlow command line.
+//!
+//! * [`connect`] — the cluster as kubectl finds it (kubeconfig, context), the agents' flow
+//!   endpoints (the agent DaemonSet's pods, or `--agent NODE=ADDR`), the bearer token and the
+//!   trust bundle that `Flows.Observe` on an agent's network port needs (docs/security.md, "Who
+//!   reads flows").
+//! * [`filter`] — `--from/--to/--verdict/…` as a predicate over flows.
+//! * [`flows`] — flows from every node at once, merged by time: the history each agent keeps,
+//!   then (with `--follow`) the live streams.
+//! * [`explain`] — which MeshPolicy and rule, or which default, decided a connection, from the
+//!   rule id the kernel reported with the flow.
+#![forbid(unsafe_code)]
+
+pub mod connect;
+pub mod explain;
+pub mod filter;
+pub mod flows;
+
+/// Output formats of read commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// One line per flow.
+    Compact,
+    /// One JSON object per line.
+    Json,
+}
