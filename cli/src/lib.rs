@@ -9,12 +9,18 @@
 //!   then (with `--follow`) the live streams.
 //! * [`explain`] — which MeshPolicy and rule, or which default, decided a connection, from the
 //!   rule id the kernel reported with the flow.
+//! * [`identities`] — numeric id ↔ name ↔ SPIFFE id ↔ pods, resolved by the operator's engine.
+//! * [`status`], [`check`] — what the mesh reports about itself (objects and the daemons'
+//!   metrics): one screen, and health checks with hints.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod connect;
 pub mod explain;
 pub mod filter;
 pub mod flows;
+pub mod identities;
+pub mod status;
 
 /// Output formats of read commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

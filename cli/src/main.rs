@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "The CortexFlow command line: flows from every node, and what decided a connection",
+    about = "The CortexFlow command line: status, checks, identities, flows from every node, and what decided a connection",
     after_help = "Exit codes: 0 success, 1 an error (named on stderr), 2 a usage error.\n\
 The Flows API of the agents needs a bearer token of a user allowed to `get`\n\
 flows.mesh.cortexflow.io (bind the ClusterRole cortexflow-flows-reader): the kubeconfig\n\
@@ -89,6 +89,33 @@ cfcli explain batch/etl-7d9f 10.96.0.20 80/tcp -o json")]
         #[arg(long, short = 'o', value_parser = ["text", "json"], default_value = "text")]
         output: String,
     },
+    /// Numeric identity ↔ name ↔ SPIFFE id ↔ pods, as the operator's engine resolves them.
+    #[command(after_help = "Examples:\n  cfcli identities\n  cfcli identities -n shop -o json")]
+    Identities {
+        /// Only this namespace's identities.
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        #[arg(long, short = 'o', value_parser = ["table", "json"], default_value = "table")]
+        output: String,
+    },
+    /// One screen: the operator replicas and leader, every node's agent, policies, identities.
+    #[command(after_help = "Examples:\n  cfcli status\n  cfcli status -o json")]
+    Status {
+        #[command(flatten)]
+        metrics: cfcli::status::MetricsArgs,
+        #[arg(long, short = 'o', value_parser = ["table", "json", "yaml"], default_value = "table")]
+        output: String,
+    },
+    /// Health checks by category (✔/✖, a hint for each failure); exits 1 when one fails.
+    #[command(
+        after_help = "Examples:\n  cfcli check\n  cfcli check --prometheus http://prometheus:9090 -o json"
+    )]
+    Check {
+        #[command(flatten)]
+        metrics: cfcli::status::MetricsArgs,
+        #[arg(long, short = 'o', value_parser = ["text", "json"], default_value = "text")]
+        output: String,
+    },
     /// Prints a shell completion script, e.g. `source <(cfcli completion bash)`.
     Completion {
         #[arg(value_enum)]
@@ -124,6 +151,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cluster = Cluster::connect(&args.connect).await?;
     match args.command {
         Command::Completion { .. } => Ok(()),
+        Command::Status { metrics, output } => {
+            let snap = cfcli::status::gather(&cluster, &metrics).await?;
+            match output.as_str() {
+                "json" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&cfcli::status::to_json(&snap))?
+                ),
+                "yaml" => print!(
+                    "{}",
+                    serde_saphyr::to_string(&cfcli::status::to_json(&snap))?
+                ),
+                _ => print!(
+                    "{}",
+                    cfcli::status::render(&snap, &cluster.args.trust_domain)
+                ),
+            }
+            Ok(())
+        }
+        Command::Check { metrics, output } => {
+            let snap = cfcli::status::gather(&cluster, &metrics).await?;
+            let checks = cfcli::check::run(&snap, &cluster.args.cortexflow_namespace);
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                use std::io::IsTerminal as _;
+                print!(
+                    "{}",
+                    cfcli::check::render(&checks, std::io::stdout().is_terminal())
+                );
+            }
+            if checks.iter().any(|c| c.result == "fail") {
+                return Err(Failed.into());
+            }
+            Ok(())
+        }
+        Command::Identities { namespace, output } => {
+            let ids = cfcli::identities::list(&cluster, namespace.as_deref()).await?;
+            print!("{}", cfcli::identities::render(&ids, output == "json"));
+            Ok(())
+        }
         Command::Flows {
             filter,
             last,
@@ -177,11 +244,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// `cfcli check` found a failure (already printed).
+#[derive(Debug)]
+struct Failed;
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("checks failed")
+    }
+}
+
+impl std::error::Error for Failed {}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Failed>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("cfcli: {e:#}");
             ExitCode::FAILURE

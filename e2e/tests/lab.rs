@@ -57,6 +57,8 @@ fn main() -> ExitCode {
         t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
         t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
         t!(cfcli_flows_filter_and_explain_names_the_deciding_rule),
+        t!(cfcli_identities_agree_with_the_statuses_and_the_kernel),
+        t!(cfcli_status_and_check_see_a_stopped_agent),
         t!(every_dashboard_panel_returns_data_in_prometheus),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -2824,6 +2826,259 @@ async fn cfcli_flows_filter_and_explain_names_the_deciding_rule(
         explain_dropped.as_secs_f64() * 1000.0,
         dropped.len(),
         to_backend.len()
+    );
+    Ok(())
+}
+
+/// `cfcli identities` against the demo: each ServiceIdentity's number is its status's, its pods
+/// are the Deployment's, the batch job has its service account's implicit identity; and the
+/// numbers are the ones the kernel reports in flows.
+async fn cfcli_identities_agree_with_the_statuses_and_the_kernel(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
+    let t = Instant::now();
+    let (ok, out, err) = cfcli(lab, &["identities", "-o", "json"])?;
+    let took = t.elapsed();
+    ensure!(ok, "cfcli identities: {err}");
+    let ids: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    let find = |ns: &str, name: &str| {
+        ids.iter()
+            .find(|i| i["namespace"] == ns && i["name"] == name)
+            .cloned()
+            .with_context(|| format!("no identity {ns}/{name} in {out}"))
+    };
+    let names = |v: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        v["pods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .collect()
+    };
+    for app in ["frontend", "backend"] {
+        let i = find("shop", app)?;
+        let status_id = sid_id(lab, "shop", app)?.context("no status.id")?;
+        let pods: std::collections::BTreeSet<String> =
+            lab.pods("shop", app)?.into_iter().map(|(n, _)| n).collect();
+        ensure!(
+            i["kind"] == "sid"
+                && i["id"] == status_id
+                && i["spiffeId"] == format!("spiffe://cluster.local/ns/shop/sid/{app}")
+                && names(&i) == pods,
+            "shop/{app}: cfcli says {i}, the status id {status_id}, the pods {pods:?}"
+        );
+    }
+    let etl_pods: std::collections::BTreeSet<String> = lab
+        .pods("batch", "etl")?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let etl = find("batch", "etl")?;
+    ensure!(
+        etl["kind"] == "sa"
+            && etl["id"].as_u64().is_some_and(|n| n >= 256)
+            && etl["spiffeId"] == "spiffe://cluster.local/ns/batch/sa/etl"
+            && names(&etl) == etl_pods,
+        "batch/etl: {etl} (pods {etl_pods:?})"
+    );
+    // The kernel's numbers: a flow from a frontend pod carries the frontend's id.
+    let (fe, _) = first_pod(lab, "shop", "frontend")?;
+    let (_, be_ip) = first_pod(lab, "shop", "backend")?;
+    lab.probe("shop", &fe, "tcp", &format!("{be_ip}:8080"))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, flows, err) = cfcli(
+        lab,
+        &[
+            "flows",
+            "--from",
+            &format!("shop/{fe}"),
+            "--last",
+            "5",
+            "-o",
+            "json",
+        ],
+    )?;
+    ensure!(ok, "{err}");
+    let frontend_id = find("shop", "frontend")?["id"].clone();
+    let mut seen = 0;
+    for l in flows.lines() {
+        let f: serde_json::Value = serde_json::from_str(l)?;
+        ensure!(
+            f["source"]["identity"] == frontend_id,
+            "the kernel reports {} for the frontend, cfcli identities {frontend_id}",
+            f["source"]["identity"]
+        );
+        seen += 1;
+    }
+    ensure!(seen > 0, "no flow from the frontend pod");
+    let (ok, shop, err) = cfcli(lab, &["identities", "-n", "shop", "-o", "json"])?;
+    ensure!(ok, "{err}");
+    let shop: Vec<serde_json::Value> = serde_json::from_str(&shop)?;
+    ensure!(
+        !shop.is_empty() && shop.iter().all(|i| i["namespace"] == "shop"),
+        "-n shop: {shop:?}"
+    );
+    let (ok, table, err) = cfcli(lab, &["identities"])?;
+    ensure!(
+        ok && table.starts_with("ID")
+            && table.contains("spiffe://cluster.local/ns/shop/sid/frontend"),
+        "{err}{table}"
+    );
+    eprintln!(
+        "cfcli identities: {} identities in {:.0} ms; shop/frontend, shop/backend = their status ids and pods, batch/etl implicit; the kernel's flows carry the same numbers",
+        ids.len(),
+        took.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+/// `cfcli status` and `cfcli check` on the lab (its daemons are not pods: their admin
+/// addresses are passed): all green, the leader and every node's agent shown; an agent stopped
+/// turns its node's checks red with a hint and the exit code non-zero; started again, green.
+async fn cfcli_status_and_check_see_a_stopped_agent(lab: &mut Lab) -> anyhow::Result<()> {
+    cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
+    let metrics_flags = |lab: &Lab| -> Vec<String> {
+        let mut v = vec![
+            "--operator-metrics".to_string(),
+            lab.operator.admin.to_string(),
+            "--prometheus".to_string(),
+            format!("http://{}", lab.prometheus_addr),
+        ];
+        for a in &lab.agents {
+            v.push("--agent-metrics".into());
+            v.push(format!("{}={}", a.name, a.admin));
+        }
+        v
+    };
+    let check = |lab: &Lab| -> anyhow::Result<(bool, Vec<serde_json::Value>, String)> {
+        let mut args = vec!["check".to_string(), "-o".into(), "json".into()];
+        args.extend(metrics_flags(lab));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, out, err) = cfcli(lab, &args)?;
+        let checks: Vec<serde_json::Value> =
+            serde_json::from_str(&out).with_context(|| format!("cfcli check: {out}{err}"))?;
+        Ok((ok, checks, err))
+    };
+    let failing = |checks: &[serde_json::Value]| -> Vec<String> {
+        checks
+            .iter()
+            .filter(|c| c["result"] == "fail")
+            .map(|c| format!("{} ({}) hint: {}", c["name"], c["detail"], c["hint"]))
+            .collect()
+    };
+    // Healthy: every check passes (some skip, saying why); at least 25 of them.
+    let t = Instant::now();
+    let (ok, checks) = loop {
+        let (ok, checks, _) = check(lab)?;
+        if ok || t.elapsed() > Duration::from_secs(30) {
+            break (ok, checks);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    ensure!(
+        ok && failing(&checks).is_empty(),
+        "on a healthy lab: {:#?}",
+        failing(&checks)
+    );
+    let passed = checks.iter().filter(|c| c["result"] == "ok").count();
+    let skipped: Vec<_> = checks
+        .iter()
+        .filter(|c| c["result"] == "skip")
+        .map(|c| format!("{} ({})", c["name"], c["detail"]))
+        .collect();
+    ensure!(passed >= 25, "only {passed} checks passed: {checks:#?}");
+    // status: the leader and every node's agent.
+    let mut args = vec!["status".to_string(), "-o".into(), "json".into()];
+    args.extend(metrics_flags(lab));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = cfcli(lab, &argv)?;
+    ensure!(ok, "cfcli status: {err}");
+    let st: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(
+        st["leader"] == lease_holder(lab)?.as_str(),
+        "leader: {st:#}"
+    );
+    for a in &lab.agents {
+        let n = st["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["node"] == a.name.as_str()))
+            .with_context(|| format!("no node {} in {st:#}", a.name))?;
+        ensure!(
+            n["cortexflow_agent_operator_connected"] == 1.0
+                && n["cortexflow_agent_config_version"]
+                    .as_f64()
+                    .is_some_and(|v| v > 0.0),
+            "{n:#}"
+        );
+    }
+    let mut table_args = vec!["status".to_string()];
+    table_args.extend(metrics_flags(lab));
+    let targv: Vec<&str> = table_args.iter().map(String::as_str).collect();
+    let (ok, table, err) = cfcli(lab, &targv)?;
+    ensure!(
+        ok && table.starts_with("Operator: leader")
+            && lab.agents.iter().all(|a| table.contains(&a.name)),
+        "{err}{table}"
+    );
+    eprintln!("$ cfcli status\n{table}");
+    // An agent stopped: its checks fail with a hint; the command exits non-zero.
+    let name = lab.agents[0].name.clone();
+    let control = lab.control(&name);
+    ensure!(
+        lab.agents[0].stop_agent(true),
+        "the agent did not stop cleanly"
+    );
+    let result = async {
+        let (ok, checks, _) = check(lab)?;
+        let fails = failing(&checks);
+        ensure!(
+            !ok,
+            "cfcli check succeeded with the agent of {name} stopped"
+        );
+        let down = checks
+            .iter()
+            .find(|c| c["name"] == format!("{name}: the agent answers"))
+            .context("no check of the stopped agent")?;
+        ensure!(
+            down["result"] == "fail" && down["hint"].as_str().is_some_and(|h| !h.is_empty()),
+            "{down:#}"
+        );
+        ensure!(
+            // The node's own checks, Prometheus' view of its target, and policies that are
+            // no longer Programmed on every node they select.
+            fails.iter().all(|f| f.contains(&name)
+                || f.contains("target is up")
+                || f.contains("MeshPolicy")),
+            "other checks failed too: {fails:#?}"
+        );
+        eprintln!(
+            "with the agent of {name} stopped, {} checks fail: {fails:?}",
+            fails.len()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    lab.agents[0].start_agent(&control)?;
+    lab.agents[0].wait_ready(Duration::from_secs(30)).await?;
+    result?;
+    let t = Instant::now();
+    loop {
+        let (ok, checks, _) = check(lab)?;
+        if ok {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "still failing 30 s after the agent came back: {:#?}",
+            failing(&checks)
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!(
+        "cfcli check: {passed} passed, {} skipped ({skipped:?}) on the healthy lab; the stopped agent turned its checks red; green again {:.1} s after it came back",
+        skipped.len(),
+        t.elapsed().as_secs_f64()
     );
     Ok(())
 }

@@ -451,6 +451,15 @@ impl Lab {
         out.push(format!(
             "cfcli: cargo run -q -p cfcli --{agents} --token \"$(kubectl create token -n {SYSTEM_NAMESPACE} {FLOWS_READER})\" flows --last 20   (or: explain <ns/pod> <ns/pod> <port/proto>)"
         ));
+        let agent_metrics: String = self
+            .agents
+            .iter()
+            .map(|a| format!(" --agent-metrics {}={}", a.name, a.admin))
+            .collect();
+        out.push(format!(
+            "cfcli: cargo run -q -p cfcli -- check --operator-metrics {}{agent_metrics} --prometheus http://{}   (or: status with the same flags; identities)",
+            self.operator.admin, self.prometheus_addr
+        ));
         for n in &self.nodes {
             out.push(format!(
                 "node {}: {} in network namespace {}  (cargo xtask lab exec node/{} -- <cmd…>)",

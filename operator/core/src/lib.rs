@@ -17,8 +17,8 @@ pub mod stream;
 
 pub use alloc::{AllocKey, Allocations};
 pub use engine::{
-    Change, Cond, CondReason, Engine, EngineConfig, InForce, NodeState, Outcome, PolicyStatus,
-    SidStatus, Snapshot, Update,
+    Change, Cond, CondReason, Engine, EngineConfig, IdentityPods, InForce, NodeState, Outcome,
+    PolicyStatus, SidStatus, Snapshot, Update,
 };
 pub use model::{Kind, ObjKey, Object};
 pub use stream::Cursor;

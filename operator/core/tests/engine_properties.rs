@@ -470,6 +470,28 @@ fn policies_select_pods_and_compile_identities() {
     assert_eq!(nodes, BTreeSet::from(["n2".to_string()]));
     // The web pod's node has it as an endpoint without policy; the ipcache has both.
     assert_eq!(e.ipcache().0.len(), 2);
+    // The identity listing (`cfcli identities`) agrees with what the nodes enforce.
+    let ids = e.identities_with_pods();
+    let web = ids
+        .iter()
+        .find(|i| i.name == "web")
+        .expect("the web identity");
+    assert_eq!(
+        (web.kind, web.id, web.spiffe_id.as_str(), web.pods.clone()),
+        (
+            "sid",
+            Some(web_id),
+            "spiffe://cluster.local/ns/shop/sid/web",
+            vec!["web-1".to_string()]
+        )
+    );
+    let db = ids
+        .iter()
+        .find(|i| i.name == "default")
+        .expect("db-1's implicit identity");
+    assert_eq!((db.kind, db.pods.clone()), ("sa", vec!["db-1".to_string()]));
+    assert_eq!(db.id, Some(n2.endpoints.endpoints[0].identity));
+    assert_eq!(ids.len(), 2, "{ids:?}");
 }
 
 #[test]

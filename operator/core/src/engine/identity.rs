@@ -161,6 +161,51 @@ impl Engine {
         })
     }
 
+    /// Every identity a live pod carries or a ServiceIdentity defines: its number (once the
+    /// id table has one), SPIFFE id and live pods — what `cfcli identities` prints.
+    pub fn identities_with_pods(&self) -> Vec<IdentityPods> {
+        let td = &self.cfg.trust_domain;
+        let mut by_key: BTreeMap<AllocKey, Vec<String>> = BTreeMap::new();
+        for k in self.snap.sids.keys() {
+            by_key.entry(AllocKey::Sid(k.clone())).or_default();
+        }
+        for st in self.ns.values() {
+            for (pod, k) in &st.pod_keys {
+                by_key
+                    .entry(k.clone())
+                    .or_default()
+                    .push(pod.name.to_string());
+            }
+        }
+        by_key
+            .into_iter()
+            .filter_map(|(k, mut pods)| {
+                let (kind, key, spiffe_id) = match &k {
+                    AllocKey::Sid(key) => (
+                        "sid",
+                        key,
+                        spiffe::service_identity(td, &key.namespace, &key.name),
+                    ),
+                    AllocKey::Sa(key) => (
+                        "sa",
+                        key,
+                        spiffe::service_account(td, &key.namespace, &key.name),
+                    ),
+                    AllocKey::Policy(_) => return None,
+                };
+                pods.sort();
+                Some(IdentityPods {
+                    kind,
+                    namespace: key.namespace.to_string(),
+                    name: key.name.to_string(),
+                    id: self.alloc.get(&k),
+                    spiffe_id,
+                    pods,
+                })
+            })
+            .collect()
+    }
+
     pub(super) fn identity_list(&self) -> Vec<IdentityInfo> {
         let mut keys: BTreeSet<&AllocKey> = BTreeSet::new();
         for st in self.ns.values() {
@@ -193,4 +238,18 @@ impl Engine {
         out.sort();
         out
     }
+}
+
+/// One identity with its live pods ([`Engine::identities_with_pods`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityPods {
+    /// `sid` (a ServiceIdentity) or `sa` (a service account's implicit identity).
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    /// Its number, once the id table has one.
+    pub id: Option<u32>,
+    pub spiffe_id: String,
+    /// Names of the live pods (of `namespace`) that carry it, sorted.
+    pub pods: Vec<String>,
 }

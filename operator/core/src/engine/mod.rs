@@ -38,6 +38,7 @@ use crate::{
     selector::{Labels, Selector},
 };
 
+pub use identity::IdentityPods;
 pub use status::{Cond, CondReason, InForce, PolicyStatus, SidStatus};
 
 /// Settings of the engine.
