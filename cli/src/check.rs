@@ -1,6 +1,8 @@
 //! `cfcli check`: health checks by category, like `linkerd check` — ✔ or ✖ each, a hint for
 //! every failure, exit code 1 when one fails.
-use crate::status::{Snapshot, condition, fullest_map, lease_age, sum};
+use crate::status::{
+    Snapshot, condition, configs_refused, fullest_map, lease_age, object_name, sum,
+};
 
 /// One check's outcome.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -266,18 +268,7 @@ pub fn run(s: &Snapshot, namespace: &str) -> Vec<Check> {
             }
         };
         c.add(a, format!("{node}: connected to the operator"), sum(m, "cortexflow_agent_operator_connected", &[]) == Some(1.0), "", "the agent cannot reach the operator or is refused: its log names why (certificate, network)");
-        let refused = sum(
-            m,
-            "cortexflow_agent_configs_total",
-            &[("result", "refused")],
-        )
-        .unwrap_or(0.0)
-            + sum(
-                m,
-                "cortexflow_agent_configs_total",
-                &[("result", "invalid")],
-            )
-            .unwrap_or(0.0);
+        let refused = configs_refused(m);
         c.add(a, format!("{node}: every config applied"), refused == 0.0, format!("{refused} refused since it started"), "a config did not fit or did not check out: the agent kept its last good state; its log and the MeshPolicies' Programmed condition say why");
         match fullest_map(m) {
             Some((map, r)) => c.add(a, format!("{node}: maps below {:.0} %", MAP_PRESSURE * 100.0), r < MAP_PRESSURE, format!("fullest {map} {:.1} %", r * 100.0), "raise agent.maps.* in the chart's values before changes are refused for lack of room"),
@@ -311,11 +302,7 @@ pub fn run(s: &Snapshot, namespace: &str) -> Vec<Check> {
     }
     let p = "policies";
     for mp in &s.policies {
-        let name = format!(
-            "{}/{}",
-            mp.metadata.namespace.as_deref().unwrap_or(""),
-            mp.metadata.name.as_deref().unwrap_or("")
-        );
+        let name = object_name(&mp.metadata);
         let conds = mp
             .status
             .as_ref()
@@ -329,11 +316,7 @@ pub fn run(s: &Snapshot, namespace: &str) -> Vec<Check> {
         c.add(p, format!("MeshPolicy {name} is Programmed"), ok, if ok { msg } else { format!("{reason}: {msg}") }, "`kubectl describe mp` shows why; a refused policy keeps the last accepted generation in force");
     }
     for sid in &s.identities {
-        let name = format!(
-            "{}/{}",
-            sid.metadata.namespace.as_deref().unwrap_or(""),
-            sid.metadata.name.as_deref().unwrap_or("")
-        );
+        let name = object_name(&sid.metadata);
         let conds = sid
             .status
             .as_ref()

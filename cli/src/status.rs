@@ -369,6 +369,23 @@ pub fn condition(
         .map(|c| (c.status == "True", c.reason.clone(), c.message.clone()))
 }
 
+/// Configs an agent refused (invalid or not fitting) since it started.
+pub fn configs_refused(samples: &[Sample]) -> f64 {
+    ["refused", "invalid"]
+        .iter()
+        .filter_map(|r| sum(samples, "cortexflow_agent_configs_total", &[("result", r)]))
+        .sum()
+}
+
+/// `namespace/name` of an object.
+pub fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
 /// The fullest map of an agent: (map, entries / capacity).
 pub fn fullest_map(samples: &[Sample]) -> Option<(String, f64)> {
     let mut best: Option<(String, f64)> = None;
@@ -454,18 +471,7 @@ pub fn render(s: &Snapshot, cluster_td: &str) -> String {
             None => out.push_str(&format!("{node:<16}  no agent\n")),
             Some(Err(e)) => out.push_str(&format!("{node:<16}  agent unreadable: {e}\n")),
             Some(Ok(m)) => {
-                let refused = sum(
-                    m,
-                    "cortexflow_agent_configs_total",
-                    &[("result", "refused")],
-                )
-                .unwrap_or(0.0)
-                    + sum(
-                        m,
-                        "cortexflow_agent_configs_total",
-                        &[("result", "invalid")],
-                    )
-                    .unwrap_or(0.0);
+                let refused = configs_refused(m);
                 out.push_str(&format!(
                     "{:<16}  {:<9}  {:>20}  {:>7}  {:<22}  {:>11}  {:>5}\n",
                     node,
@@ -544,10 +550,7 @@ pub fn to_json(s: &Snapshot) -> serde_json::Value {
             };
             v["node"] = serde_json::json!(n);
             if let Some(Ok(m)) = s.agents.get(n).map(|a| &a.samples) {
-                v["configsRefused"] = serde_json::json!(
-                    sum(m, "cortexflow_agent_configs_total", &[("result", "refused")]).unwrap_or(0.0)
-                        + sum(m, "cortexflow_agent_configs_total", &[("result", "invalid")]).unwrap_or(0.0)
-                );
+                v["configsRefused"] = serde_json::json!(configs_refused(m));
             }
             v
         }).collect::<Vec<_>>(),
