@@ -619,20 +619,31 @@ impl PodCtx {
                     s.draining.remove(&ip);
                 }
             }
+            // The object goes for good; a failed request is retried (a pod left Terminating
+            // with no sandbox would still be listed as Running, and reached at an address that
+            // is gone).
             let api: Api<Pod> = Api::namespaced(client, &ns);
-            let _ = api
-                .delete(
-                    &name,
-                    &DeleteParams {
-                        grace_period_seconds: Some(0),
-                        preconditions: Some(kube::api::Preconditions {
-                            uid: Some(uid),
-                            resource_version: None,
-                        }),
-                        ..Default::default()
-                    },
-                )
-                .await;
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(kube::api::Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            let mut delay = Duration::from_millis(100);
+            for attempt in 1..=30 {
+                match api.delete(&name, &params).await {
+                    Ok(_) => break,
+                    // Gone already, or a new pod of that name (the precondition): done.
+                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => break,
+                    Err(e) => {
+                        tracing::warn!(pod = %format!("{ns}/{name}"), attempt, error = %e, "deleting a stopped pod failed (retrying)");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
         });
         if let Ok(mut s) = self.state.lock() {
             s.stopping.retain(|t| !t.is_finished());

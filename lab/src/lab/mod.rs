@@ -359,14 +359,17 @@ impl Lab {
             &format!("app={app}"),
             "--field-selector=status.phase=Running",
             "-o",
-            "jsonpath={range .items[*]}{.metadata.name} {.status.podIP} {.spec.nodeName}{\"\\n\"}{end}",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.podIP} {.spec.nodeName} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
         ])?;
+        // Terminating pods (a deletion timestamp) are going: never a target.
         Ok(out
             .lines()
             .filter_map(|l| {
                 let mut f = l.split_whitespace();
                 let (name, ip, node) = (f.next()?, f.next()?.parse().ok()?, f.next()?);
-                Some((name.to_string(), ip, node.to_string()))
+                f.next()
+                    .is_none()
+                    .then(|| (name.to_string(), ip, node.to_string()))
             })
             .collect())
     }
