@@ -2194,13 +2194,7 @@ async fn the_ca_rotates_leaves_issuer_and_root_under_config_traffic(
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let creds = Credentials::new();
-        creds.set(
-            key.serialize_der(),
-            c.chain,
-            c.spiffe_id,
-            c.not_before,
-            c.not_after,
-        )?;
+        creds.set_issued(&key, c)?;
         creds
     };
     let trust = TrustStore::new(TD, new_ca.bundle().clone());
@@ -2527,21 +2521,26 @@ async fn every_dashboard_panel_returns_data_in_prometheus(lab: &mut Lab) -> anyh
     Ok(())
 }
 
-/// `cfcli` as a user runs it against the lab: the admin's kubeconfig, a flows reader's token,
-/// each agent's flow endpoint (the lab's agents are not pods).
-fn cfcli(lab: &Lab, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let bin = cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
-    let token = lab.state_dir.join("flows-reader.token");
-    std::fs::write(&token, &lab.flows_token)?;
-    let mut cmd = std::process::Command::new(bin);
+/// `cfcli` as a user runs it against the lab: the admin's kubeconfig, each agent's flow
+/// endpoint (the lab's agents are not pods), and with `reader` a flows reader's token.
+fn cfcli_command(lab: &Lab, reader: bool) -> anyhow::Result<std::process::Command> {
+    let mut cmd = std::process::Command::new(cortexflow_testkit::cargo::binary("cfcli", "cfcli")?);
     cmd.arg("--kubeconfig").arg(lab.cluster.kubeconfig());
     for a in &lab.agents {
         cmd.arg("--agent").arg(format!("{}={}", a.name, a.grpc));
     }
-    if !args.iter().any(|a| a.starts_with("--token")) {
+    if reader {
+        let token = lab.state_dir.join("flows-reader.token");
+        std::fs::write(&token, &lab.flows_token)?;
         cmd.arg("--token-file").arg(&token);
     }
-    let out = cmd.args(args).output()?;
+    Ok(cmd)
+}
+
+/// [`cfcli_command`] run to its end: (success, stdout, stderr).
+fn cfcli(lab: &Lab, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let own_token = args.iter().any(|a| a.starts_with("--token"));
+    let out = cfcli_command(lab, !own_token)?.args(args).output()?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -2755,16 +2754,7 @@ async fn cfcli_flows_filter_and_explain_names_the_deciding_rule(
         "{table}"
     );
     // --follow prints a flow that happens after it started.
-    let bin = cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
-    let token = lab.state_dir.join("flows-reader.token");
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.arg("--kubeconfig").arg(lab.cluster.kubeconfig());
-    for a in &lab.agents {
-        cmd.arg("--agent").arg(format!("{}={}", a.name, a.grpc));
-    }
-    let mut child = cmd
-        .arg("--token-file")
-        .arg(&token)
+    let mut child = tokio::process::Command::from(cfcli_command(lab, true)?)
         .args([
             "flows",
             "--follow",

@@ -510,18 +510,8 @@ pub fn keep_issued(
             let now = SystemTime::now();
             let (key, issued) = issue(&ca, state.cfg.leaf_lifetime, now)
                 .map_err(|e| anyhow::anyhow!("issue the {kind} certificate: {e}"))?;
-            let name = if issued.spiffe_id.is_empty() {
-                "(dns names)".to_string()
-            } else {
-                issued.spiffe_id.clone()
-            };
-            creds.set(
-                key.serialize_der(),
-                issued.chain,
-                name,
-                issued.not_before,
-                issued.not_after,
-            )?;
+            let not_after = issued.not_after;
+            creds.set_issued(&key, issued)?;
             state.metrics.issued.add(1, &[KeyValue::new("kind", kind)]);
             state.metrics.expiry.record(
                 ca.issuer_not_after()
@@ -530,7 +520,7 @@ pub fn keep_issued(
                     .unwrap_or(0.0),
                 &[],
             );
-            Ok(issued.not_after.duration_since(now).unwrap_or_default() / 2)
+            Ok(not_after.duration_since(now).unwrap_or_default() / 2)
         }
     };
     let mut next = install()?;

@@ -110,15 +110,7 @@ fn creds_at(
 ) -> Arc<Credentials> {
     let (key, c) = ca.issue_own(id, lifetime, at).unwrap();
     let creds = Credentials::new();
-    creds
-        .set(
-            key.serialize_der(),
-            c.chain,
-            c.spiffe_id,
-            c.not_before,
-            c.not_after,
-        )
-        .unwrap();
+    creds.set_issued(&key, c).unwrap();
     creds
 }
 

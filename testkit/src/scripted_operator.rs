@@ -217,13 +217,7 @@ impl ScriptedOperator {
             )
             .expect("the operator's certificate");
         creds
-            .set(
-                key.serialize_der(),
-                own.chain,
-                own.spiffe_id,
-                own.not_before,
-                own.not_after,
-            )
+            .set_issued(&key, own)
             .expect("install the operator's certificate");
         let tls = cortexflow_trust::tls::server_config(creds, trust).expect("TLS config");
         let files = crate::process::TempDir::new("cftest-op-").expect("a temporary directory");

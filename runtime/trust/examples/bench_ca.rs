@@ -47,13 +47,7 @@ fn creds(ca: &Authority, id: &str) -> anyhow::Result<Arc<Credentials>> {
         .issue_own(id, DEFAULT_LEAF_LIFETIME, SystemTime::now())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let creds = Credentials::new();
-    creds.set(
-        key.serialize_der(),
-        c.chain,
-        c.spiffe_id,
-        c.not_before,
-        c.not_after,
-    )?;
+    creds.set_issued(&key, c)?;
     Ok(creds)
 }
 

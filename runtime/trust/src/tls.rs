@@ -88,6 +88,17 @@ impl Credentials {
         Ok(())
     }
 
+    /// Installs what the CA issued for `key` (a leaf of [`crate::Authority`]).
+    pub fn set_issued(&self, key: &rcgen::KeyPair, issued: crate::Issued) -> anyhow::Result<()> {
+        self.set(
+            key.serialize_der(),
+            issued.chain,
+            issued.spiffe_id,
+            issued.not_before,
+            issued.not_after,
+        )
+    }
+
     fn key(&self) -> Option<Arc<CertifiedKey>> {
         self.current.read().ok()?.as_ref().map(|c| c.key.clone())
     }
