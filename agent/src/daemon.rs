@@ -255,6 +255,28 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         programmed_revision = started.state.revision,
         "datapath open (pinned state, if any, stays enforced until the first config)"
     );
+    {
+        let tcx = started.tcx;
+        let features = tokio::task::spawn_blocking(move || crate::kernel::probe(tcx))
+            .await
+            .context("kernel feature probes")?;
+        let release = crate::kernel::release();
+        for f in features.iter().filter(|f| !f.available) {
+            tracing::warn!(
+                feature = f.name,
+                required = f.required,
+                purpose = f.purpose,
+                "the kernel does not offer this eBPF feature"
+            );
+        }
+        tracing::info!(
+            kernel = %release,
+            available = features.iter().filter(|f| f.available).count(),
+            probed = features.len(),
+            "kernel features probed"
+        );
+        metrics.record_kernel(&release, &features);
+    }
 
     let (config_tx, config_rx) = watch::channel(Arc::new(Received::default()));
     let (report_tx, _) = watch::channel(Reported {

@@ -31,6 +31,7 @@ pub mod flows;
 pub mod flows_auth;
 pub mod identity;
 pub mod ifaces;
+pub mod kernel;
 pub mod loader;
 pub mod metrics;
 pub mod netns;

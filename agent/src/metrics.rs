@@ -37,6 +37,10 @@ pub struct AgentMetrics {
     pub certificate_expiry: Gauge<f64>,
     /// Roots of the trust bundle the agent verifies with.
     pub trust_bundle_roots: Gauge<u64>,
+    /// The eBPF features of the node's kernel, probed at start-up.
+    pub kernel_feature: Gauge<u64>,
+    /// The kernel's release, as a label (value 1).
+    pub kernel_info: Gauge<u64>,
     /// The kernel's packet counters, read periodically (observable).
     usage: Arc<Mutex<Usage>>,
 }
@@ -166,6 +170,14 @@ impl AgentMetrics {
                 .u64_gauge("agent_trust_bundle_roots")
                 .with_description("Roots of the trust bundle the agent verifies with")
                 .build(),
+            kernel_feature: meter
+                .u64_gauge("agent_kernel_feature")
+                .with_description("1 when the node's kernel offers an eBPF feature (program or map type, tcx), by feature and whether this version needs it")
+                .build(),
+            kernel_info: meter
+                .u64_gauge("agent_kernel_info")
+                .with_description("The node's kernel release (label release), value 1")
+                .build(),
             usage,
         };
         for result in ["ok", "failed"] {
@@ -177,6 +189,21 @@ impl AgentMetrics {
             me.configs.add(0, &[KeyValue::new("result", result)]);
         }
         me
+    }
+
+    /// Records the kernel's release and probed features.
+    pub fn record_kernel(&self, release: &str, features: &[crate::kernel::Feature]) {
+        self.kernel_info
+            .record(1, &[KeyValue::new("release", release.to_string())]);
+        for f in features {
+            self.kernel_feature.record(
+                u64::from(f.available),
+                &[
+                    KeyValue::new("feature", f.name),
+                    KeyValue::new("required", if f.required { "true" } else { "false" }),
+                ],
+            );
+        }
     }
 
     /// Records what the datapath reported.

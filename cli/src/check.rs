@@ -267,6 +267,17 @@ pub fn run(s: &Snapshot, namespace: &str) -> Vec<Check> {
                 continue;
             }
         };
+        let (release, missing, optional_missing) = kernel_features(m);
+        match release {
+            None => c.skip(
+                a,
+                format!("{node}: the kernel has the eBPF features the agent uses"),
+                "the agent exports no cortexflow_agent_kernel_feature (an older agent)",
+            ),
+            Some(release) => {
+                c.add(a, format!("{node}: the kernel has the eBPF features the agent uses"), missing.is_empty(), if missing.is_empty() { format!("Linux {release}{}", if optional_missing.is_empty() { String::new() } else { format!("; not offered (optional): {}", optional_missing.join(", ")) }) } else { format!("Linux {release} lacks {}", missing.join(", ")) }, "the datapath needs TC (sched_cls), cgroup sock_addr programs and hash, LPM-trie, LRU, ring-buffer and per-CPU maps: a kernel of 5.8 or later with CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF and CONFIG_CGROUP_BPF (docs/architecture.md, \"Kernel\")");
+            }
+        }
         c.add(a, format!("{node}: connected to the operator"), sum(m, "cortexflow_agent_operator_connected", &[]) == Some(1.0), "", "the agent cannot reach the operator or is refused: its log names why (certificate, network)");
         let refused = configs_refused(m);
         c.add(a, format!("{node}: every config applied"), refused == 0.0, format!("{refused} refused since it started"), "a config did not fit or did not check out: the agent kept its last good state; its log and the MeshPolicies' Programmed condition say why");
@@ -365,6 +376,28 @@ pub fn run(s: &Snapshot, namespace: &str) -> Vec<Check> {
     c.0
 }
 
+/// From an agent's metrics: its kernel release, the required features it lacks and the optional
+/// ones it lacks (`cortexflow_agent_kernel_feature`); no release when the agent exports none.
+pub fn kernel_features(m: &[crate::status::Sample]) -> (Option<String>, Vec<String>, Vec<String>) {
+    let release = m
+        .iter()
+        .find(|(n, _, _)| n == "cortexflow_agent_kernel_info")
+        .and_then(|(_, l, _)| l.get("release").cloned());
+    let (mut missing, mut optional) = (Vec::new(), Vec::new());
+    for (n, l, v) in m {
+        if n != "cortexflow_agent_kernel_feature" || *v == 1.0 {
+            continue;
+        }
+        let f = l.get("feature").cloned().unwrap_or_default();
+        if l.get("required").is_some_and(|r| r == "true") {
+            missing.push(f);
+        } else {
+            optional.push(f);
+        }
+    }
+    (release, missing, optional)
+}
+
 /// ✔/✖ lines by category, and the summary.
 pub fn render(checks: &[Check], colour: bool) -> String {
     let (green, red, dim, reset) = if colour {
@@ -405,4 +438,27 @@ pub fn render(checks: &[Check], colour: bool) -> String {
         checks.iter().filter(|c| c.result == "skip").count()
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::parse_metrics;
+
+    #[test]
+    fn kernel_features_name_what_is_missing_by_requirement() {
+        let m = parse_metrics(
+            "cortexflow_agent_kernel_info{release=\"6.1.0-13-amd64\"} 1\n\
+             cortexflow_agent_kernel_feature{feature=\"sched_cls\",required=\"true\"} 1\n\
+             cortexflow_agent_kernel_feature{feature=\"map_ringbuf\",required=\"true\"} 0\n\
+             cortexflow_agent_kernel_feature{feature=\"tcx\",required=\"false\"} 0\n\
+             cortexflow_agent_kernel_feature{feature=\"sk_lookup\",required=\"false\"} 1\n",
+        );
+        let (release, missing, optional) = kernel_features(&m);
+        assert_eq!(release.as_deref(), Some("6.1.0-13-amd64"));
+        assert_eq!(missing, vec!["map_ringbuf".to_string()]);
+        assert_eq!(optional, vec!["tcx".to_string()]);
+        let (release, missing, _) = kernel_features(&parse_metrics("up 1\n"));
+        assert!(release.is_none() && missing.is_empty());
+    }
 }

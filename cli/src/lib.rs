@@ -9,6 +9,9 @@
 //!   then (with `--follow`) the live streams.
 //! * [`explain`] — which MeshPolicy and rule, or which default, decided a connection, from the
 //!   rule id the kernel reported with the flow.
+//! * [`live`] — the live objects and id table, and the operator's engine built on them.
+//! * [`policy_diff`] — before applying, the (source, destination, port) pairs a MeshPolicy
+//!   change would allow or deny, from the engine's compilation and the kernel's reference model.
 //! * [`identities`] — numeric id ↔ name ↔ SPIFFE id ↔ pods, resolved by the operator's engine.
 //! * [`status`], [`check`] — what the mesh reports about itself (objects and the daemons'
 //!   metrics): one screen, and health checks with hints.
@@ -20,6 +23,8 @@ pub mod explain;
 pub mod filter;
 pub mod flows;
 pub mod identities;
+pub mod live;
+pub mod policy_diff;
 pub mod status;
 
 /// Output formats of read commands.

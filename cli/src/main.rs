@@ -116,10 +116,43 @@ cfcli explain batch/etl-7d9f 10.96.0.20 80/tcp -o json")]
         #[arg(long, short = 'o', value_parser = ["text", "json"], default_value = "text")]
         output: String,
     },
+    /// MeshPolicy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Prints a shell completion script, e.g. `source <(cfcli completion bash)`.
     Completion {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Before applying: the (source identity, destination identity, ports) pairs whose verdict a
+    /// change of MeshPolicies would change, computed by the operator's engine on the live state.
+    #[command(
+        after_help = "The file's policies go to the apiserver as a dry run (nothing is stored), so\n\
+what it would refuse is refused here. Needs get/list on the objects the operator\n\
+watches and create/update on meshpolicies (dry run is authorized like the real write).\n\n\
+Examples:\n  \
+cfcli policy diff -f allow-etl.yaml\n  \
+cfcli policy diff -f examples/lab/30-policies.yaml --delete\n  \
+kustomize build . | cfcli policy diff -f - -o json"
+    )]
+    Diff {
+        /// The file with one or more MeshPolicies (`-`: stdin).
+        #[arg(long, short = 'f')]
+        filename: std::path::PathBuf,
+        /// The diff of deleting the file's policies instead of applying them.
+        #[arg(long)]
+        delete: bool,
+        /// The namespace of policies that name none (default: the kubeconfig context's).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        #[arg(long, short = 'o', value_parser = ["text", "json"], default_value = "text")]
+        output: String,
     },
 }
 
@@ -183,6 +216,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             if checks.iter().any(|c| c.result == "fail") {
                 return Err(Failed.into());
+            }
+            Ok(())
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Diff {
+                    filename,
+                    delete,
+                    namespace,
+                    output,
+                },
+        } => {
+            let ns = namespace.unwrap_or_else(|| cluster.client.default_namespace().to_string());
+            let edits = cfcli::policy_diff::read(&cluster, &filename, &ns, delete).await?;
+            let live = cfcli::live::Live::fetch(&cluster).await?;
+            let d = cfcli::policy_diff::diff(&live, &edits)?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!("{}", cfcli::policy_diff::render(&d));
             }
             Ok(())
         }

@@ -243,7 +243,7 @@ pub async fn gather(cluster: &Cluster, m: &MetricsArgs) -> anyhow::Result<Snapsh
     let lease = Api::<Lease>::namespaced(c.clone(), ns)
         .get_opt("cortexflow-operator")
         .await?;
-    let id_table = cms.get_opt(crate::identities::ID_TABLE).await?;
+    let id_table = cms.get_opt(crate::live::ID_TABLE).await?;
     let bundle = cms.get_opt("cortexflow-ca-bundle").await?;
     let nodes = Api::<Node>::all(c.clone())
         .list(&ListParams::default())

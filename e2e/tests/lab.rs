@@ -59,6 +59,7 @@ fn main() -> ExitCode {
         t!(cfcli_flows_filter_and_explain_names_the_deciding_rule),
         t!(cfcli_identities_agree_with_the_statuses_and_the_kernel),
         t!(cfcli_status_and_check_see_a_stopped_agent),
+        t!(cfcli_policy_diff_predicts_the_matrix_after_applying),
         t!(every_dashboard_panel_returns_data_in_prometheus),
     ];
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -2978,6 +2979,25 @@ async fn cfcli_status_and_check_see_a_stopped_agent(lab: &mut Lab) -> anyhow::Re
         .map(|c| format!("{} ({})", c["name"], c["detail"]))
         .collect();
     ensure!(passed >= 25, "only {passed} checks passed: {checks:#?}");
+    // Each node's kernel, probed by its agent: this machine's kernel has every required feature.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    for a in &lab.agents {
+        let name = format!(
+            "{}: the kernel has the eBPF features the agent uses",
+            a.name
+        );
+        let k = checks
+            .iter()
+            .find(|c| c["name"] == name.as_str())
+            .with_context(|| format!("no check {name:?}"))?;
+        ensure!(
+            k["result"] == "ok"
+                && k["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with(&format!("Linux {}", release.trim()))),
+            "{k:#}"
+        );
+    }
     // status: the leader and every node's agent.
     let mut args = vec!["status".to_string(), "-o".into(), "json".into()];
     args.extend(metrics_flags(lab));
@@ -3071,4 +3091,231 @@ async fn cfcli_status_and_check_see_a_stopped_agent(lab: &mut Lab) -> anyhow::Re
         t.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// What `cfcli policy diff -f FILE [extra]` predicts (its JSON), with the file holding `yaml`.
+fn policy_diff(lab: &Lab, yaml: &str, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let f = lab
+        .state_dir
+        .join(cortexflow_testkit::net::unique("diff-"))
+        .with_extension("yaml");
+    std::fs::write(&f, yaml)?;
+    let path = f.to_string_lossy().into_owned();
+    let mut args = vec!["policy", "diff", "-f", &path, "-o", "json"];
+    args.extend_from_slice(extra);
+    let r = cfcli(lab, &args);
+    let _ = std::fs::remove_file(&f);
+    let (ok, out, err) = r?;
+    ensure!(ok, "cfcli policy diff failed: {err}");
+    serde_json::from_str(&out).with_context(|| format!("cfcli policy diff: {out}{err}"))
+}
+
+/// The (change, from, to, protocol, ports, after verdict, after reason) of every listed pair.
+fn diff_rows(d: &serde_json::Value) -> Vec<String> {
+    d["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{} {}→{} {} {}-{} {}/{} → {}/{}",
+                c["change"].as_str().unwrap_or("?"),
+                c["from"]["name"].as_str().unwrap_or("?"),
+                c["to"]["name"].as_str().unwrap_or("?"),
+                c["protocol"].as_str().unwrap_or("?"),
+                c["firstPort"],
+                c["lastPort"],
+                c["before"]["verdict"].as_str().unwrap_or("?"),
+                c["before"]["reason"].as_str().unwrap_or("?"),
+                c["after"]["verdict"].as_str().unwrap_or("?"),
+                c["after"]["reason"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect()
+}
+
+/// Every probe of the demo's matrix after a change gives what the diff predicted: the diff's
+/// `after` for the pairs it lists, the demo's verdict for all the others. The demo's workloads
+/// carry identities named like them (`shop/frontend` and `shop/backend` ServiceIdentities,
+/// `batch/etl` the service account's), and the Services forward 80/TCP to 8080 and 53/UDP to
+/// 5353. With `from_demo`, the diff was taken on the demo's state, and its `before` must be what
+/// the demo enforces.
+async fn matrix_as_predicted(
+    lab: &Lab,
+    diff: &serde_json::Value,
+    from_demo: bool,
+) -> anyhow::Result<()> {
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+    for mut p in lab::demo_matrix() {
+        let port = match (&p.kind, p.protocol) {
+            (TargetKind::Service, "tcp") => 8080,
+            (TargetKind::Service, _) => 5353,
+            (TargetKind::Pod, _) => p.port,
+        };
+        let (from, to) = (
+            format!("{}/{}", p.from.0, p.from.1),
+            format!("{}/{}", p.to.0, p.to.1),
+        );
+        let listed = diff["changes"].as_array().into_iter().flatten().find(|c| {
+            c["from"]["name"] == from.as_str()
+                && c["to"]["name"] == to.as_str()
+                && c["protocol"].as_str() == Some(&p.protocol.to_uppercase())
+                && c["firstPort"]
+                    .as_u64()
+                    .is_some_and(|a| a <= u64::from(port))
+                && c["lastPort"].as_u64().is_some_and(|b| b >= u64::from(port))
+        });
+        if let Some(c) = listed {
+            ensure!(
+                !from_demo
+                    || c["before"]["verdict"] == p.expect.verdict
+                        && c["before"]["reason"] == p.expect.reason,
+                "the diff's `before` of {from}→{to} {port} is not what the lab enforces now ({:?}): {c}",
+                p.expect
+            );
+            let verdict = leak(c["after"]["verdict"].as_str().unwrap_or(""));
+            p.expect = Expected {
+                result: if verdict == "dropped" {
+                    "timeout"
+                } else {
+                    "success"
+                },
+                verdict,
+                reason: leak(c["after"]["reason"].as_str().unwrap_or("")),
+            };
+        }
+        let want = (p.expect.result, p.expect.verdict, p.expect.reason);
+        until(lab, &p, want).await?;
+    }
+    Ok(())
+}
+
+/// `cfcli policy diff` before applying a change that opens a pair, its deletion, and a change
+/// that closes one: exactly the pairs that change are listed, with the rule that will decide
+/// them, and after applying each change every probe of the demo's matrix gives what the diff
+/// said (the listed ones changed, no other). A misspelt field and an invalid policy are refused
+/// by the apiserver's dry run with its message, and nothing is stored.
+async fn cfcli_policy_diff_predicts_the_matrix_after_applying(lab: &mut Lab) -> anyhow::Result<()> {
+    cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
+    let pairs = lab.pods("batch", "etl")?.len() * lab.pods("shop", "backend")?.len();
+    ensure!(pairs > 0, "no etl or backend pods");
+    let open = r#"apiVersion: mesh.cortexflow.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: allow-etl-to-backend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: backend}}
+  ingress:
+    - from: [{serviceAccount: batch/etl}]
+      ports: [{port: 8080, protocol: TCP}]
+"#;
+    let r = async {
+        // Opening: the etl job reaches the backend on 8080/TCP; 5353/UDP stays closed.
+        let t = Instant::now();
+        let d = policy_diff(lab, open, &[])?;
+        let took = t.elapsed();
+        ensure!(
+            diff_rows(&d)
+                == vec!["allow batch/etl→shop/backend TCP 8080-8080 dropped/default_deny → allowed/policy_allow".to_string()],
+            "opening diff: {:#?}",
+            diff_rows(&d)
+        );
+        let c = &d["changes"][0];
+        ensure!(
+            c["after"]["rule"] == "shop/allow-etl-to-backend ingress[0]"
+                && c["after"]["direction"] == "ingress"
+                && c["podPairs"] == pairs
+                && d["policies"][0]["action"] == "create"
+                && d["policies"][0]["accepted"] == true,
+            "opening diff: {d:#}"
+        );
+        eprintln!("policy diff (opening) took {took:?}");
+        // Nothing was stored.
+        ensure!(
+            lab.kubectl(&["get", "meshpolicy", "-n", "shop", "allow-etl-to-backend", "--ignore-not-found", "-o", "name"])?.trim().is_empty(),
+            "the dry run stored the policy"
+        );
+        lab.apply_yaml(open)?;
+        matrix_as_predicted(lab, &d, true).await?;
+
+        // Its deletion: exactly the reverse.
+        let d = policy_diff(lab, open, &["--delete"])?;
+        ensure!(
+            diff_rows(&d)
+                == vec!["deny batch/etl→shop/backend TCP 8080-8080 allowed/policy_allow → dropped/default_deny".to_string()],
+            "deleting diff: {:#?}",
+            diff_rows(&d)
+        );
+        lab.kubectl(&["delete", "meshpolicy", "-n", "shop", "allow-etl-to-backend"])?;
+        matrix_as_predicted(lab, &d, false).await?;
+
+        // Closing: the demo's policy without 5353/UDP.
+        let close = r#"apiVersion: mesh.cortexflow.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: allow-frontend-to-backend, namespace: shop}
+spec:
+  selector:
+    matchLabels: {app: backend}
+  ingress:
+    - from: [{identity: frontend}]
+      ports: [{port: 8080, protocol: TCP}]
+"#;
+        let d = policy_diff(lab, close, &[])?;
+        ensure!(
+            diff_rows(&d)
+                == vec!["deny shop/frontend→shop/backend UDP 5353-5353 allowed/policy_allow → dropped/default_deny".to_string()],
+            "closing diff: {:#?}",
+            diff_rows(&d)
+        );
+        ensure!(d["policies"][0]["action"] == "update", "closing diff: {d:#}");
+        lab.apply_yaml(close)?;
+        matrix_as_predicted(lab, &d, true).await?;
+        restore_policies(lab)?;
+        matrix_as_predicted(lab, &serde_json::json!({"changes": []}), true).await?;
+
+        // Refused statically: a misspelt field, and a peer with two kinds; nothing stored.
+        for (bad, says) in [
+            (open.replace("serviceAccount", "serviceAcount"), "serviceAcount"),
+            (
+                open.replace("{serviceAccount: batch/etl}", "{serviceAccount: batch/etl, identity: backend}"),
+                "exactly one",
+            ),
+        ] {
+            let f = lab.state_dir.join("bad-policy.yaml");
+            std::fs::write(&f, &bad)?;
+            let (ok, out, err) = cfcli(lab, &["policy", "diff", "-f", &f.to_string_lossy()])?;
+            let _ = std::fs::remove_file(&f);
+            ensure!(
+                !ok && err.contains("the apiserver refuses MeshPolicy shop/allow-etl-to-backend") && err.contains(says),
+                "a bad policy: ok={ok} out={out} err={err}"
+            );
+        }
+        ensure!(
+            lab.kubectl(&["get", "meshpolicy", "-n", "shop", "allow-etl-to-backend", "--ignore-not-found", "-o", "name"])?.trim().is_empty(),
+            "a refused dry run stored the policy"
+        );
+        // Not a MeshPolicy.
+        let (ok, _, err) = policy_diff_raw(lab, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")?;
+        ensure!(!ok && err.contains("is not a MeshPolicy"), "a ConfigMap: {err}");
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = lab.kubectl(&[
+        "delete",
+        "meshpolicy",
+        "-n",
+        "shop",
+        "allow-etl-to-backend",
+        "--ignore-not-found",
+    ]);
+    restore_policies(lab)?;
+    r
+}
+
+/// `cfcli policy diff -f FILE` with the file holding `yaml`: (success, stdout, stderr).
+fn policy_diff_raw(lab: &Lab, yaml: &str) -> anyhow::Result<(bool, String, String)> {
+    let f = lab.state_dir.join("diff-raw.yaml");
+    std::fs::write(&f, yaml)?;
+    let r = cfcli(lab, &["policy", "diff", "-f", &f.to_string_lossy()]);
+    let _ = std::fs::remove_file(&f);
+    r
 }

@@ -56,7 +56,7 @@ impl AllocKey {
         }
     }
 
-    fn is_policy(&self) -> bool {
+    pub fn is_policy(&self) -> bool {
         matches!(self, AllocKey::Policy(_))
     }
 }

@@ -6,6 +6,8 @@
 //! for that. `cortexflow-proto` is the only place that converts them to and from the wire
 //! (`cortexflow.agent.v1`), validating every message with `TryFrom`.
 #![forbid(unsafe_code)]
+pub mod verdict;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
