@@ -13,6 +13,8 @@
 //! * [`policy_diff`] — before applying, the (source, destination, port) pairs a MeshPolicy
 //!   change would allow or deny, from the engine's compilation and the kernel's reference model.
 //! * [`identities`] — numeric id ↔ name ↔ SPIFFE id ↔ pods, resolved by the operator's engine.
+//! * [`install`] — `install`/`uninstall` through the `helm` binary and the embedded chart, with
+//!   the rollout's progress.
 //! * [`status`], [`check`] — what the mesh reports about itself (objects and the daemons'
 //!   metrics): one screen, and health checks with hints.
 #![forbid(unsafe_code)]
@@ -23,6 +25,7 @@ pub mod explain;
 pub mod filter;
 pub mod flows;
 pub mod identities;
+pub mod install;
 pub mod live;
 pub mod policy_diff;
 pub mod status;

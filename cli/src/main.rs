@@ -116,6 +116,34 @@ cfcli explain batch/etl-7d9f 10.96.0.20 80/tcp -o json")]
         #[arg(long, short = 'o', value_parser = ["text", "json"], default_value = "text")]
         output: String,
     },
+    /// Installs or upgrades CortexFlow with its Helm chart (the one this cfcli was built with).
+    #[command(
+        after_help = "Runs `helm upgrade --install RELEASE <chart> -n <--cortexflow-namespace> --create-namespace`.\n\n\
+Examples:\n  \
+cfcli install --wait\n  \
+cfcli install -f my-values.yaml --set image.registry=registry.example.com/cortexflow --wait\n  \
+cfcli install --chart ./charts/cortexflow --release mesh"
+    )]
+    Install {
+        #[command(flatten)]
+        helm: cfcli::install::HelmArgs,
+        /// A values file for the chart (repeatable; later ones win).
+        #[arg(long = "values", short = 'f')]
+        values: Vec<std::path::PathBuf>,
+        /// One value, `key=value`, as `helm --set` (repeatable).
+        #[arg(long)]
+        set: Vec<String>,
+        /// Install this chart directory instead of the embedded chart.
+        #[arg(long)]
+        chart: Option<std::path::PathBuf>,
+    },
+    /// Removes the Helm release; says what stays (CRDs and policies, the kernel state) and how
+    /// to remove it.
+    #[command(after_help = "Examples:\n  cfcli uninstall\n  cfcli uninstall --release mesh --wait")]
+    Uninstall {
+        #[command(flatten)]
+        helm: cfcli::install::HelmArgs,
+    },
     /// MeshPolicy tools.
     Policy {
         #[command(subcommand)]
@@ -219,6 +247,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Install {
+            helm,
+            values,
+            set,
+            chart,
+        } => cfcli::install::install(&cluster, &helm, chart.as_deref(), &values, &set).await,
+        Command::Uninstall { helm } => cfcli::install::uninstall(&cluster, &helm).await,
         Command::Policy {
             command:
                 PolicyCommand::Diff {

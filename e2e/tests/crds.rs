@@ -54,6 +54,10 @@ fn main() -> ExitCode {
             dashboards_and_alerts,
         ),
         test(
+            "cfcli_installs_upgrades_and_uninstalls_through_helm",
+            cfcli_installs_upgrades_and_uninstalls_through_helm,
+        ),
+        test(
             "cargo_xtask_images_builds_the_images_the_chart_runs",
             cargo_xtask_images_builds_the_images_the_chart_runs,
         ),
@@ -1401,4 +1405,148 @@ async fn dashboards_and_alerts(ctx: Ctx) -> anyhow::Result<()> {
         queries.len()
     );
     Ok(())
+}
+
+/// `cfcli install` (the embedded chart, through the real helm, on the real apiserver): the
+/// release and its objects exist; a value the schema refuses changes nothing; running it again
+/// upgrades; `--wait` on a cluster whose pods cannot run ends with what is not ready; `cfcli
+/// uninstall` removes every object of the release and says what it keeps.
+async fn cfcli_installs_upgrades_and_uninstalls_through_helm(ctx: Ctx) -> anyhow::Result<()> {
+    let cfcli = cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
+    let helm = tools::helm_bin();
+    let run = |args: &[&str]| -> anyhow::Result<(bool, String, String)> {
+        let out = std::process::Command::new(&cfcli)
+            .arg("--kubeconfig")
+            .arg(&ctx.kubeconfig)
+            .args(["--cortexflow-namespace", &ctx.ns])
+            .args(args)
+            .arg("--helm")
+            .arg(&helm)
+            .args(["--release", "inst"])
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let revision = || -> anyhow::Result<(i64, i64)> {
+        let d: Value = serde_json::from_str(&ctx.kubectl(&[
+            "get",
+            "deployment",
+            "inst-operator",
+            "-n",
+            &ctx.ns,
+            "-o",
+            "json",
+        ])?)?;
+        let history = chart::helm(&[
+            "history",
+            "inst",
+            "-n",
+            &ctx.ns,
+            "-o",
+            "json",
+            "--kubeconfig",
+            &ctx.kubeconfig.display().to_string(),
+        ])?;
+        let h: Value = serde_json::from_str(&history)?;
+        Ok((
+            h.as_array().map_or(0, |a| a.len() as i64),
+            d["spec"]["replicas"].as_i64().unwrap_or(-1),
+        ))
+    };
+    let r = async {
+        let (ok, out, err) = run(&["install"])?;
+        ensure!(
+            ok && out.contains(&format!(
+                "Release inst in namespace {}: deployed (revision 1, chart 0.1.0)",
+                ctx.ns
+            )),
+            "install: {out}{err}"
+        );
+        for obj in [
+            "deployment/inst-operator",
+            "daemonset/inst-agent",
+            "service/inst-operator",
+            "serviceaccount/inst-operator",
+            "serviceaccount/inst-agent",
+        ] {
+            ctx.kubectl(&["get", obj, "-n", &ctx.ns])?;
+        }
+        for obj in [
+            "clusterrole/inst-operator",
+            "clusterrolebinding/inst-operator",
+            "clusterrole/inst-flows-reader",
+        ] {
+            ctx.kubectl(&["get", obj])?;
+        }
+        ensure!(revision()? == (1, 2), "after install: {:?}", revision()?);
+        // Refused by values.schema.json, naming the field: nothing changes.
+        let (ok, out, err) = run(&["install", "--set", "operator.replicas=0"])?;
+        ensure!(
+            !ok && err.contains("helm upgrade failed") && err.contains("/operator/replicas"),
+            "a bad value: {out}{err}"
+        );
+        ensure!(
+            revision()? == (1, 2),
+            "a refused value changed the release: {:?}",
+            revision()?
+        );
+        // Again, with a values file: an upgrade.
+        let values = ctx.dir.join(format!("{}-values.yaml", ctx.ns));
+        std::fs::write(&values, "operator:\n  replicas: 3\n")?;
+        let (ok, out, err) = run(&["install", "-f", &values.display().to_string()])?;
+        let _ = std::fs::remove_file(&values);
+        ensure!(ok && out.contains("(revision 2,"), "upgrade: {out}{err}");
+        ensure!(
+            revision()? == (2, 3),
+            "after the upgrade: {:?}",
+            revision()?
+        );
+        // --wait where no pod can run (no node): a clear end state, not a hang.
+        let t = std::time::Instant::now();
+        let (ok, out, err) = run(&["install", "--wait", "--timeout-seconds", "3"])?;
+        ensure!(
+            !ok && err.contains(
+                "not ready after 3 s: operator 0/3 ready, agents 0/0 nodes ready, leader none yet"
+            ) && err.contains("hint: `kubectl -n")
+                && t.elapsed() < std::time::Duration::from_secs(30),
+            "wait: {out}{err}"
+        );
+        let (ok, out, err) = run(&["uninstall"])?;
+        ensure!(
+            ok && out.contains(&format!("Release inst removed from namespace {}", ctx.ns))
+                && out.contains("Kept on purpose")
+                && out.contains("kubectl delete crd meshpolicies.mesh.cortexflow.io")
+                && out.contains("cortexflow-agent --uninstall"),
+            "uninstall: {out}{err}"
+        );
+        for obj in [
+            "deployment/inst-operator",
+            "daemonset/inst-agent",
+            "clusterrole/inst-operator",
+            "clusterrole/inst-flows-reader",
+        ] {
+            let ns_args: &[&str] = if obj.starts_with("cluster") {
+                &[]
+            } else {
+                &["-n", &ctx.ns]
+            };
+            let mut a = vec!["get", obj, "--ignore-not-found", "-o", "name"];
+            a.extend_from_slice(ns_args);
+            ensure!(
+                ctx.kubectl(&a)?.trim().is_empty(),
+                "{obj} left after uninstall"
+            );
+        }
+        // The CRDs stay (Helm never deletes them).
+        ctx.kubectl(&["get", "crd", "meshpolicies.mesh.cortexflow.io"])?;
+        anyhow::Ok(())
+    }
+    .await;
+    if r.is_err() {
+        let _ = run(&["uninstall"]);
+    }
+    r
 }
