@@ -660,6 +660,7 @@ async fn helm_chart(ctx: Ctx) -> anyhow::Result<()> {
         "ClusterRoleBinding",
         "Role",
         "RoleBinding",
+        "MutatingWebhookConfiguration",
     ] {
         ensure!(kinds.contains(&want), "no {want} in the chart: {kinds:?}");
     }
@@ -697,7 +698,13 @@ async fn helm_chart(ctx: Ctx) -> anyhow::Result<()> {
         }
     }
     // values.schema.json refuses wrong values, naming them.
-    let bad: [(&str, &str); 12] = [
+    let bad: [(&str, &str); 15] = [
+        ("injector.failurePolicy=Never", "/injector/failurePolicy"),
+        ("injector.timeoutSeconds=60", "/injector/timeoutSeconds"),
+        (
+            "injector.excludeNamespaces={Kube_System}",
+            "/injector/excludeNamespaces/0",
+        ),
         ("operator.replicas=0", "/operator/replicas"),
         ("operator.replicas=two", "/operator/replicas"),
         ("operator.grpcPort=70000", "/operator/grpcPort"),
@@ -1478,6 +1485,7 @@ async fn cfcli_installs_upgrades_and_uninstalls_through_helm(ctx: Ctx) -> anyhow
             "clusterrole/inst-operator",
             "clusterrolebinding/inst-operator",
             "clusterrole/inst-flows-reader",
+            "mutatingwebhookconfiguration/cortexflow-injector",
         ] {
             ctx.kubectl(&["get", obj])?;
         }
@@ -1527,6 +1535,7 @@ async fn cfcli_installs_upgrades_and_uninstalls_through_helm(ctx: Ctx) -> anyhow
             "daemonset/inst-agent",
             "clusterrole/inst-operator",
             "clusterrole/inst-flows-reader",
+            "mutatingwebhookconfiguration/cortexflow-injector",
         ] {
             let ns_args: &[&str] = if obj.starts_with("cluster") {
                 &[]

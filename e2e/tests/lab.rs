@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         t!(a_pods_credentials_cannot_pass_for_an_agent_or_read_flows),
         t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
         t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
+        t!(the_injector_patches_exactly_the_pods_that_ask),
         t!(cfcli_flows_filter_and_explain_names_the_deciding_rule),
         t!(cfcli_identities_agree_with_the_statuses_and_the_kernel),
         t!(cfcli_status_and_check_see_a_stopped_agent),
@@ -2379,7 +2380,8 @@ webhooks:
                 .map(|b| String::from_utf8_lossy(&b.0).into_owned()),
         )
     };
-    let admitted = "cortexflow_operator_webhook_requests_total{result=\"admitted\"";
+    // The probe pod gets the readiness gate: answered `patched`.
+    let admitted = "cortexflow_operator_webhook_requests_total{result=\"patched\"";
     let result = async {
         // The leader's reconciliation (every 10 s) makes the caBundle the trust bundle.
         let (configured, published) = (&ca_bundle, &bundle);
@@ -3318,4 +3320,337 @@ fn policy_diff_raw(lab: &Lab, yaml: &str) -> anyhow::Result<(bool, String, Strin
     let r = cfcli(lab, &["policy", "diff", "-f", &f.to_string_lossy()]);
     let _ = std::fs::remove_file(&f);
     r
+}
+
+/// The injector on the real apiserver, through the chart's own MutatingWebhookConfiguration
+/// (its namespace selector; only `clientConfig` pointed at the lab's operator): a table of pods
+/// created as dry runs, each answered with exactly the change it needs — the proxy (native
+/// sidecar, first init container, token volume, annotation) for the pods that ask for it by
+/// identity, pod or namespace annotation; the readiness gate for every endpoint; nothing for
+/// host-network pods, opted-out proxies, already injected pods and excluded namespaces; a
+/// refusal naming a misspelt annotation.
+async fn the_injector_patches_exactly_the_pods_that_ask(lab: &mut Lab) -> anyhow::Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let mwcs: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(lab.client.clone());
+    let gate = "mesh.cortexflow.io/programmed";
+    let setup = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: inject-a}
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: inject-b
+  annotations: {mesh.cortexflow.io/inject: enabled}
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: inject-c
+  annotations: {mesh.cortexflow.io/inject: "yes"}
+---
+apiVersion: mesh.cortexflow.io/v1alpha1
+kind: ServiceIdentity
+metadata: {name: secure, namespace: inject-a}
+spec:
+  selector: {matchLabels: {app: secure}}
+  mtls: Strict
+"#;
+    // The chart's configuration, called at the lab operator's address.
+    let docs = cortexflow_lab::chart::documents(&cortexflow_lab::chart::render(
+        "cortexflow",
+        "cortexflow",
+        &[],
+    )?)?;
+    let mut mwc = docs
+        .into_iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .context("the chart has no MutatingWebhookConfiguration")?;
+    mwc["webhooks"][0]["clientConfig"] =
+        serde_json::json!({"url": format!("https://localhost:{}/mutate", lab.webhook.port())});
+    let dry_run =
+        |lab: &Lab, manifest: &str| -> anyhow::Result<(bool, serde_json::Value, String)> {
+            let file = lab.state_dir.join("inject-probe.yaml");
+            std::fs::write(&file, manifest)?;
+            let out = cortexflow_lab::kubectl::run(
+                &lab.cluster.kubeconfig(),
+                &[
+                    "create",
+                    "--dry-run=server",
+                    "-o",
+                    "json",
+                    "-f",
+                    &file.to_string_lossy(),
+                ],
+            )?;
+            let _ = std::fs::remove_file(&file);
+            let v = if out.success {
+                serde_json::from_str(&out.stdout)?
+            } else {
+                serde_json::Value::Null
+            };
+            Ok((out.success, v, out.stderr))
+        };
+    let pod = |ns: &str, app: &str, annotation: Option<&str>, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: probe-{app}\n  namespace: {ns}\n  labels: {{app: {app}}}\n{}spec:\n  containers: [{{name: app, image: cortexflow/workload}}]\n{extra}",
+            annotation
+                .map(|a| format!("  annotations: {{mesh.cortexflow.io/inject: {a}}}\n"))
+                .unwrap_or_default()
+        )
+    };
+    let summary = |v: &serde_json::Value| -> (Vec<String>, Vec<String>, Option<String>) {
+        let names = |p: &str| -> Vec<String> {
+            v.pointer(p)
+                .and_then(|a| a.as_array())
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    c["name"]
+                        .as_str()
+                        .or(c["conditionType"].as_str())
+                        .unwrap_or("?")
+                        .to_string()
+                })
+                .collect()
+        };
+        let mut init = names("/spec/initContainers");
+        init.extend(names("/spec/readinessGates"));
+        (
+            init,
+            names("/spec/volumes")
+                .into_iter()
+                .filter(|n| n.starts_with("cortexflow"))
+                .collect(),
+            v["metadata"]["annotations"]["mesh.cortexflow.io/proxy-injected"]
+                .as_str()
+                .map(str::to_string),
+        )
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let result = async {
+        lab.apply_yaml(setup)?;
+        // The operator's engine has the ServiceIdentity once its status has a number.
+        let t = Instant::now();
+        while lab
+            .kubectl(&["get", "sid", "-n", "inject-a", "secure", "-o", "jsonpath={.status.id}"])?
+            .trim()
+            .is_empty()
+        {
+            ensure!(t.elapsed() < Duration::from_secs(20), "ServiceIdentity inject-a/secure got no id");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Pods need their namespace's default ServiceAccount (the controller manager's).
+        for ns in ["inject-a", "inject-b", "inject-c"] {
+            let t = Instant::now();
+            while lab
+                .kubectl(&["get", "serviceaccount", "default", "-n", ns, "--ignore-not-found", "-o", "name"])?
+                .trim()
+                .is_empty()
+            {
+                ensure!(t.elapsed() < Duration::from_secs(20), "no default ServiceAccount in {ns}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let file = lab.state_dir.join("injector-mwc.json");
+        std::fs::write(&file, mwc.to_string())?;
+        lab.kubectl(&["apply", "-f", &file.to_string_lossy()])?;
+        let _ = std::fs::remove_file(&file);
+        // Trusted once the leader has set the caBundle.
+        let t = Instant::now();
+        loop {
+            let m = mwcs.get("cortexflow-injector").await?;
+            if m.webhooks
+                .unwrap_or_default()
+                .first()
+                .is_some_and(|w| w.client_config.ca_bundle.is_some())
+            {
+                break;
+            }
+            ensure!(t.elapsed() < Duration::from_secs(20), "no caBundle within 20 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let proxy = "cortexflow-proxy";
+        let token = "cortexflow-proxy-token";
+        let cases = vec![
+            (
+                "opted in by its identity (Strict)",
+                pod("inject-a", "secure", None, ""),
+                s(&[proxy, gate]),
+                s(&[token]),
+                Some("ServiceIdentity inject-a/secure has mtls Strict"),
+            ),
+            (
+                "no identity with mTLS: the gate only",
+                pod("inject-a", "plain", None, ""),
+                s(&[gate]),
+                vec![],
+                None,
+            ),
+            (
+                "opted in by its annotation",
+                pod("inject-a", "plain", Some("enabled"), ""),
+                s(&[proxy, gate]),
+                s(&[token]),
+                Some("the pod's annotation mesh.cortexflow.io/inject"),
+            ),
+            (
+                "opted in by its namespace",
+                pod("inject-b", "plain", None, ""),
+                s(&[proxy, gate]),
+                s(&[token]),
+                Some("the namespace's annotation mesh.cortexflow.io/inject"),
+            ),
+            (
+                "opted out in an opted-in namespace",
+                pod("inject-b", "plain", Some("disabled"), ""),
+                s(&[gate]),
+                vec![],
+                None,
+            ),
+            (
+                "opted out although its identity is Strict",
+                pod("inject-a", "secure", Some("disabled"), ""),
+                s(&[gate]),
+                vec![],
+                None,
+            ),
+            (
+                "host network: unchanged",
+                pod("inject-a", "secure", None, "  hostNetwork: true\n"),
+                vec![],
+                vec![],
+                None,
+            ),
+            (
+                "its own init container stays, after the proxy",
+                pod("inject-a", "secure", None, "  initContainers: [{name: migrate, image: cortexflow/workload}]\n"),
+                s(&[proxy, "migrate", gate]),
+                s(&[token]),
+                Some("ServiceIdentity inject-a/secure has mtls Strict"),
+            ),
+            (
+                "the system's namespace is not sent",
+                pod("kube-system", "secure", Some("enabled"), ""),
+                vec![],
+                vec![],
+                None,
+            ),
+            (
+                "the control plane's namespace is not sent",
+                pod("cortexflow", "secure", Some("enabled"), ""),
+                vec![],
+                vec![],
+                None,
+            ),
+        ];
+        let mut table = Vec::new();
+        let mut injected = None;
+        for (what, manifest, init, volumes, annotation) in &cases {
+            let (ok, v, err) = dry_run(lab, manifest)?;
+            ensure!(ok, "{what}: refused: {err}");
+            let got = summary(&v);
+            ensure!(
+                got == (init.clone(), volumes.clone(), annotation.map(str::to_string)),
+                "{what}: got {got:?}, want {:?}",
+                (init, volumes, annotation)
+            );
+            if got.0.first().map(String::as_str) == Some(proxy) {
+                let c = &v["spec"]["initContainers"][0];
+                ensure!(
+                    c["restartPolicy"] == "Always"
+                        && c["image"] == "ghcr.io/cortexflow/cortexflow-proxy:lab"
+                        && c["securityContext"]["runAsNonRoot"] == true
+                        && c["securityContext"]["capabilities"]["drop"] == serde_json::json!(["ALL"]),
+                    "{what}: the proxy container {c:#}"
+                );
+                ensure!(
+                    v["spec"]["volumes"].as_array().into_iter().flatten().any(|vol| vol["name"] == token
+                        && vol["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "cortexflow-ca"),
+                    "{what}: no projected token with audience cortexflow-ca: {}", v["spec"]["volumes"]
+                );
+                injected.get_or_insert(v.clone());
+            }
+            table.push(format!("{what}: {:?}", got.0));
+        }
+        // Idempotent: the injected pod created again comes back with the same containers and
+        // gates, and the webhook answers without a patch.
+        let mut again = injected.context("no case injected the proxy")?;
+        for f in ["uid", "resourceVersion", "creationTimestamp", "managedFields"] {
+            if let Some(m) = again["metadata"].as_object_mut() {
+                m.remove(f);
+            }
+        }
+        if let Some(o) = again.as_object_mut() {
+            o.remove("status");
+        }
+        let admitted = "cortexflow_operator_webhook_requests_total{result=\"admitted\"";
+        let before = lab.operator.metric(admitted).await?;
+        let (ok, v, err) = dry_run(lab, &again.to_string())?;
+        ensure!(ok, "the injected pod again: {err}");
+        ensure!(
+            summary(&v).0 == s(&[proxy, gate]),
+            "injected twice: {:?}",
+            summary(&v)
+        );
+        ensure!(
+            lab.operator.metric(admitted).await? >= before + 1.0,
+            "the injected pod again was patched, not admitted unchanged"
+        );
+        // A misspelt opt-in (the namespace's "yes") is refused, naming it.
+        let (ok, _, err) = dry_run(lab, &pod("inject-c", "plain", None, ""))?;
+        ensure!(
+            !ok && err.contains("mesh.cortexflow.io/inject") && err.contains("is neither"),
+            "a misspelt namespace annotation: {err}"
+        );
+        eprintln!("injector table:\n  {}", table.join("\n  "));
+        // Admission time with the webhook and without (a namespace it does not see), 30 pods each.
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(lab.client.clone(), "inject-a");
+        let plain: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(lab.client.clone(), "kube-system");
+        let spec: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "timed", "labels": {"app": "secure"}},
+            "spec": {"containers": [{"name": "app", "image": "cortexflow/workload"}]},
+        }))?;
+        let pp = kube::api::PostParams { dry_run: true, field_manager: None };
+        let times = |api: kube::Api<k8s_openapi::api::core::v1::Pod>| {
+            let spec = spec.clone();
+            let pp = pp.clone();
+            async move {
+                let mut v = Vec::new();
+                for _ in 0..30 {
+                    let t = Instant::now();
+                    api.create(&pp, &spec).await?;
+                    v.push(t.elapsed());
+                }
+                v.sort();
+                anyhow::Ok(v)
+            }
+        };
+        let with = times(pods).await?;
+        let without = times(plain).await?;
+        eprintln!(
+            "dry-run pod admission, 30 each: with the injector p50 {:?} max {:?}; without p50 {:?} max {:?}",
+            with[15], with[29], without[15], without[29]
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = lab.kubectl(&[
+        "delete",
+        "mutatingwebhookconfiguration",
+        "cortexflow-injector",
+        "--ignore-not-found",
+    ]);
+    for ns in ["inject-a", "inject-b", "inject-c"] {
+        let _ = lab.kubectl(&[
+            "delete",
+            "namespace",
+            ns,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
+    }
+    result
 }

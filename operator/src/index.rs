@@ -119,6 +119,11 @@ pub fn namespace(n: &NamespaceK) -> Namespace {
     Namespace {
         name: n.metadata.name.clone().unwrap_or_default(),
         labels: labels(&n.metadata),
+        inject: n
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::injector::INJECT_ANNOTATION).cloned()),
     }
 }
 

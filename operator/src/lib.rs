@@ -20,6 +20,7 @@ pub mod allocator;
 pub mod ca;
 pub mod grpc;
 pub mod index;
+pub mod injector;
 pub mod lease;
 pub mod listwatch;
 pub mod metrics;
@@ -128,6 +129,39 @@ pub struct Args {
         default_value = "cortexflow-injector"
     )]
     pub webhook_configuration: String,
+    /// Whether the webhook injects the mTLS proxy into the pods that ask for it (docs/mtls.md).
+    /// Off by default: this version has no proxy to run, and a pod that asks for it is admitted
+    /// without it, with a warning.
+    #[arg(long, env = "CORTEXFLOW_INJECT_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub inject_proxy: bool,
+    /// The image of the injected proxy.
+    #[arg(
+        long,
+        env = "CORTEXFLOW_PROXY_IMAGE",
+        default_value = concat!("ghcr.io/cortexflow/cortexflow-proxy:", env!("CARGO_PKG_VERSION"))
+    )]
+    pub proxy_image: String,
+    /// Where injected proxies ask the CA for their certificate (`host:port` of this Deployment's
+    /// gRPC Service; the chart passes `<release>-operator.<namespace>.svc:<grpcPort>`).
+    #[arg(
+        long,
+        env = "CORTEXFLOW_PROXY_CA_ADDR",
+        default_value = "cortexflow-operator.cortexflow.svc:8090"
+    )]
+    pub proxy_ca_addr: String,
+    /// Whether the webhook adds the readiness gate `mesh.cortexflow.io/programmed` to every pod
+    /// that is an endpoint.
+    #[arg(long, env = "CORTEXFLOW_READINESS_GATE_INJECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub readiness_gate_injection: bool,
+    /// Namespaces whose pods the webhook admits unchanged (comma-separated), besides
+    /// `--namespace` itself; the chart's MutatingWebhookConfiguration does not even send them.
+    #[arg(
+        long,
+        env = "CORTEXFLOW_WEBHOOK_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system,kube-public,kube-node-lease"
+    )]
+    pub webhook_exclude_namespaces: Vec<String>,
     /// Log filter (overridden by RUST_LOG).
     #[arg(long, env = "CORTEXFLOW_LOG", default_value = "info")]
     pub log: String,
@@ -345,12 +379,29 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     if !args.webhook_dns_names.is_empty() {
         webhook::spawn(
             &mut sup,
-            client.clone(),
-            ca_state.clone(),
+            webhook::WebhookDeps {
+                client: client.clone(),
+                ca: ca_state.clone(),
+                store: store.clone(),
+            },
             webhook::WebhookConfig {
                 addr: args.webhook_addr,
                 dns_names: args.webhook_dns_names.clone(),
                 configuration: args.webhook_configuration.clone(),
+                injector: injector::InjectorConfig {
+                    inject_proxy: args.inject_proxy,
+                    proxy_image: args.proxy_image.clone(),
+                    ca_addr: args.proxy_ca_addr.clone(),
+                    trust_domain: args.trust_domain.clone(),
+                    readiness_gate: args.readiness_gate_injection,
+                    excluded_namespaces: args
+                        .webhook_exclude_namespaces
+                        .iter()
+                        .cloned()
+                        .chain([args.namespace.clone()])
+                        .filter(|n| !n.is_empty())
+                        .collect(),
+                },
             },
             telemetry.meter(),
             leadership.clone(),

@@ -4,8 +4,11 @@
 //! reload), and the `caBundle` of the MutatingWebhookConfiguration `--webhook-configuration`
 //! kept equal to the trust bundle (re-written whenever it differs).
 //!
-//! `POST /mutate` answers AdmissionReview v1. This version injects nothing: every object is
-//! admitted unchanged, with no patch (the proxy injector of the mTLS issue decides here).
+//! `POST /mutate` answers AdmissionReview v1 for pod creations with what [`crate::injector`]
+//! decides — a JSON patch, nothing, or a refusal — from the replica's engine (the namespace's
+//! annotation and the ServiceIdentity that claims the pod). Until the replica has listed every
+//! source once it refuses (`503`): with the chart's `failurePolicy: Fail` the apiserver then
+//! refuses the pod and its controller retries, so no pod is admitted on a partial view.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Json, Router, extract::State, routing::post};
@@ -16,7 +19,12 @@ use kube::api::{Api, PostParams};
 use opentelemetry::{KeyValue, metrics::Counter};
 use tokio::sync::watch;
 
-use crate::{ca::CaState, lease::Leadership};
+use crate::{
+    ca::CaState,
+    injector::{self, Decision, InjectorConfig},
+    lease::Leadership,
+    store::Store,
+};
 
 /// Where the webhook listens and what it is called.
 #[derive(Clone, Debug)]
@@ -26,42 +34,158 @@ pub struct WebhookConfig {
     pub dns_names: Vec<String>,
     /// The MutatingWebhookConfiguration whose `caBundle` is kept current.
     pub configuration: String,
+    pub injector: InjectorConfig,
 }
 
 #[derive(Clone)]
 struct Hook {
     requests: Counter<u64>,
+    store: Arc<Store>,
+    synced: watch::Receiver<bool>,
+    injector: Arc<InjectorConfig>,
+}
+
+/// Results of the webhook's requests metric.
+const RESULTS: [&str; 5] = ["patched", "admitted", "refused", "unavailable", "malformed"];
+
+/// The AdmissionReview response for `uid`, with the metric's result.
+fn answer(h: &Hook, review: &serde_json::Value) -> (&'static str, serde_json::Value) {
+    let req = &review["request"];
+    let uid = req["uid"].clone();
+    let malformed = |why: &str| {
+        (
+            "malformed",
+            serde_json::json!({"uid": uid, "allowed": false, "status": {"code": 400, "message": why}}),
+        )
+    };
+    if !uid.is_string() {
+        return malformed("not an AdmissionReview v1 request");
+    }
+    // Only pod creations are this webhook's (the configuration sends nothing else).
+    if req["kind"]["kind"] != "Pod" || req["operation"] != "CREATE" {
+        return ("admitted", serde_json::json!({"uid": uid, "allowed": true}));
+    }
+    let namespace = req["namespace"].as_str().unwrap_or_default().to_string();
+    let object = &req["object"];
+    let Ok(mut pod) = serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(object.clone())
+    else {
+        return malformed("the request's object is not a Pod");
+    };
+    if !*h.synced.borrow() {
+        return (
+            "unavailable",
+            serde_json::json!({"uid": uid, "allowed": false, "status": {"code": 503,
+                "message": "CortexFlow's operator is starting (it has not read the cluster's identities yet); retry"}}),
+        );
+    }
+    pod.metadata.namespace = Some(namespace.clone());
+    let model = crate::index::pod(&pod);
+    let (ns_inject, identity) = h.store.read(|e| {
+        (
+            e.snapshot()
+                .namespaces
+                .get(&namespace)
+                .and_then(|n| n.inject.clone()),
+            e.claiming_identity(&model)
+                .map(|s| (s.key.name.to_string(), s.mtls)),
+        )
+    });
+    let decision = injector::decide(
+        &h.injector,
+        object,
+        &namespace,
+        ns_inject.as_deref(),
+        identity.as_ref().map(|(n, m)| (n.as_str(), *m)),
+    );
+    let who = format!(
+        "{namespace}/{}",
+        pod.metadata
+            .name
+            .clone()
+            .or(pod.metadata.generate_name.clone().map(|g| format!("{g}*")))
+            .unwrap_or_default()
+    );
+    match decision {
+        Decision::Patch {
+            ops,
+            what,
+            warnings,
+        } => {
+            // Checked against the JSON patch grammar before it is sent.
+            let patch = match serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(
+                ops,
+            )) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(pod = %who, error = %e, "the injector built an invalid patch");
+                    return (
+                        "refused",
+                        serde_json::json!({"uid": uid, "allowed": false,
+                        "status": {"code": 500, "message": format!("CortexFlow's injector built an invalid patch: {e}")}}),
+                    );
+                }
+            };
+            tracing::debug!(pod = %who, adds = ?what, "pod patched");
+            let bytes = serde_json::to_vec(&patch).unwrap_or_default();
+            (
+                "patched",
+                serde_json::json!({"uid": uid, "allowed": true, "patchType": "JSONPatch",
+                    "patch": ByteString(bytes), "warnings": warnings}),
+            )
+        }
+        Decision::Unchanged { why, warnings } => {
+            tracing::debug!(pod = %who, %why, "pod admitted unchanged");
+            (
+                "admitted",
+                serde_json::json!({"uid": uid, "allowed": true, "warnings": warnings}),
+            )
+        }
+        Decision::Refused(message) => {
+            tracing::info!(pod = %who, %message, "pod refused");
+            (
+                "refused",
+                serde_json::json!({"uid": uid, "allowed": false, "status": {"code": 400, "message": message}}),
+            )
+        }
+    }
 }
 
 async fn mutate(
     State(h): State<Hook>,
     Json(review): Json<serde_json::Value>,
 ) -> Json<serde_json::Value> {
-    let uid = review["request"]["uid"].clone();
-    let result = if uid.is_string() {
-        "admitted"
-    } else {
-        "malformed"
-    };
+    let (result, response) = answer(&h, &review);
     h.requests.add(1, &[KeyValue::new("result", result)]);
     Json(serde_json::json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
-        "response": {"uid": uid, "allowed": true},
+        "response": response,
     }))
 }
 
 /// Binds the webhook and registers its tasks: the HTTPS server, its certificate's renewal and
 /// the `caBundle` reconciliation. Returns the address bound.
+/// What the webhook reads: the API (its configuration), the CA (its certificate) and the
+/// replica's engine (the pods' identities).
+pub struct WebhookDeps {
+    pub client: kube::Client,
+    pub ca: Arc<CaState>,
+    pub store: Arc<Store>,
+}
+
 pub async fn spawn(
     sup: &mut cortexflow_runtime::Supervisor,
-    client: kube::Client,
-    state: Arc<CaState>,
+    deps: WebhookDeps,
     cfg: WebhookConfig,
     meter: &opentelemetry::metrics::Meter,
     leadership: watch::Receiver<Leadership>,
     drain: Watcher,
 ) -> anyhow::Result<SocketAddr> {
+    let WebhookDeps {
+        client,
+        ca: state,
+        store,
+    } = deps;
     let creds = Credentials::new();
     let names = cfg.dns_names.clone();
     sup.spawn(
@@ -77,10 +201,13 @@ pub async fn spawn(
     let hook = Hook {
         requests: meter
             .u64_counter("operator_webhook_requests")
-            .with_description("AdmissionReview requests the webhook answered, by result")
+            .with_description("AdmissionReview requests the webhook answered, by result: patched, admitted (unchanged), refused, unavailable (not synced yet), malformed")
             .build(),
+        synced: store.synced(),
+        store,
+        injector: Arc::new(cfg.injector.clone()),
     };
-    for r in ["admitted", "malformed"] {
+    for r in RESULTS {
         hook.requests.add(0, &[KeyValue::new("result", r)]);
     }
     let app = Router::new()

@@ -180,6 +180,13 @@ impl Lab {
                 ("CORTEXFLOW_CA_POLL_SECS".into(), "1".into()),
                 ("CORTEXFLOW_WEBHOOK_ADDR".into(), webhook.to_string()),
                 ("CORTEXFLOW_WEBHOOK_DNS_NAMES".into(), "localhost".into()),
+                // The injector's decisions are tested with dry-run pods only (the lab cannot
+                // run a proxy yet): injection on, to see its patches.
+                ("CORTEXFLOW_INJECT_PROXY".into(), "true".into()),
+                (
+                    "CORTEXFLOW_PROXY_IMAGE".into(),
+                    "ghcr.io/cortexflow/cortexflow-proxy:lab".into(),
+                ),
             ],
         };
         let mut operator = Operator::start(&operator_opts)?;

@@ -33,6 +33,8 @@ impl std::fmt::Display for ObjKey {
 pub struct Namespace {
     pub name: String,
     pub labels: Labels,
+    /// Its `mesh.cortexflow.io/inject` annotation (the injector's; the engine ignores it).
+    pub inject: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -148,6 +148,7 @@ fn object(kind: u8, seed: u64) -> Object {
     let ns = g.pick(&NS).to_string();
     match kind % 7 {
         0 => Object::Namespace(Namespace {
+            inject: None,
             name: ns,
             labels: labels(&[("team", g.pick(&["a", "b"]))]),
         }),

@@ -14,9 +14,24 @@ use cortexflow_domain::{identity, spiffe};
 use super::*;
 
 impl Engine {
-    pub(super) fn resolve_namespace(&self, ns: &str) -> NsState {
+    /// The ServiceIdentities of `ns`, oldest first (creation time, then name).
+    fn sids_oldest_first(&self, ns: &str) -> Vec<&ServiceIdentity> {
         let mut sids: Vec<&ServiceIdentity> = self.sids_of(ns).collect();
         sids.sort_by(|a, b| (a.created, &a.key.name).cmp(&(b.created, &b.key.name)));
+        sids
+    }
+
+    /// The ServiceIdentity that claims `pod` (the oldest of its namespace that selects it), by
+    /// the rule every pod's identity follows; `None`: its service account's implicit identity.
+    /// The pod need not be known to the engine (the injector asks before it exists).
+    pub fn claiming_identity(&self, pod: &Pod) -> Option<&ServiceIdentity> {
+        self.sids_oldest_first(&pod.key.namespace)
+            .into_iter()
+            .find(|s| s.selects(pod))
+    }
+
+    pub(super) fn resolve_namespace(&self, ns: &str) -> NsState {
+        let sids = self.sids_oldest_first(ns);
         let mut st = NsState::default();
         for pod in self.pods_of(ns) {
             if !pod.live() {
