@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         t!(agents_on_a_follower_and_leader_loss_under_load),
         t!(cargo_xtask_lab_exec_runs_in_a_node_as_the_same_process),
         t!(a_pods_environment_comes_from_its_manifest),
+        t!(pods_run_init_containers_sidecars_restarts_and_probes),
         t!(a_pods_credentials_cannot_pass_for_an_agent_or_read_flows),
         t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
         t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
@@ -3440,17 +3441,8 @@ spec:
             ensure!(t.elapsed() < Duration::from_secs(20), "ServiceIdentity inject-a/secure got no id");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // Pods need their namespace's default ServiceAccount (the controller manager's).
         for ns in ["inject-a", "inject-b", "inject-c"] {
-            let t = Instant::now();
-            while lab
-                .kubectl(&["get", "serviceaccount", "default", "-n", ns, "--ignore-not-found", "-o", "name"])?
-                .trim()
-                .is_empty()
-            {
-                ensure!(t.elapsed() < Duration::from_secs(20), "no default ServiceAccount in {ns}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            default_service_account(lab, ns).await?;
         }
         let file = lab.state_dir.join("injector-mwc.json");
         std::fs::write(&file, mwc.to_string())?;
@@ -3653,4 +3645,239 @@ spec:
         ]);
     }
     result
+}
+
+/// The node simulator runs pods as a kubelet does: init containers in order to completion, a
+/// native sidecar (an init container with `restartPolicy: Always`) started in its place and kept
+/// running beside the app, in the pod's network namespace; readiness from an HTTP probe;
+/// a liveness probe that fails restarts the container; a crashing container restarted with
+/// back-off (CrashLoopBackOff, its last exit code kept); `restartPolicy: Never` ends in
+/// Succeeded or Failed; a probe kind the lab cannot run fails the pod with the reason.
+async fn pods_run_init_containers_sidecars_restarts_and_probes(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    const NS: &str = "lifecycle";
+    let manifest = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: lifecycle}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: multi, namespace: lifecycle}
+spec:
+  initContainers:
+    - {name: migrate, image: cortexflow/workload, args: [exit, "0", --after-ms, "700"]}
+    - name: sidecar
+      image: cortexflow/workload
+      restartPolicy: Always
+      args: [serve, --tcp, "9000", --name, sidecar]
+  containers:
+    - name: app
+      image: cortexflow/workload
+      args: [serve, --tcp, "8080", --http, "8081"]
+      ports: [{name: health, containerPort: 8081}]
+      readinessProbe: {httpGet: {path: /healthz, port: health}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crash, namespace: lifecycle}
+spec:
+  containers: [{name: crash, image: cortexflow/workload, args: [exit, "3"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: lifecycle}
+spec:
+  restartPolicy: Never
+  containers: [{name: job, image: cortexflow/workload, args: [exit, "0", --after-ms, "200"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: failed, namespace: lifecycle}
+spec:
+  restartPolicy: Never
+  containers: [{name: job, image: cortexflow/workload, args: [exit, "2"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unwell, namespace: lifecycle}
+spec:
+  containers:
+    - name: app
+      image: cortexflow/workload
+      args: [serve, --http, "8081", --http-fail-after-ms, "1500"]
+      livenessProbe: {httpGet: {path: /healthz, port: 8081}, periodSeconds: 1, failureThreshold: 2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: exec-probe, namespace: lifecycle}
+spec:
+  containers:
+    - name: app
+      image: cortexflow/workload
+      args: [serve, --tcp, "8080"]
+      readinessProbe: {exec: {command: ["true"]}}
+"#;
+    let get = |lab: &Lab, pod: &str| -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &lab.kubectl(&["get", "pod", "-n", NS, pod, "-o", "json"])?,
+        )?)
+    };
+    let status = |v: &serde_json::Value, list: &str, name: &str| -> serde_json::Value {
+        v["status"][list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let condition = |v: &serde_json::Value, t: &str| -> (String, String) {
+        v["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == t)
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or("").to_string(),
+                    c["message"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .unwrap_or_default()
+    };
+    let until =
+        async |lab: &Lab, pod: &str, what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
+            let t = Instant::now();
+            loop {
+                let v = get(lab, pod)?;
+                if ok(&v) {
+                    return anyhow::Ok((v, t.elapsed()));
+                }
+                ensure!(
+                    t.elapsed() < Duration::from_secs(40),
+                    "{pod}: not {what} after 40 s: {:#}",
+                    v["status"]
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+    let result = async {
+        lab.kubectl(&["create", "namespace", NS])?;
+        default_service_account(lab, NS).await?;
+        lab.apply_yaml(manifest.split_once("---\n").map(|(_, rest)| rest).unwrap_or(manifest))?;
+
+        // Init container, then sidecar, then app; Ready once the HTTP probe passes.
+        let (v, took) = until(lab, "multi", "Ready", &|v| condition(v, "Ready").0 == "True").await?;
+        let migrate = status(&v, "initContainerStatuses", "migrate");
+        let sidecar = status(&v, "initContainerStatuses", "sidecar");
+        let app = status(&v, "containerStatuses", "app");
+        ensure!(
+            migrate["state"]["terminated"]["exitCode"] == 0
+                && migrate["state"]["terminated"]["reason"] == "Completed"
+                && sidecar["state"]["running"].is_object()
+                && sidecar["ready"] == true
+                && app["state"]["running"].is_object()
+                && app["ready"] == true
+                && condition(&v, "Initialized").0 == "True",
+            "multi: {:#}",
+            v["status"]
+        );
+        let ts = |c: &serde_json::Value, p: &str| c.pointer(p).and_then(|t| t.as_str()).unwrap_or("").to_string();
+        let (done, side_start, app_start) = (
+            ts(&migrate, "/state/terminated/finishedAt"),
+            ts(&sidecar, "/state/running/startedAt"),
+            ts(&app, "/state/running/startedAt"),
+        );
+        let parse = |s: &str| s.parse::<k8s_openapi::jiff::Timestamp>();
+        ensure!(
+            parse(&done)? <= parse(&side_start)? && parse(&side_start)? <= parse(&app_start)?,
+            "order: migrate finished {done}, sidecar started {side_start}, app started {app_start}"
+        );
+        // The sidecar shares the pod's network: another pod reaches both on the pod's address.
+        let ip = v["status"]["podIP"].as_str().context("multi has no address")?.to_string();
+        let (client, _) = first_pod(lab, "batch", "etl")?;
+        let side = lab.probe("batch", &client, "tcp", &format!("{ip}:9000"))?;
+        let main = lab.probe("batch", &client, "tcp", &format!("{ip}:8080"))?;
+        ensure!(
+            side.trim() == "success sidecar" && main.trim() == "success multi",
+            "through the pod's address: sidecar {side:?}, app {main:?}"
+        );
+        eprintln!("multi: Ready after {took:?}; migrate done {done}, sidecar {side_start}, app {app_start}");
+
+        // A crash loop: restarted with back-off, the last exit kept.
+        let (v, _) = until(lab, "crash", "restarted twice", &|v| {
+            status(v, "containerStatuses", "crash")["restartCount"].as_u64().unwrap_or(0) >= 2
+        })
+        .await?;
+        let c = status(&v, "containerStatuses", "crash");
+        ensure!(
+            v["status"]["phase"] == "Running"
+                && (c["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+                    || c["state"]["running"].is_object())
+                && c["lastState"]["terminated"]["exitCode"] == 3,
+            "crash: {:#}",
+            v["status"]
+        );
+        // restartPolicy Never: Succeeded, Failed.
+        until(lab, "done", "Succeeded", &|v| v["status"]["phase"] == "Succeeded").await?;
+        let (v, _) = until(lab, "failed", "Failed", &|v| v["status"]["phase"] == "Failed").await?;
+        ensure!(
+            status(&v, "containerStatuses", "job")["state"]["terminated"]["exitCode"] == 2,
+            "failed: {:#}",
+            v["status"]
+        );
+        // Liveness: the HTTP endpoint starts failing after 1.5 s; two failures restart it.
+        let (v, took) = until(lab, "unwell", "restarted by its liveness probe", &|v| {
+            status(v, "containerStatuses", "app")["restartCount"].as_u64().unwrap_or(0) >= 1
+        })
+        .await?;
+        let last = status(&v, "containerStatuses", "app")["lastState"]["terminated"].clone();
+        ensure!(
+            last["exitCode"] == 137 && last["finishedAt"].is_string(),
+            "unwell: the liveness kill is not its last state: {:#}",
+            v["status"]
+        );
+        eprintln!("unwell: restarted by its liveness probe after {took:?}: {last}");
+        // A probe the lab cannot run: the pod says so.
+        let (v, _) = until(lab, "exec-probe", "refused", &|v| condition(v, "Ready").1.contains("only httpGet and tcpSocket")).await?;
+        ensure!(condition(&v, "Ready").0 == "False", "exec-probe: {:#}", v["status"]);
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = lab.kubectl(&[
+        "delete",
+        "namespace",
+        NS,
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
+    result
+}
+
+/// Waits (up to 20 s) for the default ServiceAccount of a new namespace (the controller
+/// manager's): pods cannot be created before it.
+async fn default_service_account(lab: &Lab, ns: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while lab
+        .kubectl(&[
+            "get",
+            "serviceaccount",
+            "default",
+            "-n",
+            ns,
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ])?
+        .trim()
+        .is_empty()
+    {
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "no default ServiceAccount in {ns}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
 }

@@ -6,7 +6,9 @@
 //! * [`kubectl`] — the real `kubectl` against a cluster.
 //! * [`harness`] — the e2e harness: one control plane per suite binary, a namespace per test.
 //! * [`objects`] — nodes, pods with addresses and CortexFlow resources created in tests.
-//! * [`sim`] — the node simulator: the kubelet and container runtime, on network namespaces.
+//! * [`sim`] — the node simulator: the kubelet and container runtime, on network namespaces;
+//!   [`containers`] — a pod's init containers, native sidecars, app containers, restarts and
+//!   probes as the kubelet runs them.
 //! * [`lab`] — the whole mesh on one machine (`cargo xtask lab`): life cycle, probes, matrix.
 //!
 //! Binaries: `cortexflow-lab` (the lab, `exec`, `cluster up|down|status`) and
@@ -16,6 +18,7 @@
 
 pub mod chart;
 pub mod cluster;
+pub mod containers;
 pub mod dashboards;
 pub mod harness;
 pub mod kubectl;

@@ -5,10 +5,11 @@
 //! node's pod CIDR), a cgroup, and a Kubernetes Node object (pod CIDR 10.244.<n>.0/24, Ready,
 //! heartbeated). It watches the pods bound to it and, for each, does what the kubelet and the
 //! CNI would: a network namespace, a veth with an address from the pod CIDR and a /32 host
-//! route (a routed CNI), a cgroup under the node's, the container's command (image names map to
-//! local binaries), and the pod status (podIP, phase, container states, conditions). A pod is
-//! Ready when its container runs **and** every condition named in `spec.readinessGates` is True
-//! — exactly the kubelet's rule. A pod being deleted gets SIGTERM, up to its grace period to
+//! route (a routed CNI), a cgroup under the node's, each container's command (image names map
+//! to local binaries) run as the kubelet runs them — init containers, native sidecars, restarts
+//! with back-off and probes ([`crate::containers`]) — and the pod status (podIP, phase,
+//! container states, conditions). A pod is Ready when its containers are ready **and** every
+//! condition named in `spec.readinessGates` is True — exactly the kubelet's rule. A pod being deleted gets SIGTERM, up to its grace period to
 //! exit, then SIGKILL; its namespace and cgroup are removed and the object deleted for good
 //! (grace period 0), as the kubelet does.
 //!
@@ -171,29 +172,195 @@ enum EnvValue {
     PodIp,
 }
 
+/// What one container runs.
+struct Run {
+    bin: PathBuf,
+    argv: Vec<String>,
+    env: Vec<(String, EnvValue)>,
+    log: PathBuf,
+}
+
+/// A pod's containers before its sandbox exists.
+struct Prepared {
+    pod: crate::containers::Pod,
+    runs: Vec<Run>,
+}
+
 /// A pod the node runs.
 struct SimPod {
     /// Held for its drop: deleting the namespace removes the veth too.
     _netns: Netns,
     ip: Ipv4Addr,
     cgroup: PathBuf,
-    child: Option<Child>,
+    /// `namespace/name`, for logs.
+    key: String,
+    pod: crate::containers::Pod,
+    runs: Vec<Run>,
+    /// Each container's current process.
+    children: Vec<Option<Child>>,
+    /// Each container's last start and exit (RFC 3339).
+    /// Each container's current (or last) run and the run before it: start and exit, RFC 3339.
+    times: Vec<[Option<String>; 4]>,
     state_file: PathBuf,
-    /// The (running, Ready) status last written.
-    reported: Option<(bool, bool)>,
+    /// What the status last written said (without timestamps).
+    reported: Option<serde_json::Value>,
 }
 
 impl SimPod {
+    /// Whether any container still runs.
     fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.children
+            .iter_mut()
+            .flatten()
+            .any(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The pod's record for `lab exec` and the tests: its namespace, cgroup, address and the
+    /// first app container's process (the sandbox script execs into it: the same pid; 0 until
+    /// it runs).
+    fn write_state_file(&self, pid: u32) -> std::io::Result<()> {
+        std::fs::write(
+            &self.state_file,
+            format!(
+                "{}\n{}\n{}\n{}\n{pid}\n",
+                self.key,
+                self._netns.name,
+                self.cgroup.display(),
+                self.ip
+            ),
+        )
+    }
+
+    /// Starts container `i` in the pod's namespace and cgroup.
+    fn spawn(&self, i: usize) -> anyhow::Result<Child> {
+        let r = &self.runs[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&r.log)?;
+        let (ns_name, name) = self.key.split_once('/').unwrap_or(("", &self.key));
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "--", "sh", "-c"])
+            .arg(SANDBOX)
+            .arg(&self.cgroup)
+            .arg(&self._netns.name)
+            .arg(&r.bin)
+            .args(&r.argv)
+            .env("POD_NAME", name)
+            .env("POD_NAMESPACE", ns_name)
+            .env("HOSTNAME", name)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in &r.env {
+            match v {
+                EnvValue::Set(v) => cmd.env(k, v),
+                EnvValue::PodIp => cmd.env(k, self.ip.to_string()),
+            };
+        }
+        cmd.spawn()
+            .with_context(|| format!("run {}", r.bin.display()))
+    }
+
+    /// The status to write, and what it says without timestamps (to know when it changed).
+    fn status(
+        &self,
+        node_ip: Ipv4Addr,
+        gates_true: bool,
+        old: &k8s_openapi::api::core::v1::PodStatus,
+    ) -> (serde_json::Value, serde_json::Value) {
+        use crate::containers::Kind;
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let tf = |b: bool| if b { "True" } else { "False" };
+        let phase = self.pod.phase();
+        let containers_ready = self.pod.containers_ready();
+        let ready = containers_ready && gates_true;
+        let mut init = Vec::new();
+        let mut apps = Vec::new();
+        let mut keys = Vec::new();
+        for (i, (spec, st)) in self.pod.specs.iter().zip(&self.pod.states).enumerate() {
+            let [started, finished, prev_started, prev_finished] = &self.times[i];
+            let terminated = |code: i32, from: &Option<String>, to: &Option<String>| {
+                json!({"terminated": {"exitCode": code,
+                    "reason": if code == 0 { "Completed" } else { "Error" },
+                    "startedAt": from, "finishedAt": to}})
+            };
+            let (state, state_key) = if st.running {
+                (
+                    json!({"running": {"startedAt": started}}),
+                    "running".to_string(),
+                )
+            } else if st.next_start.is_some() {
+                (
+                    json!({"waiting": {"reason": "CrashLoopBackOff",
+                        "message": format!("back-off restarting the failed container {}", spec.name)}}),
+                    "backoff".to_string(),
+                )
+            } else if let Some(code) = st.last_exit {
+                (
+                    terminated(code, started, finished),
+                    format!("exited {code}"),
+                )
+            } else {
+                let reason = if spec.kind == Kind::App {
+                    "PodInitializing"
+                } else {
+                    "Waiting"
+                };
+                (
+                    json!({"waiting": {"reason": reason}}),
+                    "waiting".to_string(),
+                )
+            };
+            // The run before this one (a restarted container, or one waiting to restart).
+            let last_state = match st.last_exit {
+                Some(code) if st.running && st.restarts > 0 => {
+                    terminated(code, prev_started, prev_finished)
+                }
+                Some(code) if st.next_start.is_some() => terminated(code, started, finished),
+                _ => json!({}),
+            };
+            let c_ready = st.running && st.ready && spec.kind != Kind::Init
+                || spec.kind == Kind::Init && st.completed;
+            let entry = json!({
+                "name": spec.name, "image": spec.image, "imageID": "",
+                "ready": c_ready, "started": st.running, "restartCount": st.restarts,
+                "state": state, "lastState": last_state,
+            });
+            keys.push(json!([spec.name, state_key, st.restarts, c_ready]));
+            if spec.kind == Kind::App {
+                apps.push(entry);
+            } else {
+                init.push(entry);
+            }
+        }
+        let key = json!({"phase": phase, "ready": ready, "containersReady": containers_ready,
+            "initialized": self.pod.initialized, "containers": keys, "ip": self.ip.to_string()});
+        let patch = json!({"status": {
+            "phase": phase,
+            "hostIP": node_ip.to_string(),
+            "hostIPs": [{"ip": node_ip.to_string()}],
+            "podIP": self.ip.to_string(),
+            "podIPs": [{"ip": self.ip.to_string()}],
+            "startTime": old.start_time.as_ref().map(|t| t.0.to_string()).unwrap_or_else(|| now.clone()),
+            "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Initialized", "status": tf(self.pod.initialized), "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": tf(containers_ready), "lastTransitionTime": now},
+                {"type": "Ready", "status": tf(ready), "lastTransitionTime": now,
+                 "reason": if ready { "" } else if containers_ready { "ReadinessGatesNotReady" } else { "ContainersNotReady" }},
+            ],
+            "initContainerStatuses": init,
+            "containerStatuses": apps,
+        }});
+        (key, patch)
     }
 }
 
 impl Drop for SimPod {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for c in self.children.iter_mut().filter_map(Option::take) {
+            let mut c = c;
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -201,6 +368,55 @@ impl Drop for SimPod {
         let _ = std::fs::remove_file(&self.state_file);
         // The namespace (and the veth with it) goes when `ns` drops.
     }
+}
+
+/// A probe from the node's network namespace `node_ns` to the pod at `ip`: a TCP connection,
+/// or an HTTP GET answered 200–399, within `timeout`. On a thread of its own (it enters the
+/// namespace; never a pooled thread).
+async fn probe_from(
+    node_ns: &str,
+    ip: Ipv4Addr,
+    check: &crate::containers::Check,
+    timeout: Duration,
+) -> bool {
+    use std::io::{Read as _, Write as _};
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let path = Path::new("/var/run/netns").join(node_ns);
+    let check = check.clone();
+    std::thread::spawn(move || {
+        let result = (|| -> anyhow::Result<bool> {
+            cortexflow_testkit::net::enter(&path)?;
+            let port = match &check {
+                crate::containers::Check::Http { port, .. }
+                | crate::containers::Check::Tcp { port } => *port,
+            };
+            let mut s = std::net::TcpStream::connect_timeout(&(ip, port).into(), timeout)?;
+            let crate::containers::Check::Http { path, .. } = &check else {
+                return Ok(true);
+            };
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/lab\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut head = [0u8; 64];
+            let n = s.read(&mut head)?;
+            let line = String::from_utf8_lossy(&head[..n]);
+            let code: u16 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            Ok((200..400).contains(&code))
+        })();
+        let _ = tx.send(result.unwrap_or(false));
+    });
+    tokio::time::timeout(timeout + Duration::from_secs(1), rx)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(false)
 }
 
 /// Removes a cgroup after moving what is left in it to the root.
@@ -372,7 +588,7 @@ impl SimNode {
             let mut events = std::pin::pin!(watcher::watcher(api, cfg));
             // Processes whose pods' objects are gone, and container exits, are noticed by a
             // periodic pass too.
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut known: BTreeMap<String, Pod> = BTreeMap::new();
             loop {
                 tokio::select! {
@@ -534,8 +750,8 @@ impl PodCtx {
             if waiting {
                 return;
             }
-            let started = match self.resolve_env(p).await {
-                Ok(env) => self.start(p, &uid, env),
+            let started = match self.prepare(p).await {
+                Ok(prepared) => self.start(p, &uid, prepared),
                 Err(e) => Err(e),
             };
             if let Err(e) = started {
@@ -558,6 +774,8 @@ impl PodCtx {
                 s.retry.remove(&uid);
             }
         }
+        self.advance(&uid);
+        self.run_probes(&uid).await;
         if let Err(e) = self.report(p, &uid).await {
             tracing::warn!(pod = %format!("{ns}/{name}"), error = %format!("{e:#}"), "pod status update failed (retrying)");
         }
@@ -602,7 +820,9 @@ impl PodCtx {
         );
         let task = tokio::spawn(async move {
             if let Some(mut sp) = taken {
-                if let Some(c) = &sp.child {
+                // SIGTERM to every container at once (the kubelet stops app containers, then
+                // sidecars in reverse order; the lab does not order them).
+                for c in sp.children.iter().flatten() {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(c.id() as i32),
                         nix::sys::signal::Signal::SIGTERM,
@@ -656,13 +876,12 @@ impl PodCtx {
     /// and Secret keys. A source the lab cannot provide (a missing non-optional ConfigMap or
     /// key, `resourceFieldRef`, an unknown field path) fails the pod with the reason, never a
     /// silently missing variable. `status.podIP` is filled in once the address is chosen.
-    async fn resolve_env(&self, p: &Pod) -> anyhow::Result<Vec<(String, EnvValue)>> {
+    async fn resolve_env(
+        &self,
+        p: &Pod,
+        c: &k8s_openapi::api::core::v1::Container,
+    ) -> anyhow::Result<Vec<(String, EnvValue)>> {
         let ns = p.namespace().unwrap_or_default();
-        let c = p
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.first())
-            .context("pod without containers")?;
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
         let config_map = |name: String, optional: bool| {
@@ -779,16 +998,47 @@ impl PodCtx {
         }))
     }
 
-    /// Sandbox and process.
-    fn start(&self, p: &Pod, uid: &str, env: Vec<(String, EnvValue)>) -> anyhow::Result<()> {
-        let spec = p.spec.as_ref().context("pod without spec")?;
-        let c = spec.containers.first().context("pod without containers")?;
-        let image = c.image.clone().unwrap_or_default();
-        let bin = self
-            .images
-            .binary(&image)
-            .with_context(|| format!("image {image:?} is not one the lab can run"))?
-            .clone();
+    /// Everything the pod's containers need before its sandbox exists: their order and
+    /// probes, the local program of each image, the arguments and environment. A container the
+    /// lab cannot run fails the pod with the reason.
+    async fn prepare(&self, p: &Pod) -> anyhow::Result<Prepared> {
+        let (pod, containers) = crate::containers::Pod::of(p)?;
+        let (ns_name, name) = (p.namespace().unwrap_or_default(), p.name_any());
+        let mut runs = Vec::new();
+        let mut first_app = true;
+        for (spec, c) in pod.specs.iter().zip(&containers) {
+            let bin = self
+                .images
+                .binary(&spec.image)
+                .with_context(|| format!("image {:?} is not one the lab can run", spec.image))?
+                .clone();
+            let env = self
+                .resolve_env(p, c)
+                .await
+                .with_context(|| format!("container {}", c.name))?;
+            let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
+            argv.extend(c.args.clone().unwrap_or_default());
+            // The first app container's log keeps the pod's name (as before init containers
+            // and sidecars existed); the others are named after their container.
+            let log = if spec.kind == crate::containers::Kind::App && first_app {
+                first_app = false;
+                format!("{ns_name}_{name}.log")
+            } else {
+                format!("{ns_name}_{name}_{}.log", c.name)
+            };
+            runs.push(Run {
+                bin,
+                argv,
+                env,
+                log: self.state_dir.join("pods").join(log),
+            });
+        }
+        Ok(Prepared { pod, runs })
+    }
+
+    /// The sandbox: network namespace, address, interface (guarded by the CNI hook), cgroup and
+    /// the pod's state file. Its containers are started by [`PodCtx::advance`].
+    fn start(&self, p: &Pod, uid: &str, prepared: Prepared) -> anyhow::Result<()> {
         let (ns_name, name) = (p.namespace().unwrap_or_default(), p.name_any());
         let mut st = self
             .state
@@ -817,8 +1067,8 @@ impl PodCtx {
         std::mem::forget(node_ns);
         wired.with_context(|| format!("wiring {host_if} ({ip})"))?;
         // The pod's interface is guarded before anything of the pod runs.
-        // (On this thread, not `block_in_place`: the pod's process dies with the thread that
-        // started it — `--pdeathsig` — and a thread given to the blocking pool ends when idle.)
+        // (On this thread, not `block_in_place`: the pod's processes die with the thread that
+        // started them — `--pdeathsig` — and a thread given to the blocking pool ends when idle.)
         if let Some(cni) = &self.cni {
             cni.add(&host_if, ip, &pod_ns.name)?;
         }
@@ -828,79 +1078,114 @@ impl PodCtx {
             .state_dir
             .join("pods")
             .join(format!("{ns_name}_{name}"));
-        let log = std::fs::File::create(
-            self.state_dir
-                .join("pods")
-                .join(format!("{ns_name}_{name}.log")),
-        )?;
-        let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
-        argv.extend(c.args.clone().unwrap_or_default());
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--pdeathsig", "KILL", "--", "sh", "-c"])
-            .arg(SANDBOX)
-            .arg(&cgroup)
-            .arg(&pod_ns.name)
-            .arg(&bin)
-            .args(&argv)
-            .env("POD_NAME", &name)
-            .env("POD_NAMESPACE", &ns_name)
-            .env("HOSTNAME", &name)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        for (k, v) in env {
-            match v {
-                EnvValue::Set(v) => cmd.env(k, v),
-                EnvValue::PodIp => cmd.env(k, ip.to_string()),
-            };
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("run {}", bin.display()))?;
-        // The pod's record for `lab exec` and the tests: its namespace, cgroup, address and the
-        // container's process (the sandbox script execs into it: the same pid).
-        if let Err(e) = std::fs::write(
-            &state_file,
-            format!(
-                "{ns_name}/{name}\n{}\n{}\n{ip}\n{}\n",
-                pod_ns.name,
-                cgroup.display(),
-                child.id()
-            ),
-        ) {
-            let _ = child.kill();
-            let _ = child.wait();
-            remove_cgroup(&cgroup);
+        let sp = SimPod {
+            _netns: pod_ns,
+            ip,
+            cgroup,
+            children: prepared.runs.iter().map(|_| None).collect(),
+            times: vec![[None, None, None, None]; prepared.runs.len()],
+            pod: prepared.pod,
+            runs: prepared.runs,
+            key: format!("{ns_name}/{name}"),
+            state_file,
+            reported: None,
+        };
+        if let Err(e) = sp.write_state_file(0) {
             return Err(e).context("write the pod's state file");
         }
-        st.pods.insert(
-            uid.to_string(),
-            SimPod {
-                _netns: pod_ns,
-                ip,
-                cgroup,
-                child: Some(child),
-                state_file,
-                reported: None,
-            },
-        );
-        tracing::info!(pod = %format!("{ns_name}/{name}"), %ip, node = %self.node, "pod started");
+        st.pods.insert(uid.to_string(), sp);
+        tracing::info!(pod = %format!("{ns_name}/{name}"), %ip, node = %self.node, "pod sandbox ready");
         Ok(())
     }
 
-    /// Writes the status a kubelet would: running container, addresses, conditions; Ready only
-    /// when the container runs and every readiness gate is True.
-    async fn report(&self, p: &Pod, uid: &str) -> anyhow::Result<()> {
-        let (ip, running, last) = {
-            let mut st = self
-                .state
-                .lock()
-                .map_err(|_| anyhow::anyhow!("state poisoned"))?;
-            let Some(sp) = st.pods.get_mut(uid) else {
-                return Ok(());
-            };
-            (sp.ip, sp.running(), sp.reported)
+    /// Notices the containers that exited and starts those due (in the kubelet's order).
+    fn advance(&self, uid: &str) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
         };
+        let Some(sp) = st.pods.get_mut(uid) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let stamp = || k8s_openapi::jiff::Timestamp::now().to_string();
+        for i in 0..sp.children.len() {
+            let exited = sp.children[i]
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                use std::os::unix::process::ExitStatusExt as _;
+                let code = status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+                sp.children[i] = None;
+                sp.pod.exited(i, code, now);
+                sp.times[i][1] = Some(stamp());
+                tracing::info!(pod = %sp.key, container = %sp.pod.specs[i].name, code, "container exited");
+            }
+        }
+        for i in sp.pod.to_start(now) {
+            match sp.spawn(i) {
+                Ok(child) => {
+                    let pid = child.id();
+                    sp.children[i] = Some(child);
+                    sp.pod.started(i, now);
+                    let [s0, f0, _, _] = std::mem::take(&mut sp.times[i]);
+                    sp.times[i] = [Some(stamp()), None, s0, f0];
+                    let first_app = sp
+                        .pod
+                        .specs
+                        .iter()
+                        .position(|s| s.kind == crate::containers::Kind::App);
+                    if first_app == Some(i)
+                        && let Err(e) = sp.write_state_file(pid)
+                    {
+                        tracing::warn!(pod = %sp.key, error = %e, "writing the pod's state file failed");
+                    }
+                    tracing::info!(pod = %sp.key, container = %sp.pod.specs[i].name, restarts = sp.pod.states[i].restarts, "container started");
+                }
+                Err(e) => {
+                    // As a runtime that cannot exec the program: the container exits at once.
+                    tracing::warn!(pod = %sp.key, container = %sp.pod.specs[i].name, error = %format!("{e:#}"), "container did not start");
+                    sp.pod.started(i, now);
+                    sp.pod.exited(i, 127, now);
+                }
+            }
+        }
+    }
+
+    /// Runs the probes that are due (from the node's network namespace, at the pod's address,
+    /// as the kubelet does); kills a container whose liveness probe failed enough.
+    async fn run_probes(&self, uid: &str) {
+        let (due, ip) = {
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
+            let Some(sp) = st.pods.get_mut(uid) else {
+                return;
+            };
+            (sp.pod.due_probes(std::time::Instant::now()), sp.ip)
+        };
+        for d in due {
+            let ok = probe_from(&self.node_ns, ip, &d.check, d.timeout).await;
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
+            let Some(sp) = st.pods.get_mut(uid) else {
+                return;
+            };
+            if sp.pod.probed(&d, ok) {
+                tracing::info!(pod = %sp.key, container = %sp.pod.specs[d.container].name, "liveness probe failed: killing the container");
+                if let Some(c) = sp.children[d.container].as_mut() {
+                    let _ = c.kill();
+                }
+            }
+        }
+    }
+
+    /// Writes the status a kubelet would: phase, addresses, every container's state, restarts
+    /// and readiness, and the conditions; Ready only when every app container and sidecar is
+    /// ready and every readiness gate is True. Patched only when something changed.
+    async fn report(&self, p: &Pod, uid: &str) -> anyhow::Result<()> {
         let status = p.status.clone().unwrap_or_default();
         let conditions = status.conditions.clone().unwrap_or_default();
         let gates_true = p
@@ -914,43 +1199,22 @@ impl PodCtx {
                     .iter()
                     .any(|c| c.type_ == g.condition_type && c.status == "True")
             });
-        let ready = running && gates_true;
-        let reported_ip = status.pod_ip.clone();
-        if last == Some((running, ready)) && reported_ip.as_deref() == Some(&ip.to_string()) {
-            return Ok(());
-        }
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let tf = |b: bool| if b { "True" } else { "False" };
-        let c = p
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.first())
-            .cloned()
-            .unwrap_or_default();
-        let state = if running {
-            json!({"running": {"startedAt": now}})
-        } else {
-            json!({"terminated": {"exitCode": 1, "reason": "Error", "finishedAt": now}})
+        let (key, patch) = {
+            let mut st = self
+                .state
+                .lock()
+                .map_err(|_| anyhow::anyhow!("state poisoned"))?;
+            let Some(sp) = st.pods.get_mut(uid) else {
+                return Ok(());
+            };
+            let (key, patch) = sp.status(self.node_ip, gates_true, &status);
+            if sp.reported.as_ref() == Some(&key)
+                && status.pod_ip.as_deref() == Some(&sp.ip.to_string())
+            {
+                return Ok(());
+            }
+            (key, patch)
         };
-        let patch = json!({"status": {
-            "phase": if running { "Running" } else { "Failed" },
-            "hostIP": self.node_ip.to_string(),
-            "hostIPs": [{"ip": self.node_ip.to_string()}],
-            "podIP": ip.to_string(),
-            "podIPs": [{"ip": ip.to_string()}],
-            "startTime": status.start_time.map(|t| t.0.to_string()).unwrap_or_else(|| now.clone()),
-            "conditions": [
-                {"type": "PodScheduled", "status": "True"},
-                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
-                {"type": "ContainersReady", "status": tf(running), "lastTransitionTime": now},
-                {"type": "Ready", "status": tf(ready), "lastTransitionTime": now,
-                 "reason": if ready { "" } else if running { "ReadinessGatesNotReady" } else { "ContainersNotReady" }},
-            ],
-            "containerStatuses": [{
-                "name": c.name, "image": c.image.unwrap_or_default(), "imageID": "",
-                "ready": running, "started": running, "restartCount": 0, "state": state,
-            }],
-        }});
         let api: Api<Pod> =
             Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
         api.patch_status(
@@ -963,7 +1227,7 @@ impl PodCtx {
         if let Ok(mut st) = self.state.lock()
             && let Some(sp) = st.pods.get_mut(uid)
         {
-            sp.reported = Some((running, ready));
+            sp.reported = Some(key);
         }
         Ok(())
     }

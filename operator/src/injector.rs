@@ -450,14 +450,17 @@ mod tests {
 
     #[test]
     fn without_the_proxy_a_wanting_pod_gets_a_warning_and_the_gate() {
+        let strict = |c: &InjectorConfig| {
+            decide(
+                c,
+                &pod(None, json!({})),
+                "shop",
+                None,
+                Some(("web", Mtls::Strict)),
+            )
+        };
         let c = cfg(false);
-        match decide(
-            &c,
-            &pod(None, json!({})),
-            "shop",
-            None,
-            Some(("web", Mtls::Strict)),
-        ) {
+        match strict(&c) {
             Decision::Patch { ops, warnings, .. } => {
                 assert_eq!(ops, vec![gate_op()]);
                 assert!(warnings[0].contains("does not inject it"), "{warnings:?}");
@@ -466,13 +469,7 @@ mod tests {
         }
         let mut c = cfg(false);
         c.readiness_gate = false;
-        match decide(
-            &c,
-            &pod(None, json!({})),
-            "shop",
-            None,
-            Some(("web", Mtls::Strict)),
-        ) {
+        match strict(&c) {
             Decision::Unchanged { warnings, .. } => {
                 assert_eq!(warnings.len(), 1);
                 assert!(

@@ -2,9 +2,12 @@
 //! runs), in the spirit of agnhost.
 //!
 //! ```text
-//! cortexflow-workload serve [--tcp PORT]... [--udp PORT]... [--name NAME] [--drain-ms MS]
+//! cortexflow-workload serve [--tcp PORT]... [--udp PORT]... [--http PORT] [--name NAME]
+//!                           [--drain-ms MS] [--http-fail-after-ms MS]
 //!     TCP: sends "NAME\n" on every connection, then echoes what it reads.
 //!     UDP: answers every datagram with "NAME".
+//!     HTTP (for probes): every request is answered "200 OK" with body NAME — or, once
+//!     --http-fail-after-ms has passed since the start, "503 Service Unavailable".
 //!     NAME defaults to $POD_NAME, then $HOSTNAME. On SIGTERM it goes on serving for MS
 //!     (default 2000) — long enough for the Service to stop sending it new connections — then
 //!     exits 0.
@@ -13,6 +16,9 @@
 //!     "success NAME" | "refused" | "timeout" | "error WHAT". `--source` binds the socket to
 //!     that local address first. `--bytes` (TCP): after the greeting, sends N bytes and reads
 //!     the echo back, each read and write within the timeout ("success NAME bytes=N ms=T").
+//! cortexflow-workload exit CODE [--after-ms MS]
+//!     Sleeps MS (default 0), prints "exit CODE" and exits with CODE (init containers, crash
+//!     loops).
 //! cortexflow-workload forge udp SOURCE HOST:PORT [--tag TAG]
 //!     Sends one UDP datagram (payload TAG) with the source address SOURCE through a raw
 //!     socket, as a pod with CAP_NET_RAW can; prints "sent".
@@ -38,6 +44,7 @@ fn main() -> ExitCode {
         Some("probe") => probe(&args[1..]),
         Some("load") => load(&args[1..]),
         Some("forge") => forge(&args[1..]),
+        Some("exit") => exit(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cortexflow-workload serve [--tcp PORT]... [--udp PORT]... [--name NAME]\n       cortexflow-workload probe tcp|udp HOST:PORT [--timeout-ms MS]"
@@ -54,6 +61,8 @@ fn serve(args: &[String]) -> ExitCode {
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| "workload".into());
     let mut drain = Duration::from_millis(2000);
+    let mut http = Vec::new();
+    let mut http_fail_after: Option<Duration> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = it.next();
@@ -70,13 +79,22 @@ fn serve(args: &[String]) -> ExitCode {
                 Ok(p) => udp.push(p),
                 Err(e) => return usage(&format!("--udp {p}: {e}")),
             },
+            ("--http", Some(p)) => match p.parse::<u16>() {
+                Ok(p) => http.push(p),
+                Err(e) => return usage(&format!("--http {p}: {e}")),
+            },
+            ("--http-fail-after-ms", Some(ms)) => match ms.parse::<u64>() {
+                Ok(ms) => http_fail_after = Some(Duration::from_millis(ms)),
+                Err(e) => return usage(&format!("--http-fail-after-ms {ms}: {e}")),
+            },
             ("--name", Some(n)) => name = n.clone(),
             _ => return usage(&format!("unexpected argument {a}")),
         }
     }
-    if tcp.is_empty() && udp.is_empty() {
-        return usage("serve needs at least one --tcp or --udp port");
+    if tcp.is_empty() && udp.is_empty() && http.is_empty() {
+        return usage("serve needs at least one --tcp, --udp or --http port");
     }
+    let started = std::time::Instant::now();
     // SIGTERM is blocked here (and in every thread spawned below) and awaited at the end.
     let mut term = nix::sys::signal::SigSet::empty();
     term.add(nix::sys::signal::Signal::SIGTERM);
@@ -111,6 +129,33 @@ fn serve(args: &[String]) -> ExitCode {
             }
         }));
     }
+    for port in http {
+        let l = match TcpListener::bind(("0.0.0.0", port)) {
+            Ok(l) => l,
+            Err(e) => return fail(&format!("bind http {port}: {e}")),
+        };
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let failing = http_fail_after.is_some_and(|d| started.elapsed() >= d);
+                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf);
+                let (status, body) = if failing {
+                    ("503 Service Unavailable", "failing".to_string())
+                } else {
+                    ("200 OK", name.clone())
+                };
+                let _ = c.write_all(
+                    format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        }));
+    }
     println!("serving as {name}");
     drop(threads);
     match term.wait() {
@@ -119,6 +164,23 @@ fn serve(args: &[String]) -> ExitCode {
     }
     std::thread::sleep(drain);
     ExitCode::SUCCESS
+}
+
+fn exit(args: &[String]) -> ExitCode {
+    let Some(code) = args.first().and_then(|c| c.parse::<u8>().ok()) else {
+        return usage("exit needs a code 0-255");
+    };
+    let after = match args.get(1..) {
+        Some([flag, ms]) if flag == "--after-ms" => match ms.parse::<u64>() {
+            Ok(ms) => ms,
+            Err(e) => return usage(&format!("--after-ms {ms}: {e}")),
+        },
+        Some([]) | None => 0,
+        Some(other) => return usage(&format!("unexpected arguments {other:?}")),
+    };
+    std::thread::sleep(Duration::from_millis(after));
+    println!("exit {code}");
+    ExitCode::from(code)
 }
 
 fn echo(mut c: TcpStream, name: &str) {
