@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         t!(cargo_xtask_lab_exec_runs_in_a_node_as_the_same_process),
         t!(a_pods_environment_comes_from_its_manifest),
         t!(pods_run_init_containers_sidecars_restarts_and_probes),
+        t!(a_pods_token_is_projected_and_the_apiserver_answers_at_its_service),
         t!(a_pods_credentials_cannot_pass_for_an_agent_or_read_flows),
         t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
         t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
@@ -3232,6 +3233,14 @@ spec:
             "opening diff: {d:#}"
         );
         eprintln!("policy diff (opening) took {took:?}");
+        // The text form, as a user sees it (the README's transcript).
+        let (ok, text, err) = policy_diff_raw(lab, open)?;
+        ensure!(
+            ok && text.contains("1 become allowed, 0 become denied")
+                && text.contains("shop/allow-etl-to-backend ingress[0]"),
+            "text diff: {text}{err}"
+        );
+        eprintln!("$ cfcli policy diff -f allow-etl-to-backend.yaml\n{text}");
         // Nothing was stored.
         ensure!(
             lab.kubectl(&["get", "meshpolicy", "-n", "shop", "allow-etl-to-backend", "--ignore-not-found", "-o", "name"])?.trim().is_empty(),
@@ -3879,5 +3888,104 @@ async fn default_service_account(lab: &Lab, ns: &str) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// Every lab pod gets, as on a real node, its ServiceAccount token (the TokenRequest API, bound
+/// to the pod), the cluster CA and its namespace at the standard path, and the `kubernetes`
+/// Service's address in its environment; from inside the pod (its network, cgroup and mount
+/// namespaces) the apiserver answers at `https://10.96.0.1` — through the agents' socket load
+/// balancer and the lab's gateway — verified with that CA and authenticated with that token.
+async fn a_pods_token_is_projected_and_the_apiserver_answers_at_its_service(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let (pod, _) = first_pod(lab, "shop", "frontend")?;
+    let state = std::fs::read_to_string(lab.state_dir.join("pods").join(format!("shop_{pod}")))?;
+    // The state file: name, netns, cgroup, address, pid of the app container.
+    let fields: Vec<&str> = state.lines().collect();
+    let (cgroup, pid) = (
+        fields
+            .get(2)
+            .context("no cgroup in the state file")?
+            .to_string(),
+        fields
+            .get(4)
+            .context("no pid in the state file")?
+            .to_string(),
+    );
+    // In the container: its cgroup (for the socket load balancer), then its mount and network
+    // namespaces.
+    let in_pod = |script: &str| -> anyhow::Result<(bool, String, String)> {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec nsenter -t \"$1\" -m -n -- sh -c \"$2\"")
+            .arg(&cgroup)
+            .arg(&pid)
+            .arg(script)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let (ok, token, err) = in_pod(&format!("cat {dir}/token"))?;
+    ensure!(ok && !token.trim().is_empty(), "no token in the pod: {err}");
+    let (_, ca, _) = in_pod(&format!("cat {dir}/ca.crt"))?;
+    let cluster_ca = std::fs::read_to_string(lab.cluster.dir().join("ca.crt"))?;
+    ensure!(ca == cluster_ca, "the pod's ca.crt is not the cluster CA");
+    let (_, ns, _) = in_pod(&format!("cat {dir}/namespace"))?;
+    ensure!(ns == "shop", "the pod's namespace file says {ns:?}");
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    let environ = String::from_utf8_lossy(&environ);
+    ensure!(
+        environ
+            .split('\0')
+            .any(|v| v == "KUBERNETES_SERVICE_HOST=10.96.0.1")
+            && environ
+                .split('\0')
+                .any(|v| v == "KUBERNETES_SERVICE_PORT=443"),
+        "the container's environment lacks the kubernetes Service"
+    );
+    // The token is the pod's: its ServiceAccount, bound to this pod.
+    let review: TokenReview = kube::Api::all(lab.client.clone())
+        .create(
+            &kube::api::PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token: token.trim().to_string(),
+                    audiences: None,
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    let status = review.status.context("no TokenReview status")?;
+    let user = status.user.clone().unwrap_or_default();
+    ensure!(
+        status.authenticated == Some(true)
+            && user.username.as_deref() == Some("system:serviceaccount:shop:frontend")
+            && user
+                .extra
+                .as_ref()
+                .and_then(|e| e.get("authentication.kubernetes.io/pod-name"))
+                .is_some_and(|v| v == &vec![pod.clone()]),
+        "the token is not the pod's: {status:?}"
+    );
+    // The apiserver from inside the pod, at the Service address, with the pod's credentials.
+    let t = Instant::now();
+    let (ok, body, err) = in_pod(&format!(
+        "curl -sS --max-time 5 --cacert {dir}/ca.crt -H \"Authorization: Bearer $(cat {dir}/token)\" https://10.96.0.1/api"
+    ))?;
+    ensure!(
+        ok && body.contains("\"kind\": \"APIVersions\""),
+        "GET https://10.96.0.1/api from the pod: {body}{err}"
+    );
+    eprintln!(
+        "pod {pod}: token of system:serviceaccount:shop:frontend bound to it; GET https://10.96.0.1/api answered in {:?}",
+        t.elapsed()
+    );
     Ok(())
 }

@@ -26,3 +26,4 @@ pub mod lab;
 pub mod objects;
 pub mod pki;
 pub mod sim;
+pub mod volumes;

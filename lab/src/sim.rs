@@ -42,6 +42,10 @@ use cortexflow_testkit::net::{Netns, sh, try_wire_pod};
 const SANDBOX: &str =
     "echo $$ > \"$0/cgroup.procs\" && ns=\"$1\" && shift && exec ip netns exec \"$ns\" \"$@\"";
 
+/// As [`SANDBOX`] for a container: `$2` is a script run first inside the namespace (its own
+/// mount namespace, from `ip netns exec`: the volume mounts), which ends by exec'ing `$3…`.
+const CONTAINER_SANDBOX: &str = "echo $$ > \"$0/cgroup.procs\" && ns=\"$1\" && inner=\"$2\" && shift 2 && exec ip netns exec \"$ns\" sh -c \"$inner\" sh \"$@\"";
+
 /// The cgroup v2 root the lab's cgroups live under.
 pub const CGROUP_ROOT: &str = cortexflow_testkit::net::CGROUP2_ROOT;
 
@@ -177,6 +181,8 @@ struct Run {
     bin: PathBuf,
     argv: Vec<String>,
     env: Vec<(String, EnvValue)>,
+    /// The container's volume mounts.
+    mounts: Vec<crate::volumes::Mount>,
     log: PathBuf,
 }
 
@@ -184,6 +190,7 @@ struct Run {
 struct Prepared {
     pod: crate::containers::Pod,
     runs: Vec<Run>,
+    volumes: crate::volumes::Volumes,
 }
 
 /// A pod the node runs.
@@ -204,6 +211,8 @@ struct SimPod {
     state_file: PathBuf,
     /// What the status last written said (without timestamps).
     reported: Option<serde_json::Value>,
+    /// The pod's volumes (removed with the pod).
+    volumes: crate::volumes::Volumes,
 }
 
 impl SimPod {
@@ -239,11 +248,18 @@ impl SimPod {
             .append(true)
             .open(&r.log)?;
         let (ns_name, name) = self.key.split_once('/').unwrap_or(("", &self.key));
+        for m in &r.mounts {
+            crate::volumes::ensure_target(m)?;
+        }
         let mut cmd = Command::new("setpriv");
         cmd.args(["--pdeathsig", "KILL", "--", "sh", "-c"])
-            .arg(SANDBOX)
+            .arg(CONTAINER_SANDBOX)
             .arg(&self.cgroup)
             .arg(&self._netns.name)
+            .arg(format!(
+                "{}exec \"$@\"",
+                crate::volumes::mount_script(&r.mounts)
+            ))
             .arg(&r.bin)
             .args(&r.argv)
             .env("POD_NAME", name)
@@ -366,6 +382,7 @@ impl Drop for SimPod {
         }
         remove_cgroup(&self.cgroup);
         let _ = std::fs::remove_file(&self.state_file);
+        let _ = std::fs::remove_dir_all(&self.volumes.dir);
         // The namespace (and the veth with it) goes when `ns` drops.
     }
 }
@@ -656,6 +673,7 @@ impl SimNode {
             t.abort();
             let _ = t.await;
         }
+        crate::volumes::remove_created_targets();
     }
 }
 
@@ -672,6 +690,7 @@ impl Drop for SimNode {
             }
         }
         remove_cgroup(&self.cgroup);
+        crate::volumes::remove_created_targets();
         let _ = Command::new("ip")
             .args(["-n", &self.fabric, "link", "del", &self.uplink])
             .status();
@@ -775,6 +794,7 @@ impl PodCtx {
             }
         }
         self.advance(&uid);
+        self.refresh_tokens(p, &uid).await;
         self.run_probes(&uid).await;
         if let Err(e) = self.report(p, &uid).await {
             tracing::warn!(pod = %format!("{ns}/{name}"), error = %format!("{e:#}"), "pod status update failed (retrying)");
@@ -1004,6 +1024,20 @@ impl PodCtx {
     async fn prepare(&self, p: &Pod) -> anyhow::Result<Prepared> {
         let (pod, containers) = crate::containers::Pod::of(p)?;
         let (ns_name, name) = (p.namespace().unwrap_or_default(), p.name_any());
+        let field = |path: &str| match self.field(p, path)? {
+            EnvValue::Set(v) => Ok(v),
+            EnvValue::PodIp => anyhow::bail!("{path} is not available in a volume"),
+        };
+        let volumes = crate::volumes::make(
+            &self.client,
+            p,
+            &self
+                .state_dir
+                .join("pods")
+                .join(format!("{ns_name}_{name}.volumes")),
+            &field,
+        )
+        .await?;
         let mut runs = Vec::new();
         let mut first_app = true;
         for (spec, c) in pod.specs.iter().zip(&containers) {
@@ -1012,10 +1046,28 @@ impl PodCtx {
                 .binary(&spec.image)
                 .with_context(|| format!("image {:?} is not one the lab can run", spec.image))?
                 .clone();
-            let env = self
-                .resolve_env(p, c)
-                .await
-                .with_context(|| format!("container {}", c.name))?;
+            // The `kubernetes` Service, as the kubelet tells every container (the container's
+            // own variables come after and win).
+            let mut env = vec![
+                (
+                    "KUBERNETES_SERVICE_HOST".to_string(),
+                    EnvValue::Set(crate::cluster::KUBERNETES_SERVICE_IP.to_string()),
+                ),
+                (
+                    "KUBERNETES_SERVICE_PORT".into(),
+                    EnvValue::Set("443".into()),
+                ),
+                (
+                    "KUBERNETES_SERVICE_PORT_HTTPS".into(),
+                    EnvValue::Set("443".into()),
+                ),
+            ];
+            env.extend(
+                self.resolve_env(p, c)
+                    .await
+                    .with_context(|| format!("container {}", c.name))?,
+            );
+            let mounts = crate::volumes::mounts(c, &volumes)?;
             let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
             argv.extend(c.args.clone().unwrap_or_default());
             // The first app container's log keeps the pod's name (as before init containers
@@ -1030,10 +1082,11 @@ impl PodCtx {
                 bin,
                 argv,
                 env,
+                mounts,
                 log: self.state_dir.join("pods").join(log),
             });
         }
-        Ok(Prepared { pod, runs })
+        Ok(Prepared { pod, runs, volumes })
     }
 
     /// The sandbox: network namespace, address, interface (guarded by the CNI hook), cgroup and
@@ -1089,6 +1142,7 @@ impl PodCtx {
             key: format!("{ns_name}/{name}"),
             state_file,
             reported: None,
+            volumes: prepared.volumes,
         };
         if let Err(e) = sp.write_state_file(0) {
             return Err(e).context("write the pod's state file");
@@ -1148,6 +1202,54 @@ impl PodCtx {
                     tracing::warn!(pod = %sp.key, container = %sp.pod.specs[i].name, error = %format!("{e:#}"), "container did not start");
                     sp.pod.started(i, now);
                     sp.pod.exited(i, 127, now);
+                }
+            }
+        }
+    }
+
+    /// Requests the pod's projected tokens again at 80 % of their lifetime (the kubelet's
+    /// rule); a failure is retried on the next pass.
+    async fn refresh_tokens(&self, p: &Pod, uid: &str) {
+        let due: Vec<(usize, crate::volumes::Token)> = match self.state.lock() {
+            Ok(st) => st
+                .pods
+                .get(uid)
+                .map(|sp| {
+                    let now = std::time::Instant::now();
+                    sp.volumes
+                        .tokens
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| crate::volumes::due(t, now))
+                        .map(|(i, t)| (i, t.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Err(_) => return,
+        };
+        for (i, t) in due {
+            match crate::volumes::request_token(
+                &self.client,
+                p,
+                t.audience.as_deref(),
+                t.expiration,
+            )
+            .await
+            {
+                Ok(token) => {
+                    let tmp = t.file.with_extension("cf-tmp");
+                    if std::fs::write(&tmp, token)
+                        .and_then(|()| std::fs::rename(&tmp, &t.file))
+                        .is_ok()
+                        && let Ok(mut st) = self.state.lock()
+                        && let Some(sp) = st.pods.get_mut(uid)
+                        && let Some(tok) = sp.volumes.tokens.get_mut(i)
+                    {
+                        tok.requested = std::time::Instant::now();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %p.name_any(), error = %format!("{e:#}"), "renewing a projected token failed (retrying)")
                 }
             }
         }

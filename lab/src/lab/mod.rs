@@ -9,6 +9,7 @@
 //!
 //! This module is the life cycle (start, stop, what the lab prints, `exec`); [`probe`] runs
 //! probes inside pods and collects the agents' flow events; [`matrix`] is the demo's matrix.
+pub mod gateway;
 mod matrix;
 mod probe;
 mod service;
@@ -75,6 +76,8 @@ pub struct Lab {
     pub operator: Operator,
     /// The operator's Service: what the agents subscribe to.
     pub operator_service: OperatorService,
+    /// How pods reach the control plane ([`gateway`]).
+    pub gateway: gateway::Gateway,
     pub nodes: Vec<SimNode>,
     pub fabric: Fabric,
     pub cluster: Cluster,
@@ -134,6 +137,22 @@ impl Lab {
                 }
             }
         }
+        // Pods reach the apiserver at the `kubernetes` Service, relayed by the gateway.
+        let gateway = gateway::Gateway::start(
+            &fabric.ns,
+            &nodes
+                .iter()
+                .map(|n| (n.pod_cidr.clone(), n.ip))
+                .collect::<Vec<_>>(),
+            &[(
+                443,
+                (std::net::Ipv4Addr::LOCALHOST, cluster.ports().apiserver).into(),
+            )],
+        )?;
+        let slice = o.state_dir.join("kubernetes-endpoints.json");
+        std::fs::write(&slice, gateway::kubernetes_endpoints().to_string())?;
+        kubectl::ok(&kubeconfig, &["apply", "-f", &slice.to_string_lossy()])?;
+        let _ = std::fs::remove_file(&slice);
         let mut maps = vec![workspace_root().join("lab/images.map")];
         maps.extend(o.image_maps.iter().cloned());
         let images = Images::load(&maps, &mut |pkg, bin| binary(pkg, bin))?;
@@ -235,6 +254,7 @@ impl Lab {
             agents,
             operator,
             operator_service,
+            gateway,
             nodes,
             fabric,
             cluster,

@@ -1,0 +1,442 @@
+//! A pod's volumes as the kubelet makes them, for the node simulator: files in a directory per
+//! volume under the lab's state directory, bind-mounted at each container's `mountPath` inside
+//! the container's own mount namespace (the one `ip netns exec` gives it), read-only where the
+//! mount says so.
+//!
+//! Supported: `projected` (ServiceAccount tokens from the TokenRequest API bound to the pod,
+//! ConfigMaps, Secrets, the downward API), `configMap`, `secret`, `downwardAPI` and `emptyDir`.
+//! The `kube-api-access-*` volume the apiserver adds to every pod is a projected one: every lab
+//! pod gets its token, the cluster CA and its namespace at
+//! `/var/run/secrets/kubernetes.io/serviceaccount`, as on a real node. Tokens are requested
+//! again at 80 % of their lifetime, as the kubelet does. Any other volume type fails the pod,
+//! named — never a silently missing file.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{ConfigMap, Container, KeyToPath, Pod, Secret, ServiceAccount},
+};
+use kube::{Api, Client, ResourceExt, api::PostParams};
+
+/// A token a projected volume holds, to request again before it expires.
+#[derive(Clone, Debug)]
+pub struct Token {
+    pub file: PathBuf,
+    pub audience: Option<String>,
+    pub expiration: Duration,
+    pub requested: Instant,
+}
+
+/// One mount of a container: the source (a volume's directory, or a file or directory in it),
+/// the target and whether it is read-only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+/// The pod's volumes, made.
+#[derive(Debug, Default)]
+pub struct Volumes {
+    pub dir: PathBuf,
+    pub tokens: Vec<Token>,
+}
+
+fn write_file(dir: &Path, rel: &str, data: &[u8]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !rel.starts_with('/') && !rel.split('/').any(|c| c == ".."),
+        "volume path {rel:?} leaves its volume"
+    );
+    let f = dir.join(rel);
+    if let Some(parent) = f.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // Atomically (a renewed token replaces the old one whole).
+    let tmp = f.with_extension("cf-tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, &f)?;
+    Ok(())
+}
+
+/// Writes `data`'s keys (or only `items`, each to its path).
+fn write_keys(
+    dir: &Path,
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<KeyToPath>>,
+    what: &str,
+) -> anyhow::Result<()> {
+    match items {
+        None => {
+            for (k, v) in data {
+                write_file(dir, k, v)?;
+            }
+        }
+        Some(items) => {
+            for it in items {
+                let v = data
+                    .get(&it.key)
+                    .with_context(|| format!("{what} has no key {:?}", it.key))?;
+                write_file(dir, &it.path, v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn config_map(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+) -> anyhow::Result<Option<BTreeMap<String, Vec<u8>>>> {
+    match Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?
+    {
+        Some(cm) => {
+            let mut out: BTreeMap<String, Vec<u8>> = cm
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            out.extend(
+                cm.binary_data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0)),
+            );
+            Ok(Some(out))
+        }
+        None if optional => Ok(None),
+        None => anyhow::bail!("ConfigMap {name:?} not found"),
+    }
+}
+
+async fn secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+) -> anyhow::Result<Option<BTreeMap<String, Vec<u8>>>> {
+    match Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?
+    {
+        Some(s) => Ok(Some(
+            s.data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect(),
+        )),
+        None if optional => Ok(None),
+        None => anyhow::bail!("Secret {name:?} not found"),
+    }
+}
+
+/// A token for the pod's ServiceAccount, bound to the pod.
+pub async fn request_token(
+    client: &Client,
+    p: &Pod,
+    audience: Option<&str>,
+    expiration: Duration,
+) -> anyhow::Result<String> {
+    let ns = p.namespace().unwrap_or_default();
+    let sa = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let tr = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: audience.map(|a| vec![a.to_string()]),
+            expiration_seconds: Some(expiration.as_secs() as i64),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(p.name_any()),
+                uid: p.uid(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let out = Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .create_token_request(&sa, &PostParams::default(), &tr)
+        .await
+        .with_context(|| format!("a token for ServiceAccount {ns}/{sa}"))?;
+    out.status
+        .and_then(|s| s.token)
+        .context("the TokenRequest has no token")
+}
+
+/// Makes every volume of `p` under `dir` (one directory per volume). `field` answers the
+/// downward API's field paths.
+pub async fn make(
+    client: &Client,
+    p: &Pod,
+    dir: &Path,
+    field: &(dyn Fn(&str) -> anyhow::Result<String> + Sync),
+) -> anyhow::Result<Volumes> {
+    let ns = p.namespace().unwrap_or_default();
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let mut tokens = Vec::new();
+    for v in p
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default()
+    {
+        let vdir = dir.join(&v.name);
+        std::fs::create_dir_all(&vdir)?;
+        let what = format!("volume {}", v.name);
+        if let Some(proj) = &v.projected {
+            for src in proj.sources.iter().flatten() {
+                if let Some(t) = &src.service_account_token {
+                    let expiration =
+                        Duration::from_secs(t.expiration_seconds.unwrap_or(3600).max(600) as u64);
+                    let token = request_token(client, p, t.audience.as_deref(), expiration)
+                        .await
+                        .with_context(|| what.clone())?;
+                    write_file(&vdir, &t.path, token.as_bytes())?;
+                    tokens.push(Token {
+                        file: vdir.join(&t.path),
+                        audience: t.audience.clone(),
+                        expiration,
+                        requested: Instant::now(),
+                    });
+                } else if let Some(c) = &src.config_map {
+                    if let Some(d) = config_map(client, &ns, &c.name, c.optional.unwrap_or(false))
+                        .await
+                        .with_context(|| what.clone())?
+                    {
+                        write_keys(
+                            &vdir,
+                            &d,
+                            c.items.as_ref(),
+                            &format!("ConfigMap {:?}", c.name),
+                        )?;
+                    }
+                } else if let Some(s) = &src.secret {
+                    if let Some(d) = secret(client, &ns, &s.name, s.optional.unwrap_or(false))
+                        .await
+                        .with_context(|| what.clone())?
+                    {
+                        write_keys(&vdir, &d, s.items.as_ref(), &format!("Secret {:?}", s.name))?;
+                    }
+                } else if let Some(d) = &src.downward_api {
+                    for it in d.items.iter().flatten() {
+                        let f = it.field_ref.as_ref().with_context(|| {
+                            format!("{what}: downward API item {} without fieldRef", it.path)
+                        })?;
+                        write_file(&vdir, &it.path, field(&f.field_path)?.as_bytes())?;
+                    }
+                } else {
+                    anyhow::bail!("{what}: a projected source the lab does not support");
+                }
+            }
+        } else if let Some(c) = &v.config_map {
+            if let Some(d) = config_map(client, &ns, &c.name, c.optional.unwrap_or(false))
+                .await
+                .with_context(|| what.clone())?
+            {
+                write_keys(
+                    &vdir,
+                    &d,
+                    c.items.as_ref(),
+                    &format!("ConfigMap {:?}", c.name),
+                )?;
+            }
+        } else if let Some(s) = &v.secret {
+            let name = s.secret_name.clone().unwrap_or_default();
+            if let Some(d) = secret(client, &ns, &name, s.optional.unwrap_or(false))
+                .await
+                .with_context(|| what.clone())?
+            {
+                write_keys(&vdir, &d, s.items.as_ref(), &format!("Secret {name:?}"))?;
+            }
+        } else if let Some(d) = &v.downward_api {
+            for it in d.items.iter().flatten() {
+                let f = it.field_ref.as_ref().with_context(|| {
+                    format!("{what}: downward API item {} without fieldRef", it.path)
+                })?;
+                write_file(&vdir, &it.path, field(&f.field_path)?.as_bytes())?;
+            }
+        } else if v.empty_dir.is_some() {
+        } else {
+            anyhow::bail!(
+                "{what}: only projected, configMap, secret, downwardAPI and emptyDir volumes are supported by the lab"
+            );
+        }
+    }
+    Ok(Volumes {
+        dir: dir.to_path_buf(),
+        tokens,
+    })
+}
+
+/// The mounts of container `c` (its `volumeMounts`, `subPath` included).
+pub fn mounts(c: &Container, volumes: &Volumes) -> anyhow::Result<Vec<Mount>> {
+    let mut out = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let mut source = volumes.dir.join(&m.name);
+        anyhow::ensure!(
+            source.is_dir(),
+            "container {}: volumeMount {:?} names no volume of the pod",
+            c.name,
+            m.name
+        );
+        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            anyhow::ensure!(
+                !sub.starts_with('/') && !sub.split('/').any(|x| x == ".."),
+                "container {}: subPath {sub:?} leaves its volume",
+                c.name
+            );
+            source = source.join(sub);
+        }
+        anyhow::ensure!(
+            m.mount_path.starts_with('/') && !m.mount_path.contains('\''),
+            "container {}: mountPath {:?} must be absolute (and without quotes)",
+            c.name,
+            m.mount_path
+        );
+        out.push(Mount {
+            source,
+            target: PathBuf::from(&m.mount_path),
+            read_only: m.read_only.unwrap_or(false),
+        });
+    }
+    Ok(out)
+}
+
+/// Directories the lab created on the machine as mount targets (removed again, when empty, by
+/// [`remove_created_targets`]).
+static CREATED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Makes `target` exist (a directory, or an empty file for a file source), remembering the
+/// outermost directory it had to create.
+pub fn ensure_target(m: &Mount) -> anyhow::Result<()> {
+    let dir = if m.source.is_dir() {
+        m.target.clone()
+    } else {
+        m.target.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let mut first_missing = None;
+    let mut d = dir.as_path();
+    while !d.exists() {
+        first_missing = Some(d.to_path_buf());
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    if let Some(top) = first_missing
+        && let Ok(mut c) = CREATED.lock()
+        && !c.contains(&top)
+    {
+        c.push(top);
+    }
+    if !m.source.is_dir() && !m.target.exists() {
+        std::fs::write(&m.target, b"")?;
+    }
+    Ok(())
+}
+
+/// Removes the mount-target directories the lab created, where nothing else was put in them.
+pub fn remove_created_targets() {
+    fn remove_empty(d: &Path) {
+        if let Ok(entries) = std::fs::read_dir(d) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    remove_empty(&p);
+                } else if std::fs::metadata(&p).is_ok_and(|m| m.len() == 0) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(d);
+    }
+    if let Ok(mut c) = CREATED.lock() {
+        for d in c.drain(..) {
+            remove_empty(&d);
+        }
+    }
+}
+
+/// The shell commands that make `mounts` inside the container's mount namespace.
+pub fn mount_script(mounts: &[Mount]) -> String {
+    let mut s = String::new();
+    for m in mounts {
+        let (src, dst) = (m.source.display(), m.target.display());
+        s.push_str(&format!("mount --bind '{src}' '{dst}' && "));
+        if m.read_only {
+            s.push_str(&format!("mount -o remount,bind,ro '{dst}' && "));
+        }
+    }
+    s
+}
+
+/// Whether a token is due for renewal (80 % of its lifetime).
+pub fn due(t: &Token, now: Instant) -> bool {
+    now.saturating_duration_since(t.requested) >= t.expiration.mul_f64(0.8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mounts_quote_and_remount_read_only() {
+        let m = vec![
+            Mount {
+                source: "/s/a".into(),
+                target: "/var/run/secrets/x".into(),
+                read_only: true,
+            },
+            Mount {
+                source: "/s/b".into(),
+                target: "/data".into(),
+                read_only: false,
+            },
+        ];
+        assert_eq!(
+            mount_script(&m),
+            "mount --bind '/s/a' '/var/run/secrets/x' && mount -o remount,bind,ro '/var/run/secrets/x' && mount --bind '/s/b' '/data' && "
+        );
+    }
+
+    #[test]
+    fn paths_may_not_leave_their_volume() {
+        let dir = std::env::temp_dir().join(cortexflow_testkit::net::unique("cftest-vol-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(write_file(&dir, "../x", b"1").is_err());
+        assert!(write_file(&dir, "/etc/x", b"1").is_err());
+        write_file(&dir, "a/b", b"1").unwrap();
+        assert_eq!(std::fs::read(dir.join("a/b")).unwrap(), b"1");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tokens_renew_at_80_percent() {
+        let t0 = Instant::now();
+        let t = Token {
+            file: "/x".into(),
+            audience: None,
+            expiration: Duration::from_secs(100),
+            requested: t0,
+        };
+        assert!(!due(&t, t0 + Duration::from_secs(79)));
+        assert!(due(&t, t0 + Duration::from_secs(80)));
+    }
+}
