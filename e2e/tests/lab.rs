@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         t!(a_pods_environment_comes_from_its_manifest),
         t!(pods_run_init_containers_sidecars_restarts_and_probes),
         t!(a_pods_token_is_projected_and_the_apiserver_answers_at_its_service),
+        t!(cluster_dns_resolves_services_inside_pods),
         t!(a_pods_credentials_cannot_pass_for_an_agent_or_read_flows),
         t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
         t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
@@ -1537,6 +1538,24 @@ fn leftovers() -> anyhow::Result<()> {
     for c in children.split_whitespace() {
         if let Ok(cmd) = std::fs::read_to_string(format!("/proc/{c}/cmdline")) {
             left.push(format!("process {c} {}", cmd.replace('\0', " ")));
+        }
+    }
+    // Pods' resolv.conf directories, and mount targets the lab created on the machine.
+    for d in [
+        "/etc/netns",
+        "/etc/coredns",
+        "/var/run/secrets/kubernetes.io",
+    ] {
+        let p = std::path::Path::new(d);
+        let ours = match std::fs::read_dir(p) {
+            Ok(entries) => entries
+                .flatten()
+                .filter(|e| d != "/etc/netns" || e.file_name().to_string_lossy().starts_with("cfp"))
+                .count(),
+            Err(_) => 0,
+        };
+        if ours > 0 {
+            left.push(format!("{ours} entries in {d}"));
         }
     }
     ensure!(left.is_empty(), "left behind: {left:?}");
@@ -3987,5 +4006,63 @@ async fn a_pods_token_is_projected_and_the_apiserver_answers_at_its_service(
         "pod {pod}: token of system:serviceaccount:shop:frontend bound to it; GET https://10.96.0.1/api answered in {:?}",
         t.elapsed()
     );
+    Ok(())
+}
+
+/// Cluster DNS as on a real cluster: the real CoreDNS (its `kubernetes` plugin on the lab's
+/// apiserver, reached from its pod through the `kubernetes` Service) behind the kube-dns
+/// Service, and every pod's resolv.conf: a Service's full name, its short name through the
+/// search path, `name.namespace` from another namespace, each resolving to its ClusterIP; an
+/// unknown name does not resolve.
+async fn cluster_dns_resolves_services_inside_pods(lab: &mut Lab) -> anyhow::Result<()> {
+    lab.kubectl(&[
+        "wait",
+        "--for=condition=Available",
+        "deployment/coredns",
+        "-n",
+        "kube-system",
+        "--timeout=90s",
+    ])?;
+    let backend = lab.cluster_ip("shop", "backend")?.to_string();
+    let (fe, _) = first_pod(lab, "shop", "frontend")?;
+    let (etl, _) = first_pod(lab, "batch", "etl")?;
+    let resolve = |ns: &str, pod: &str, name: &str| -> anyhow::Result<(bool, String)> {
+        let (netns, cgroup) = cortexflow_lab::sim::locate(&lab.state_dir, ns, pod)?;
+        let out = cortexflow_lab::sim::exec_command(
+            &netns,
+            &cgroup,
+            &["getent".into(), "ahostsv4".into(), name.into()],
+        )
+        .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        ))
+    };
+    for (ns, pod, name) in [
+        ("shop", fe.as_str(), "backend.shop.svc.cluster.local"),
+        ("shop", fe.as_str(), "backend"),
+        ("batch", etl.as_str(), "backend.shop"),
+    ] {
+        let t = Instant::now();
+        let got = loop {
+            let (ok, ip) = resolve(ns, pod, name)?;
+            if ok || t.elapsed() > Duration::from_secs(20) {
+                break (ok, ip);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        ensure!(
+            got == (true, backend.clone()),
+            "{name} from {ns}/{pod}: {got:?}, want {backend}"
+        );
+        eprintln!("{name} from {ns}/{pod} → {backend} ({:?})", t.elapsed());
+    }
+    let (ok, ip) = resolve("shop", &fe, "nosuch.shop.svc.cluster.local")?;
+    ensure!(!ok, "an unknown name resolved to {ip}");
     Ok(())
 }

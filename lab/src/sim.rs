@@ -46,6 +46,9 @@ const SANDBOX: &str =
 /// mount namespace, from `ip netns exec`: the volume mounts), which ends by exec'ing `$3…`.
 const CONTAINER_SANDBOX: &str = "echo $$ > \"$0/cgroup.procs\" && ns=\"$1\" && inner=\"$2\" && shift 2 && exec ip netns exec \"$ns\" sh -c \"$inner\" sh \"$@\"";
 
+/// The cluster DNS (the kube-dns Service of `lab/manifests/cluster-dns.yaml`).
+pub const CLUSTER_DNS: &str = "10.96.0.10";
+
 /// The cgroup v2 root the lab's cgroups live under.
 pub const CGROUP_ROOT: &str = cortexflow_testkit::net::CGROUP2_ROOT;
 
@@ -383,6 +386,7 @@ impl Drop for SimPod {
         remove_cgroup(&self.cgroup);
         let _ = std::fs::remove_file(&self.state_file);
         let _ = std::fs::remove_dir_all(&self.volumes.dir);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self._netns.name));
         // The namespace (and the veth with it) goes when `ns` drops.
     }
 }
@@ -1131,6 +1135,22 @@ impl PodCtx {
             .state_dir
             .join("pods")
             .join(format!("{ns_name}_{name}"));
+        // The pod's resolv.conf (dnsPolicy ClusterFirst): `ip netns exec` mounts the files of
+        // /etc/netns/<namespace>/ over /etc for every process of the pod (removed with it).
+        let etc = Path::new("/etc/netns").join(&pod_ns.name);
+        let resolv = crate::volumes::create_dir_noted(&etc).and_then(|()| {
+            Ok(std::fs::write(
+                etc.join("resolv.conf"),
+                format!(
+                    "search {ns_name}.svc.cluster.local svc.cluster.local cluster.local\nnameserver {CLUSTER_DNS}\noptions ndots:5\n"
+                ),
+            )?)
+        });
+        if let Err(e) = resolv {
+            let _ = std::fs::remove_dir_all(&etc);
+            remove_cgroup(&cgroup);
+            return Err(e).context("write the pod's resolv.conf");
+        }
         let sp = SimPod {
             _netns: pod_ns,
             ip,

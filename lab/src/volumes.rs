@@ -330,8 +330,18 @@ pub fn ensure_target(m: &Mount) -> anyhow::Result<()> {
     } else {
         m.target.parent().map(Path::to_path_buf).unwrap_or_default()
     };
+    create_dir_noted(&dir)?;
+    if !m.source.is_dir() && !m.target.exists() {
+        std::fs::write(&m.target, b"")?;
+    }
+    Ok(())
+}
+
+/// `create_dir_all`, remembering the outermost directory it created, for
+/// [`remove_created_targets`].
+pub fn create_dir_noted(dir: &Path) -> anyhow::Result<()> {
     let mut first_missing = None;
-    let mut d = dir.as_path();
+    let mut d = dir;
     while !d.exists() {
         first_missing = Some(d.to_path_buf());
         match d.parent() {
@@ -339,15 +349,12 @@ pub fn ensure_target(m: &Mount) -> anyhow::Result<()> {
             None => break,
         }
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     if let Some(top) = first_missing
         && let Ok(mut c) = CREATED.lock()
         && !c.contains(&top)
     {
         c.push(top);
-    }
-    if !m.source.is_dir() && !m.target.exists() {
-        std::fs::write(&m.target, b"")?;
     }
     Ok(())
 }

@@ -12,6 +12,8 @@ pub const KUBERNETES_VERSION: &str = "v1.37.1";
 pub const ETCD_VERSION: &str = "v3.7.2";
 /// Helm release used to lint and template the chart.
 pub const HELM_VERSION: &str = "v4.3.1";
+/// CoreDNS release of the lab's cluster DNS.
+pub const COREDNS_VERSION: &str = "v1.15.0";
 
 /// Root of the binary cache.
 pub fn cache_dir() -> PathBuf {
@@ -46,6 +48,14 @@ pub fn etcd_bin() -> PathBuf {
 /// Path of the helm binary.
 pub fn helm_bin() -> PathBuf {
     cache_dir().join("helm").join(HELM_VERSION).join("bin/helm")
+}
+
+/// Path of the CoreDNS binary (built with the plugins a cluster's DNS uses).
+pub fn coredns_bin() -> PathBuf {
+    cache_dir()
+        .join("coredns")
+        .join(COREDNS_VERSION)
+        .join("bin/coredns")
 }
 
 /// Path of the real kubectl of [`KUBERNETES_VERSION`].

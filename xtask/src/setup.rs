@@ -203,6 +203,16 @@ fn steps() -> Vec<Step> {
             install: Box::new(build_helm),
             hint: "check that the Go module proxy is reachable (go env GOPROXY) and retry".into(),
         },
+        Step {
+            name: format!("CoreDNS {} (the lab's cluster DNS)", tools::COREDNS_VERSION),
+            check: Box::new(|| {
+                let v = run::probe(Command::new(tools::coredns_bin()).arg("-version"))?;
+                v.contains(&format!("CoreDNS-{}", &tools::COREDNS_VERSION[1..]))
+                    .then(|| tools::coredns_bin().display().to_string())
+            }),
+            install: Box::new(build_coredns),
+            hint: "check that the Go module proxy is reachable (go env GOPROXY) and retry".into(),
+        },
     ]
 }
 
@@ -444,6 +454,56 @@ fn build_etcd() -> anyhow::Result<()> {
     )?;
     fs::create_dir_all(dir.join("bin"))?;
     fs::rename(tmp.join("etcd"), tools::etcd_bin())?;
+    Ok(())
+}
+
+/// CoreDNS with the plugins of a cluster's DNS (what `plugin.cfg` would select): the real
+/// `coremain`, and the `kubernetes` plugin against the lab's apiserver.
+const COREDNS_PLUGINS: &[&str] = &[
+    "github.com/coredns/caddy/onevent",
+    "github.com/coredns/coredns/plugin/cache",
+    "github.com/coredns/coredns/plugin/errors",
+    "github.com/coredns/coredns/plugin/forward",
+    "github.com/coredns/coredns/plugin/health",
+    "github.com/coredns/coredns/plugin/kubernetes",
+    "github.com/coredns/coredns/plugin/loadbalance",
+    "github.com/coredns/coredns/plugin/log",
+    "github.com/coredns/coredns/plugin/loop",
+    "github.com/coredns/coredns/plugin/ready",
+    "github.com/coredns/coredns/plugin/reload",
+];
+
+fn build_coredns() -> anyhow::Result<()> {
+    let v = tools::COREDNS_VERSION;
+    let dir = version_dir("coredns", v);
+    let src = dir.join("src");
+    let imports: String = COREDNS_PLUGINS
+        .iter()
+        .map(|p| format!("\t_ \"{p}\"\n"))
+        .collect();
+    let main = format!(
+        "package main\n\nimport (\n{imports}\n\t\"github.com/coredns/coredns/coremain\"\n)\n\nfunc main() {{ coremain.Run() }}\n"
+    );
+    let mut packages: Vec<&str> = COREDNS_PLUGINS.to_vec();
+    packages.push("github.com/coredns/coredns/coremain");
+    go_wrapper_module(
+        &src,
+        &format!("github.com/coredns/coredns {v}"),
+        "",
+        &packages,
+        Some(&main),
+    )?;
+    let tmp = src.join("out");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    run::cmd(
+        go().args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
+            .arg(tmp.join("coredns"))
+            .arg("./cmd")
+            .current_dir(&src),
+    )?;
+    fs::create_dir_all(dir.join("bin"))?;
+    fs::rename(tmp.join("coredns"), tools::coredns_bin())?;
     Ok(())
 }
 

@@ -155,7 +155,17 @@ impl Lab {
         let _ = std::fs::remove_file(&slice);
         let mut maps = vec![workspace_root().join("lab/images.map")];
         maps.extend(o.image_maps.iter().cloned());
-        let images = Images::load(&maps, &mut |pkg, bin| binary(pkg, bin))?;
+        let mut images = Images::load(&maps, &mut |pkg, bin| binary(pkg, bin))?;
+        // The cluster DNS's image runs the CoreDNS `cargo xtask setup` built.
+        let coredns = cortexflow_testkit::tools::coredns_bin();
+        anyhow::ensure!(
+            coredns.is_file(),
+            "{} is missing: run `cargo xtask setup`",
+            coredns.display()
+        );
+        images
+            .0
+            .insert("registry.k8s.io/coredns/coredns".into(), coredns);
         // Each node's agent serves the CNI hook; the node simulator runs the plugin for every
         // pod, as a container runtime would after the pod network's plugin.
         let cni_socket = |n: &SimNode| o.state_dir.join("cni").join(format!("{}.sock", n.name));
@@ -246,6 +256,17 @@ impl Lab {
             a.wait_ready(Duration::from_secs(60)).await?;
         }
         lap("operator and agents", &mut timings);
+        // Cluster DNS (CoreDNS behind kube-dns); the tests that use it wait for it.
+        kubectl::ok(
+            &kubeconfig,
+            &[
+                "apply",
+                "-f",
+                &workspace_root()
+                    .join("lab/manifests/cluster-dns.yaml")
+                    .to_string_lossy(),
+            ],
+        )?;
         let (prometheus, prometheus_addr) = start_prometheus(&o.state_dir, &operator, &agents)?;
 
         let lab = Self {
