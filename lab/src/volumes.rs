@@ -20,7 +20,9 @@ use std::{
 use anyhow::Context as _;
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{ConfigMap, Container, KeyToPath, Pod, Secret, ServiceAccount},
+    core::v1::{
+        ConfigMap, Container, DownwardAPIVolumeFile, KeyToPath, Pod, Secret, ServiceAccount,
+    },
 };
 use kube::{Api, Client, ResourceExt, api::PostParams};
 
@@ -178,6 +180,52 @@ pub async fn request_token(
         .context("the TokenRequest has no token")
 }
 
+/// What a volume (or a projected volume's source) takes its files from.
+enum Source<'a> {
+    /// Name, the keys to take (all without), optional.
+    ConfigMap(&'a str, Option<&'a Vec<KeyToPath>>, bool),
+    Secret(&'a str, Option<&'a Vec<KeyToPath>>, bool),
+    Downward(&'a [DownwardAPIVolumeFile]),
+}
+
+/// Writes one source's files into `vdir`.
+async fn write_source(
+    client: &Client,
+    ns: &str,
+    vdir: &Path,
+    what: &str,
+    src: Source<'_>,
+    field: &(dyn Fn(&str) -> anyhow::Result<String> + Sync),
+) -> anyhow::Result<()> {
+    match src {
+        Source::ConfigMap(name, items, optional) => {
+            if let Some(d) = config_map(client, ns, name, optional)
+                .await
+                .with_context(|| what.to_string())?
+            {
+                write_keys(vdir, &d, items, &format!("ConfigMap {name:?}"))?;
+            }
+        }
+        Source::Secret(name, items, optional) => {
+            if let Some(d) = secret(client, ns, name, optional)
+                .await
+                .with_context(|| what.to_string())?
+            {
+                write_keys(vdir, &d, items, &format!("Secret {name:?}"))?;
+            }
+        }
+        Source::Downward(items) => {
+            for it in items {
+                let f = it.field_ref.as_ref().with_context(|| {
+                    format!("{what}: downward API item {} without fieldRef", it.path)
+                })?;
+                write_file(vdir, &it.path, field(&f.field_path)?.as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Makes every volume of `p` under `dir` (one directory per volume). `field` answers the
 /// downward API's field paths.
 pub async fn make(
@@ -215,62 +263,30 @@ pub async fn make(
                         requested: Instant::now(),
                     });
                 } else if let Some(c) = &src.config_map {
-                    if let Some(d) = config_map(client, &ns, &c.name, c.optional.unwrap_or(false))
-                        .await
-                        .with_context(|| what.clone())?
-                    {
-                        write_keys(
-                            &vdir,
-                            &d,
-                            c.items.as_ref(),
-                            &format!("ConfigMap {:?}", c.name),
-                        )?;
-                    }
-                } else if let Some(s) = &src.secret {
-                    if let Some(d) = secret(client, &ns, &s.name, s.optional.unwrap_or(false))
-                        .await
-                        .with_context(|| what.clone())?
-                    {
-                        write_keys(&vdir, &d, s.items.as_ref(), &format!("Secret {:?}", s.name))?;
-                    }
+                    let items = c.items.as_ref();
+                    let src = Source::ConfigMap(&c.name, items, c.optional.unwrap_or(false));
+                    write_source(client, &ns, &vdir, &what, src, field).await?;
+                } else if let Some(x) = &src.secret {
+                    let items = x.items.as_ref();
+                    let src = Source::Secret(&x.name, items, x.optional.unwrap_or(false));
+                    write_source(client, &ns, &vdir, &what, src, field).await?;
                 } else if let Some(d) = &src.downward_api {
-                    for it in d.items.iter().flatten() {
-                        let f = it.field_ref.as_ref().with_context(|| {
-                            format!("{what}: downward API item {} without fieldRef", it.path)
-                        })?;
-                        write_file(&vdir, &it.path, field(&f.field_path)?.as_bytes())?;
-                    }
+                    let src = Source::Downward(d.items.as_deref().unwrap_or_default());
+                    write_source(client, &ns, &vdir, &what, src, field).await?;
                 } else {
                     anyhow::bail!("{what}: a projected source the lab does not support");
                 }
             }
         } else if let Some(c) = &v.config_map {
-            if let Some(d) = config_map(client, &ns, &c.name, c.optional.unwrap_or(false))
-                .await
-                .with_context(|| what.clone())?
-            {
-                write_keys(
-                    &vdir,
-                    &d,
-                    c.items.as_ref(),
-                    &format!("ConfigMap {:?}", c.name),
-                )?;
-            }
-        } else if let Some(s) = &v.secret {
-            let name = s.secret_name.clone().unwrap_or_default();
-            if let Some(d) = secret(client, &ns, &name, s.optional.unwrap_or(false))
-                .await
-                .with_context(|| what.clone())?
-            {
-                write_keys(&vdir, &d, s.items.as_ref(), &format!("Secret {name:?}"))?;
-            }
+            let src = Source::ConfigMap(&c.name, c.items.as_ref(), c.optional.unwrap_or(false));
+            write_source(client, &ns, &vdir, &what, src, field).await?;
+        } else if let Some(x) = &v.secret {
+            let name = x.secret_name.clone().unwrap_or_default();
+            let src = Source::Secret(&name, x.items.as_ref(), x.optional.unwrap_or(false));
+            write_source(client, &ns, &vdir, &what, src, field).await?;
         } else if let Some(d) = &v.downward_api {
-            for it in d.items.iter().flatten() {
-                let f = it.field_ref.as_ref().with_context(|| {
-                    format!("{what}: downward API item {} without fieldRef", it.path)
-                })?;
-                write_file(&vdir, &it.path, field(&f.field_path)?.as_bytes())?;
-            }
+            let src = Source::Downward(d.items.as_deref().unwrap_or_default());
+            write_source(client, &ns, &vdir, &what, src, field).await?;
         } else if v.empty_dir.is_some() {
         } else {
             anyhow::bail!(
