@@ -3680,7 +3680,8 @@ spec:
 /// running beside the app, in the pod's network namespace; readiness from an HTTP probe;
 /// a liveness probe that fails restarts the container; a crashing container restarted with
 /// back-off (CrashLoopBackOff, its last exit code kept); `restartPolicy: Never` ends in
-/// Succeeded or Failed; a probe kind the lab cannot run fails the pod with the reason.
+/// Succeeded or Failed; a host-network pod serves on its node's address; a probe kind the lab
+/// cannot run fails the pod with the reason.
 async fn pods_run_init_containers_sidecars_restarts_and_probes(
     lab: &mut Lab,
 ) -> anyhow::Result<()> {
@@ -3735,6 +3736,17 @@ spec:
       image: cortexflow/workload
       args: [serve, --http, "8081", --http-fail-after-ms, "1500"]
       livenessProbe: {httpGet: {path: /healthz, port: 8081}, periodSeconds: 1, failureThreshold: 2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hostnet, namespace: lifecycle}
+spec:
+  hostNetwork: true
+  containers:
+    - name: app
+      image: cortexflow/workload
+      args: [serve, --tcp, "18081", --name, hostnet]
+      readinessProbe: {tcpSocket: {port: 18081}, periodSeconds: 1}
 ---
 apiVersion: v1
 kind: Pod
@@ -3867,6 +3879,15 @@ spec:
             v["status"]
         );
         eprintln!("unwell: restarted by its liveness probe after {took:?}: {last}");
+        // Host network: the node's address, reached there by another pod.
+        let (v, _) = until(lab, "hostnet", "Ready", &|v| condition(v, "Ready").0 == "True").await?;
+        let (pod_ip, host_ip) = (
+            v["status"]["podIP"].as_str().unwrap_or("").to_string(),
+            v["status"]["hostIP"].as_str().unwrap_or("").to_string(),
+        );
+        ensure!(!host_ip.is_empty() && pod_ip == host_ip, "hostnet: podIP {pod_ip}, hostIP {host_ip}");
+        let got = lab.probe("batch", &client, "tcp", &format!("{host_ip}:18081"))?;
+        ensure!(got.trim() == "success hostnet", "the host-network pod at {host_ip}:18081: {got:?}");
         // A probe the lab cannot run: the pod says so.
         let (v, _) = until(lab, "exec-probe", "refused", &|v| condition(v, "Ready").1.contains("only httpGet and tcpSocket")).await?;
         ensure!(condition(&v, "Ready").0 == "False", "exec-probe: {:#}", v["status"]);

@@ -198,8 +198,11 @@ struct Prepared {
 
 /// A pod the node runs.
 struct SimPod {
-    /// Held for its drop: deleting the namespace removes the veth too.
-    _netns: Netns,
+    /// The pod's own network namespace, held for its drop (deleting it removes the veth too);
+    /// `None` for a host-network pod, which runs in the node's.
+    own_netns: Option<Netns>,
+    /// The namespace its containers run in.
+    netns: String,
     ip: Ipv4Addr,
     cgroup: PathBuf,
     /// `namespace/name`, for logs.
@@ -236,7 +239,7 @@ impl SimPod {
             format!(
                 "{}\n{}\n{}\n{}\n{pid}\n",
                 self.key,
-                self._netns.name,
+                self.netns,
                 self.cgroup.display(),
                 self.ip
             ),
@@ -258,7 +261,7 @@ impl SimPod {
         cmd.args(["--pdeathsig", "KILL", "--", "sh", "-c"])
             .arg(CONTAINER_SANDBOX)
             .arg(&self.cgroup)
-            .arg(&self._netns.name)
+            .arg(&self.netns)
             .arg(format!(
                 "{}exec \"$@\"",
                 crate::volumes::mount_script(&r.mounts)
@@ -386,7 +389,9 @@ impl Drop for SimPod {
         remove_cgroup(&self.cgroup);
         let _ = std::fs::remove_file(&self.state_file);
         let _ = std::fs::remove_dir_all(&self.volumes.dir);
-        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self._netns.name));
+        if self.own_netns.is_some() {
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.netns));
+        }
         // The namespace (and the veth with it) goes when `ns` drops.
     }
 }
@@ -1101,7 +1106,45 @@ impl PodCtx {
             .state
             .lock()
             .map_err(|_| anyhow::anyhow!("state poisoned"))?;
-        let used: Vec<Ipv4Addr> = st.pods.values().map(|p| p.ip).collect();
+        let host_network = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        if host_network {
+            // The node's own network: its namespace and address, no interface of its own (and
+            // so nothing for the CNI hook, and the host's resolv.conf).
+            let cgroup = self.cgroup.join(cortexflow_testkit::net::unique("cfpod"));
+            std::fs::create_dir_all(&cgroup)?;
+            let sp = SimPod {
+                own_netns: None,
+                netns: self.node_ns.clone(),
+                ip: self.node_ip,
+                cgroup,
+                children: prepared.runs.iter().map(|_| None).collect(),
+                times: vec![[None, None, None, None]; prepared.runs.len()],
+                pod: prepared.pod,
+                runs: prepared.runs,
+                key: format!("{ns_name}/{name}"),
+                state_file: self
+                    .state_dir
+                    .join("pods")
+                    .join(format!("{ns_name}_{name}")),
+                reported: None,
+                volumes: prepared.volumes,
+            };
+            sp.write_state_file(0)
+                .context("write the pod's state file")?;
+            st.pods.insert(uid.to_string(), sp);
+            tracing::info!(pod = %format!("{ns_name}/{name}"), node = %self.node, "host-network pod ready");
+            return Ok(());
+        }
+        let used: Vec<Ipv4Addr> = st
+            .pods
+            .values()
+            .filter(|p| p.own_netns.is_some())
+            .map(|p| p.ip)
+            .collect();
         // Hosts 2..=254, starting after the last one handed out.
         let start = st.last_host.checked_sub(2).map_or(252, u16::from);
         let host = (1..=253u16)
@@ -1152,7 +1195,8 @@ impl PodCtx {
             return Err(e).context("write the pod's resolv.conf");
         }
         let sp = SimPod {
-            _netns: pod_ns,
+            netns: pod_ns.name.clone(),
+            own_netns: Some(pod_ns),
             ip,
             cgroup,
             children: prepared.runs.iter().map(|_| None).collect(),
