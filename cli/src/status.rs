@@ -227,120 +227,174 @@ pub async fn gather(cluster: &Cluster, m: &MetricsArgs) -> anyhow::Result<Snapsh
     if let Err(e) = &server_version {
         anyhow::bail!("the Kubernetes API does not answer: {e}");
     }
+    // Every read at once: the objects, the daemons' metrics and Prometheus.
     let crd_api: Api<CustomResourceDefinition> = Api::all(c.clone());
-    let mut crds = Vec::new();
-    for name in [
-        "meshpolicies.mesh.cortexflow.io",
-        "serviceidentities.mesh.cortexflow.io",
-    ] {
-        crds.push((name.to_string(), crd_api.get_opt(name).await?));
-    }
-    let namespace_exists = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
-        .get_opt(ns)
-        .await?
-        .is_some();
     let cms: Api<ConfigMap> = Api::namespaced(c.clone(), ns);
-    let lease = Api::<Lease>::namespaced(c.clone(), ns)
-        .get_opt("cortexflow-operator")
-        .await?;
-    let id_table = cms.get_opt(crate::live::ID_TABLE).await?;
-    let bundle = cms.get_opt("cortexflow-ca-bundle").await?;
-    let nodes = Api::<Node>::all(c.clone())
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|n| n.metadata.name)
-        .collect();
-    let mut operators = Vec::new();
-    if m.operator.is_empty() {
-        for (pod, _, port) in
-            pods_with_port(c, ns, "app.kubernetes.io/name=cortexflow-operator", "admin").await?
-        {
-            let samples = proxy_metrics(c, ns, &pod, port)
-                .await
-                .map(|t| parse_metrics(&t));
-            operators.push(Scraped { name: pod, samples });
-        }
-    } else {
-        for addr in &m.operator {
-            let samples = direct_metrics(addr).await.map(|t| parse_metrics(&t));
-            operators.push(Scraped {
-                name: addr.clone(),
-                samples,
-            });
-        }
-    }
-    let mut agents = BTreeMap::new();
-    if m.agents.is_empty() {
-        for (pod, node, port) in
-            pods_with_port(c, ns, "app.kubernetes.io/name=cortexflow-agent", "admin").await?
-        {
-            let samples = proxy_metrics(c, ns, &pod, port)
-                .await
-                .map(|t| parse_metrics(&t));
-            agents.insert(node, Scraped { name: pod, samples });
-        }
-    } else {
-        for a in &m.agents {
-            let e = crate::connect::parse_agent(a).context("--agent-metrics")?;
-            let samples = direct_metrics(&e.addr).await.map(|t| parse_metrics(&t));
-            agents.insert(
-                e.node,
-                Scraped {
-                    name: e.addr,
-                    samples,
-                },
-            );
-        }
-    }
-    let policies = Api::<cortexflow_crds::MeshPolicy>::all(c.clone())
-        .list(&ListParams::default())
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default();
-    let identities = Api::<cortexflow_crds::ServiceIdentity>::all(c.clone())
-        .list(&ListParams::default())
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default();
-    let webhook =
-        Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
-            c.clone(),
-        )
-        .get_opt("cortexflow-injector")
-        .await
-        .ok()
-        .flatten();
-    let prometheus_up = match &m.prometheus {
-        None => None,
-        Some(url) => Some(
-            http_get(&format!(
-                "{}/api/v1/query?query=up",
-                url.trim_end_matches('/')
-            ))
-            .await
-            .and_then(|body| {
-                let v: serde_json::Value =
-                    serde_json::from_str(&body).map_err(|e| e.to_string())?;
-                Ok(v["data"]["result"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| {
-                        (
-                            r["metric"]["job"].as_str().unwrap_or("").to_string(),
-                            r["metric"]["instance"].as_str().unwrap_or("").to_string(),
-                            r["value"][1]
-                                .as_str()
-                                .and_then(|x| x.parse().ok())
-                                .unwrap_or(0.0),
-                        )
-                    })
-                    .collect())
-            }),
-        ),
+    let crd = |name: &'static str| {
+        let crd_api = crd_api.clone();
+        async move { anyhow::Ok((name.to_string(), crd_api.get_opt(name).await?)) }
     };
+    let objects = async {
+        futures::try_join!(
+            crd("meshpolicies.mesh.cortexflow.io"),
+            crd("serviceidentities.mesh.cortexflow.io"),
+            async {
+                anyhow::Ok(
+                    Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
+                        .get_opt(ns)
+                        .await?
+                        .is_some(),
+                )
+            },
+            async {
+                anyhow::Ok(
+                    Api::<Lease>::namespaced(c.clone(), ns)
+                        .get_opt("cortexflow-operator")
+                        .await?,
+                )
+            },
+            async { anyhow::Ok(cms.get_opt(crate::live::ID_TABLE).await?) },
+            async { anyhow::Ok(cms.get_opt("cortexflow-ca-bundle").await?) },
+            async {
+                anyhow::Ok(
+                    Api::<Node>::all(c.clone())
+                        .list(&ListParams::default())
+                        .await?
+                        .items
+                        .into_iter()
+                        .filter_map(|n| n.metadata.name)
+                        .collect::<Vec<_>>(),
+                )
+            },
+        )
+    };
+    let operators = async {
+        if m.operator.is_empty() {
+            let pods = pods_with_port(c, ns, "app.kubernetes.io/name=cortexflow-operator", "admin")
+                .await?;
+            anyhow::Ok(
+                futures::future::join_all(pods.into_iter().map(|(pod, _, port)| async move {
+                    let samples = proxy_metrics(c, ns, &pod, port)
+                        .await
+                        .map(|t| parse_metrics(&t));
+                    Scraped { name: pod, samples }
+                }))
+                .await,
+            )
+        } else {
+            Ok(
+                futures::future::join_all(m.operator.iter().map(|addr| async move {
+                    let samples = direct_metrics(addr).await.map(|t| parse_metrics(&t));
+                    Scraped {
+                        name: addr.clone(),
+                        samples,
+                    }
+                }))
+                .await,
+            )
+        }
+    };
+    let agents = async {
+        if m.agents.is_empty() {
+            let pods =
+                pods_with_port(c, ns, "app.kubernetes.io/name=cortexflow-agent", "admin").await?;
+            anyhow::Ok(
+                futures::future::join_all(pods.into_iter().map(|(pod, node, port)| async move {
+                    let samples = proxy_metrics(c, ns, &pod, port)
+                        .await
+                        .map(|t| parse_metrics(&t));
+                    (node, Scraped { name: pod, samples })
+                }))
+                .await
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            )
+        } else {
+            let endpoints = m
+                .agents
+                .iter()
+                .map(|a| crate::connect::parse_agent(a).context("--agent-metrics"))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(
+                futures::future::join_all(endpoints.into_iter().map(|e| async move {
+                    let samples = direct_metrics(&e.addr).await.map(|t| parse_metrics(&t));
+                    (
+                        e.node,
+                        Scraped {
+                            name: e.addr,
+                            samples,
+                        },
+                    )
+                }))
+                .await
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            )
+        }
+    };
+    let crs = async {
+        futures::join!(
+            async {
+                Api::<cortexflow_crds::MeshPolicy>::all(c.clone())
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default()
+            },
+            async {
+                Api::<cortexflow_crds::ServiceIdentity>::all(c.clone())
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default()
+            },
+            async {
+                Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+                    c.clone(),
+                )
+                .get_opt("cortexflow-injector")
+                .await
+                .ok()
+                .flatten()
+            },
+        )
+    };
+    let prometheus = async {
+        match &m.prometheus {
+            None => None,
+            Some(url) => Some(
+                http_get(&format!(
+                    "{}/api/v1/query?query=up",
+                    url.trim_end_matches('/')
+                ))
+                .await
+                .and_then(|body| {
+                    let v: serde_json::Value =
+                        serde_json::from_str(&body).map_err(|e| e.to_string())?;
+                    Ok(v["data"]["result"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| {
+                            (
+                                r["metric"]["job"].as_str().unwrap_or("").to_string(),
+                                r["metric"]["instance"].as_str().unwrap_or("").to_string(),
+                                r["value"][1]
+                                    .as_str()
+                                    .and_then(|x| x.parse().ok())
+                                    .unwrap_or(0.0),
+                            )
+                        })
+                        .collect())
+                }),
+            ),
+        }
+    };
+    let (objects, operators, agents, (policies, identities, webhook), prometheus_up) =
+        futures::join!(objects, operators, agents, crs, prometheus);
+    let (crd_mp, crd_sid, namespace_exists, lease, id_table, bundle, nodes) = objects?;
+    let crds = vec![crd_mp, crd_sid];
+    let (operators, agents) = (operators?, agents?);
     Ok(Snapshot {
         server_version,
         crds,
