@@ -594,6 +594,9 @@ impl Reason {
     }
 }
 
+/// The name of every verdict, in order ([`verdict_name`] of 0, 1, 2).
+pub const VERDICT_NAMES: [&str; VERDICTS as usize] = ["allowed", "dropped", "audit"];
+
 /// Name of a verdict (a metric label value).
 pub const fn verdict_name(verdict: u8) -> &'static str {
     match verdict {
@@ -749,6 +752,17 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verdict_names_are_the_names_of_the_verdict_numbers() {
+        for (i, n) in VERDICT_NAMES.iter().enumerate() {
+            assert_eq!(verdict_name(i as u8), *n);
+        }
+        assert_eq!(
+            [VERDICT_ALLOWED, VERDICT_DROPPED, VERDICT_AUDIT].map(verdict_name),
+            VERDICT_NAMES
+        );
+    }
 
     #[test]
     fn flow_events_decode_from_the_bytes_the_kernel_writes() {

@@ -254,9 +254,10 @@ impl v1::flows_server::Flows for FlowsService {
             return Err(Status::invalid_argument("a pod filter needs a namespace"));
         }
         for v in &q.verdicts {
-            if !["allowed", "dropped", "audit"].contains(&v.as_str()) {
+            if !cortexflow_common::VERDICT_NAMES.contains(&v.as_str()) {
                 return Err(Status::invalid_argument(format!(
-                    "verdict {v:?} is not one of allowed, dropped, audit"
+                    "verdict {v:?} is not one of {}",
+                    cortexflow_common::VERDICT_NAMES.join(", ")
                 )));
             }
         }

@@ -143,7 +143,7 @@ impl Filter {
 }
 
 /// The verdicts the datapath reports (docs/policy.md).
-pub const VERDICTS: [&str; 3] = ["allowed", "dropped", "audit"];
+pub const VERDICTS: [&str; 3] = cortexflow_common::VERDICT_NAMES;
 
 /// The reasons the datapath reports, by their names (docs/policy.md, "Verdict reasons").
 pub fn reasons() -> Vec<&'static str> {
