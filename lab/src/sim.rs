@@ -222,6 +222,33 @@ struct SimPod {
 }
 
 impl SimPod {
+    /// A pod whose sandbox is ready (`netns`: the namespace its containers run in, and the
+    /// pod's own namespace to hold, if it has one); no container runs yet.
+    fn new(
+        key: String,
+        netns: (String, Option<Netns>),
+        ip: Ipv4Addr,
+        cgroup: PathBuf,
+        state_file: PathBuf,
+        prepared: Prepared,
+    ) -> Self {
+        let n = prepared.runs.len();
+        Self {
+            netns: netns.0,
+            own_netns: netns.1,
+            ip,
+            cgroup,
+            key,
+            children: (0..n).map(|_| None).collect(),
+            times: vec![[None, None, None, None]; n],
+            pod: prepared.pod,
+            runs: prepared.runs,
+            state_file,
+            reported: None,
+            volumes: prepared.volumes,
+        }
+    }
+
     /// Whether any container still runs.
     fn running(&mut self) -> bool {
         self.children
@@ -1116,23 +1143,18 @@ impl PodCtx {
             // so nothing for the CNI hook, and the host's resolv.conf).
             let cgroup = self.cgroup.join(cortexflow_testkit::net::unique("cfpod"));
             std::fs::create_dir_all(&cgroup)?;
-            let sp = SimPod {
-                own_netns: None,
-                netns: self.node_ns.clone(),
-                ip: self.node_ip,
+            let state_file = self
+                .state_dir
+                .join("pods")
+                .join(format!("{ns_name}_{name}"));
+            let sp = SimPod::new(
+                format!("{ns_name}/{name}"),
+                (self.node_ns.clone(), None),
+                self.node_ip,
                 cgroup,
-                children: prepared.runs.iter().map(|_| None).collect(),
-                times: vec![[None, None, None, None]; prepared.runs.len()],
-                pod: prepared.pod,
-                runs: prepared.runs,
-                key: format!("{ns_name}/{name}"),
-                state_file: self
-                    .state_dir
-                    .join("pods")
-                    .join(format!("{ns_name}_{name}")),
-                reported: None,
-                volumes: prepared.volumes,
-            };
+                state_file,
+                prepared,
+            );
             sp.write_state_file(0)
                 .context("write the pod's state file")?;
             st.pods.insert(uid.to_string(), sp);
@@ -1194,20 +1216,14 @@ impl PodCtx {
             remove_cgroup(&cgroup);
             return Err(e).context("write the pod's resolv.conf");
         }
-        let sp = SimPod {
-            netns: pod_ns.name.clone(),
-            own_netns: Some(pod_ns),
+        let sp = SimPod::new(
+            format!("{ns_name}/{name}"),
+            (pod_ns.name.clone(), Some(pod_ns)),
             ip,
             cgroup,
-            children: prepared.runs.iter().map(|_| None).collect(),
-            times: vec![[None, None, None, None]; prepared.runs.len()],
-            pod: prepared.pod,
-            runs: prepared.runs,
-            key: format!("{ns_name}/{name}"),
             state_file,
-            reported: None,
-            volumes: prepared.volumes,
-        };
+            prepared,
+        );
         if let Err(e) = sp.write_state_file(0) {
             return Err(e).context("write the pod's state file");
         }
