@@ -14,7 +14,7 @@
 //!   until [`stop_detached`] (`cargo xtask cluster down`) stops them and removes the directory.
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, TcpListener},
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -62,16 +62,12 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// Free loopback ports, all held at once while choosing so that they differ.
+    /// Free loopback ports, each one different (`free_port` never repeats in a process).
     fn free() -> anyhow::Result<Self> {
-        let listeners = (0..5)
-            .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-            .collect::<Result<Vec<_>, _>>()
-            .context("reserve loopback ports")?;
-        let p = listeners
-            .iter()
-            .map(|l| l.local_addr().map(|a| a.port()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let p = (0..5)
+            .map(|_| cortexflow_testkit::process::free_port())
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("choose loopback ports")?;
         Ok(Self {
             etcd_client: p[0],
             etcd_peer: p[1],

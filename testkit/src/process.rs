@@ -12,11 +12,33 @@ use anyhow::{Context as _, bail};
 
 pub use crate::cargo::binary;
 
-/// A free loopback port.
+/// The ports `free_port` hands out: below the kernel's ephemeral range (32768–60999), so no
+/// outgoing connection of any process takes one between the pick and the daemon's bind.
+const PORTS: std::ops::Range<u32> = 20_000..32_000;
+
+/// A free loopback port, never the same twice in one process. Asking the kernel for port 0
+/// and closing it is not enough: the kernel may hand that port to the next caller (or to an
+/// outgoing connection) before the daemon binds it, and an operator once died at start-up
+/// with "Address already in use" on a port another test daemon had been given too.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Spread concurrent test processes over the range by their pid.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = PORTS.end - PORTS.start;
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = PORTS.start + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = u16::try_from(port)?;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port in {PORTS:?}")
 }
 
 /// A running daemon.
