@@ -215,7 +215,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         !args.operator.is_empty(),
         "--operator (CORTEXFLOW_OPERATOR) is required"
     );
-    let identity = Arc::new(crate::identity::Identity::new(
+    let identity = Arc::new(crate::identity::new(
         &args.node_name,
         &args.trust_domain,
         &args.operator,

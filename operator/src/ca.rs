@@ -708,10 +708,22 @@ impl CertificateService {
         Ok(())
     }
 
-    async fn sign_inner(&self, req: v1::SignRequest) -> Result<v1::SignResponse, Refused> {
-        let caller = self.review(&req.token).await?;
+    /// A refusal counted and logged, or the answer.
+    fn answer<T>(&self, r: Result<T, Refused>) -> Result<Response<T>, Status> {
+        r.map(Response::new).map_err(|Refused(status, reason)| {
+            self.metrics
+                .refused
+                .add(1, &[KeyValue::new("reason", reason)]);
+            tracing::warn!(reason, error = %status.message(), "certificate request refused");
+            status
+        })
+    }
+
+    /// The SPIFFE id `token` proves now, and its kind (the metric's label).
+    async fn identity_of(&self, token: &str) -> Result<(String, &'static str), Refused> {
+        let caller = self.review(token).await?;
         let td = &self.cfg.trust_domain;
-        let (id, kind) = match &caller {
+        Ok(match &caller {
             Caller::Node(n) => (spiffe::node_agent(td, n), "node"),
             Caller::Pod(p) => (
                 self.store.read(|e| e.pod_spiffe_id(p)).ok_or_else(|| {
@@ -724,7 +736,11 @@ impl CertificateService {
                 })?,
                 "workload",
             ),
-        };
+        })
+    }
+
+    async fn sign_inner(&self, req: v1::SignRequest) -> Result<v1::SignResponse, Refused> {
+        let (id, kind) = self.identity_of(&req.token).await?;
         let issued = self
             .state
             .authority()
@@ -800,15 +816,19 @@ impl Certificates for CertificateService {
         &self,
         req: Request<v1::SignRequest>,
     ) -> Result<Response<v1::SignResponse>, Status> {
-        match self.sign_inner(req.into_inner()).await {
-            Ok(r) => Ok(Response::new(r)),
-            Err(Refused(status, reason)) => {
-                self.metrics
-                    .refused
-                    .add(1, &[KeyValue::new("reason", reason)]);
-                tracing::warn!(reason, error = %status.message(), "certificate request refused");
-                Err(status)
-            }
-        }
+        let r = self.sign_inner(req.into_inner()).await;
+        self.answer(r)
+    }
+
+    #[tracing::instrument(name = "Identity", skip_all)]
+    async fn identity(
+        &self,
+        req: Request<v1::IdentityRequest>,
+    ) -> Result<Response<v1::IdentityResponse>, Status> {
+        let r = self
+            .identity_of(&req.into_inner().token)
+            .await
+            .map(|(spiffe_id, _)| v1::IdentityResponse { spiffe_id });
+        self.answer(r)
     }
 }

@@ -45,6 +45,9 @@ pub struct InjectorConfig {
     /// Where the proxy asks for its certificate (`host:port` of the operator's gRPC Service).
     pub ca_addr: String,
     pub trust_domain: String,
+    /// The trust bundle (PEM) the proxy verifies the operator with until its first Sign answer
+    /// brings the current one: the CA's bundle when the pod is created (the webhook sets it).
+    pub trust_bundle: String,
     /// Whether the readiness gate is added.
     pub readiness_gate: bool,
     /// Namespaces whose pods are admitted unchanged.
@@ -101,6 +104,7 @@ pub fn proxy_container(cfg: &InjectorConfig) -> Value {
             field("POD_NAMESPACE", "metadata.namespace"),
             field("NODE_NAME", "spec.nodeName"),
             field("POD_IP", "status.podIP"),
+            {"name": "CORTEXFLOW_TRUST_BUNDLE", "value": cfg.trust_bundle},
         ],
         "ports": [
             {"name": "cf-mtls", "containerPort": MTLS_PORT, "protocol": "TCP"},
@@ -259,6 +263,7 @@ mod tests {
             proxy_image: "example.com/cortexflow-proxy:0.1.0".into(),
             ca_addr: "cortexflow-operator.cortexflow.svc:50051".into(),
             trust_domain: "cluster.local".into(),
+            trust_bundle: "-----BEGIN CERTIFICATE-----\n…\n-----END CERTIFICATE-----\n".into(),
             readiness_gate: true,
             excluded_namespaces: vec!["kube-system".into(), "cortexflow".into()],
         }

@@ -393,6 +393,7 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
                     proxy_image: args.proxy_image.clone(),
                     ca_addr: args.proxy_ca_addr.clone(),
                     trust_domain: args.trust_domain.clone(),
+                    trust_bundle: String::new(),
                     readiness_gate: args.readiness_gate_injection,
                     excluded_namespaces: args
                         .webhook_exclude_namespaces

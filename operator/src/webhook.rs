@@ -43,6 +43,8 @@ struct Hook {
     store: Arc<Store>,
     synced: watch::Receiver<bool>,
     injector: Arc<InjectorConfig>,
+    /// The trust bundle the proxy starts from is the CA's at the pod's creation.
+    ca: Arc<CaState>,
 }
 
 /// Results of the webhook's requests metric.
@@ -90,8 +92,20 @@ fn answer(h: &Hook, review: &serde_json::Value) -> (&'static str, serde_json::Va
                 .map(|s| (s.key.name.to_string(), s.mtls)),
         )
     });
+    let bundle = h.ca.bundle();
+    if h.injector.inject_proxy && bundle.ders().is_empty() {
+        return (
+            "unavailable",
+            serde_json::json!({"uid": uid, "allowed": false, "status": {"code": 503,
+                "message": "CortexFlow's mesh CA is not loaded yet (the proxy needs its trust bundle); retry"}}),
+        );
+    }
+    let cfg = InjectorConfig {
+        trust_bundle: bundle.to_pem(),
+        ..(*h.injector).clone()
+    };
     let decision = injector::decide(
-        &h.injector,
+        &cfg,
         object,
         &namespace,
         ns_inject.as_deref(),
@@ -206,6 +220,7 @@ pub async fn spawn(
         synced: store.synced(),
         store,
         injector: Arc::new(cfg.injector.clone()),
+        ca: state.clone(),
     };
     for r in RESULTS {
         hook.requests.add(0, &[KeyValue::new("result", r)]);

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod backoff;
 pub mod drain;
 mod grpc;
 mod logging;

@@ -139,6 +139,20 @@ impl idv1::certificates_server::Certificates for Signer {
         })))
     }
 
+    /// A scripted token is the SPIFFE id it proves (`spiffe://…`); anything else is refused.
+    async fn identity(
+        &self,
+        req: Request<idv1::IdentityRequest>,
+    ) -> Result<Response<idv1::IdentityResponse>, Status> {
+        let token = req.into_inner().token;
+        if !token.starts_with(&format!("spiffe://{TRUST_DOMAIN}/")) {
+            return Err(Status::unauthenticated(
+                "a scripted token is the SPIFFE id it proves",
+            ));
+        }
+        Ok(Response::new(idv1::IdentityResponse { spiffe_id: token }))
+    }
+
     async fn sign(
         &self,
         req: Request<idv1::SignRequest>,

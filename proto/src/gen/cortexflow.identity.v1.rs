@@ -20,6 +20,17 @@ pub struct SignRequest {
     pub token: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IdentityRequest {
+    /// The projected ServiceAccount token (audience `cortexflow-ca`).
+    #[prost(string, tag = "1")]
+    pub token: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IdentityResponse {
+    #[prost(string, tag = "1")]
+    pub spiffe_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SignResponse {
     /// The leaf first, then the intermediates; DER.
     #[prost(bytes = "vec", repeated, tag = "1")]
@@ -156,6 +167,35 @@ pub mod certificates_client {
                 .insert(GrpcMethod::new("cortexflow.identity.v1.Certificates", "Sign"));
             self.inner.unary(req, path, codec).await
         }
+        /// The SPIFFE id a Sign with this token would issue now (the same review as Sign). A
+        /// workload's id depends on the ServiceIdentity that claims its pod, which the pod cannot
+        /// see: the mTLS proxy asks before each Sign. Same refusals as Sign, except INVALID_ARGUMENT.
+        pub async fn identity(
+            &mut self,
+            request: impl tonic::IntoRequest<super::IdentityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::IdentityResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/cortexflow.identity.v1.Certificates/Identity",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("cortexflow.identity.v1.Certificates", "Identity"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
         /// The trust bundle now, then every time it changes (a root added or removed). Open to every
         /// verified mesh peer (a client certificate of the mesh); UNAUTHENTICATED without one. Agents
         /// acknowledge a bundle in `AgentStatus.trust_bundle`.
@@ -214,6 +254,16 @@ pub mod certificates_server {
             &self,
             request: tonic::Request<super::SignRequest>,
         ) -> std::result::Result<tonic::Response<super::SignResponse>, tonic::Status>;
+        /// The SPIFFE id a Sign with this token would issue now (the same review as Sign). A
+        /// workload's id depends on the ServiceIdentity that claims its pod, which the pod cannot
+        /// see: the mTLS proxy asks before each Sign. Same refusals as Sign, except INVALID_ARGUMENT.
+        async fn identity(
+            &self,
+            request: tonic::Request<super::IdentityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::IdentityResponse>,
+            tonic::Status,
+        >;
         /// Server streaming response type for the WatchBundle method.
         type WatchBundleStream: tonic::codegen::tokio_stream::Stream<
                 Item = std::result::Result<super::TrustBundle, tonic::Status>,
@@ -335,6 +385,51 @@ pub mod certificates_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SignSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/cortexflow.identity.v1.Certificates/Identity" => {
+                    #[allow(non_camel_case_types)]
+                    struct IdentitySvc<T: Certificates>(pub Arc<T>);
+                    impl<
+                        T: Certificates,
+                    > tonic::server::UnaryService<super::IdentityRequest>
+                    for IdentitySvc<T> {
+                        type Response = super::IdentityResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::IdentityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Certificates>::identity(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = IdentitySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

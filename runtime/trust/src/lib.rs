@@ -3,6 +3,8 @@
 //! * [`ca`] — the CA: a root and an intermediate (generated, or the user's), leaf certificates
 //!   signed from CSRs that ask for exactly one SPIFFE id and nothing else.
 //! * [`client`] — a requester's `Certificates.Sign` call, its answer checked and installed.
+//! * [`member`] — a mesh member's certificate kept current: obtained, renewed at half-life,
+//!   re-anchored when the bundle changes (the agent's and the proxy's).
 //! * [`csr`] — the requester's side: a fresh ECDSA P-256 key (it never leaves the process) and
 //!   its CSR.
 //! * [`verify`] — a peer's certificate chain against the trust bundle, and its SPIFFE id
@@ -17,6 +19,7 @@
 pub mod ca;
 pub mod client;
 pub mod csr;
+pub mod member;
 pub mod tls;
 pub mod verify;
 

@@ -227,7 +227,8 @@ fn schemes() -> Vec<SignatureScheme> {
 #[derive(Debug)]
 struct ServerVerifier {
     trust: Arc<TrustStore>,
-    expect: String,
+    /// The server's exact SPIFFE id; `None`: any id of the trust domain (a mesh peer).
+    expect: Option<String>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -246,10 +247,12 @@ impl ServerCertVerifier for ServerVerifier {
             .trust
             .verify(&chain, Usage::Server)
             .map_err(tls_error)?;
-        if id != self.expect {
+        if let Some(want) = &self.expect
+            && id != *want
+        {
             return Err(tls_error(PeerError::WrongId {
                 got: id,
-                want: self.expect.clone(),
+                want: want.clone(),
             }));
         }
         Ok(ServerCertVerified::assertion())
@@ -283,11 +286,13 @@ impl ServerCertVerifier for ServerVerifier {
 struct ClientVerifier {
     trust: Arc<TrustStore>,
     provider: Arc<CryptoProvider>,
+    /// Whether a client without a certificate is refused in the handshake.
+    mandatory: bool,
 }
 
 impl ClientCertVerifier for ClientVerifier {
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -339,10 +344,67 @@ pub fn server_config(
     let provider = provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(ClientVerifier { trust, provider }))
+        .with_client_cert_verifier(Arc::new(ClientVerifier {
+            trust,
+            provider,
+            mandatory: false,
+        }))
         .with_cert_resolver(creds);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// Between mesh peers (the mTLS proxies): a TLS 1.3 server serving `creds` that refuses any
+/// client without a certificate of `trust`'s domain; ALPN `alpn` only.
+pub fn peer_server_config(
+    creds: Arc<Credentials>,
+    trust: Arc<TrustStore>,
+    alpn: &[u8],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = provider();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(ClientVerifier {
+            trust,
+            provider,
+            mandatory: true,
+        }))
+        .with_cert_resolver(creds);
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Between mesh peers: a TLS 1.3 client presenting `creds` that accepts a server with any
+/// SPIFFE id of `trust`'s domain (the caller reads which with [`peer_chain_id`]); ALPN `alpn`.
+pub fn peer_client_config(
+    creds: Arc<Credentials>,
+    trust: Arc<TrustStore>,
+    alpn: &[u8],
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let provider = provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+            trust,
+            expect: None,
+            provider,
+        }))
+        .with_client_cert_resolver(creds);
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The verified SPIFFE id of the peer of a finished handshake (`None`: it presented no
+/// certificate).
+pub fn peer_chain_id(
+    certs: Option<&[CertificateDer<'static>]>,
+    trust: &TrustStore,
+) -> Result<Option<String>, PeerError> {
+    match certs {
+        Some(chain) if !chain.is_empty() => trust.verify(chain, Usage::Client).map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// A TLS 1.3 server serving `creds` that asks for no client certificate (HTTPS callers that
@@ -369,7 +431,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
             trust,
-            expect: expect.to_string(),
+            expect: Some(expect.to_string()),
             provider,
         }));
     let mut cfg = match creds {
@@ -386,10 +448,7 @@ pub fn peer_id<T>(
     req: &tonic::Request<T>,
     trust: &TrustStore,
 ) -> Result<Option<String>, PeerError> {
-    match req.peer_certs() {
-        Some(chain) if !chain.is_empty() => trust.verify(&chain, Usage::Client).map(Some),
-        _ => Ok(None),
-    }
+    peer_chain_id(req.peer_certs().as_deref().map(Vec::as_slice), trust)
 }
 
 /// TLS connections accepted on `listener`, handshakes run concurrently (a slow or failing
