@@ -50,7 +50,9 @@ pub async fn renew_loop(
             metrics
                 .certificate_renewals
                 .add(1, &[KeyValue::new("result", "ok")]);
-            metrics.certificate_expiry.record(valid_for.as_secs_f64(), &[]);
+            metrics
+                .certificate_expiry
+                .record(valid_for.as_secs_f64(), &[]);
             metrics.trust_bundle_roots.record(*roots as u64, &[]);
         }
         Renewal::Failed { .. } => metrics

@@ -1112,11 +1112,24 @@ async fn cargo_xtask_images_builds_the_images_the_chart_runs(ctx: Ctx) -> anyhow
                 .cloned()
                 .unwrap_or_default()
         })
-        .filter_map(|c| c["image"].as_str().map(str::to_string))
+        .flat_map(|c| {
+            // The containers' images, and the proxy's that the injector adds to pods.
+            let proxy = c["args"].as_array().into_iter().flatten().filter_map(|a| {
+                a.as_str()?
+                    .strip_prefix("--proxy-image=")
+                    .map(str::to_string)
+            });
+            c["image"]
+                .as_str()
+                .map(str::to_string)
+                .into_iter()
+                .chain(proxy)
+                .collect::<Vec<_>>()
+        })
         .collect();
     let built: std::collections::BTreeSet<String> = planned.keys().cloned().collect();
     ensure!(
-        run == built && run.len() == 2,
+        run == built && run.len() == 3,
         "the chart runs {run:?}, cargo xtask images builds {built:?}"
     );
     let meta = cortexflow_testkit::cargo::cargo_command()
@@ -1191,6 +1204,13 @@ async fn cargo_xtask_images_builds_the_images_the_chart_runs(ctx: Ctx) -> anyhow
             ensure!(
                 user.trim() == "USER 65532:65532",
                 "{file}: the operator runs as {user:?}"
+            );
+        }
+        // The injector's securityContext runs the proxy as 1337 (runAsNonRoot).
+        if image.contains("cortexflow-proxy") {
+            ensure!(
+                user.trim() == "USER 1337:1337",
+                "{file}: the proxy runs as {user:?}"
             );
         }
     }

@@ -60,6 +60,7 @@ fn main() -> ExitCode {
         t!(the_ca_rotates_leaves_issuer_and_root_under_config_traffic),
         t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
         t!(the_injector_patches_exactly_the_pods_that_ask),
+        t!(the_proxy_delivers_messages_over_mtls_and_relays_dns),
         t!(cfcli_flows_filter_and_explain_names_the_deciding_rule),
         t!(cfcli_identities_agree_with_the_statuses_and_the_kernel),
         t!(cfcli_status_and_check_see_a_stopped_agent),
@@ -3358,9 +3359,58 @@ fn policy_diff_raw(lab: &Lab, yaml: &str) -> anyhow::Result<(bool, String, Strin
 /// identity, pod or namespace annotation; the readiness gate for every endpoint; nothing for
 /// host-network pods, opted-out proxies, already injected pods and excluded namespaces; a
 /// refusal naming a misspelt annotation.
-async fn the_injector_patches_exactly_the_pods_that_ask(lab: &mut Lab) -> anyhow::Result<()> {
+/// The chart's MutatingWebhookConfiguration, called at the lab operator's address, applied and
+/// trusted (once the leader has set its caBundle). Pod creations outside the excluded
+/// namespaces go through the injector until [`remove_injector`].
+async fn install_injector(lab: &Lab) -> anyhow::Result<()> {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     let mwcs: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(lab.client.clone());
+    // The chart's configuration, called at the lab operator's address.
+    let docs = cortexflow_lab::chart::documents(&cortexflow_lab::chart::render(
+        "cortexflow",
+        "cortexflow",
+        &[],
+    )?)?;
+    let mut mwc = docs
+        .into_iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .context("the chart has no MutatingWebhookConfiguration")?;
+    mwc["webhooks"][0]["clientConfig"] =
+        serde_json::json!({"url": format!("https://localhost:{}/mutate", lab.webhook.port())});
+    let file = lab.state_dir.join("injector-mwc.json");
+    std::fs::write(&file, mwc.to_string())?;
+    lab.kubectl(&["apply", "-f", &file.to_string_lossy()])?;
+    let _ = std::fs::remove_file(&file);
+    // Trusted once the leader has set the caBundle.
+    let t = Instant::now();
+    loop {
+        let m = mwcs.get("cortexflow-injector").await?;
+        if m.webhooks
+            .unwrap_or_default()
+            .first()
+            .is_some_and(|w| w.client_config.ca_bundle.is_some())
+        {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "no caBundle within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+fn remove_injector(lab: &Lab) {
+    let _ = lab.kubectl(&[
+        "delete",
+        "mutatingwebhookconfiguration",
+        "cortexflow-injector",
+        "--ignore-not-found",
+    ]);
+}
+
+async fn the_injector_patches_exactly_the_pods_that_ask(lab: &mut Lab) -> anyhow::Result<()> {
     let gate = "mesh.cortexflow.io/programmed";
     let setup = r#"apiVersion: v1
 kind: Namespace
@@ -3385,18 +3435,6 @@ spec:
   selector: {matchLabels: {app: secure}}
   mtls: Strict
 "#;
-    // The chart's configuration, called at the lab operator's address.
-    let docs = cortexflow_lab::chart::documents(&cortexflow_lab::chart::render(
-        "cortexflow",
-        "cortexflow",
-        &[],
-    )?)?;
-    let mut mwc = docs
-        .into_iter()
-        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
-        .context("the chart has no MutatingWebhookConfiguration")?;
-    mwc["webhooks"][0]["clientConfig"] =
-        serde_json::json!({"url": format!("https://localhost:{}/mutate", lab.webhook.port())});
     let dry_run =
         |lab: &Lab, manifest: &str| -> anyhow::Result<(bool, serde_json::Value, String)> {
             let file = lab.state_dir.join("inject-probe.yaml");
@@ -3472,24 +3510,7 @@ spec:
         for ns in ["inject-a", "inject-b", "inject-c"] {
             default_service_account(lab, ns).await?;
         }
-        let file = lab.state_dir.join("injector-mwc.json");
-        std::fs::write(&file, mwc.to_string())?;
-        lab.kubectl(&["apply", "-f", &file.to_string_lossy()])?;
-        let _ = std::fs::remove_file(&file);
-        // Trusted once the leader has set the caBundle.
-        let t = Instant::now();
-        loop {
-            let m = mwcs.get("cortexflow-injector").await?;
-            if m.webhooks
-                .unwrap_or_default()
-                .first()
-                .is_some_and(|w| w.client_config.ca_bundle.is_some())
-            {
-                break;
-            }
-            ensure!(t.elapsed() < Duration::from_secs(20), "no caBundle within 20 s");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        install_injector(lab).await?;
         let proxy = "cortexflow-proxy";
         let token = "cortexflow-proxy-token";
         let cases = vec![
@@ -3657,12 +3678,7 @@ spec:
         anyhow::Ok(())
     }
     .await;
-    let _ = lab.kubectl(&[
-        "delete",
-        "mutatingwebhookconfiguration",
-        "cortexflow-injector",
-        "--ignore-not-found",
-    ]);
+    remove_injector(lab);
     for ns in ["inject-a", "inject-b", "inject-c"] {
         let _ = lab.kubectl(&[
             "delete",
@@ -4086,4 +4102,193 @@ async fn cluster_dns_resolves_services_inside_pods(lab: &mut Lab) -> anyhow::Res
     let (ok, ip) = resolve("shop", &fe, "nosuch.shop.svc.cluster.local")?;
     ensure!(!ok, "an unknown name resolved to {ip}");
     Ok(())
+}
+
+/// A proxy's metric (the sum of the series starting with `prefix`) from its admin port, read
+/// inside its pod.
+fn proxy_metric(lab: &Lab, ns: &str, pod: &str, prefix: &str) -> anyhow::Result<f64> {
+    let text = lab.workload(ns, pod, &["get", "127.0.0.1:15090", "/metrics"])?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// The injected proxy (issue 14's first part) on real pods: the chart's webhook injects it, the
+/// node simulator runs it as a native sidecar from the image map, it obtains its workload
+/// certificate from the operator's CA with the pod's own token through the operator's Service,
+/// and the pod is Ready only then. Messages (port 5054): from the app to its own proxy,
+/// delivered over mTLS to the named Service's proxy (both proxies' counters and the receiver's
+/// log name the sender's SPIFFE id); straight to the destination's port; every bad line
+/// answered `Delivery failed` on a connection that keeps serving. DNS (port 5053): answers
+/// are CoreDNS's (a Service's ClusterIP, NXDOMAIN), counted by result.
+async fn the_proxy_delivers_messages_over_mtls_and_relays_dns(lab: &mut Lab) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let manifest = |name: &str| {
+        format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: msg}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      containers:
+        - name: app
+          image: cortexflow/workload
+          args: [serve, --tcp, "8080"]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: msg}}
+spec:
+  selector: {{app: {name}}}
+  ports:
+    - {{name: app, port: 8080, protocol: TCP}}
+    - {{name: cf-messages, port: 5054, protocol: TCP}}
+"#
+        )
+    };
+    lab.kubectl(&[
+        "wait",
+        "--for=condition=Available",
+        "deployment/coredns",
+        "-n",
+        "kube-system",
+        "--timeout=90s",
+    ])?;
+    let result = async {
+        lab.apply_yaml(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: msg\n  annotations: {mesh.cortexflow.io/inject: enabled}\n",
+        )?;
+        default_service_account(lab, "msg").await?;
+        install_injector(lab).await?;
+        let t = Instant::now();
+        lab.apply_yaml(&format!("{}---\n{}", manifest("test-proxy1"), manifest("test-proxy2")))?;
+        for d in ["test-proxy1", "test-proxy2"] {
+            ready_replicas(lab, "msg", d, 1).await?;
+        }
+        let ready_after = t.elapsed();
+        let (p1, _) = first_pod(lab, "msg", "test-proxy1")?;
+        let (p2, ip2) = first_pod(lab, "msg", "test-proxy2")?;
+        // Injected, running beside the app, holding its certificate.
+        let init = lab.kubectl(&[
+            "get", "pod", "-n", "msg", &p1, "-o",
+            "jsonpath={.spec.initContainers[0].name} {.status.initContainerStatuses[0].ready}",
+        ])?;
+        ensure!(init.trim() == "cortexflow-proxy true", "test-proxy1's proxy: {init}");
+        for p in [&p1, &p2] {
+            let ok = proxy_metric(lab, "msg", p, "cortexflow_proxy_certificate_renewals_total{result=\"ok\"")?;
+            ensure!(ok >= 1.0, "{p}: no certificate obtained ({ok})");
+        }
+        eprintln!("two injected pods Ready in {ready_after:?} (the proxies' certificates included)");
+        let forwarded = "cortexflow_proxy_messages_total{result=\"ok\",way=\"forwarded\"";
+        let delivered = "cortexflow_proxy_messages_total{result=\"ok\",way=\"delivered\"";
+        let (f1, d2) = (
+            proxy_metric(lab, "msg", &p1, forwarded)?,
+            proxy_metric(lab, "msg", &p2, delivered)?,
+        );
+        // The app → its own proxy → mTLS → test-proxy2's proxy, which answers.
+        let msg = |service: &str, payload: &str| {
+            format!(r#"{{"service":"{service}","direction":"Incoming","payload":"{}"}}"#, b64(payload))
+        };
+        let want = |service: &str| {
+            serde_json::json!({
+                "payload": b64(r#"{"status":"received"}"#),
+                "service": service,
+                "direction": "Outcoming",
+            })
+        };
+        let t = Instant::now();
+        let out = lab.workload("msg", &p1, &["send", "127.0.0.1:5054", &msg("test-proxy2.msg", "hello")])?;
+        let took = t.elapsed();
+        let got: serde_json::Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("the answer {out:?}"))?;
+        ensure!(got == want("test-proxy2.msg"), "the answer {got}");
+        ensure!(
+            proxy_metric(lab, "msg", &p1, forwarded)? == f1 + 1.0
+                && proxy_metric(lab, "msg", &p2, delivered)? == d2 + 1.0,
+            "the message did not go from test-proxy1's proxy to test-proxy2's"
+        );
+        let sender = "spiffe://cluster.local/ns/msg/sa/default";
+        let log = find_log(&lab.state_dir, &format!("msg_{p2}_cortexflow-proxy.log"))?;
+        ensure!(
+            log.lines().any(|l| l.contains("message received") && l.contains(sender)),
+            "test-proxy2's proxy did not log the message from {sender}:\n{log}"
+        );
+        eprintln!("message test-proxy1 → test-proxy2 over mTLS answered in {took:?}");
+        // Straight to the destination's port (from another pod: delivered there).
+        let out = lab.workload("msg", &p1, &["send", &format!("{ip2}:5054"), &msg("test-proxy2.msg", "direct")])?;
+        let got: serde_json::Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("the direct answer {out:?}"))?;
+        ensure!(got == want("test-proxy2.msg"), "the direct answer {got}");
+        // Bad lines: each answered "Delivery failed", and the connection serves the next.
+        let bad = [
+            "not json".to_string(),
+            format!(r#"{{"service":"test-proxy2.msg","payload":"{}"}}"#, b64("x")),
+            r#"{"service":"test-proxy2.msg","direction":"Incoming","payload":"%%%"}"#.to_string(),
+            msg("nosuch.msg", "x"),
+            msg("test-proxy2.msg", "after the errors"),
+        ];
+        let args: Vec<&str> = ["send", "127.0.0.1:5054"]
+            .into_iter()
+            .chain(bad.iter().map(String::as_str))
+            .collect();
+        let out = lab.workload("msg", &p1, &args)?;
+        let lines: Vec<&str> = out.lines().collect();
+        ensure!(
+            lines.len() == 5 && lines[..4].iter().all(|l| *l == "Delivery failed"),
+            "answers to four bad lines and a good one: {out}"
+        );
+        let last: serde_json::Value = serde_json::from_str(lines[4])?;
+        ensure!(last == want("test-proxy2.msg"), "the good line after the bad: {last}");
+        // DNS through the proxy: CoreDNS's answers, counted.
+        let ip = lab.cluster_ip("msg", "test-proxy2")?.to_string();
+        let noerror = "cortexflow_proxy_dns_requests_total{result=\"noerror\"";
+        let nxdomain = "cortexflow_proxy_dns_requests_total{result=\"nxdomain\"";
+        let (n0, x0) = (
+            proxy_metric(lab, "msg", &p1, noerror)?,
+            proxy_metric(lab, "msg", &p1, nxdomain)?,
+        );
+        let out = lab.workload("msg", &p1, &["resolve", "127.0.0.1:5053", "test-proxy2.msg.svc.cluster.local"])?;
+        ensure!(out.trim() == format!("NOERROR {ip}"), "test-proxy2 through the proxy's DNS: {out}");
+        let out = lab.workload("msg", &p1, &["resolve", "127.0.0.1:5053", "nosuch.msg.svc.cluster.local"])?;
+        ensure!(out.trim() == "NXDOMAIN", "an unknown name through the proxy's DNS: {out}");
+        ensure!(
+            proxy_metric(lab, "msg", &p1, noerror)? == n0 + 1.0
+                && proxy_metric(lab, "msg", &p1, nxdomain)? == x0 + 1.0,
+            "the DNS answers were not counted by result"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    remove_injector(lab);
+    let _ = lab.kubectl(&[
+        "delete",
+        "namespace",
+        "msg",
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
+    result
+}
+
+/// The text of the file named `name` somewhere under `dir`.
+fn find_log(dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name() == name {
+                return Ok(std::fs::read_to_string(&p)?);
+            }
+        }
+    }
+    anyhow::bail!("no {name} under {}", dir.display())
 }

@@ -34,6 +34,8 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/cortexflow";
 pub const MTLS_PORT: u16 = 15443;
 pub const DNS_PORT: u16 = 5053;
 pub const MESSAGE_PORT: u16 = 5054;
+/// The proxy's admin port: /metrics, /healthz, /readyz (ready once its certificate is there).
+pub const ADMIN_PORT: u16 = 15090;
 
 /// The injector's settings (operator flags).
 #[derive(Clone, Debug)]
@@ -110,7 +112,18 @@ pub fn proxy_container(cfg: &InjectorConfig) -> Value {
             {"name": "cf-mtls", "containerPort": MTLS_PORT, "protocol": "TCP"},
             {"name": "cf-dns", "containerPort": DNS_PORT, "protocol": "UDP"},
             {"name": "cf-messages", "containerPort": MESSAGE_PORT, "protocol": "TCP"},
+            {"name": "cf-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
         ],
+        // The pod is not Ready (not in its Services) until its proxy holds its certificate.
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": ADMIN_PORT},
+            "periodSeconds": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": ADMIN_PORT},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
         "securityContext": {
             "runAsNonRoot": true,
             "runAsUser": 1337,

@@ -204,9 +204,7 @@ pub async fn serve(
                 tracing::debug!(%from, error = %e, "DNS answer not sent");
                 return;
             }
-            metrics
-                .requests
-                .add(1, &[KeyValue::new("result", result)]);
+            metrics.requests.add(1, &[KeyValue::new("result", result)]);
             metrics.duration.record(at.elapsed().as_secs_f64(), &[]);
         });
     }
@@ -295,7 +293,10 @@ mod tests {
         assert_eq!(rcode_result(0), "noerror");
         assert_eq!(rcode_result(9), "other");
         let conf = "search shop.svc.cluster.local svc.cluster.local\n# nameserver 1.1.1.1\nnameserver 10.96.0.10\nnameserver 10.96.0.11\noptions ndots:5\n";
-        assert_eq!(first_nameserver(conf), Some("10.96.0.10:53".parse().unwrap()));
+        assert_eq!(
+            first_nameserver(conf),
+            Some("10.96.0.10:53".parse().unwrap())
+        );
         assert_eq!(first_nameserver("options ndots:5\n"), None);
         assert_eq!(parse_server("127.0.0.1:1053").unwrap().port(), 1053);
         assert_eq!(parse_server("10.0.0.1").unwrap().port(), 53);

@@ -53,7 +53,11 @@ pub struct Args {
     #[arg(long, env = "POD_IP")]
     pub pod_ip: Option<std::net::IpAddr>,
     /// The cluster's DNS domain (a service `name.ns` is `name.ns.svc.<domain>`).
-    #[arg(long, env = "CORTEXFLOW_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    #[arg(
+        long,
+        env = "CORTEXFLOW_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
     pub cluster_domain: String,
     /// The message port.
     #[arg(long, env = "CORTEXFLOW_MESSAGE_ADDR", default_value = "0.0.0.0:5054")]
@@ -108,7 +112,9 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         .build();
     let expiry = meter
         .f64_gauge("proxy_certificate_expiry_seconds")
-        .with_description("Seconds the workload certificate in use is still valid for, when obtained")
+        .with_description(
+            "Seconds the workload certificate in use is still valid for, when obtained",
+        )
         .build();
     sup.spawn(
         "identity",

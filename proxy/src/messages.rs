@@ -101,9 +101,7 @@ pub fn parse(line: &str) -> Result<Message, Invalid> {
         payload: Option<String>,
     }
     let l: Line = serde_json::from_str(line).map_err(|e| Invalid(format!("not JSON: {e}")))?;
-    let service = l
-        .service
-        .ok_or_else(|| Invalid("no \"service\"".into()))?;
+    let service = l.service.ok_or_else(|| Invalid("no \"service\"".into()))?;
     match l.direction.as_deref() {
         Some("Incoming") => {}
         Some(other) => {
@@ -185,10 +183,7 @@ impl Messages {
 
     /// Delivers `m` to its service's proxy over mTLS; the answer line.
     async fn forward(&self, m: &Message) -> Result<String, (&'static str, String)> {
-        let host = format!(
-            "{}.{}.svc.{}",
-            m.name, m.namespace, self.cfg.cluster_domain
-        );
+        let host = format!("{}.{}.svc.{}", m.name, m.namespace, self.cfg.cluster_domain);
         let addr = tokio::net::lookup_host((host.as_str(), PORT))
             .await
             .map_err(|e| ("unknown_service", format!("resolve {host}: {e}")))?
@@ -234,7 +229,11 @@ impl Messages {
 
     /// The answer to one line.
     async fn answer(&self, line: &str, deliver_here: bool, from: &str) -> String {
-        let way = if deliver_here { "delivered" } else { "forwarded" };
+        let way = if deliver_here {
+            "delivered"
+        } else {
+            "forwarded"
+        };
         let m = match parse(line) {
             Ok(m) => m,
             Err(e) => {
@@ -278,11 +277,7 @@ impl Messages {
         let mut line = String::new();
         loop {
             line.clear();
-            match (&mut r)
-                .take(MAX_LINE as u64)
-                .read_line(&mut line)
-                .await
-            {
+            match (&mut r).take(MAX_LINE as u64).read_line(&mut line).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -391,7 +386,10 @@ mod tests {
                 r#"{"service":"a","direction":"Incoming","payload":"%%%"}"#,
                 "not base64",
             ),
-            (r#"{"direction":"Incoming","payload":"eA=="}"#, "no \"service\""),
+            (
+                r#"{"direction":"Incoming","payload":"eA=="}"#,
+                "no \"service\"",
+            ),
             (
                 &format!(r#"{{"service":"A.b","direction":"Incoming","payload":"{p}"}}"#),
                 "DNS labels",
@@ -400,7 +398,10 @@ mod tests {
                 &format!(r#"{{"service":"a.b.c","direction":"Incoming","payload":"{p}"}}"#),
                 "DNS labels",
             ),
-            (r#"{"service":"a","direction":"Incoming"}"#, "no \"payload\""),
+            (
+                r#"{"service":"a","direction":"Incoming"}"#,
+                "no \"payload\"",
+            ),
         ] {
             let e = parse(line).unwrap_err();
             assert!(e.0.contains(why), "{line}: {e} (want {why})");

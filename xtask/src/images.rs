@@ -1,6 +1,7 @@
 //! `cargo xtask images`: the daemons' container images, named as the chart names them.
 //!
-//! `<registry>/cortexflow-operator:<tag>` and `<registry>/cortexflow-agent:<tag>`, built from
+//! `<registry>/cortexflow-operator:<tag>`, `<registry>/cortexflow-agent:<tag>` and
+//! `<registry>/cortexflow-proxy:<tag>` (the image the injector adds to pods), built from
 //! `images/<daemon>.Dockerfile` with the workspace root as context. The registry defaults to
 //! the chart's `image.registry` and the tag to its `appVersion` (the chart's own default), so
 //! `helm install` without image values pulls exactly what this built. The builder is the first
@@ -18,6 +19,7 @@ const BUILDERS: &[&str] = &["docker", "podman", "nerdctl", "buildah"];
 pub const IMAGES: &[(&str, &str)] = &[
     ("cortexflow-operator", "images/operator.Dockerfile"),
     ("cortexflow-agent", "images/agent.Dockerfile"),
+    ("cortexflow-proxy", "images/proxy.Dockerfile"),
 ];
 
 #[derive(clap::Args)]

@@ -61,7 +61,7 @@ enum Cmd {
     },
     /// Regenerate proto/src/gen from the .proto files (no protoc needed).
     Protogen,
-    /// Build the operator and agent images (images/*.Dockerfile) with the chart's names and
+    /// Build the operator, agent and proxy images (images/*.Dockerfile) with the chart's names and
     /// appVersion tag, with docker, podman, nerdctl or buildah.
     Images(images::Args),
     /// Benchmarks: baseline and subject in one run, reported as ratios.

@@ -22,6 +22,15 @@
 //! cortexflow-workload forge udp SOURCE HOST:PORT [--tag TAG]
 //!     Sends one UDP datagram (payload TAG) with the source address SOURCE through a raw
 //!     socket, as a pod with CAP_NET_RAW can; prints "sent".
+//! cortexflow-workload send HOST:PORT LINE... [--timeout-ms MS]
+//!     Connects over TCP and, for each LINE, writes it with a newline and reads one line back,
+//!     printing each answer on a line of its own (the mTLS proxy's message port).
+//! cortexflow-workload get HOST:PORT PATH [--timeout-ms MS]
+//!     One HTTP/1.0 GET; prints the body and exits 0 on a 2xx answer, else prints the status
+//!     line and exits 1 (a daemon's /metrics or /readyz inside a pod).
+//! cortexflow-workload resolve SERVER:PORT NAME [--timeout-ms MS]
+//!     One DNS query (type A, recursion desired) over UDP to SERVER:PORT; prints
+//!     "RCODE ADDR…" (e.g. "NOERROR 10.96.0.12", "NXDOMAIN") and exits 0 once answered.
 //! cortexflow-workload load tcp|udp HOST:PORT [--rate N] [--timeout-ms MS]
 //!     N new attempts per second (default 100), each a probe as above in its own thread, on a
 //!     fixed schedule whatever the answers take, until SIGTERM or SIGINT; then waits for the
@@ -45,6 +54,9 @@ fn main() -> ExitCode {
         Some("load") => load(&args[1..]),
         Some("forge") => forge(&args[1..]),
         Some("exit") => exit(&args[1..]),
+        Some("send") => send(&args[1..]),
+        Some("get") => get(&args[1..]),
+        Some("resolve") => resolve(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cortexflow-workload serve [--tcp PORT]... [--udp PORT]... [--name NAME]\n       cortexflow-workload probe tcp|udp HOST:PORT [--timeout-ms MS]"
@@ -379,6 +391,193 @@ fn probe_tcp_with(addr: SocketAddr, timeout: Duration, o: &TcpOptions) -> Result
         "{name} bytes={n} ms={}",
         start.elapsed().as_millis()
     ))
+}
+
+/// `--timeout-ms MS` among `args` (default 3 s) and the other arguments.
+fn timeout_and_rest(args: &[String]) -> Result<(Duration, Vec<String>), String> {
+    let mut timeout = Duration::from_secs(3);
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--timeout-ms" {
+            let ms = it.next().ok_or("--timeout-ms needs a value")?;
+            timeout =
+                Duration::from_millis(ms.parse().map_err(|e| format!("--timeout-ms {ms}: {e}"))?);
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    Ok((timeout, rest))
+}
+
+fn send(args: &[String]) -> ExitCode {
+    let (timeout, rest) = match timeout_and_rest(args) {
+        Ok(r) => r,
+        Err(e) => return usage(&e),
+    };
+    let [target, lines @ ..] = rest.as_slice() else {
+        return usage("send needs HOST:PORT and at least one LINE");
+    };
+    if lines.is_empty() {
+        return usage("send needs at least one LINE");
+    }
+    let Ok(Some(addr)) = target.to_socket_addrs().map(|mut a| a.next()) else {
+        return usage(&format!("send: {target} is not HOST:PORT"));
+    };
+    let run = || -> std::io::Result<()> {
+        let mut c = TcpStream::connect_timeout(&addr, timeout)?;
+        c.set_read_timeout(Some(timeout))?;
+        let mut r = BufReader::new(c.try_clone()?);
+        for l in lines {
+            c.write_all(format!("{l}\n").as_bytes())?;
+            let mut answer = String::new();
+            if r.read_line(&mut answer)? == 0 {
+                return Err(std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "closed before answering",
+                ));
+            }
+            println!("{}", answer.trim_end());
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("send: {}", classify(e))),
+    }
+}
+
+fn get(args: &[String]) -> ExitCode {
+    let (timeout, rest) = match timeout_and_rest(args) {
+        Ok(r) => r,
+        Err(e) => return usage(&e),
+    };
+    let [target, path] = rest.as_slice() else {
+        return usage("get needs HOST:PORT and PATH");
+    };
+    let Ok(Some(addr)) = target.to_socket_addrs().map(|mut a| a.next()) else {
+        return usage(&format!("get: {target} is not HOST:PORT"));
+    };
+    let run = || -> std::io::Result<String> {
+        let mut c = TcpStream::connect_timeout(&addr, timeout)?;
+        c.set_read_timeout(Some(timeout))?;
+        c.write_all(format!("GET {path} HTTP/1.0\r\nHost: {target}\r\n\r\n").as_bytes())?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    match run() {
+        Ok(out) => {
+            let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+            let status = head.lines().next().unwrap_or_default();
+            if status
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|c| c.starts_with('2'))
+            {
+                print!("{body}");
+                ExitCode::SUCCESS
+            } else {
+                println!("{status}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => fail(&format!("get: {}", classify(e))),
+    }
+}
+
+fn resolve(args: &[String]) -> ExitCode {
+    let (timeout, rest) = match timeout_and_rest(args) {
+        Ok(r) => r,
+        Err(e) => return usage(&e),
+    };
+    let [server, name] = rest.as_slice() else {
+        return usage("resolve needs SERVER:PORT and NAME");
+    };
+    let Ok(server) = server.parse::<SocketAddr>() else {
+        return usage(&format!("resolve: {server} is not IP:PORT"));
+    };
+    let id = (std::process::id() & 0xffff) as u16;
+    let mut q = Vec::new();
+    q.extend(id.to_be_bytes());
+    q.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD; one question
+    for label in name.trim_end_matches('.').split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return usage(&format!("resolve: {name:?} is not a DNS name"));
+        }
+        q.push(label.len() as u8);
+        q.extend(label.as_bytes());
+    }
+    q.extend([0, 0, 1, 0, 1]); // root, type A, class IN
+    let run = || -> Result<String, String> {
+        let s = UdpSocket::bind("0.0.0.0:0").map_err(classify)?;
+        s.set_read_timeout(Some(timeout)).map_err(classify)?;
+        s.connect(server).map_err(classify)?;
+        s.send(&q).map_err(classify)?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.recv(&mut buf).map_err(classify)?;
+            let a = &buf[..n];
+            if n >= 12 && a[0..2] == id.to_be_bytes() && a[2] & 0x80 != 0 {
+                return dns_answer(a).ok_or_else(|| "error garbled answer".to_string());
+            }
+        }
+    };
+    match run() {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// "RCODE A-records…" of a DNS answer.
+fn dns_answer(a: &[u8]) -> Option<String> {
+    let rcode = match a[3] & 0x0f {
+        0 => "NOERROR".to_string(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
+    };
+    let count = |i: usize| usize::from(u16::from_be_bytes([a[i], a[i + 1]]));
+    let (qd, an) = (count(4), count(6));
+    // Skips a name (labels, ending in a zero or a compression pointer).
+    let skip = |mut i: usize| -> Option<usize> {
+        loop {
+            let l = *a.get(i)?;
+            if l == 0 {
+                return Some(i + 1);
+            }
+            if l & 0xc0 == 0xc0 {
+                return Some(i + 2);
+            }
+            i += 1 + usize::from(l);
+        }
+    };
+    let mut i = 12;
+    for _ in 0..qd {
+        i = skip(i)? + 4;
+    }
+    let mut out = vec![rcode];
+    for _ in 0..an {
+        i = skip(i)?;
+        let rr = a.get(i..i + 10)?;
+        let (kind, len) = (
+            u16::from_be_bytes([rr[0], rr[1]]),
+            usize::from(u16::from_be_bytes([rr[8], rr[9]])),
+        );
+        let data = a.get(i + 10..i + 10 + len)?;
+        if kind == 1 && len == 4 {
+            out.push(std::net::Ipv4Addr::new(data[0], data[1], data[2], data[3]).to_string());
+        }
+        i += 10 + len;
+    }
+    Some(out.join(" "))
 }
 
 fn forge(args: &[String]) -> ExitCode {

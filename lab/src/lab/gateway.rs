@@ -32,47 +32,46 @@ impl Gateway {
         for (cidr, via) in nodes {
             fabric.ip(&["route", "replace", cidr, "via", &via.to_string()]);
         }
-        // The listening sockets are made inside the fabric's namespace, on a thread of their
-        // own; connections to the targets are made from the runtime's threads, on loopback.
-        let path = fabric.path();
-        let ports: Vec<u16> = forwards.iter().map(|(p, _)| *p).collect();
-        let listeners =
-            std::thread::spawn(move || -> anyhow::Result<Vec<std::net::TcpListener>> {
-                cortexflow_testkit::net::enter(&path)?;
-                ports
-                    .iter()
-                    .map(|p| {
-                        let l = std::net::TcpListener::bind((GATEWAY_IP, *p))
-                            .with_context(|| format!("bind the gateway {GATEWAY_IP}:{p}"))?;
-                        l.set_nonblocking(true)?;
-                        Ok(l)
-                    })
-                    .collect()
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the gateway's thread panicked"))??;
-        let mut tasks = Vec::new();
-        for (l, (port, target)) in listeners.into_iter().zip(forwards.iter().copied()) {
-            let l = tokio::net::TcpListener::from_std(l)?;
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let Ok((mut down, from)) = l.accept().await else {
-                        continue;
-                    };
-                    tokio::spawn(async move {
-                        match tokio::net::TcpStream::connect(target).await {
-                            Ok(mut up) => {
-                                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                            }
-                            Err(e) => {
-                                tracing::warn!(%from, port, %target, error = %e, "gateway: the target refused")
-                            }
-                        }
-                    });
-                }
-            }));
+        let mut g = Self { tasks: Vec::new() };
+        for (port, target) in forwards {
+            g.forward(fabric, *port, *target)?;
         }
-        Ok(Self { tasks })
+        Ok(g)
+    }
+
+    /// Relays `GATEWAY_IP:port` to `target` from now on.
+    pub fn forward(&mut self, fabric: &Netns, port: u16, target: SocketAddr) -> anyhow::Result<()> {
+        // The listening socket is made inside the fabric's namespace, on a thread of its own;
+        // connections to the target are made from the runtime's threads, on loopback.
+        let path = fabric.path();
+        let listener = std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
+            cortexflow_testkit::net::enter(&path)?;
+            let l = std::net::TcpListener::bind((GATEWAY_IP, port))
+                .with_context(|| format!("bind the gateway {GATEWAY_IP}:{port}"))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the gateway's thread panicked"))??;
+        let l = tokio::net::TcpListener::from_std(listener)?;
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                let Ok((mut down, from)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    match tokio::net::TcpStream::connect(target).await {
+                        Ok(mut up) => {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%from, port, %target, error = %e, "gateway: the target refused")
+                        }
+                    }
+                });
+            }
+        }));
+        Ok(())
     }
 }
 
@@ -86,19 +85,25 @@ impl Drop for Gateway {
 
 /// The `kubernetes` Service's EndpointSlice: the apiserver at the gateway.
 pub fn kubernetes_endpoints() -> serde_json::Value {
+    endpoints("default", "kubernetes", "https", 443)
+}
+
+/// The EndpointSlice of Service `namespace/service` (one without a selector): the gateway's
+/// `port`, named `port_name` as the Service's port is.
+pub fn endpoints(namespace: &str, service: &str, port_name: &str, port: u16) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": "kubernetes",
-            "namespace": "default",
+            "name": service,
+            "namespace": namespace,
             "labels": {
-                "kubernetes.io/service-name": "kubernetes",
+                "kubernetes.io/service-name": service,
                 "endpointslice.kubernetes.io/managed-by": "cortexflow-lab",
             },
         },
         "addressType": "IPv4",
         "endpoints": [{"addresses": [GATEWAY_IP.to_string()], "conditions": {"ready": true}}],
-        "ports": [{"name": "https", "port": 443, "protocol": "TCP"}],
+        "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
     })
 }

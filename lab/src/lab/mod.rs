@@ -138,7 +138,7 @@ impl Lab {
             }
         }
         // Pods reach the apiserver at the `kubernetes` Service, relayed by the gateway.
-        let gateway = gateway::Gateway::start(
+        let mut gateway = gateway::Gateway::start(
             &fabric.ns,
             &nodes
                 .iter()
@@ -149,10 +149,7 @@ impl Lab {
                 (std::net::Ipv4Addr::LOCALHOST, cluster.ports().apiserver).into(),
             )],
         )?;
-        let slice = o.state_dir.join("kubernetes-endpoints.json");
-        std::fs::write(&slice, gateway::kubernetes_endpoints().to_string())?;
-        kubectl::ok(&kubeconfig, &["apply", "-f", &slice.to_string_lossy()])?;
-        let _ = std::fs::remove_file(&slice);
+        apply_json(&kubeconfig, &o.state_dir, &gateway::kubernetes_endpoints())?;
         let mut maps = vec![workspace_root().join("lab/images.map")];
         maps.extend(o.image_maps.iter().cloned());
         let mut images = Images::load(&maps, &mut |pkg, bin| binary(pkg, bin))?;
@@ -209,18 +206,45 @@ impl Lab {
                 ("CORTEXFLOW_CA_POLL_SECS".into(), "1".into()),
                 ("CORTEXFLOW_WEBHOOK_ADDR".into(), webhook.to_string()),
                 ("CORTEXFLOW_WEBHOOK_DNS_NAMES".into(), "localhost".into()),
-                // The injector's decisions are tested with dry-run pods only (the lab cannot
-                // run a proxy yet): injection on, to see its patches.
+                // Injection on (the tests that install the chart's webhook configuration see it);
+                // the proxy's image maps to the proxy built here (lab/images.map), and it asks
+                // for its certificate at the operator's Service, as the chart sets it.
                 ("CORTEXFLOW_INJECT_PROXY".into(), "true".into()),
                 (
                     "CORTEXFLOW_PROXY_IMAGE".into(),
                     "ghcr.io/cortexflow/cortexflow-proxy:lab".into(),
+                ),
+                (
+                    "CORTEXFLOW_PROXY_CA_ADDR".into(),
+                    format!("{OPERATOR_SERVICE}.{SYSTEM_NAMESPACE}.svc:{OPERATOR_GRPC_PORT}"),
                 ),
             ],
         };
         let mut operator = Operator::start(&operator_opts)?;
         operator.wait_ready(Duration::from_secs(60)).await?;
         let operator_service = OperatorService::start(vec![operator.grpc]).await?;
+        // Pods reach the operator's gRPC port (the CA) at its Service, relayed by the gateway.
+        gateway.forward(&fabric.ns, OPERATOR_GRPC_PORT, operator_service.addr)?;
+        apply_json(
+            &kubeconfig,
+            &o.state_dir,
+            &serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": OPERATOR_SERVICE, "namespace": SYSTEM_NAMESPACE},
+                "spec": {"ports": [{"name": "grpc", "port": OPERATOR_GRPC_PORT, "protocol": "TCP"}]},
+            }),
+        )?;
+        apply_json(
+            &kubeconfig,
+            &o.state_dir,
+            &gateway::endpoints(
+                SYSTEM_NAMESPACE,
+                OPERATOR_SERVICE,
+                "grpc",
+                OPERATOR_GRPC_PORT,
+            ),
+        )?;
         // What the agent DaemonSet's pods mount: the trust bundle the operator publishes, and a
         // token for the agent's ServiceAccount with the CA's audience, bound to the node (the
         // agents run as host processes in the nodes' namespaces; a pod's projected token would be
@@ -634,6 +658,19 @@ pub fn exec_command(
         let (netns, cgroup) = sim::locate(state_dir, ns, name)?;
         sim::exec_command(&netns, &cgroup, argv)
     })
+}
+
+/// The operator's Service (the chart's name for release `cortexflow`) and its gRPC port.
+pub const OPERATOR_SERVICE: &str = "cortexflow-operator";
+pub const OPERATOR_GRPC_PORT: u16 = 8090;
+
+/// `kubectl apply` of one object.
+fn apply_json(kubeconfig: &Path, dir: &Path, object: &serde_json::Value) -> anyhow::Result<()> {
+    let file = dir.join("apply.json");
+    std::fs::write(&file, object.to_string())?;
+    let r = kubectl::ok(kubeconfig, &["apply", "-f", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(&file);
+    r.map(drop)
 }
 
 /// Lifetime of the lab's certificates (the operator's minimum).

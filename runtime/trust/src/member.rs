@@ -95,10 +95,7 @@ impl Member {
 
     /// The SPIFFE id of the certificate in use (empty before the first one of an asked id).
     pub fn spiffe_id(&self) -> String {
-        self.spiffe_id
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        self.spiffe_id.read().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// A channel to the operator over `config`.
