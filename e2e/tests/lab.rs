@@ -61,6 +61,7 @@ fn main() -> ExitCode {
         t!(the_webhook_is_trusted_through_the_ca_bundle_the_operator_keeps),
         t!(the_injector_patches_exactly_the_pods_that_ask),
         t!(the_proxy_delivers_messages_over_mtls_and_relays_dns),
+        t!(kubectl_logs_reads_containers_through_the_kubelet_api),
         t!(cfcli_flows_filter_and_explain_names_the_deciding_rule),
         t!(cfcli_identities_agree_with_the_statuses_and_the_kernel),
         t!(cfcli_status_and_check_see_a_stopped_agent),
@@ -430,6 +431,30 @@ async fn matrix_matches_the_demo(lab: &mut Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `promtool check metrics` (Prometheus' own lint) on `who`'s /metrics text.
+fn promtool_check_metrics(who: &str, body: &str) -> anyhow::Result<()> {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("run promtool (`cargo xtask setup`)")?;
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().context("promtool stdin")?;
+        stdin.write_all(body.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics on the {who}'s /metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> anyhow::Result<()> {
     // Every /metrics endpoint passes Prometheus' own lint (`promtool check metrics`).
     let mut endpoints = vec![("operator".to_string(), lab.operator.admin)];
@@ -441,25 +466,7 @@ async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> any
     for (who, addr) in endpoints {
         let (code, body) = cortexflow_testkit::process::http_get(addr, "/metrics").await?;
         ensure!(code == 200, "{who}: /metrics answered {code}");
-        let mut child = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("run promtool (`cargo xtask setup`)")?;
-        {
-            use std::io::Write as _;
-            let mut stdin = child.stdin.take().context("promtool stdin")?;
-            stdin.write_all(body.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        ensure!(
-            out.status.success(),
-            "promtool check metrics on the {who}'s /metrics:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        promtool_check_metrics(&who, &body)?;
     }
     let doc = std::fs::read_to_string(workspace_root().join("docs/metrics.md"))?;
     // Every `cortexflow_…` and `process_…` name in the first column of a metrics table, with
@@ -476,6 +483,11 @@ async fn every_documented_metric_has_samples_in_prometheus(lab: &mut Lab) -> any
         );
         for n in names.split(',') {
             let n = n.trim().trim_matches('`');
+            // The proxy's run in pods, which the lab's Prometheus does not scrape: the proxy's
+            // test requires them on a proxy's own /metrics.
+            if n.starts_with("cortexflow_proxy_") {
+                continue;
+            }
             if n.starts_with("cortexflow_") || n.starts_with("process_") {
                 metrics.push((n.to_string(), kind.to_string()));
             }
@@ -4052,14 +4064,7 @@ async fn a_pods_token_is_projected_and_the_apiserver_answers_at_its_service(
 /// search path, `name.namespace` from another namespace, each resolving to its ClusterIP; an
 /// unknown name does not resolve.
 async fn cluster_dns_resolves_services_inside_pods(lab: &mut Lab) -> anyhow::Result<()> {
-    lab.kubectl(&[
-        "wait",
-        "--for=condition=Available",
-        "deployment/coredns",
-        "-n",
-        "kube-system",
-        "--timeout=90s",
-    ])?;
+    cluster_dns_available(lab)?;
     let backend = lab.cluster_ip("shop", "backend")?.to_string();
     let (fe, _) = first_pod(lab, "shop", "frontend")?;
     let (etl, _) = first_pod(lab, "batch", "etl")?;
@@ -4104,6 +4109,19 @@ async fn cluster_dns_resolves_services_inside_pods(lab: &mut Lab) -> anyhow::Res
     Ok(())
 }
 
+/// Waits until the cluster DNS (CoreDNS, applied by the lab at start) is Available.
+fn cluster_dns_available(lab: &Lab) -> anyhow::Result<()> {
+    lab.kubectl(&[
+        "wait",
+        "--for=condition=Available",
+        "deployment/coredns",
+        "-n",
+        "kube-system",
+        "--timeout=90s",
+    ])
+    .map(drop)
+}
+
 /// A proxy's metric (the sum of the series starting with `prefix`) from its admin port, read
 /// inside its pod.
 fn proxy_metric(lab: &Lab, ns: &str, pod: &str, prefix: &str) -> anyhow::Result<f64> {
@@ -4119,8 +4137,8 @@ fn proxy_metric(lab: &Lab, ns: &str, pod: &str, prefix: &str) -> anyhow::Result<
 /// node simulator runs it as a native sidecar from the image map, it obtains its workload
 /// certificate from the operator's CA with the pod's own token through the operator's Service,
 /// and the pod is Ready only then. Messages (port 5054): from the app to its own proxy,
-/// delivered over mTLS to the named Service's proxy (both proxies' counters and the receiver's
-/// log name the sender's SPIFFE id); straight to the destination's port; every bad line
+/// delivered over mTLS to the named Service's proxy (both proxies' counters, and the receiver's
+/// log read with `kubectl logs` names the sender's SPIFFE id); straight to the destination's port; every bad line
 /// answered `Delivery failed` on a connection that keeps serving. DNS (port 5053): answers
 /// are CoreDNS's (a Service's ClusterIP, NXDOMAIN), counted by result.
 async fn the_proxy_delivers_messages_over_mtls_and_relays_dns(lab: &mut Lab) -> anyhow::Result<()> {
@@ -4153,14 +4171,7 @@ spec:
 "#
         )
     };
-    lab.kubectl(&[
-        "wait",
-        "--for=condition=Available",
-        "deployment/coredns",
-        "-n",
-        "kube-system",
-        "--timeout=90s",
-    ])?;
+    cluster_dns_available(lab)?;
     let result = async {
         lab.apply_yaml(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: msg\n  annotations: {mesh.cortexflow.io/inject: enabled}\n",
@@ -4215,7 +4226,7 @@ spec:
             "the message did not go from test-proxy1's proxy to test-proxy2's"
         );
         let sender = "spiffe://cluster.local/ns/msg/sa/default";
-        let log = find_log(&lab.state_dir, &format!("msg_{p2}_cortexflow-proxy.log"))?;
+        let log = lab.kubectl(&["logs", "-n", "msg", &p2, "-c", "cortexflow-proxy"])?;
         ensure!(
             log.lines().any(|l| l.contains("message received") && l.contains(sender)),
             "test-proxy2's proxy did not log the message from {sender}:\n{log}"
@@ -4263,6 +4274,29 @@ spec:
                 && proxy_metric(lab, "msg", &p1, nxdomain)? == x0 + 1.0,
             "the DNS answers were not counted by result"
         );
+        // Every documented proxy metric is exported, and /metrics passes promtool.
+        let text = lab.workload("msg", &p1, &["get", "127.0.0.1:15090", "/metrics"])?;
+        let doc = std::fs::read_to_string(workspace_root().join("docs/metrics.md"))?;
+        let documented: Vec<(String, bool)> = doc
+            .lines()
+            .filter(|l| l.starts_with("| `cortexflow_proxy_"))
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split('|').map(str::trim).collect();
+                Some((cols.get(1)?.trim_matches('`').to_string(), *cols.get(2)? == "histogram"))
+            })
+            .collect();
+        ensure!(documented.len() >= 6, "docs/metrics.md lists {documented:?}");
+        let missing: Vec<&String> = documented
+            .iter()
+            .filter(|(n, hist)| {
+                let series = if *hist { format!("{n}_count") } else { n.clone() };
+                !text.lines().any(|l| l.starts_with(&series))
+            })
+            .map(|(n, _)| n)
+            .collect();
+        ensure!(missing.is_empty(), "documented but not on the proxy's /metrics: {missing:?}");
+        // (`Lab::workload` trims what the program printed; the exposition ends in a newline.)
+        promtool_check_metrics("proxy", &format!("{}\n", text.trim_end()))?;
         anyhow::Ok(())
     }
     .await;
@@ -4277,18 +4311,208 @@ spec:
     result
 }
 
-/// The text of the file named `name` somewhere under `dir`.
-fn find_log(dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)?.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if e.file_name() == name {
-                return Ok(std::fs::read_to_string(&p)?);
+/// `kubectl logs` through the real apiserver to the node simulator's kubelet API: a pod's app
+/// container (the default), an init container (`-c`), `--tail`, `-f` seeing lines appended
+/// while it runs, and clear refusals for what the simulator does not record (`--previous`,
+/// `--timestamps`). The kubelet API takes the apiserver's kubelet client certificate only:
+/// the admin's certificate and no certificate fail the handshake.
+async fn kubectl_logs_reads_containers_through_the_kubelet_api(
+    lab: &mut Lab,
+) -> anyhow::Result<()> {
+    let pod = r#"apiVersion: v1
+kind: Pod
+metadata: {name: logs, namespace: logs-test}
+spec:
+  initContainers:
+    - {name: setup, image: cortexflow/workload, args: [exit, "0"]}
+  containers:
+    - {name: crash, image: cortexflow/workload, args: [exit, "1", --after-ms, "100"]}
+    - {name: app, image: cortexflow/workload, args: [serve, --tcp, "8080", --name, logs-app]}
+"#;
+    let logs = |args: &[&str]| -> anyhow::Result<cortexflow_lab::kubectl::Output> {
+        let mut all = vec!["logs", "-n", "logs-test", "logs"];
+        all.extend(args);
+        cortexflow_lab::kubectl::run(&lab.cluster.kubeconfig(), &all)
+    };
+    let result = async {
+        lab.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: logs-test}\n")?;
+        default_service_account(lab, "logs-test").await?;
+        lab.apply_yaml(pod)?;
+        // The crashing container restarts with back-off (1 s, 2 s, …): a few lines.
+        let t = Instant::now();
+        let crash = loop {
+            let out = logs(&["-c", "crash"])?;
+            if out.success && out.stdout.lines().filter(|l| *l == "exit 1").count() >= 2 {
+                break out.stdout;
             }
+            ensure!(
+                t.elapsed() < Duration::from_secs(60),
+                "kubectl logs -c crash: {} {}",
+                out.stdout,
+                out.stderr
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        ensure!(
+            crash.lines().all(|l| l == "exit 1"),
+            "the crash container's log: {crash:?}"
+        );
+        let setup = logs(&["-c", "setup"])?;
+        ensure!(
+            setup.success && setup.stdout == "exit 0\n",
+            "the init container's log: {setup:?}"
+        );
+        let app = logs(&["-c", "app"])?;
+        ensure!(
+            app.success && app.stdout.contains("serving as logs-app"),
+            "the app container's log: {app:?}"
+        );
+        // The default container is the first (kubectl picks it, as on a real cluster).
+        let first = logs(&[])?;
+        ensure!(
+            first.success && first.stdout.starts_with("exit 1"),
+            "the default container: {first:?}"
+        );
+        let tail = logs(&["-c", "crash", "--tail=1"])?;
+        ensure!(
+            tail.success && tail.stdout == "exit 1\n",
+            "--tail=1: {tail:?}"
+        );
+        // -f: a line appended while following shows up.
+        let mut follow = std::process::Command::new(cortexflow_testkit::tools::kubectl_bin())
+            .args([
+                "logs",
+                "-f",
+                "-n",
+                "logs-test",
+                "logs",
+                "-c",
+                "crash",
+                "--tail=0",
+            ])
+            .env("KUBECONFIG", lab.cluster.kubeconfig())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let stdout = follow.stdout.take().context("kubectl logs -f stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        let seen = rx.recv_timeout(Duration::from_secs(40));
+        let _ = follow.kill();
+        let _ = follow.wait();
+        ensure!(
+            seen.as_deref() == Ok("exit 1"),
+            "kubectl logs -f saw no new line within 40 s: {seen:?}"
+        );
+        for (flag, why) in [
+            ("--previous", "no previous"),
+            ("--timestamps", "no timestamps"),
+        ] {
+            let out = logs(&["-c", "crash", flag])?;
+            ensure!(
+                !out.success && out.stderr.contains(why),
+                "kubectl logs {flag}: {out:?}"
+            );
         }
+        // Only the apiserver is served.
+        let node = lab.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            "logs-test",
+            "logs",
+            "-o",
+            "jsonpath={.spec.nodeName}",
+        ])?;
+        let port = lab.kubectl(&[
+            "get",
+            "node",
+            node.trim(),
+            "-o",
+            "jsonpath={.status.daemonEndpoints.kubeletEndpoint.Port}",
+        ])?;
+        let port: u16 = port
+            .trim()
+            .parse()
+            .with_context(|| format!("kubelet port {port:?}"))?;
+        let ca = std::fs::read(lab.cluster.dir().join("ca.crt"))?;
+        let admin = lab
+            .cluster
+            .client_pair("cortexflow-admin", &["system:masters"])?;
+        for (who, pair) in [
+            ("no certificate", None),
+            ("the admin's certificate", Some(&admin)),
+        ] {
+            let got = kubelet_get(port, &ca, pair, "/healthz").await;
+            ensure!(got.is_err(), "the kubelet API answered {who}: {got:?}");
+        }
+        let apiserver = lab
+            .cluster
+            .client_pair(cortexflow_lab::kubelet::APISERVER_CLIENT, &[])?;
+        let ok = kubelet_get(port, &ca, Some(&apiserver), "/healthz").await?;
+        ensure!(
+            ok.starts_with("HTTP/1.1 200") && ok.ends_with("ok"),
+            "the apiserver's certificate: {ok}"
+        );
+        anyhow::Ok(())
     }
-    anyhow::bail!("no {name} under {}", dir.display())
+    .await;
+    let _ = lab.kubectl(&[
+        "delete",
+        "namespace",
+        "logs-test",
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
+    result
+}
+
+/// One HTTP/1.1 GET to the kubelet API on loopback `port`, verifying it with `ca` and
+/// presenting `client` (cert and key PEM) if given; the whole answer.
+async fn kubelet_get(
+    port: u16,
+    ca: &[u8],
+    client: Option<&cortexflow_lab::pki::CertPair>,
+    path: &str,
+) -> anyhow::Result<String> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots.add(c?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    let mut cfg = match client {
+        Some(p) => builder.with_client_auth_cert(
+            CertificateDer::pem_slice_iter(p.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?,
+            PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes())?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
+        .await?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
 }

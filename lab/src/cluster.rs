@@ -162,11 +162,24 @@ impl Cluster {
     /// Writes a kubeconfig for a further user of this cluster, with a client certificate signed
     /// by the cluster CA, and returns its path.
     pub fn add_user(&self, name: &str, user: &str, groups: &[&str]) -> anyhow::Result<PathBuf> {
-        let ca = self.load_ca()?;
-        let pair = ca.client(user, groups)?;
+        let pair = self.client_pair(user, groups)?;
         let path = self.dir.join(format!("{name}.kubeconfig"));
         fs::write(&path, self.kubeconfig_yaml(user, &pair))?;
         Ok(path)
+    }
+
+    /// A client certificate of the cluster CA for `user` in `groups`.
+    pub fn client_pair(&self, user: &str, groups: &[&str]) -> anyhow::Result<pki::CertPair> {
+        self.load_ca()?.client(user, groups)
+    }
+
+    /// What the simulated nodes' kubelet API serves with.
+    pub fn kubelet_tls(&self) -> crate::kubelet::KubeletTls {
+        crate::kubelet::KubeletTls {
+            cert: self.dir.join("kubelet-serving.crt"),
+            key: self.dir.join("kubelet-serving.key"),
+            ca: self.dir.join("ca.crt"),
+        }
     }
 
     fn load_ca(&self) -> anyhow::Result<pki::Ca> {
@@ -199,6 +212,18 @@ impl Cluster {
             d,
             "controller-manager-serving",
             &ca.serving("kube-controller-manager", &["localhost"], &[loopback])?,
+        )?;
+        // The kubelet API of the simulated nodes (on loopback, `localhost`), and the apiserver's
+        // client certificate towards it.
+        write_pair(
+            d,
+            "kubelet-serving",
+            &ca.serving("cortexflow-lab-kubelet", &["localhost"], &[loopback])?,
+        )?;
+        write_pair(
+            d,
+            "apiserver-kubelet-client",
+            &ca.client(crate::kubelet::APISERVER_CLIENT, &[])?,
         )?;
         write_pair(
             d,
@@ -308,6 +333,17 @@ impl Cluster {
                 format!("--tls-cert-file={}", path("apiserver.crt")),
                 format!("--tls-private-key-file={}", path("apiserver.key")),
                 format!("--client-ca-file={}", path("ca.crt")),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    path("apiserver-kubelet-client.crt")
+                ),
+                format!(
+                    "--kubelet-client-key={}",
+                    path("apiserver-kubelet-client.key")
+                ),
+                format!("--kubelet-certificate-authority={}", path("ca.crt")),
+                // The simulated nodes' kubelet API is on loopback (`InternalDNS: localhost`).
+                "--kubelet-preferred-address-types=InternalDNS,InternalIP,Hostname".into(),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={}", path("sa.pub")),
                 format!("--service-account-signing-key-file={}", path("sa.key")),

@@ -8,7 +8,7 @@
 //! * [`objects`] — nodes, pods with addresses and CortexFlow resources created in tests.
 //! * [`sim`] — the node simulator: the kubelet and container runtime, on network namespaces;
 //!   [`containers`] — a pod's init containers, native sidecars, app containers, restarts and
-//!   probes as the kubelet runs them.
+//!   probes as the kubelet runs them; [`kubelet`] — its kubelet API (`kubectl logs`).
 //! * [`lab`] — the whole mesh on one machine (`cargo xtask lab`): life cycle, probes, matrix.
 //!
 //! Binaries: `cortexflow-lab` (the lab, `exec`, `cluster up|down|status`) and
@@ -22,6 +22,7 @@ pub mod containers;
 pub mod dashboards;
 pub mod harness;
 pub mod kubectl;
+pub mod kubelet;
 pub mod lab;
 pub mod objects;
 pub mod pki;

@@ -518,6 +518,8 @@ pub struct SimNode {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     uplink: String,
     fabric: String,
+    /// The kubelet API's loopback port (0 until [`SimNode::serve_kubelet`]).
+    kubelet_port: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl SimNode {
@@ -573,7 +575,33 @@ impl SimNode {
             tasks: Vec::new(),
             uplink,
             fabric: fabric.ns.name.clone(),
+            kubelet_port: Default::default(),
         })
+    }
+
+    /// Serves this node's kubelet API ([`crate::kubelet`]) and publishes its port in the Node's
+    /// status: `kubectl logs` of its pods works from then on.
+    pub async fn serve_kubelet(
+        &mut self,
+        client: &Client,
+        tls: &crate::kubelet::KubeletTls,
+        state_dir: &Path,
+    ) -> anyhow::Result<()> {
+        let mut stop = self.stop.subscribe();
+        let (port, task) = crate::kubelet::start(
+            client.clone(),
+            &self.name,
+            state_dir.join("pods"),
+            tls,
+            async move {
+                let _ = stop.changed().await;
+            },
+        )
+        .await?;
+        self.tasks.push(task);
+        self.kubelet_port
+            .store(port, std::sync::atomic::Ordering::Relaxed);
+        register(client, &self.name, self.ip, &self.pod_cidr, port).await
     }
 
     /// Routes `other`'s pod CIDR through its fabric address.
@@ -596,7 +624,7 @@ impl SimNode {
         state_dir: &Path,
         cni: Option<Cni>,
     ) -> anyhow::Result<()> {
-        register(client, &self.name, self.ip, &self.pod_cidr).await?;
+        register(client, &self.name, self.ip, &self.pod_cidr, 0).await?;
         std::fs::create_dir_all(state_dir.join("pods"))?;
         // The node's handle for `lab exec node/<name>`: its network namespace.
         std::fs::create_dir_all(state_dir.join("nodes"))?;
@@ -617,11 +645,12 @@ impl SimNode {
             cni,
         });
         let mut stop = self.stop.subscribe();
-        let (c, name, ip, cidr) = (
+        let (c, name, ip, cidr, kubelet) = (
             client.clone(),
             self.name.clone(),
             self.ip,
             self.pod_cidr.clone(),
+            self.kubelet_port.clone(),
         );
         self.tasks.push(tokio::spawn(async move {
             loop {
@@ -629,7 +658,8 @@ impl SimNode {
                     _ = tokio::time::sleep(Duration::from_secs(10)) => {}
                     _ = stop.changed() => return,
                 }
-                if let Err(e) = register(&c, &name, ip, &cidr).await {
+                let port = kubelet.load(std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = register(&c, &name, ip, &cidr, port).await {
                     tracing::warn!(node = %name, error = %format!("{e:#}"), "node heartbeat failed");
                 }
             }
@@ -733,8 +763,15 @@ impl Drop for SimNode {
     }
 }
 
-/// Creates or refreshes the Node object and its status (Ready, addresses, capacity).
-async fn register(client: &Client, name: &str, ip: Ipv4Addr, pod_cidr: &str) -> anyhow::Result<()> {
+/// Creates or refreshes the Node object and its status (Ready, addresses, capacity, and the
+/// kubelet API's port once it serves: `kubelet_port` 0 is none yet).
+async fn register(
+    client: &Client,
+    name: &str,
+    ip: Ipv4Addr,
+    pod_cidr: &str,
+    kubelet_port: u16,
+) -> anyhow::Result<()> {
     let api: Api<Node> = Api::all(client.clone());
     let n: Node = serde_json::from_value(json!({
         "apiVersion": "v1",
@@ -750,8 +787,17 @@ async fn register(client: &Client, name: &str, ip: Ipv4Addr, pod_cidr: &str) -> 
     }
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let resources = json!({"cpu": "8", "memory": "16Gi", "pods": "110"});
+    let mut addresses = vec![
+        json!({"type": "InternalIP", "address": ip.to_string()}),
+        json!({"type": "Hostname", "address": name}),
+    ];
+    if kubelet_port != 0 {
+        // Where the apiserver reaches the kubelet API (on the machine's loopback).
+        addresses.push(json!({"type": "InternalDNS", "address": "localhost"}));
+    }
     let status = json!({"status": {
-        "addresses": [{"type": "InternalIP", "address": ip.to_string()}, {"type": "Hostname", "address": name}],
+        "addresses": addresses,
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
         "capacity": resources, "allocatable": resources,
         "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                         "message": "cortexflow lab node simulator",
@@ -1108,12 +1154,9 @@ impl PodCtx {
             argv.extend(c.args.clone().unwrap_or_default());
             // The first app container's log keeps the pod's name (as before init containers
             // and sidecars existed); the others are named after their container.
-            let log = if spec.kind == crate::containers::Kind::App && first_app {
-                first_app = false;
-                format!("{ns_name}_{name}.log")
-            } else {
-                format!("{ns_name}_{name}_{}.log", c.name)
-            };
+            let first = spec.kind == crate::containers::Kind::App && first_app;
+            first_app &= !first;
+            let log = crate::kubelet::log_file(&ns_name, &name, &c.name, first);
             runs.push(Run {
                 bin,
                 argv,

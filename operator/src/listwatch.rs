@@ -12,6 +12,7 @@
 //! Revisions are the etcd revisions the apiserver exposes as resourceVersions: integers, ordered
 //! across every kind of one cluster. They make the states of two replicas (or of one replica
 //! before and after a restart) comparable — see docs/architecture.md, "Revisions".
+use cortexflow_runtime::backoff::Backoff;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
@@ -67,41 +68,9 @@ fn rv_of<K: Resource>(o: &Object<K>) -> u64 {
     }
 }
 
-/// Exponential backoff with full jitter, for API errors.
-struct Backoff {
-    attempt: u32,
-    seed: u64,
-}
-
-impl Backoff {
-    const BASE: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn new() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            | 1;
-        Self { attempt: 0, seed }
-    }
-
-    /// Uniform in [cap/2, cap], cap = 100 ms · 2^attempt up to 30 s.
-    fn next(&mut self) -> Duration {
-        let cap = Self::BASE
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(Self::MAX);
-        self.attempt = self.attempt.saturating_add(1);
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let half = cap / 2;
-        half + Duration::from_nanos(self.seed % (half.as_nanos() as u64 + 1))
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
+/// Exponential backoff with full jitter for API errors: 100 ms doubling to 30 s.
+fn api_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
 }
 
 /// Lists every object (pages of 500) and the list's revision.
@@ -150,12 +119,12 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     async_stream::stream! {
-        let mut backoff = Backoff::new();
+        let mut backoff = api_backoff();
         'relist: loop {
             let (objects, mut position) = match list(&api, fields.as_deref()).await {
                 Ok(l) => l,
                 Err(e) => {
-                    let wait = backoff.next();
+                    let wait = backoff.next_wait();
                     yield Seen::Failed(e, wait);
                     tokio::time::sleep(wait).await;
                     continue 'relist;
@@ -177,13 +146,13 @@ where
                     Ok(Ok(s)) => s,
                     Ok(Err(kube::Error::Api(e))) if e.code == 410 => continue 'relist,
                     Ok(Err(e)) => {
-                        let wait = backoff.next();
+                        let wait = backoff.next_wait();
                         yield Seen::Failed(format!("watch: {e}"), wait);
                         tokio::time::sleep(wait).await;
                         continue;
                     }
                     Err(_) => {
-                        let wait = backoff.next();
+                        let wait = backoff.next_wait();
                         yield Seen::Failed("watch did not answer".into(), wait);
                         tokio::time::sleep(wait).await;
                         continue;
@@ -220,13 +189,13 @@ where
                             continue 'relist;
                         }
                         Ok(WatchEvent::Error(status)) => {
-                            let wait = backoff.next();
+                            let wait = backoff.next_wait();
                             yield Seen::Failed(format!("watch: {status:?}"), wait);
                             tokio::time::sleep(wait).await;
                             break;
                         }
                         Err(e) => {
-                            let wait = backoff.next();
+                            let wait = backoff.next_wait();
                             yield Seen::Failed(format!("watch: {e}"), wait);
                             tokio::time::sleep(wait).await;
                             break;
@@ -243,9 +212,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_with_jitter_up_to_its_cap_and_resets() {
-        let mut b = Backoff::new();
-        let waits: Vec<Duration> = (0..12).map(|_| b.next()).collect();
+    fn api_backoff_doubles_from_100_ms_to_30_s() {
+        let mut b = api_backoff();
+        let waits: Vec<Duration> = (0..12).map(|_| b.next_wait()).collect();
         assert!(waits[0] >= Duration::from_millis(50) && waits[0] <= Duration::from_millis(100));
         assert!(waits[3] >= Duration::from_millis(400) && waits[3] <= Duration::from_millis(800));
         for w in &waits[9..] {
@@ -254,8 +223,6 @@ mod tests {
                 "{w:?}"
             );
         }
-        b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
     }
 
     #[test]

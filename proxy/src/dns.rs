@@ -65,8 +65,32 @@ pub struct DnsMetrics {
     upstream_failures: Counter<u64>,
 }
 
+/// Every `result` of the requests metric, and every `reason` of the upstream failures.
+pub const RESULTS: [&str; 7] = [
+    "noerror",
+    "nxdomain",
+    "servfail",
+    "refused",
+    "other",
+    "upstream_failed",
+    "malformed",
+];
+pub const FAILURES: [&str; 2] = ["timeout", "error"];
+
 impl DnsMetrics {
+    /// The instruments, every label value present from the start (at 0).
     pub fn new(meter: &Meter) -> Self {
+        let m = Self::instruments(meter);
+        for r in RESULTS {
+            m.requests.add(0, &[KeyValue::new("result", r)]);
+        }
+        for r in FAILURES {
+            m.upstream_failures.add(0, &[KeyValue::new("reason", r)]);
+        }
+        m
+    }
+
+    fn instruments(meter: &Meter) -> Self {
         Self {
             requests: meter
                 .u64_counter("proxy_dns_requests")
@@ -104,14 +128,14 @@ pub fn header(msg: &[u8]) -> Option<Header> {
     })
 }
 
-/// The metric's result for an upstream answer's RCODE.
+/// The metric's result for an upstream answer's RCODE (one of [`RESULTS`]).
 pub fn rcode_result(rcode: u8) -> &'static str {
     match rcode {
-        0 => "noerror",
-        2 => "servfail",
-        3 => "nxdomain",
-        5 => "refused",
-        _ => "other",
+        0 => RESULTS[0],
+        3 => RESULTS[1],
+        2 => RESULTS[2],
+        5 => RESULTS[3],
+        _ => RESULTS[4],
     }
 }
 

@@ -110,6 +110,9 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         .u64_counter("proxy_certificate_renewals")
         .with_description("Attempts to obtain the workload certificate, by result: ok, failed")
         .build();
+    for r in ["ok", "failed"] {
+        renewals.add(0, &[KeyValue::new("result", r)]);
+    }
     let expiry = meter
         .f64_gauge("proxy_certificate_expiry_seconds")
         .with_description(

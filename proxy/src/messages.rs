@@ -156,8 +156,23 @@ pub struct Messages {
     counted: Counter<u64>,
 }
 
+/// The `way` and `result` values of the messages metric.
+pub const WAYS: [&str; 2] = ["forwarded", "delivered"];
+pub const RESULTS: [&str; 4] = ["ok", "invalid", "unknown_service", "failed"];
+
 impl Messages {
+    /// The message port's state; every series of its metric present from the start (at 0).
     pub fn new(id: Arc<Member>, cfg: Config, meter: &Meter) -> anyhow::Result<Self> {
+        let m = Self::build(id, cfg, meter)?;
+        for way in WAYS {
+            for result in RESULTS {
+                m.count_n(way, result, 0);
+            }
+        }
+        Ok(m)
+    }
+
+    fn build(id: Arc<Member>, cfg: Config, meter: &Meter) -> anyhow::Result<Self> {
         Ok(Self {
             server_tls: tls::peer_server_config(id.creds.clone(), id.trust.clone(), ALPN)?.into(),
             client_tls: tls::peer_client_config(id.creds.clone(), id.trust.clone(), ALPN)?.into(),
@@ -171,8 +186,12 @@ impl Messages {
     }
 
     fn count(&self, way: &'static str, result: &'static str) {
+        self.count_n(way, result, 1);
+    }
+
+    fn count_n(&self, way: &'static str, result: &'static str, n: u64) {
         self.counted.add(
-            1,
+            n,
             &[KeyValue::new("way", way), KeyValue::new("result", result)],
         );
     }

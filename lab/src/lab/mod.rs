@@ -173,6 +173,8 @@ impl Lab {
             };
             n.run(&client, images.clone(), &o.state_dir, Some(cni))
                 .await?;
+            n.serve_kubelet(&client, &cluster.kubelet_tls(), &o.state_dir)
+                .await?;
         }
         lap("nodes", &mut timings);
 

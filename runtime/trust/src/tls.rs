@@ -341,16 +341,25 @@ pub fn server_config(
     creds: Arc<Credentials>,
     trust: Arc<TrustStore>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    mesh_server(creds, trust, false, b"h2")
+}
+
+fn mesh_server(
+    creds: Arc<Credentials>,
+    trust: Arc<TrustStore>,
+    mandatory: bool,
+    alpn: &[u8],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(ClientVerifier {
             trust,
             provider,
-            mandatory: false,
+            mandatory,
         }))
         .with_cert_resolver(creds);
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
 }
 
@@ -361,17 +370,7 @@ pub fn peer_server_config(
     trust: Arc<TrustStore>,
     alpn: &[u8],
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let provider = provider();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(ClientVerifier {
-            trust,
-            provider,
-            mandatory: true,
-        }))
-        .with_cert_resolver(creds);
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    Ok(Arc::new(cfg))
+    mesh_server(creds, trust, true, alpn)
 }
 
 /// Between mesh peers: a TLS 1.3 client presenting `creds` that accepts a server with any
@@ -381,18 +380,7 @@ pub fn peer_client_config(
     trust: Arc<TrustStore>,
     alpn: &[u8],
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let provider = provider();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ServerVerifier {
-            trust,
-            expect: None,
-            provider,
-        }))
-        .with_client_cert_resolver(creds);
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    Ok(Arc::new(cfg))
+    mesh_client(Some(creds), trust, None, alpn)
 }
 
 /// The verified SPIFFE id of the peer of a finished handshake (`None`: it presented no
@@ -425,20 +413,31 @@ pub fn client_config(
     trust: Arc<TrustStore>,
     expect: &str,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    mesh_client(creds, trust, Some(expect.to_string()), b"h2")
+}
+
+/// A TLS 1.3 client of `trust` accepting the server `expect` (any id of the trust domain when
+/// `None`), presenting `creds` when it has them.
+fn mesh_client(
+    creds: Option<Arc<Credentials>>,
+    trust: Arc<TrustStore>,
+    expect: Option<String>,
+    alpn: &[u8],
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
             trust,
-            expect: Some(expect.to_string()),
+            expect,
             provider,
         }));
     let mut cfg = match creds {
         Some(c) => builder.with_client_cert_resolver(c),
         None => builder.with_no_client_auth(),
     };
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
 }
 
@@ -596,4 +595,91 @@ pub async fn serve_http(
     }
     tasks.abort_all();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::{Authority, ca::DEFAULT_LEAF_LIFETIME};
+
+    const TD: &str = "cluster.local";
+    const ALPN: &[u8] = b"cortexflow-test/1";
+
+    /// Credentials for `id` from `ca`.
+    fn creds(ca: &Authority, id: &str) -> Arc<Credentials> {
+        let (key, issued) = ca
+            .issue_own(id, DEFAULT_LEAF_LIFETIME, SystemTime::now())
+            .unwrap();
+        let c = Credentials::new();
+        c.set_issued(&key, issued).unwrap();
+        c
+    }
+
+    /// One connection from a client presenting `client` (or nothing) to a peer server of `ca`:
+    /// the id the server verified, or the error either side saw.
+    async fn exchange(ca: &Authority, client: Option<Arc<Credentials>>) -> Result<String, String> {
+        let trust = TrustStore::new(TD, ca.bundle().clone());
+        let server = peer_server_config(
+            creds(ca, "spiffe://cluster.local/ns/b/sa/server"),
+            trust.clone(),
+            ALPN,
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = trust.clone();
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let id = peer_chain_id(tls.get_ref().1.peer_certificates(), &t)
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+            tls.write_all(b"hi").await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(id)
+        });
+        let client_cfg = match client {
+            Some(c) => peer_client_config(c, trust, ALPN).unwrap(),
+            None => mesh_client(None, trust, None, ALPN).unwrap(),
+        };
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::IpAddress(addr.ip().into());
+        let got = async {
+            let mut tls = tokio_rustls::TlsConnector::from(client_cfg)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 2];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        };
+        let client_result = tokio::time::timeout(Duration::from_secs(5), got)
+            .await
+            .map_err(|_| "timed out".to_string())?;
+        let server_result = accept.await.unwrap();
+        client_result?;
+        server_result
+    }
+
+    #[tokio::test]
+    async fn peers_must_present_a_certificate_of_the_mesh() {
+        let ca = Authority::generate(TD, SystemTime::now()).unwrap();
+        let other = Authority::generate(TD, SystemTime::now()).unwrap();
+        let id = "spiffe://cluster.local/ns/a/sa/client";
+        assert_eq!(
+            exchange(&ca, Some(creds(&ca, id))).await,
+            Ok(id.to_string())
+        );
+        assert!(exchange(&ca, None).await.is_err(), "no client certificate");
+        assert!(
+            exchange(&ca, Some(creds(&other, id))).await.is_err(),
+            "another CA's certificate"
+        );
+    }
 }

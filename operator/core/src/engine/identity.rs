@@ -148,7 +148,7 @@ impl Engine {
                             false,
                             CondReason::ProxyNotAvailable,
                             format!(
-                                "spec.mtls {} is not honoured: this version of CortexFlow has no mTLS proxy, so traffic to these pods stays plaintext and none is dropped for lack of mTLS; L3/L4 policy applies",
+                                "spec.mtls {} is not honoured yet: the mTLS proxy, when injected, serves its message and DNS ports but does not carry the app's connections, so traffic to these pods stays plaintext and none is dropped for lack of mTLS; L3/L4 policy applies",
                                 m.as_str()
                             ),
                         ),
