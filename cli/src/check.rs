@@ -194,6 +194,23 @@ pub fn run(s: &Snapshot, namespace: &str) -> Vec<Check> {
         }
         None => c.skip(o, "the id table is the one in use", "no operator metrics"),
     }
+    match first {
+        Some(m) => {
+            let n = sum(m, "cortexflow_operator_pods_without_proxy", &[]).unwrap_or(0.0);
+            c.add(
+                o,
+                "every pod that asks for the mTLS proxy runs it",
+                n == 0.0,
+                format!("{n} without"),
+                "they were created while the injector did not answer (failurePolicy Ignore, or before the webhook was installed): the operator's log names each; re-create them (`kubectl rollout restart`)",
+            );
+        }
+        None => c.skip(
+            o,
+            "every pod that asks for the mTLS proxy runs it",
+            "no operator metrics",
+        ),
+    }
     let t = "trust";
     let bundle = s
         .bundle

@@ -2960,33 +2960,39 @@ async fn cfcli_identities_agree_with_the_statuses_and_the_kernel(
     Ok(())
 }
 
+/// The flags that point cfcli at the lab's daemons (they are not pods: their admin addresses
+/// are passed).
+fn metrics_flags(lab: &Lab) -> Vec<String> {
+    let mut v = vec![
+        "--operator-metrics".to_string(),
+        lab.operator.admin.to_string(),
+        "--prometheus".to_string(),
+        format!("http://{}", lab.prometheus_addr),
+    ];
+    for a in &lab.agents {
+        v.push("--agent-metrics".into());
+        v.push(format!("{}={}", a.name, a.admin));
+    }
+    v
+}
+
+/// `cfcli check -o json` on the lab: (exit 0, the checks, stderr).
+fn cfcli_check(lab: &Lab) -> anyhow::Result<(bool, Vec<serde_json::Value>, String)> {
+    let mut args = vec!["check".to_string(), "-o".into(), "json".into()];
+    args.extend(metrics_flags(lab));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = cfcli(lab, &args)?;
+    let checks: Vec<serde_json::Value> =
+        serde_json::from_str(&out).with_context(|| format!("cfcli check: {out}{err}"))?;
+    Ok((ok, checks, err))
+}
+
 /// `cfcli status` and `cfcli check` on the lab (its daemons are not pods: their admin
 /// addresses are passed): all green, the leader and every node's agent shown; an agent stopped
 /// turns its node's checks red with a hint and the exit code non-zero; started again, green.
 async fn cfcli_status_and_check_see_a_stopped_agent(lab: &mut Lab) -> anyhow::Result<()> {
     cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
-    let metrics_flags = |lab: &Lab| -> Vec<String> {
-        let mut v = vec![
-            "--operator-metrics".to_string(),
-            lab.operator.admin.to_string(),
-            "--prometheus".to_string(),
-            format!("http://{}", lab.prometheus_addr),
-        ];
-        for a in &lab.agents {
-            v.push("--agent-metrics".into());
-            v.push(format!("{}={}", a.name, a.admin));
-        }
-        v
-    };
-    let check = |lab: &Lab| -> anyhow::Result<(bool, Vec<serde_json::Value>, String)> {
-        let mut args = vec!["check".to_string(), "-o".into(), "json".into()];
-        args.extend(metrics_flags(lab));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (ok, out, err) = cfcli(lab, &args)?;
-        let checks: Vec<serde_json::Value> =
-            serde_json::from_str(&out).with_context(|| format!("cfcli check: {out}{err}"))?;
-        Ok((ok, checks, err))
-    };
+    let check = cfcli_check;
     let failing = |checks: &[serde_json::Value]| -> Vec<String> {
         checks
             .iter()
@@ -4177,6 +4183,40 @@ spec:
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: msg\n  annotations: {mesh.cortexflow.io/inject: enabled}\n",
         )?;
         default_service_account(lab, "msg").await?;
+        // Never unnoticed: a pod of the opted-in namespace created while no injector answers
+        // (here: before it is installed) runs without the proxy — counted, named in the
+        // operator's log, and `cfcli check` fails on it until it is gone.
+        cortexflow_testkit::cargo::binary("cfcli", "cfcli")?;
+        lab.apply_yaml(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: early, namespace: msg}\nspec:\n  containers: [{name: app, image: cortexflow/workload, args: [serve, --tcp, \"8080\"]}]\n",
+        )?;
+        let without = "cortexflow_operator_pods_without_proxy";
+        let t = Instant::now();
+        while lab.operator.metric(without).await? != 1.0 {
+            ensure!(t.elapsed() < Duration::from_secs(20), "{without} did not count msg/early");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let log = lab.operator.daemon.log();
+        ensure!(
+            log.lines().any(|l| l.contains("runs without it") && l.contains("msg/early")),
+            "the operator's log does not name msg/early"
+        );
+        let name = "every pod that asks for the mTLS proxy runs it";
+        let (ok, checks, _) = cfcli_check(lab)?;
+        let c = checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .with_context(|| format!("no check {name:?}"))?;
+        ensure!(
+            !ok && c["result"] == "fail" && c["detail"] == "1 without",
+            "cfcli check with msg/early: {c:#}"
+        );
+        lab.kubectl(&["delete", "pod", "-n", "msg", "early", "--wait=false"])?;
+        let t = Instant::now();
+        while lab.operator.metric(without).await? != 0.0 {
+            ensure!(t.elapsed() < Duration::from_secs(30), "{without} still counts msg/early");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         install_injector(lab).await?;
         let t = Instant::now();
         lab.apply_yaml(&format!("{}---\n{}", manifest("test-proxy1"), manifest("test-proxy2")))?;

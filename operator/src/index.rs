@@ -112,6 +112,18 @@ pub fn pod(p: &PodK) -> Pod {
             status.and_then(|s| s.phase.as_deref()),
             Some("Succeeded" | "Failed")
         ),
+        inject: p
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::injector::INJECT_ANNOTATION).cloned()),
+        has_proxy: spec.is_some_and(|s| {
+            s.init_containers
+                .iter()
+                .flatten()
+                .chain(&s.containers)
+                .any(|c| c.name == crate::injector::PROXY_CONTAINER)
+        }),
     }
 }
 

@@ -167,6 +167,72 @@ fn add_to_array(ops: &mut Vec<Value>, obj: &Value, path: &str, value: Value, fir
     }
 }
 
+/// Whether a pod of `namespace` asks for the proxy, and why: its own annotation, else its
+/// namespace's, else its claiming ServiceIdentity's mTLS mode (`identity`). An annotation other
+/// than `enabled`/`disabled` is an error naming it. (Exclusions — namespaces, host network — are
+/// the caller's.)
+pub fn wants_proxy(
+    namespace: &str,
+    pod_inject: Option<&str>,
+    ns_inject: Option<&str>,
+    identity: Option<(&str, Mtls)>,
+) -> Result<Option<String>, String> {
+    let by_pod = opt(pod_inject, "the pod's")?;
+    let by_ns = opt(ns_inject, "the namespace's")?;
+    Ok(match (by_pod, by_ns, identity) {
+        (Some(true), _, _) => Some(format!("the pod's annotation {INJECT_ANNOTATION}")),
+        (Some(false), _, _) => None,
+        (None, Some(true), _) => Some(format!("the namespace's annotation {INJECT_ANNOTATION}")),
+        (None, Some(false), _) => None,
+        (None, None, Some((name, m))) if m != Mtls::Disabled => Some(format!(
+            "ServiceIdentity {namespace}/{name} has mtls {}",
+            m.as_str()
+        )),
+        (None, None, _) => None,
+    })
+}
+
+/// The live pods that ask for the proxy (by [`wants_proxy`]) and run without it — created
+/// while no injector answered (`failurePolicy: Ignore`), or before it was installed — with
+/// why each asks, in key order. Nothing while injection is off (the ServiceIdentity's `MTLS`
+/// condition and the creation warning say so then).
+pub fn pods_without_proxy(
+    cfg: &InjectorConfig,
+    engine: &cortexflow_operator_core::Engine,
+) -> Vec<(String, String)> {
+    if !cfg.inject_proxy {
+        return Vec::new();
+    }
+    let snap = engine.snapshot();
+    snap.pods
+        .values()
+        .filter(|p| p.live() && !p.has_proxy)
+        .filter(|p| {
+            !cfg.excluded_namespaces
+                .contains(&p.key.namespace.to_string())
+        })
+        .filter_map(|p| {
+            let ns = &p.key.namespace;
+            let ns_inject = snap
+                .namespaces
+                .get(ns.as_ref())
+                .and_then(|n| n.inject.clone());
+            let identity = engine
+                .claiming_identity(p)
+                .map(|s| (s.key.name.to_string(), s.mtls));
+            let why = wants_proxy(
+                ns,
+                p.inject.as_deref(),
+                ns_inject.as_deref(),
+                identity.as_ref().map(|(n, m)| (n.as_str(), *m)),
+            )
+            .ok()
+            .flatten()?;
+            Some((format!("{ns}/{}", p.key.name), why))
+        })
+        .collect()
+}
+
 /// The decision for `pod` (the AdmissionReview's object) in namespace `namespace`, whose
 /// annotation is `ns_inject`; `identity` is the claiming ServiceIdentity's name and mTLS mode.
 pub fn decide(
@@ -190,23 +256,9 @@ pub fn decide(
         };
     }
     let annotation = pod["metadata"]["annotations"][INJECT_ANNOTATION].as_str();
-    let (by_pod, by_ns) = match (
-        opt(annotation, "the pod's"),
-        opt(ns_inject, "the namespace's"),
-    ) {
-        (Ok(p), Ok(n)) => (p, n),
-        (Err(e), _) | (_, Err(e)) => return Decision::Refused(e),
-    };
-    let wanted: Option<String> = match (by_pod, by_ns, identity) {
-        (Some(true), _, _) => Some(format!("the pod's annotation {INJECT_ANNOTATION}")),
-        (Some(false), _, _) => None,
-        (None, Some(true), _) => Some(format!("the namespace's annotation {INJECT_ANNOTATION}")),
-        (None, Some(false), _) => None,
-        (None, None, Some((name, m))) if m != Mtls::Disabled => Some(format!(
-            "ServiceIdentity {namespace}/{name} has mtls {}",
-            m.as_str()
-        )),
-        (None, None, _) => None,
+    let wanted = match wants_proxy(namespace, annotation, ns_inject, identity) {
+        Ok(w) => w,
+        Err(e) => return Decision::Refused(e),
     };
     let has_proxy = spec["initContainers"]
         .as_array()
@@ -504,6 +556,77 @@ mod tests {
                 why: "nothing to inject".into(),
                 warnings: vec![]
             }
+        );
+    }
+
+    #[test]
+    fn pods_that_ask_for_the_proxy_and_lack_it_are_found() {
+        use std::sync::Arc;
+
+        use cortexflow_operator_core::{
+            Change, Engine, EngineConfig, ObjKey, Object,
+            model::{Created, Namespace, Pod, ServiceIdentity},
+            selector::Selector,
+        };
+        let ns = |name: &str, inject: Option<&str>| {
+            Change::Apply(Object::Namespace(Namespace {
+                name: name.into(),
+                labels: Default::default(),
+                inject: inject.map(str::to_string),
+            }))
+        };
+        let pod = |ns: &str, name: &str, app: &str, inject: Option<&str>, has_proxy: bool| {
+            Change::Apply(Object::Pod(Pod {
+                key: ObjKey::new(ns, name),
+                labels: Arc::new([("app".to_string(), app.to_string())].into()),
+                service_account: "default".into(),
+                node: Some("n1".into()),
+                ip: None,
+                host_network: false,
+                terminated: false,
+                inject: inject.map(str::to_string),
+                has_proxy,
+            }))
+        };
+        let mut e = Engine::new(EngineConfig::default());
+        e.apply(vec![
+            ns("opted", Some("enabled")),
+            ns("plain", None),
+            ns("kube-system", Some("enabled")),
+            pod("opted", "bare", "web", None, false),
+            pod("opted", "injected", "web", None, true),
+            pod("opted", "out", "web", Some("disabled"), false),
+            pod("plain", "strict", "secure", None, false),
+            pod("plain", "asks", "web", Some("enabled"), false),
+            pod("plain", "none", "web", None, false),
+            pod("kube-system", "sys", "web", None, false),
+            Change::Apply(Object::ServiceIdentity(ServiceIdentity {
+                key: ObjKey::new("plain", "secure"),
+                created: Created(1),
+                generation: 1,
+                selector: Ok(Selector {
+                    match_labels: [("app".to_string(), "secure".to_string())].into(),
+                    match_expressions: vec![],
+                }),
+                service_accounts: vec![],
+                mtls: Mtls::Strict,
+            })),
+        ]);
+        let got: Vec<String> = pods_without_proxy(&cfg(true), &e)
+            .into_iter()
+            .map(|(p, why)| format!("{p}: {why}"))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "opted/bare: the namespace's annotation mesh.cortexflow.io/inject",
+                "plain/asks: the pod's annotation mesh.cortexflow.io/inject",
+                "plain/strict: ServiceIdentity plain/secure has mtls Strict",
+            ]
+        );
+        assert!(
+            pods_without_proxy(&cfg(false), &e).is_empty(),
+            "injection off"
         );
     }
 }

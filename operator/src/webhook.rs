@@ -218,7 +218,7 @@ pub async fn spawn(
             .with_description("AdmissionReview requests the webhook answered, by result: patched, admitted (unchanged), refused, unavailable (not synced yet), malformed")
             .build(),
         synced: store.synced(),
-        store,
+        store: store.clone(),
         injector: Arc::new(cfg.injector.clone()),
         ca: state.clone(),
     };
@@ -243,11 +243,54 @@ pub async fn spawn(
             Ok(())
         });
     }
+    let without_proxy = meter
+        .u64_gauge("operator_pods_without_proxy")
+        .with_description("Live pods that ask for the mTLS proxy (annotation or ServiceIdentity mtls) but run without it: created while the injector did not answer; re-create them")
+        .build();
+    sup.spawn(
+        "proxy audit",
+        audit_proxies(store, cfg.injector.clone(), without_proxy, drain.clone()),
+    );
     sup.spawn(
         "webhook/ca bundle",
         reconcile_ca_bundle(client, state, cfg.configuration, leadership, drain),
     );
     Ok(local)
+}
+
+/// Never an opted-in pod running without its proxy unnoticed: after every change of the
+/// engine's state (at most once a second), the pods that ask for the proxy and lack it
+/// ([`injector::pods_without_proxy`]) are counted in `cortexflow_operator_pods_without_proxy`
+/// (which `cfcli check` reads) and each newly found one is logged as a warning with why it asks.
+async fn audit_proxies(
+    store: Arc<Store>,
+    cfg: InjectorConfig,
+    gauge: opentelemetry::metrics::Gauge<u64>,
+    drain: Watcher,
+) -> anyhow::Result<()> {
+    gauge.record(0, &[]);
+    let mut versions = store.versions();
+    let mut known = std::collections::BTreeSet::new();
+    loop {
+        let missing = store.read(|e| injector::pods_without_proxy(&cfg, e));
+        gauge.record(missing.len() as u64, &[]);
+        let now: std::collections::BTreeSet<String> =
+            missing.iter().map(|(p, _)| p.clone()).collect();
+        for (pod, why) in &missing {
+            if !known.contains(pod) {
+                tracing::warn!(%pod, why = %why, "this pod asks for the mTLS proxy but runs without it (created while the injector did not answer?): re-create it");
+            }
+        }
+        known = now;
+        tokio::select! {
+            r = versions.changed() => if r.is_err() { return Ok(()) },
+            () = drain.signaled() => return Ok(()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = drain.signaled() => return Ok(()),
+        }
+    }
 }
 
 /// On the leader, keeps every webhook of the configuration `name` carrying the trust bundle as

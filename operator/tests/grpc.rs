@@ -142,6 +142,8 @@ fn pod(name: &str, app: &str, node: &str, ip: u8) -> Change {
         ip: Some(Ipv4Addr::new(10, 244, 0, ip)),
         host_network: false,
         terminated: false,
+        inject: None,
+        has_proxy: false,
     }))
 }
 

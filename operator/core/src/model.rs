@@ -49,6 +49,10 @@ pub struct Pod {
     pub host_network: bool,
     /// Succeeded or Failed: it holds no address any more.
     pub terminated: bool,
+    /// Its `mesh.cortexflow.io/inject` annotation (the injector's; the engine ignores it).
+    pub inject: Option<String>,
+    /// It has a container named `cortexflow-proxy` (the injected mTLS proxy).
+    pub has_proxy: bool,
 }
 
 impl Pod {

@@ -168,6 +168,8 @@ fn object(kind: u8, seed: u64) -> Object {
                     .then(|| Ipv4Addr::new(10, 0, g.below(3) as u8, g.below(12) as u8 + 1)),
                 host_network: g.chance(5),
                 terminated: g.chance(8),
+                inject: None,
+                has_proxy: false,
             })
         }
         3 => Object::ServiceIdentity(ServiceIdentity {
@@ -400,6 +402,8 @@ fn policies_select_pods_and_compile_identities() {
             ip: Some(Ipv4Addr::new(10, 0, 0, ip)),
             host_network: false,
             terminated: false,
+            inject: None,
+            has_proxy: false,
         })
     };
     e.apply(vec![
@@ -529,6 +533,8 @@ fn an_invalid_generation_keeps_the_last_accepted_in_force() {
         ip: Some(Ipv4Addr::new(10, 0, 0, 9)),
         host_network: false,
         terminated: false,
+        inject: None,
+        has_proxy: false,
     }));
     // (rules in force on n1, the generation n1's config lists).
     let in_force = |e: &Engine| {
