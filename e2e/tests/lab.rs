@@ -62,6 +62,7 @@ fn main() -> ExitCode {
         t!(the_injector_patches_exactly_the_pods_that_ask),
         t!(the_proxy_delivers_messages_over_mtls_and_relays_dns),
         t!(kubectl_logs_reads_containers_through_the_kubelet_api),
+        t!(host_path_volumes_are_the_nodes_own),
         t!(cfcli_flows_filter_and_explain_names_the_deciding_rule),
         t!(cfcli_identities_agree_with_the_statuses_and_the_kernel),
         t!(cfcli_status_and_check_see_a_stopped_agent),
@@ -4555,4 +4556,152 @@ async fn kubelet_get(
     let mut out = String::new();
     tls.read_to_string(&mut out).await?;
     Ok(out)
+}
+
+/// hostPath volumes are the node's own: a directory made on one node (`DirectoryOrCreate`) is
+/// seen by another pod of that node and is absent on the other node (`Directory` there fails
+/// the pod, named); `/sys/fs/cgroup` is the node's cgroup (its pods' cgroups in it) and
+/// `/sys/fs/bpf` the node's own, empty, directory on the machine's bpffs — what the agent
+/// DaemonSet's mounts need.
+async fn host_path_volumes_are_the_nodes_own(lab: &mut Lab) -> anyhow::Result<()> {
+    let (n1, n2) = (lab.nodes[0].name.clone(), lab.nodes[1].name.clone());
+    let pod = |name: &str, node: &str, data_type: &str, inits: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: hostpath-test}}
+spec:
+  nodeName: {node}
+  volumes:
+    - {{name: data, hostPath: {{path: /var/lib/lab-hostpath, type: {data_type}}}}}
+    - {{name: cg, hostPath: {{path: /sys/fs/cgroup, type: Directory}}}}
+    - {{name: bpf, hostPath: {{path: /sys/fs/bpf, type: Directory}}}}
+  initContainers:
+{inits}
+  containers:
+    - name: app
+      image: cortexflow/workload
+      args: [serve, --tcp, "8080"]
+      volumeMounts: [{{name: data, mountPath: /data}}]
+"#
+        )
+    };
+    let init = |name: &str, args: &str| {
+        format!(
+            "    - name: {name}\n      image: cortexflow/workload\n      args: {args}\n      volumeMounts: [{{name: data, mountPath: /data}}, {{name: cg, mountPath: /host/cgroup}}, {{name: bpf, mountPath: /host/bpf}}]\n"
+        )
+    };
+    let logs = |pod: &str, c: &str| -> anyhow::Result<String> {
+        lab.kubectl(&["logs", "-n", "hostpath-test", pod, "-c", c])
+    };
+    let result = async {
+        lab.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: hostpath-test}\n")?;
+        default_service_account(lab, "hostpath-test").await?;
+        let writer = pod(
+            "writer",
+            &n1,
+            "DirectoryOrCreate",
+            &[
+                init("w", "[write, /data/hello, from-writer]"),
+                init("lscg", "[ls, /host/cgroup]"),
+                init("lsbpf", "[ls, /host/bpf]"),
+            ]
+            .concat(),
+        );
+        lab.apply_yaml(&writer)?;
+        lab.kubectl(&[
+            "wait",
+            "-n",
+            "hostpath-test",
+            "--for=condition=Ready",
+            "pod/writer",
+            "--timeout=60s",
+        ])?;
+        let reader = pod("reader", &n1, "Directory", &init("r", "[cat, /data/hello]"));
+        let other = pod("other", &n2, "Directory", &init("r", "[cat, /data/hello]"));
+        lab.apply_yaml(&format!("{reader}---\n{other}"))?;
+        lab.kubectl(&[
+            "wait",
+            "-n",
+            "hostpath-test",
+            "--for=condition=Ready",
+            "pod/reader",
+            "--timeout=60s",
+        ])?;
+        // The node's own directory, on the machine: there on node 1, not on node 2.
+        let on = |node: &str| {
+            lab.state_dir
+                .join("node-roots")
+                .join(node)
+                .join("var/lib/lab-hostpath/hello")
+        };
+        ensure!(
+            std::fs::read_to_string(on(&n1))? == "from-writer\n",
+            "the file on {n1}"
+        );
+        ensure!(!on(&n2).exists(), "{n2} has {n1}'s file");
+        let read = logs("reader", "r")?;
+        ensure!(
+            read.trim() == "from-writer",
+            "another pod of {n1} read {read:?}"
+        );
+        // Node 2 has no such directory: its pod fails to start, saying why.
+        let t = Instant::now();
+        loop {
+            let msg = lab.kubectl(&[
+                "get",
+                "pod",
+                "-n",
+                "hostpath-test",
+                "other",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}",
+            ])?;
+            if msg.contains(
+                "hostPath \"/var/lib/lab-hostpath\" (type Directory): not a Directory on the node",
+            ) {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "the pod on {n2}: {msg:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // The kernel filesystems: the node's cgroup (with its pods' cgroups), its own bpffs dir.
+        let cg = logs("writer", "lscg")?;
+        let node_cgroup = &lab.nodes[0].cgroup;
+        ensure!(
+            cg.lines().any(|l| l == "cgroup.procs")
+                && cg.lines().any(|l| node_cgroup.join(l).is_dir()),
+            "/sys/fs/cgroup of a pod's hostPath on {n1} is not its node's cgroup {}: {cg:?}",
+            node_cgroup.display()
+        );
+        let other_cgroup = &lab.nodes[1].cgroup;
+        ensure!(
+            !cg.lines().any(|l| !l.starts_with("cgroup.")
+                && other_cgroup.join(l).is_dir()
+                && !node_cgroup.join(l).is_dir()),
+            "{n1}'s /sys/fs/cgroup shows {n2}'s pods: {cg:?}"
+        );
+        let bpf = logs("writer", "lsbpf")?;
+        ensure!(
+            bpf.trim().is_empty(),
+            "the node's /sys/fs/bpf is not its own, empty one: {bpf:?}"
+        );
+        ensure!(
+            std::fs::read_dir("/sys/fs/bpf")?.count() > 0,
+            "the machine's bpffs is empty: the check above proves nothing"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = lab.kubectl(&[
+        "delete",
+        "namespace",
+        "hostpath-test",
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
+    result
 }

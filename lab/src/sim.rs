@@ -520,6 +520,8 @@ pub struct SimNode {
     fabric: String,
     /// The kubelet API's loopback port (0 until [`SimNode::serve_kubelet`]).
     kubelet_port: Arc<std::sync::atomic::AtomicU16>,
+    /// The node's directory on the machine's bpffs (its `/sys/fs/bpf` for hostPath volumes).
+    bpffs: PathBuf,
 }
 
 impl SimNode {
@@ -554,6 +556,9 @@ impl SimNode {
         let cgroup = Path::new(CGROUP_ROOT).join(cortexflow_testkit::net::unique("cftest-"));
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("create cgroup {}", cgroup.display()))?;
+        let bpffs = Path::new("/sys/fs/bpf").join(cortexflow_testkit::net::unique("cftest-"));
+        std::fs::create_dir_all(&bpffs)
+            .with_context(|| format!("create {} on the bpffs", bpffs.display()))?;
         Ok(Self {
             name: name.to_string(),
             index,
@@ -576,7 +581,19 @@ impl SimNode {
             uplink,
             fabric: fabric.ns.name.clone(),
             kubelet_port: Default::default(),
+            bpffs,
         })
+    }
+
+    /// Where this node's host paths are ([`crate::volumes::NodePaths`]), under `state_dir`.
+    pub fn node_paths(&self, state_dir: &Path) -> crate::volumes::NodePaths {
+        crate::volumes::NodePaths {
+            root: state_dir.join("node-roots").join(&self.name),
+            special: vec![
+                ("/sys/fs/cgroup".into(), self.cgroup.clone()),
+                ("/sys/fs/bpf".into(), self.bpffs.clone()),
+            ],
+        }
     }
 
     /// Serves this node's kubelet API ([`crate::kubelet`]) and publishes its port in the Node's
@@ -643,6 +660,7 @@ impl SimNode {
             state_dir: state_dir.to_path_buf(),
             state: self.state.clone(),
             cni,
+            node_paths: self.node_paths(state_dir),
         });
         let mut stop = self.stop.subscribe();
         let (c, name, ip, cidr, kubelet) = (
@@ -756,6 +774,7 @@ impl Drop for SimNode {
             }
         }
         remove_cgroup(&self.cgroup);
+        let _ = std::fs::remove_dir_all(&self.bpffs);
         crate::volumes::remove_created_targets();
         let _ = Command::new("ip")
             .args(["-n", &self.fabric, "link", "del", &self.uplink])
@@ -824,6 +843,7 @@ struct PodCtx {
     state_dir: PathBuf,
     state: Arc<Mutex<NodeState>>,
     cni: Option<Cni>,
+    node_paths: crate::volumes::NodePaths,
 }
 
 impl PodCtx {
@@ -1117,6 +1137,7 @@ impl PodCtx {
                 .state_dir
                 .join("pods")
                 .join(format!("{ns_name}_{name}.volumes")),
+            &self.node_paths,
             &field,
         )
         .await?;

@@ -4,7 +4,9 @@
 //! mount says so.
 //!
 //! Supported: `projected` (ServiceAccount tokens from the TokenRequest API bound to the pod,
-//! ConfigMaps, Secrets, the downward API), `configMap`, `secret`, `downwardAPI` and `emptyDir`.
+//! ConfigMaps, Secrets, the downward API), `configMap`, `secret`, `downwardAPI`, `emptyDir`
+//! and `hostPath` ([`NodePaths`]: a simulated node's own filesystem, and its part of the
+//! machine's cgroup2 and bpffs).
 //! The `kube-api-access-*` volume the apiserver adds to every pod is a projected one: every lab
 //! pod gets its token, the cluster CA and its namespace at
 //! `/var/run/secrets/kubernetes.io/serviceaccount`, as on a real node. Tokens are requested
@@ -49,6 +51,83 @@ pub struct Mount {
 pub struct Volumes {
     pub dir: PathBuf,
     pub tokens: Vec<Token>,
+    /// Volumes that are not a directory under `dir`: hostPath volumes' paths on the node.
+    pub sources: BTreeMap<String, PathBuf>,
+}
+
+/// Where a simulated node's host paths are, for `hostPath` volumes. A node of the lab shares
+/// the machine's filesystem with the other nodes, so each has a root directory of its own:
+/// hostPath `/x` is `<root>/x` — except the kernel filesystems a node agent mounts, which are
+/// the node's part of the machine's: `/sys/fs/cgroup` is the node's cgroup (its pods' cgroups
+/// are under it) and `/sys/fs/bpf` a directory of its own on the machine's bpffs (pins made
+/// there are real pins, removed with the node).
+#[derive(Clone, Debug)]
+pub struct NodePaths {
+    pub root: PathBuf,
+    /// `(hostPath prefix, where it is)`, longest prefix first.
+    pub special: Vec<(PathBuf, PathBuf)>,
+}
+
+impl NodePaths {
+    /// Where hostPath `path` of this node is.
+    pub fn resolve(&self, path: &str) -> anyhow::Result<PathBuf> {
+        let p = Path::new(path);
+        anyhow::ensure!(
+            p.is_absolute() && !p.components().any(|c| c == std::path::Component::ParentDir),
+            "hostPath {path:?} must be absolute, without `..`"
+        );
+        for (prefix, to) in &self.special {
+            if let Ok(rest) = p.strip_prefix(prefix) {
+                return Ok(to.join(rest));
+            }
+        }
+        Ok(self.root.join(p.strip_prefix("/").unwrap_or(p)))
+    }
+}
+
+/// Makes or checks hostPath `path` at `at` by its `type`, as the kubelet does: `Directory`,
+/// `File`, `Socket`, `CharDevice`, `BlockDevice` must exist as that; `DirectoryOrCreate` and
+/// `FileOrCreate` are made when missing (a file's directory must exist); no type: it must exist
+/// (the lab creates nothing it was not asked to).
+fn host_path(path: &str, at: &Path, kind: Option<&str>) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let what = |want: &str| format!("hostPath {path:?} (type {want}): not a {want} on the node");
+    let meta = std::fs::metadata(at).ok();
+    let ft = meta.as_ref().map(std::fs::Metadata::file_type);
+    match kind.unwrap_or("") {
+        "DirectoryOrCreate" => {
+            if ft.is_none() {
+                std::fs::create_dir_all(at).with_context(|| format!("create {}", at.display()))?;
+            } else {
+                anyhow::ensure!(ft.is_some_and(|t| t.is_dir()), what("directory"));
+            }
+        }
+        "FileOrCreate" => {
+            if ft.is_none() {
+                std::fs::write(at, b"").with_context(|| {
+                    format!(
+                        "hostPath {path:?} (type FileOrCreate): create {}",
+                        at.display()
+                    )
+                })?;
+            } else {
+                anyhow::ensure!(ft.is_some_and(|t| t.is_file()), what("file"));
+            }
+        }
+        "Directory" => anyhow::ensure!(ft.is_some_and(|t| t.is_dir()), what("Directory")),
+        "File" => anyhow::ensure!(ft.is_some_and(|t| t.is_file()), what("File")),
+        "Socket" => anyhow::ensure!(ft.is_some_and(|t| t.is_socket()), what("Socket")),
+        "CharDevice" => anyhow::ensure!(ft.is_some_and(|t| t.is_char_device()), what("CharDevice")),
+        "BlockDevice" => {
+            anyhow::ensure!(ft.is_some_and(|t| t.is_block_device()), what("BlockDevice"))
+        }
+        "" => anyhow::ensure!(
+            ft.is_some(),
+            "hostPath {path:?} does not exist on the node (give it type DirectoryOrCreate or FileOrCreate to have it made)"
+        ),
+        other => anyhow::bail!("hostPath {path:?}: unknown type {other:?}"),
+    }
+    Ok(())
 }
 
 fn write_file(dir: &Path, rel: &str, data: &[u8]) -> anyhow::Result<()> {
@@ -232,21 +311,29 @@ pub async fn make(
     client: &Client,
     p: &Pod,
     dir: &Path,
+    node: &NodePaths,
     field: &(dyn Fn(&str) -> anyhow::Result<String> + Sync),
 ) -> anyhow::Result<Volumes> {
     let ns = p.namespace().unwrap_or_default();
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let mut tokens = Vec::new();
+    let mut sources = BTreeMap::new();
     for v in p
         .spec
         .as_ref()
         .and_then(|s| s.volumes.clone())
         .unwrap_or_default()
     {
+        let what = format!("volume {}", v.name);
+        if let Some(h) = &v.host_path {
+            let at = node.resolve(&h.path).with_context(|| what.clone())?;
+            host_path(&h.path, &at, h.type_.as_deref()).with_context(|| what.clone())?;
+            sources.insert(v.name.clone(), at);
+            continue;
+        }
         let vdir = dir.join(&v.name);
         std::fs::create_dir_all(&vdir)?;
-        let what = format!("volume {}", v.name);
         if let Some(proj) = &v.projected {
             for src in proj.sources.iter().flatten() {
                 if let Some(t) = &src.service_account_token {
@@ -290,13 +377,14 @@ pub async fn make(
         } else if v.empty_dir.is_some() {
         } else {
             anyhow::bail!(
-                "{what}: only projected, configMap, secret, downwardAPI and emptyDir volumes are supported by the lab"
+                "{what}: only projected, configMap, secret, downwardAPI, emptyDir and hostPath volumes are supported by the lab"
             );
         }
     }
     Ok(Volumes {
         dir: dir.to_path_buf(),
         tokens,
+        sources,
     })
 }
 
@@ -304,9 +392,13 @@ pub async fn make(
 pub fn mounts(c: &Container, volumes: &Volumes) -> anyhow::Result<Vec<Mount>> {
     let mut out = Vec::new();
     for m in c.volume_mounts.iter().flatten() {
-        let mut source = volumes.dir.join(&m.name);
+        let mut source = volumes
+            .sources
+            .get(&m.name)
+            .cloned()
+            .unwrap_or_else(|| volumes.dir.join(&m.name));
         anyhow::ensure!(
-            source.is_dir(),
+            source.exists(),
             "container {}: volumeMount {:?} names no volume of the pod",
             c.name,
             m.name
@@ -461,5 +553,35 @@ mod tests {
         };
         assert!(!due(&t, t0 + Duration::from_secs(79)));
         assert!(due(&t, t0 + Duration::from_secs(80)));
+    }
+
+    #[test]
+    fn host_paths_map_to_the_node_and_check_their_type() {
+        let dir = std::env::temp_dir().join(cortexflow_testkit::net::unique("cftest-hostpath-"));
+        let node = NodePaths {
+            root: dir.join("root"),
+            special: vec![("/sys/fs/cgroup".into(), dir.join("cg"))],
+        };
+        assert_eq!(node.resolve("/var/lib/x").unwrap(), dir.join("root/var/lib/x"));
+        assert_eq!(node.resolve("/sys/fs/cgroup").unwrap(), dir.join("cg"));
+        assert_eq!(node.resolve("/sys/fs/cgroup/a/b").unwrap(), dir.join("cg/a/b"));
+        assert_eq!(node.resolve("/sys/fs/cgroupx").unwrap(), dir.join("root/sys/fs/cgroupx"));
+        assert!(node.resolve("relative").is_err());
+        assert!(node.resolve("/var/../etc").is_err());
+        let d = node.resolve("/var/lib/d").unwrap();
+        assert!(host_path("/var/lib/d", &d, Some("Directory")).is_err(), "missing");
+        assert!(host_path("/var/lib/d", &d, None).is_err(), "missing, no type");
+        host_path("/var/lib/d", &d, Some("DirectoryOrCreate")).unwrap();
+        assert!(d.is_dir());
+        host_path("/var/lib/d", &d, Some("Directory")).unwrap();
+        assert!(host_path("/var/lib/d", &d, Some("File")).is_err(), "a directory is no file");
+        let f = d.join("f");
+        host_path("/var/lib/d/f", &f, Some("FileOrCreate")).unwrap();
+        assert!(f.is_file());
+        host_path("/var/lib/d/f", &f, Some("File")).unwrap();
+        assert!(host_path("/var/lib/d/f", &f, Some("DirectoryOrCreate")).is_err());
+        assert!(host_path("/var/lib/d/f", &f, Some("Socket")).is_err());
+        assert!(host_path("/var/lib/d/f", &f, Some("Whatever")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

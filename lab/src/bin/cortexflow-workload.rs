@@ -28,6 +28,9 @@
 //! cortexflow-workload get HOST:PORT PATH [--timeout-ms MS]
 //!     One HTTP/1.0 GET; prints the body and exits 0 on a 2xx answer, else prints the status
 //!     line and exits 1 (a daemon's /metrics or /readyz inside a pod).
+//! cortexflow-workload cat FILE | write FILE TEXT | ls DIR
+//!     Prints a file; writes TEXT and a newline to a file; prints a directory's entries, one
+//!     per line, sorted (what a pod sees of its volumes). Exit 1 on an error, printed.
 //! cortexflow-workload resolve SERVER:PORT NAME [--timeout-ms MS]
 //!     One DNS query (type A, recursion desired) over UDP to SERVER:PORT; prints
 //!     "RCODE ADDR…" (e.g. "NOERROR 10.96.0.12", "NXDOMAIN") and exits 0 once answered.
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Some("exit") => exit(&args[1..]),
         Some("send") => send(&args[1..]),
         Some("get") => get(&args[1..]),
+        Some("cat" | "write" | "ls") => files(&args[0], &args[1..]),
         Some("resolve") => resolve(&args[1..]),
         _ => {
             eprintln!(
@@ -444,6 +448,31 @@ fn send(args: &[String]) -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("send: {}", classify(e))),
+    }
+}
+
+fn files(cmd: &str, args: &[String]) -> ExitCode {
+    let r = match (cmd, args) {
+        ("cat", [f]) => std::fs::read_to_string(f).map(|t| print!("{t}")),
+        ("write", [f, text]) => std::fs::write(f, format!("{text}\n")),
+        ("ls", [d]) => std::fs::read_dir(d).map(|entries| {
+            let mut names: Vec<String> = entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            for n in names {
+                println!("{n}");
+            }
+        }),
+        _ => return usage(&format!("{cmd}: unexpected arguments {args:?}")),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("error {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
