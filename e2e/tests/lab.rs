@@ -4310,8 +4310,11 @@ spec:
         ensure!(out.trim() == format!("NOERROR {ip}"), "test-proxy2 through the proxy's DNS: {out}");
         let out = lab.workload("msg", &p1, &["resolve", "127.0.0.1:5053", "nosuch.msg.svc.cluster.local"])?;
         ensure!(out.trim() == "NXDOMAIN", "an unknown name through the proxy's DNS: {out}");
+        // Over TCP too (what a resolver does after a truncated answer).
+        let out = lab.workload("msg", &p1, &["resolve", "127.0.0.1:5053", "test-proxy2.msg.svc.cluster.local", "--tcp"])?;
+        ensure!(out.trim() == format!("NOERROR {ip}"), "test-proxy2 through the proxy's DNS over TCP: {out}");
         ensure!(
-            proxy_metric(lab, "msg", &p1, noerror)? == n0 + 1.0
+            proxy_metric(lab, "msg", &p1, noerror)? == n0 + 2.0
                 && proxy_metric(lab, "msg", &p1, nxdomain)? == x0 + 1.0,
             "the DNS answers were not counted by result"
         );

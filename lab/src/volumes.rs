@@ -562,19 +562,37 @@ mod tests {
             root: dir.join("root"),
             special: vec![("/sys/fs/cgroup".into(), dir.join("cg"))],
         };
-        assert_eq!(node.resolve("/var/lib/x").unwrap(), dir.join("root/var/lib/x"));
+        assert_eq!(
+            node.resolve("/var/lib/x").unwrap(),
+            dir.join("root/var/lib/x")
+        );
         assert_eq!(node.resolve("/sys/fs/cgroup").unwrap(), dir.join("cg"));
-        assert_eq!(node.resolve("/sys/fs/cgroup/a/b").unwrap(), dir.join("cg/a/b"));
-        assert_eq!(node.resolve("/sys/fs/cgroupx").unwrap(), dir.join("root/sys/fs/cgroupx"));
+        assert_eq!(
+            node.resolve("/sys/fs/cgroup/a/b").unwrap(),
+            dir.join("cg/a/b")
+        );
+        assert_eq!(
+            node.resolve("/sys/fs/cgroupx").unwrap(),
+            dir.join("root/sys/fs/cgroupx")
+        );
         assert!(node.resolve("relative").is_err());
         assert!(node.resolve("/var/../etc").is_err());
         let d = node.resolve("/var/lib/d").unwrap();
-        assert!(host_path("/var/lib/d", &d, Some("Directory")).is_err(), "missing");
-        assert!(host_path("/var/lib/d", &d, None).is_err(), "missing, no type");
+        assert!(
+            host_path("/var/lib/d", &d, Some("Directory")).is_err(),
+            "missing"
+        );
+        assert!(
+            host_path("/var/lib/d", &d, None).is_err(),
+            "missing, no type"
+        );
         host_path("/var/lib/d", &d, Some("DirectoryOrCreate")).unwrap();
         assert!(d.is_dir());
         host_path("/var/lib/d", &d, Some("Directory")).unwrap();
-        assert!(host_path("/var/lib/d", &d, Some("File")).is_err(), "a directory is no file");
+        assert!(
+            host_path("/var/lib/d", &d, Some("File")).is_err(),
+            "a directory is no file"
+        );
         let f = d.join("f");
         host_path("/var/lib/d/f", &f, Some("FileOrCreate")).unwrap();
         assert!(f.is_file());

@@ -111,6 +111,7 @@ pub fn proxy_container(cfg: &InjectorConfig) -> Value {
         "ports": [
             {"name": "cf-mtls", "containerPort": MTLS_PORT, "protocol": "TCP"},
             {"name": "cf-dns", "containerPort": DNS_PORT, "protocol": "UDP"},
+            {"name": "cf-dns-tcp", "containerPort": DNS_PORT, "protocol": "TCP"},
             {"name": "cf-messages", "containerPort": MESSAGE_PORT, "protocol": "TCP"},
             {"name": "cf-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
         ],

@@ -1,5 +1,5 @@
-//! The DNS port (UDP 5053): each query is forwarded as it is to the cluster DNS and its answer
-//! returned as it is. The proxy does not cache, rewrite or synthesize records: the cluster DNS
+//! The DNS port (5053, UDP and TCP): each query is forwarded as it is to the cluster DNS, over
+//! the transport it came by, and its answer returned as it is. The proxy does not cache, rewrite or synthesize records: the cluster DNS
 //! stays the one source of names. A query the upstream does not answer within
 //! [`UPSTREAM_TIMEOUT`] (or that cannot be sent) gets SERVFAIL at once, so the client's
 //! resolver moves on instead of waiting out its own timeout.
@@ -211,26 +211,141 @@ pub async fn serve(
         }
         let (socket, metrics) = (socket.clone(), metrics.clone());
         tokio::spawn(async move {
-            let (answer, result) = match forward(&query, upstream).await {
-                Ok(a) => {
-                    let rcode = header(&a).map_or(2, |h| h.rcode);
-                    (a, rcode_result(rcode))
-                }
-                Err(reason) => {
-                    metrics
-                        .upstream_failures
-                        .add(1, &[KeyValue::new("reason", reason)]);
-                    tracing::debug!(%upstream, reason, "DNS upstream failed; answering SERVFAIL");
-                    (servfail(&query), "upstream_failed")
-                }
-            };
-            if let Err(e) = socket.send_to(&answer, from).await {
-                tracing::debug!(%from, error = %e, "DNS answer not sent");
-                return;
+            let answer = answer(&query, upstream, Transport::Udp, &metrics).await;
+            match socket.send_to(&answer.0, from).await {
+                Ok(_) => answer.1.count(&metrics, at),
+                Err(e) => tracing::debug!(%from, error = %e, "DNS answer not sent"),
             }
-            metrics.requests.add(1, &[KeyValue::new("result", result)]);
-            metrics.duration.record(at.elapsed().as_secs_f64(), &[]);
         });
+    }
+}
+
+/// How a query came, and goes on to the upstream: as it came (a client that got a truncated
+/// answer over UDP asks again over TCP, and the large answer must come back whole).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// The result of one query, counted once its answer is sent.
+struct Answered(&'static str);
+
+impl Answered {
+    fn count(self, metrics: &DnsMetrics, at: Instant) {
+        metrics.requests.add(1, &[KeyValue::new("result", self.0)]);
+        metrics.duration.record(at.elapsed().as_secs_f64(), &[]);
+    }
+}
+
+/// The upstream's answer to `query`, or SERVFAIL when it gives none.
+async fn answer(
+    query: &[u8],
+    upstream: SocketAddr,
+    transport: Transport,
+    metrics: &DnsMetrics,
+) -> (Vec<u8>, Answered) {
+    let got = match transport {
+        Transport::Udp => forward(query, upstream).await,
+        Transport::Tcp => forward_tcp(query, upstream).await,
+    };
+    match got {
+        Ok(a) => {
+            let rcode = header(&a).map_or(2, |h| h.rcode);
+            (a, Answered(rcode_result(rcode)))
+        }
+        Err(reason) => {
+            metrics
+                .upstream_failures
+                .add(1, &[KeyValue::new("reason", reason)]);
+            tracing::debug!(%upstream, reason, "DNS upstream failed; answering SERVFAIL");
+            (servfail(query), Answered("upstream_failed"))
+        }
+    }
+}
+
+/// Answers DNS over TCP on `listener` (RFC 7766: two-byte length, then the message; several
+/// queries per connection, answered in order) until the drain.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    upstream: SocketAddr,
+    metrics: DnsMetrics,
+    shutdown: cortexflow_runtime::drain::Signal,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    loop {
+        let (mut tcp, from) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "DNS accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.signaled() => return Ok(()),
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                // An idle connection is closed after a while, as servers do.
+                let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, tcp.read_u16()).await else {
+                    return;
+                };
+                let mut query = vec![0u8; usize::from(len)];
+                if tcp.read_exact(&mut query).await.is_err() {
+                    return;
+                }
+                let at = Instant::now();
+                if header(&query).is_none_or(|h| h.response) {
+                    metrics
+                        .requests
+                        .add(1, &[KeyValue::new("result", "malformed")]);
+                    return;
+                }
+                let (a, result) = answer(&query, upstream, Transport::Tcp, &metrics).await;
+                let Ok(n) = u16::try_from(a.len()) else {
+                    return;
+                };
+                let mut out = n.to_be_bytes().to_vec();
+                out.extend(a);
+                if let Err(e) = tcp.write_all(&out).await {
+                    tracing::debug!(%from, error = %e, "DNS answer not sent");
+                    return;
+                }
+                result.count(&metrics, at);
+            }
+        });
+    }
+}
+
+/// How long a DNS connection may sit idle.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// One query to the upstream over TCP; the answer with the query's id.
+async fn forward_tcp(query: &[u8], upstream: SocketAddr) -> Result<Vec<u8>, &'static str> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let id = header(query).map(|h| h.id).ok_or("error")?;
+    let len = u16::try_from(query.len()).map_err(|_| "error")?;
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(upstream)
+            .await
+            .map_err(|_| "error")?;
+        let mut out = len.to_be_bytes().to_vec();
+        out.extend_from_slice(query);
+        tcp.write_all(&out).await.map_err(|_| "error")?;
+        let n = tcp.read_u16().await.map_err(|_| "error")?;
+        let mut a = vec![0u8; usize::from(n)];
+        tcp.read_exact(&mut a).await.map_err(|_| "error")?;
+        Ok::<_, &'static str>(a)
+    };
+    let a = tokio::time::timeout(UPSTREAM_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "timeout")??;
+    if header(&a).is_some_and(|h| h.response && h.id == id) {
+        Ok(a)
+    } else {
+        Err("error")
     }
 }
 

@@ -9,7 +9,7 @@
 //!   trust bundle changes ([`cortexflow_trust::member`], the agent's code);
 //! * [`messages`] — the message port (TCP 5054): JSON lines from the pod's app delivered over
 //!   mTLS to the named Service's proxy, which answers;
-//! * [`dns`] — the DNS port (UDP 5053): queries forwarded to the cluster DNS;
+//! * [`dns`] — the DNS port (5053, UDP and TCP): queries forwarded to the cluster DNS;
 //! * the admin port: `/metrics`, `/healthz`, `/readyz` (ready once the certificate is there).
 //!
 //! Not built yet: the eBPF redirection of the app's connections, the mTLS port 15443 that
@@ -153,14 +153,17 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
         .await
         .with_context(|| format!("bind DNS {}", args.dns_addr))?;
     tracing::info!(addr = %dns_socket.local_addr()?, %upstream, "serving DNS");
+    let dns_listener = tokio::net::TcpListener::bind(args.dns_addr)
+        .await
+        .with_context(|| format!("bind DNS over TCP {}", args.dns_addr))?;
+    let dns_metrics = dns::DnsMetrics::new(meter);
     sup.spawn(
         "dns",
-        dns::serve(
-            dns_socket,
-            upstream,
-            dns::DnsMetrics::new(meter),
-            drain.signal(),
-        ),
+        dns::serve(dns_socket, upstream, dns_metrics.clone(), drain.signal()),
+    );
+    sup.spawn(
+        "dns/tcp",
+        dns::serve_tcp(dns_listener, upstream, dns_metrics, drain.signal()),
     );
 
     let message_listener = tokio::net::TcpListener::bind(args.message_addr)

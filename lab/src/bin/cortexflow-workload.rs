@@ -31,8 +31,8 @@
 //! cortexflow-workload cat FILE | write FILE TEXT | ls DIR
 //!     Prints a file; writes TEXT and a newline to a file; prints a directory's entries, one
 //!     per line, sorted (what a pod sees of its volumes). Exit 1 on an error, printed.
-//! cortexflow-workload resolve SERVER:PORT NAME [--timeout-ms MS]
-//!     One DNS query (type A, recursion desired) over UDP to SERVER:PORT; prints
+//! cortexflow-workload resolve SERVER:PORT NAME [--tcp] [--timeout-ms MS]
+//!     One DNS query (type A, recursion desired) over UDP (or TCP) to SERVER:PORT; prints
 //!     "RCODE ADDR…" (e.g. "NOERROR 10.96.0.12", "NXDOMAIN") and exits 0 once answered.
 //! cortexflow-workload load tcp|udp HOST:PORT [--rate N] [--timeout-ms MS]
 //!     N new attempts per second (default 100), each a probe as above in its own thread, on a
@@ -520,6 +520,8 @@ fn resolve(args: &[String]) -> ExitCode {
         Ok(r) => r,
         Err(e) => return usage(&e),
     };
+    let tcp = rest.iter().any(|a| a == "--tcp");
+    let rest: Vec<String> = rest.into_iter().filter(|a| a != "--tcp").collect();
     let [server, name] = rest.as_slice() else {
         return usage("resolve needs SERVER:PORT and NAME");
     };
@@ -538,7 +540,26 @@ fn resolve(args: &[String]) -> ExitCode {
         q.extend(label.as_bytes());
     }
     q.extend([0, 0, 1, 0, 1]); // root, type A, class IN
+    let over_tcp = || -> Result<String, String> {
+        let mut c = TcpStream::connect_timeout(&server, timeout).map_err(classify)?;
+        c.set_read_timeout(Some(timeout)).map_err(classify)?;
+        let mut out = (q.len() as u16).to_be_bytes().to_vec();
+        out.extend(&q);
+        c.write_all(&out).map_err(classify)?;
+        let mut len = [0u8; 2];
+        c.read_exact(&mut len).map_err(classify)?;
+        let mut a = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        c.read_exact(&mut a).map_err(classify)?;
+        if a.len() >= 12 && a[0..2] == id.to_be_bytes() && a[2] & 0x80 != 0 {
+            dns_answer(&a).ok_or_else(|| "error garbled answer".to_string())
+        } else {
+            Err("error not the answer to the query".into())
+        }
+    };
     let run = || -> Result<String, String> {
+        if tcp {
+            return over_tcp();
+        }
         let s = UdpSocket::bind("0.0.0.0:0").map_err(classify)?;
         s.set_read_timeout(Some(timeout)).map_err(classify)?;
         s.connect(server).map_err(classify)?;
