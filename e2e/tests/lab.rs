@@ -2522,6 +2522,53 @@ webhooks:
 /// restarts and renewals came before), every query of every dashboard panel — `node` at "All",
 /// the rate interval 5 minutes — returns at least one series from the lab's Prometheus.
 async fn every_dashboard_panel_returns_data_in_prometheus(lab: &mut Lab) -> anyhow::Result<()> {
+    // The Proxy dashboard reads injected proxies: run one, with a message and DNS queries,
+    // until Prometheus (which finds it through the apiserver) has two scrapes of it.
+    cluster_dns_available(lab)?;
+    let r = async {
+        injected_app(lab, "dash", "dash-proxy").await?;
+        let (p, _) = first_pod(lab, "dash", "dash-proxy")?;
+        let line = r#"{"service":"dash-proxy.dash","direction":"Incoming","payload":"aGk="}"#;
+        let t = Instant::now();
+        loop {
+            lab.workload("dash", &p, &["send", "127.0.0.1:5054", line])?;
+            lab.workload(
+                "dash",
+                &p,
+                &[
+                    "resolve",
+                    "127.0.0.1:5053",
+                    "dash-proxy.dash.svc.cluster.local",
+                ],
+            )?;
+            let body = lab
+                .prometheus_query(
+                    "count(rate(cortexflow_proxy_messages_total{namespace=\"dash\"}[5m]) > 0)",
+                )
+                .await?;
+            if body.contains("\"value\"") {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(60),
+                "Prometheus has no rate of the dash proxy's messages after 60 s: {body}"
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        panels_return_data(lab).await
+    }
+    .await;
+    let _ = lab.kubectl(&[
+        "delete",
+        "namespace",
+        "dash",
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
+    r
+}
+
+async fn panels_return_data(lab: &Lab) -> anyhow::Result<()> {
     use cortexflow_lab::dashboards;
     let queries = dashboards::queries()?;
     let mut empty = Vec::new();
@@ -4129,6 +4176,53 @@ fn cluster_dns_available(lab: &Lab) -> anyhow::Result<()> {
     .map(drop)
 }
 
+/// A Deployment `name` of one workload pod in `ns` (injected where the namespace asks) and its
+/// Service, which lists the message port 5054.
+fn proxy_app(ns: &str, name: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      containers:
+        - name: app
+          image: cortexflow/workload
+          args: [serve, --tcp, "8080"]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  selector: {{app: {name}}}
+  ports:
+    - {{name: app, port: 8080, protocol: TCP}}
+    - {{name: cf-messages, port: 5054, protocol: TCP}}
+"#
+    )
+}
+
+/// A namespace `ns` that opts in to the proxy, with one injected [`proxy_app`] `name`, Ready;
+/// the webhook is installed for its creation only.
+async fn injected_app(lab: &Lab, ns: &str, name: &str) -> anyhow::Result<()> {
+    lab.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  annotations: {{mesh.cortexflow.io/inject: enabled}}\n"
+    ))?;
+    default_service_account(lab, ns).await?;
+    install_injector(lab).await?;
+    let r = async {
+        lab.apply_yaml(&proxy_app(ns, name))?;
+        ready_replicas(lab, ns, name, 1).await
+    }
+    .await;
+    remove_injector(lab);
+    r
+}
+
 /// A proxy's metric (the sum of the series starting with `prefix`) from its admin port, read
 /// inside its pod.
 fn proxy_metric(lab: &Lab, ns: &str, pod: &str, prefix: &str) -> anyhow::Result<f64> {
@@ -4151,33 +4245,7 @@ fn proxy_metric(lab: &Lab, ns: &str, pod: &str, prefix: &str) -> anyhow::Result<
 async fn the_proxy_delivers_messages_over_mtls_and_relays_dns(lab: &mut Lab) -> anyhow::Result<()> {
     use base64::Engine as _;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let manifest = |name: &str| {
-        format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: msg}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}}}}}
-    spec:
-      containers:
-        - name: app
-          image: cortexflow/workload
-          args: [serve, --tcp, "8080"]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: msg}}
-spec:
-  selector: {{app: {name}}}
-  ports:
-    - {{name: app, port: 8080, protocol: TCP}}
-    - {{name: cf-messages, port: 5054, protocol: TCP}}
-"#
-        )
-    };
+    let manifest = |name: &str| proxy_app("msg", name);
     cluster_dns_available(lab)?;
     let result = async {
         lab.apply_yaml(

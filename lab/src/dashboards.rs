@@ -64,7 +64,8 @@ pub fn queries() -> anyhow::Result<Vec<PanelQuery>> {
     Ok(out)
 }
 
-/// `expr` as Grafana sends it with every variable at "All": `$node` and `${node}` match every
+/// `expr` as Grafana sends it with every variable at "All": `$node`, `$namespace` (and the
+/// `${…}` forms) match every
 /// value, `$__rate_interval` and `$__interval` are `rate`.
 pub fn substitute(expr: &str, rate: &str) -> String {
     expr.replace("$__rate_interval", rate)
@@ -72,6 +73,8 @@ pub fn substitute(expr: &str, rate: &str) -> String {
         .replace("$__interval", rate)
         .replace("${node}", ".*")
         .replace("$node", ".*")
+        .replace("${namespace}", ".*")
+        .replace("$namespace", ".*")
 }
 
 /// The metric names an expression reads (`cortexflow_…` and `process_…`), histogram series

@@ -31,7 +31,7 @@ use crate::drain::{Drained, Trigger};
 pub const FAIL_TASK_ENV: &str = "CORTEXFLOW_FAIL_TASK";
 
 /// How long a daemon whose task died drains before it exits: enough to release a lease or end
-/// streams cleanly, short enough that the restart comes within a second.
+/// streams cleanly, short enough that the restart comes at once.
 pub const FAILED_GRACE: Duration = Duration::from_millis(500);
 
 /// How the daemon ends.

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
             spoofing::forged_sources_are_dropped_at_the_senders_veth,
         ),
         (
-            "any_dead_task_ends_the_agent_within_a_second_and_the_kernel_keeps_enforcing",
+            "any_dead_task_ends_the_agent_naming_it_and_the_kernel_keeps_enforcing",
             dead_task_ends_the_agent,
         ),
     ];

@@ -1,9 +1,14 @@
 //! Every long-running task of the agent, killed one at a time through the supervisor's test
 //! hook (`CORTEXFLOW_FAIL_TASK=<task>`, then SIGUSR2: the task panics from inside, as a bug
-//! would; for `datapath` it is the datapath thread that panics): the process exits non-zero
-//! within a second, naming the task, and the kernel goes on enforcing from the pins. The task
-//! list comes from the agent's own log, so a task added later is covered too.
+//! would; for `datapath` it is the datapath thread that panics): the process exits with code
+//! 1, naming the task, and the kernel goes on enforcing from the pins. The task list comes from
+//! the agent's own log, so a task added later is covered too. It proves that the process ends,
+//! not how fast: the exit takes the supervisor's 500 ms drain at most, the test allows
+//! [`EXIT_BOUND`] (a machine stalled by other I/O must not fail it) and prints what it measured.
 use super::*;
+
+/// How long an agent with a dead task may take to be gone.
+const EXIT_BOUND: Duration = Duration::from_secs(10);
 
 pub(crate) fn dead_task_ends_the_agent() {
     runtime().block_on(async {
@@ -49,14 +54,14 @@ pub(crate) fn dead_task_ends_the_agent() {
             agent
                 .signal(nix::sys::signal::Signal::SIGUSR2)
                 .expect("SIGUSR2");
-            let status = agent.wait_exit(Duration::from_secs(5));
+            let status = agent.wait_exit(EXIT_BOUND);
             let took = t.elapsed();
             let log = agent.log();
             let status =
                 status.unwrap_or_else(|| panic!("the agent lived on after {task} died:\n{log}"));
             assert_eq!(status.code(), Some(1), "task {task}: exit {status}\n{log}");
             assert!(
-                took < Duration::from_secs(1),
+                took < EXIT_BOUND,
                 "task {task}: the agent took {took:?} to exit"
             );
             let said = if task == "datapath" {

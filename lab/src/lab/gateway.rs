@@ -83,6 +83,110 @@ impl Drop for Gateway {
     }
 }
 
+impl Gateway {
+    /// The way back in, for the lab's Prometheus (a host process, like the operator): an HTTP
+    /// forward proxy on loopback (Prometheus' `proxy_url`) that carries a scrape of a pod
+    /// address (in `pods`, the pod network) into the fabric and to the pod. Only GETs of pod
+    /// addresses are carried; anything else gets 403. Returns the proxy's address.
+    pub async fn pod_scrapes(
+        &mut self,
+        fabric: &Netns,
+        pods: (Ipv4Addr, u8),
+    ) -> anyhow::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let path = fabric.path();
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let path = path.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = scrape(client, &path, pods).await {
+                        tracing::debug!(error = %format!("{e:#}"), "gateway: a pod scrape failed");
+                    }
+                });
+            }
+        }));
+        Ok(addr)
+    }
+}
+
+/// Whether `ip` is in `net/prefix`.
+fn within(ip: Ipv4Addr, (net, prefix): (Ipv4Addr, u8)) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// One proxied request: `GET http://<pod>:<port>/<path> HTTP/1.1` and its headers, sent on to
+/// the pod from a socket made in the fabric's namespace, the answer copied back.
+async fn scrape(
+    mut client: tokio::net::TcpStream,
+    fabric: &std::path::Path,
+    pods: (Ipv4Addr, u8),
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = client.read(&mut buf).await?;
+        anyhow::ensure!(n > 0 && head.len() < 16 * 1024, "no request head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let first = lines.next().unwrap_or_default();
+    let target = match first.split(' ').collect::<Vec<_>>()[..] {
+        ["GET", t, _] => t.strip_prefix("http://").map(str::to_string),
+        _ => None,
+    };
+    let Some((authority, rest)) = target.as_deref().and_then(|t| {
+        let (a, p) = t.split_once('/').unwrap_or((t, ""));
+        Some((a.parse::<SocketAddr>().ok()?, format!("/{p}")))
+    }) else {
+        client
+            .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await?;
+        return Ok(());
+    };
+    let SocketAddr::V4(v4) = authority else {
+        anyhow::bail!("not IPv4: {authority}");
+    };
+    if !within(*v4.ip(), pods) {
+        client
+            .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await?;
+        return Ok(());
+    }
+    let mut request = format!("GET {rest} HTTP/1.1\r\n");
+    for l in lines.take_while(|l| !l.is_empty()) {
+        let name = l.split(':').next().unwrap_or_default().to_ascii_lowercase();
+        if !name.starts_with("proxy-") && name != "connection" {
+            request.push_str(l);
+            request.push_str("\r\n");
+        }
+    }
+    request.push_str("connection: close\r\n\r\n");
+    // The socket is made (and connected) on a thread inside the fabric's namespace; it stays
+    // there whatever thread then uses it.
+    let fabric = fabric.to_path_buf();
+    let upstream = std::thread::spawn(move || -> anyhow::Result<std::net::TcpStream> {
+        cortexflow_testkit::net::enter(&fabric)?;
+        let s =
+            std::net::TcpStream::connect_timeout(&authority, std::time::Duration::from_secs(3))?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the scrape's thread panicked"))??;
+    let mut upstream = tokio::net::TcpStream::from_std(upstream)?;
+    upstream.write_all(request.as_bytes()).await?;
+    tokio::io::copy(&mut upstream, &mut client).await?;
+    client.shutdown().await?;
+    Ok(())
+}
+
 /// The `kubernetes` Service's EndpointSlice: the apiserver at the gateway.
 pub fn kubernetes_endpoints() -> serde_json::Value {
     endpoints("default", "kubernetes", "https", 443)

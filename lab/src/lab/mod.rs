@@ -69,8 +69,10 @@ impl LabOptions {
 /// A running lab. Fields drop in order: agents (their pins uninstalled), the operator, the
 /// nodes (pods, namespaces, cgroups), the fabric, the control plane.
 pub struct Lab {
-    /// Prometheus, scraping the operator and every agent.
+    /// Prometheus, scraping the operator, every agent and the injected proxies.
     pub prometheus: Daemon,
+    /// The proxies' targets file, kept by a watch of the pods.
+    pub pod_targets: PodTargets,
     pub prometheus_addr: std::net::SocketAddr,
     pub agents: Vec<Agent>,
     pub operator: Operator,
@@ -293,11 +295,25 @@ impl Lab {
                     .to_string_lossy(),
             ],
         )?;
-        let (prometheus, prometheus_addr) = start_prometheus(&o.state_dir, &operator, &agents)?;
+        // Prometheus scrapes the injected proxies at their pod addresses, through the gateway's
+        // way into the pod network; the pods are found as the chart's PodMonitor finds them
+        // (a container port named cf-admin), by a watch of the lab's (Debian's Prometheus is
+        // built without kubernetes_sd).
+        let pod_scrapes = gateway
+            .pod_scrapes(&fabric.ns, (Ipv4Addr::new(10, 244, 0, 0), 16))
+            .await?;
+        let pods_sd = PodDiscovery {
+            file: o.state_dir.join("prometheus").join("proxies.json"),
+            proxy_url: format!("http://{pod_scrapes}"),
+        };
+        let pod_targets = PodTargets::start(client.clone(), pods_sd.file.clone())?;
+        let (prometheus, prometheus_addr) =
+            start_prometheus(&o.state_dir, &operator, &agents, &pods_sd)?;
 
         let lab = Self {
             prometheus,
             prometheus_addr,
+            pod_targets,
             agents,
             operator,
             operator_service,
@@ -577,10 +593,113 @@ async fn restart(opts: &OperatorOptions, op: &mut Operator, kill: bool) -> anyho
 }
 
 /// Starts the Debian `prometheus` with the operator and the agents as static targets.
+/// How the lab's Prometheus finds and reaches pods: the file [`PodTargets`] keeps, and the
+/// gateway's HTTP proxy into the pod network.
+struct PodDiscovery {
+    file: PathBuf,
+    proxy_url: String,
+}
+
+/// The injected proxies as Prometheus file_sd targets: every running pod with a container
+/// port named `cf-admin` (what the chart's PodMonitor for proxies selects), with `namespace`,
+/// `pod` and `node` labels; the file is rewritten (atomically) on every change. Stops on drop.
+pub struct PodTargets(tokio::task::JoinHandle<()>);
+
+impl PodTargets {
+    fn start(client: Client, file: PathBuf) -> anyhow::Result<Self> {
+        use futures::StreamExt as _;
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::runtime::watcher;
+        if let Some(d) = file.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&file, "[]")?;
+        Ok(Self(tokio::spawn(async move {
+            let api: kube::Api<Pod> = kube::Api::all(client);
+            let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+            let mut pods: std::collections::BTreeMap<String, serde_json::Value> =
+                Default::default();
+            let mut written = String::new();
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                        let key = format!(
+                            "{}/{}",
+                            p.metadata.namespace.clone().unwrap_or_default(),
+                            p.metadata.name.clone().unwrap_or_default()
+                        );
+                        match proxy_target(&p) {
+                            Some(t) => pods.insert(key, t),
+                            None => pods.remove(&key),
+                        };
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        pods.remove(&format!(
+                            "{}/{}",
+                            p.metadata.namespace.clone().unwrap_or_default(),
+                            p.metadata.name.clone().unwrap_or_default()
+                        ));
+                    }
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "pod targets: watch error (retrying)");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+                let text = serde_json::Value::Array(pods.values().cloned().collect()).to_string();
+                if text != written {
+                    let tmp = file.with_extension("json.tmp");
+                    if std::fs::write(&tmp, &text)
+                        .and_then(|()| std::fs::rename(&tmp, &file))
+                        .is_ok()
+                    {
+                        written = text;
+                    }
+                }
+            }
+        })))
+    }
+}
+
+impl Drop for PodTargets {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The file_sd target of a running pod with a `cf-admin` container port.
+fn proxy_target(p: &k8s_openapi::api::core::v1::Pod) -> Option<serde_json::Value> {
+    let ip = p.status.as_ref()?.pod_ip.clone()?;
+    if p.status.as_ref()?.phase.as_deref() != Some("Running")
+        || p.metadata.deletion_timestamp.is_some()
+    {
+        return None;
+    }
+    let spec = p.spec.as_ref()?;
+    let port = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|port| port.name.as_deref() == Some("cf-admin"))?
+        .container_port;
+    Some(serde_json::json!({
+        "targets": [format!("{ip}:{port}")],
+        "labels": {
+            "namespace": p.metadata.namespace.clone().unwrap_or_default(),
+            "pod": p.metadata.name.clone().unwrap_or_default(),
+            "node": spec.node_name.clone().unwrap_or_default(),
+        },
+    }))
+}
+
 fn start_prometheus(
     state_dir: &Path,
     operator: &Operator,
     agents: &[Agent],
+    pods: &PodDiscovery,
 ) -> anyhow::Result<(Daemon, std::net::SocketAddr)> {
     let dir = state_dir.join("prometheus");
     std::fs::create_dir_all(dir.join("data"))?;
@@ -595,8 +714,14 @@ fn start_prometheus(
             )
         })
         .collect();
+    // The injected proxies ([`PodTargets`]), scraped through the gateway's HTTP proxy.
+    let proxies = format!(
+        "  - job_name: cortexflow-proxy\n    file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 5s\n    proxy_url: {}\n",
+        pods.file.display(),
+        pods.proxy_url,
+    );
     let config = format!(
-        "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\nscrape_configs:\n  - job_name: cortexflow-operator\n    static_configs:\n      - targets: ['{}']\n  - job_name: cortexflow-agent\n    static_configs:\n{}",
+        "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\nscrape_configs:\n  - job_name: cortexflow-operator\n    static_configs:\n      - targets: ['{}']\n  - job_name: cortexflow-agent\n    static_configs:\n{}{proxies}",
         operator.admin, agent_targets
     );
     std::fs::write(dir.join("prometheus.yml"), config)?;
