@@ -520,8 +520,6 @@ pub struct SimNode {
     fabric: String,
     /// The kubelet API's loopback port (0 until [`SimNode::serve_kubelet`]).
     kubelet_port: Arc<std::sync::atomic::AtomicU16>,
-    /// The node's directory on the machine's bpffs (its `/sys/fs/bpf` for hostPath volumes).
-    bpffs: PathBuf,
 }
 
 impl SimNode {
@@ -556,9 +554,6 @@ impl SimNode {
         let cgroup = Path::new(CGROUP_ROOT).join(cortexflow_testkit::net::unique("cftest-"));
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("create cgroup {}", cgroup.display()))?;
-        let bpffs = Path::new("/sys/fs/bpf").join(cortexflow_testkit::net::unique("cftest-"));
-        std::fs::create_dir_all(&bpffs)
-            .with_context(|| format!("create {} on the bpffs", bpffs.display()))?;
         Ok(Self {
             name: name.to_string(),
             index,
@@ -581,7 +576,6 @@ impl SimNode {
             uplink,
             fabric: fabric.ns.name.clone(),
             kubelet_port: Default::default(),
-            bpffs,
         })
     }
 
@@ -589,10 +583,6 @@ impl SimNode {
     pub fn node_paths(&self, state_dir: &Path) -> crate::volumes::NodePaths {
         crate::volumes::NodePaths {
             root: state_dir.join("node-roots").join(&self.name),
-            special: vec![
-                ("/sys/fs/cgroup".into(), self.cgroup.clone()),
-                ("/sys/fs/bpf".into(), self.bpffs.clone()),
-            ],
         }
     }
 
@@ -774,7 +764,6 @@ impl Drop for SimNode {
             }
         }
         remove_cgroup(&self.cgroup);
-        let _ = std::fs::remove_dir_all(&self.bpffs);
         crate::volumes::remove_created_targets();
         let _ = Command::new("ip")
             .args(["-n", &self.fabric, "link", "del", &self.uplink])

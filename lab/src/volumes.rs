@@ -5,8 +5,7 @@
 //!
 //! Supported: `projected` (ServiceAccount tokens from the TokenRequest API bound to the pod,
 //! ConfigMaps, Secrets, the downward API), `configMap`, `secret`, `downwardAPI`, `emptyDir`
-//! and `hostPath` ([`NodePaths`]: a simulated node's own filesystem, and its part of the
-//! machine's cgroup2 and bpffs).
+//! and `hostPath` ([`NodePaths`]: a simulated node's own filesystem).
 //! The `kube-api-access-*` volume the apiserver adds to every pod is a projected one: every lab
 //! pod gets its token, the cluster CA and its namespace at
 //! `/var/run/secrets/kubernetes.io/serviceaccount`, as on a real node. Tokens are requested
@@ -57,15 +56,12 @@ pub struct Volumes {
 
 /// Where a simulated node's host paths are, for `hostPath` volumes. A node of the lab shares
 /// the machine's filesystem with the other nodes, so each has a root directory of its own:
-/// hostPath `/x` is `<root>/x` — except the kernel filesystems a node agent mounts, which are
-/// the node's part of the machine's: `/sys/fs/cgroup` is the node's cgroup (its pods' cgroups
-/// are under it) and `/sys/fs/bpf` a directory of its own on the machine's bpffs (pins made
-/// there are real pins, removed with the node).
+/// hostPath `/x` is `<root>/x`. Paths under `/sys`, `/proc` and `/dev` are refused, named:
+/// `ip netns exec` mounts a fresh sysfs in each container, hiding the machine's cgroup2 and
+/// bpffs mounts, and a node's share of the kernel's filesystems is not simulated yet.
 #[derive(Clone, Debug)]
 pub struct NodePaths {
     pub root: PathBuf,
-    /// `(hostPath prefix, where it is)`, longest prefix first.
-    pub special: Vec<(PathBuf, PathBuf)>,
 }
 
 impl NodePaths {
@@ -76,10 +72,11 @@ impl NodePaths {
             p.is_absolute() && !p.components().any(|c| c == std::path::Component::ParentDir),
             "hostPath {path:?} must be absolute, without `..`"
         );
-        for (prefix, to) in &self.special {
-            if let Ok(rest) = p.strip_prefix(prefix) {
-                return Ok(to.join(rest));
-            }
+        for kernel in ["/sys", "/proc", "/dev"] {
+            anyhow::ensure!(
+                !p.starts_with(kernel),
+                "hostPath {path:?}: the lab's nodes do not give pods the kernel's filesystems ({kernel}) yet"
+            );
         }
         Ok(self.root.join(p.strip_prefix("/").unwrap_or(p)))
     }
@@ -560,21 +557,15 @@ mod tests {
         let dir = std::env::temp_dir().join(cortexflow_testkit::net::unique("cftest-hostpath-"));
         let node = NodePaths {
             root: dir.join("root"),
-            special: vec![("/sys/fs/cgroup".into(), dir.join("cg"))],
         };
         assert_eq!(
             node.resolve("/var/lib/x").unwrap(),
             dir.join("root/var/lib/x")
         );
-        assert_eq!(node.resolve("/sys/fs/cgroup").unwrap(), dir.join("cg"));
-        assert_eq!(
-            node.resolve("/sys/fs/cgroup/a/b").unwrap(),
-            dir.join("cg/a/b")
-        );
-        assert_eq!(
-            node.resolve("/sys/fs/cgroupx").unwrap(),
-            dir.join("root/sys/fs/cgroupx")
-        );
+        for kernel in ["/sys/fs/bpf", "/sys", "/proc/1", "/dev/null"] {
+            let e = node.resolve(kernel).unwrap_err().to_string();
+            assert!(e.contains("kernel's filesystems"), "{kernel}: {e}");
+        }
         assert!(node.resolve("relative").is_err());
         assert!(node.resolve("/var/../etc").is_err());
         let d = node.resolve("/var/lib/d").unwrap();
