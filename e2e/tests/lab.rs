@@ -2508,13 +2508,7 @@ webhooks:
         "cortexflow-injector",
         "--ignore-not-found",
     ]);
-    let _ = lab.kubectl(&[
-        "delete",
-        "namespace",
-        NS,
-        "--ignore-not-found",
-        "--wait=false",
-    ]);
+    delete_namespace(lab, NS);
     result
 }
 
@@ -2554,13 +2548,7 @@ async fn every_dashboard_panel_returns_data_in_prometheus(lab: &mut Lab) -> anyh
         }
     }
     .await;
-    let _ = lab.kubectl(&[
-        "delete",
-        "namespace",
-        "dash",
-        "--ignore-not-found",
-        "--wait=false",
-    ]);
+    delete_namespace(lab, "dash");
     r
 }
 
@@ -3742,13 +3730,7 @@ spec:
     .await;
     remove_injector(lab);
     for ns in ["inject-a", "inject-b", "inject-c"] {
-        let _ = lab.kubectl(&[
-            "delete",
-            "namespace",
-            ns,
-            "--ignore-not-found",
-            "--wait=false",
-        ]);
+        delete_namespace(lab, ns);
     }
     result
 }
@@ -3972,13 +3954,7 @@ spec:
         anyhow::Ok(())
     }
     .await;
-    let _ = lab.kubectl(&[
-        "delete",
-        "namespace",
-        NS,
-        "--ignore-not-found",
-        "--wait=false",
-    ]);
+    delete_namespace(lab, NS);
     result
 }
 
@@ -4157,6 +4133,17 @@ async fn cluster_dns_resolves_services_inside_pods(lab: &mut Lab) -> anyhow::Res
     let (ok, ip) = resolve("shop", &fe, "nosuch.shop.svc.cluster.local")?;
     ensure!(!ok, "an unknown name resolved to {ip}");
     Ok(())
+}
+
+/// Deletes namespace `ns` (and what is in it) without waiting: a test's cleanup.
+fn delete_namespace(lab: &Lab, ns: &str) {
+    let _ = lab.kubectl(&[
+        "delete",
+        "namespace",
+        ns,
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
 }
 
 /// Waits until the cluster DNS (CoreDNS, applied by the lab at start) is Available.
@@ -4409,13 +4396,7 @@ async fn the_proxy_delivers_messages_over_mtls_and_relays_dns(lab: &mut Lab) -> 
     }
     .await;
     remove_injector(lab);
-    let _ = lab.kubectl(&[
-        "delete",
-        "namespace",
-        "msg",
-        "--ignore-not-found",
-        "--wait=false",
-    ]);
+    delete_namespace(lab, "msg");
     result
 }
 
@@ -4575,13 +4556,7 @@ spec:
         anyhow::Ok(())
     }
     .await;
-    let _ = lab.kubectl(&[
-        "delete",
-        "namespace",
-        "logs-test",
-        "--ignore-not-found",
-        "--wait=false",
-    ]);
+    delete_namespace(lab, "logs-test");
     result
 }
 
@@ -4745,12 +4720,6 @@ spec:
         anyhow::Ok(())
     }
     .await;
-    let _ = lab.kubectl(&[
-        "delete",
-        "namespace",
-        "hostpath-test",
-        "--ignore-not-found",
-        "--wait=false",
-    ]);
+    delete_namespace(lab, "hostpath-test");
     result
 }

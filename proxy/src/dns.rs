@@ -273,18 +273,7 @@ pub async fn serve_tcp(
     shutdown: cortexflow_runtime::drain::Signal,
 ) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    loop {
-        let (mut tcp, from) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "DNS accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.signaled() => return Ok(()),
-        };
+    crate::accept_until_drained(listener, shutdown, "dns", |mut tcp, from| {
         let metrics = metrics.clone();
         tokio::spawn(async move {
             loop {
@@ -316,7 +305,8 @@ pub async fn serve_tcp(
                 result.count(&metrics, at);
             }
         });
-    }
+    })
+    .await
 }
 
 /// How long a DNS connection may sit idle.

@@ -197,3 +197,28 @@ pub async fn run(args: Args) -> anyhow::Result<Exit> {
     telemetry.shutdown();
     Ok(exit)
 }
+
+/// Accepts connections on `listener` until the drain, handing each to `on` (a failed accept
+/// is logged and retried after 50 ms).
+pub(crate) async fn accept_until_drained(
+    listener: tokio::net::TcpListener,
+    shutdown: drain::Signal,
+    what: &'static str,
+    mut on: impl FnMut(tokio::net::TcpStream, SocketAddr),
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    on(tcp, peer);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = shutdown.signaled() => return Ok(()),
+        }
+    }
+}

@@ -343,21 +343,10 @@ pub async fn serve(
     messages: Arc<Messages>,
     shutdown: cortexflow_runtime::drain::Signal,
 ) -> anyhow::Result<()> {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.signaled() => return Ok(()),
-        };
-        let _ = tcp.set_nodelay(true);
+    crate::accept_until_drained(listener, shutdown, "messages", |tcp, peer| {
         tokio::spawn(messages.clone().connection(tcp, peer));
-    }
+    })
+    .await
 }
 
 #[cfg(test)]
