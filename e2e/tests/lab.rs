@@ -4627,6 +4627,17 @@ spec:
 "#
         )
     };
+    let field = |name: &str, path: &str| -> anyhow::Result<String> {
+        lab.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            "hostpath-test",
+            name,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    };
     let wait_ready = |name: &str| -> anyhow::Result<()> {
         if let Err(e) = lab.kubectl(&[
             "wait",
@@ -4636,15 +4647,7 @@ spec:
             &format!("pod/{name}"),
             "--timeout=60s",
         ]) {
-            let status = lab.kubectl(&[
-                "get",
-                "pod",
-                "-n",
-                "hostpath-test",
-                name,
-                "-o",
-                "jsonpath={.status}",
-            ])?;
+            let status = field(name, "{.status}")?;
             anyhow::bail!("{e:#}\n{name}'s status: {status}");
         }
         Ok(())
@@ -4652,15 +4655,7 @@ spec:
     let refused = async |name: &str, why: &str| -> anyhow::Result<()> {
         let t = Instant::now();
         loop {
-            let msg = lab.kubectl(&[
-                "get",
-                "pod",
-                "-n",
-                "hostpath-test",
-                name,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}",
-            ])?;
+            let msg = field(name, "{.status.conditions[?(@.type==\"Ready\")].message}")?;
             if msg.contains(why) {
                 return Ok(());
             }

@@ -1178,6 +1178,17 @@ impl PodCtx {
         Ok(Prepared { pod, runs, volumes })
     }
 
+    /// A new pod's cgroup (made) and its state file's path.
+    fn pod_files(&self, ns_name: &str, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let cgroup = self.cgroup.join(cortexflow_testkit::net::unique("cfpod"));
+        std::fs::create_dir_all(&cgroup)?;
+        let state_file = self
+            .state_dir
+            .join("pods")
+            .join(format!("{ns_name}_{name}"));
+        Ok((cgroup, state_file))
+    }
+
     /// The sandbox: network namespace, address, interface (guarded by the CNI hook), cgroup and
     /// the pod's state file. Its containers are started by [`PodCtx::advance`].
     fn start(&self, p: &Pod, uid: &str, prepared: Prepared) -> anyhow::Result<()> {
@@ -1194,12 +1205,7 @@ impl PodCtx {
         if host_network {
             // The node's own network: its namespace and address, no interface of its own (and
             // so nothing for the CNI hook, and the host's resolv.conf).
-            let cgroup = self.cgroup.join(cortexflow_testkit::net::unique("cfpod"));
-            std::fs::create_dir_all(&cgroup)?;
-            let state_file = self
-                .state_dir
-                .join("pods")
-                .join(format!("{ns_name}_{name}"));
+            let (cgroup, state_file) = self.pod_files(&ns_name, &name)?;
             let sp = SimPod::new(
                 format!("{ns_name}/{name}"),
                 (self.node_ns.clone(), None),
@@ -1247,12 +1253,7 @@ impl PodCtx {
         if let Some(cni) = &self.cni {
             cni.add(&host_if, ip, &pod_ns.name)?;
         }
-        let cgroup = self.cgroup.join(cortexflow_testkit::net::unique("cfpod"));
-        std::fs::create_dir_all(&cgroup)?;
-        let state_file = self
-            .state_dir
-            .join("pods")
-            .join(format!("{ns_name}_{name}"));
+        let (cgroup, state_file) = self.pod_files(&ns_name, &name)?;
         // The pod's resolv.conf (dnsPolicy ClusterFirst): `ip netns exec` mounts the files of
         // /etc/netns/<namespace>/ over /etc for every process of the pod (removed with it).
         let etc = Path::new("/etc/netns").join(&pod_ns.name);
